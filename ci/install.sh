@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything XO needs on Debian 12 (root): system packages, the
+# virtualenv in .venv (on Debian's python3, so python3-rados can be seen),
+# and XO itself in editable mode. Safe to run again: each step is skipped
+# when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+	build-essential make pkg-config python3-venv python3-dev libssl-dev
+	clang llvm libbpf-dev libmnl-dev bpftool
+	iproute2 nftables tcpdump curl
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+	echo "[xo install] apt: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+	echo "[xo install] creating .venv"
+	/usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+echo "[xo install] building and installing xo (editable)"
+.venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]'

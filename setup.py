@@ -1,0 +1,37 @@
+"""Builds the cffi extension from xo_core's C sources and the eBPF objects,
+and installs the ``xo`` command."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+PKG_DATA = ROOT / "xo_core" / "python" / "xo" / "data"
+
+
+class BuildWithBpf(build_py):
+    """Compile bpf/ with clang and ship the objects as package data."""
+
+    def run(self) -> None:
+        if (ROOT / "bpf" / "Makefile").exists():
+            subprocess.run(["make", "-C", str(ROOT / "bpf")], check=True)
+            PKG_DATA.mkdir(exist_ok=True)
+            for obj in (ROOT / "bpf" / "build").glob("*.bpf.o"):
+                shutil.copy2(obj, PKG_DATA / obj.name)
+        super().run()
+
+
+setup(
+    cmdclass={"build_py": BuildWithBpf},
+    package_dir={
+        "xo": "xo_core/python/xo",
+    },
+    packages=["xo"],
+    package_data={"xo": ["data/*.bpf.o"]},
+    cffi_modules=["xo_core/python/xo/_build_cffi.py:ffibuilder"],
+)

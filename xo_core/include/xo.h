@@ -1,0 +1,240 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * xo.h - the XO core: move a live TCP connection between machines.
+ *
+ * Life cycle of a connection handed from a host to a target:
+ *
+ *   host:   xo_tcp_freeze(fd)            enter TCP_REPAIR (socket goes quiet)
+ *           xo_tcp_capture(fd, &st)      read sequence numbers, windows,
+ *                                        options and queue bytes into st
+ *           xo_state_encode(&st, ...)    flatten st for the wire
+ *           ... steering rules, control messages (see xo_chan_*) ...
+ *           xo_tcp_discard(fd)           close without FIN or RST
+ *   target: xo_state_decode(...)         rebuild st from the wire
+ *           xo_tcp_restore(&st, &opts)   new socket in repair mode with the
+ *                                        same state, bound where opts says
+ *           xo_tcp_resume(fd, &st)       leave repair (no window probe) and
+ *                                        send the bytes that were never sent
+ *
+ * If anything fails before the target is ready, the host calls
+ * xo_tcp_resume() on its own frozen socket and carries on.
+ *
+ * Ownership: an xo_tcp_state owns its byte buffers (sendq, recvq, app_data,
+ * meta). xo_tcp_capture() and xo_state_decode() allocate them;
+ * xo_state_release() frees them. xo_state_set_*() copy what they are given.
+ *
+ * Errors: every function returns 0 (or a byte count / fd) on success and a
+ * negative XO_E_* code on failure. xo_last_error() gives a sentence that
+ * names the step and the errno, valid until the next call on this thread.
+ *
+ * The part between the CDEF markers is read by the cffi build as is: keep
+ * it to plain declarations and integer #defines.
+ */
+#ifndef XO_H
+#define XO_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* XO_CDEF_BEGIN */
+
+/* ---- errors ---------------------------------------------------------- */
+
+#define XO_OK 0
+#define XO_E_SYS -1          /* a system call failed; see xo_last_error() */
+#define XO_E_PERM -2         /* no CAP_NET_ADMIN (TCP_REPAIR refused) */
+#define XO_E_NOT_ESTABLISHED -3 /* socket is not an ESTABLISHED TCP socket */
+#define XO_E_NOMEM -4
+#define XO_E_INVAL -5        /* bad argument */
+#define XO_E_TRUNCATED -6    /* input ends before a field it announces */
+#define XO_E_BAD_MAGIC -7    /* not an XO state / message */
+#define XO_E_VERSION -8      /* encoded by a newer, incompatible version */
+#define XO_E_LENGTH -9       /* a length field disagrees with the data */
+#define XO_E_FIELD -10       /* a field holds a value out of range */
+#define XO_E_DUPLICATE -11   /* a field appears twice */
+#define XO_E_MISSING -12     /* a required field is absent */
+#define XO_E_TOO_LARGE -13   /* over the size limit */
+#define XO_E_AUTH -14        /* HMAC does not verify (wrong key or tampered) */
+#define XO_E_REPLAY -15      /* sequence number already seen */
+#define XO_E_MSG_TYPE -16    /* unknown message type */
+#define XO_E_CHANNEL -17     /* message belongs to another channel/direction */
+#define XO_E_NOSPACE -18     /* output buffer too small */
+#define XO_E_UNSUPPORTED -19 /* kernel lacks a feature (named in the text) */
+#define XO_E_BUSY -20        /* resource busy / queue full */
+#define XO_E_NOTFOUND -21    /* no such entry */
+
+/* Sentence about the last failure on this thread ("" if none). */
+const char *xo_last_error(void);
+/* Short constant name of an error code, e.g. "XO_E_AUTH". */
+const char *xo_strerror(int code);
+/* errno of the last XO_E_SYS / XO_E_PERM failure on this thread, else 0. */
+int xo_last_errno(void);
+
+/* ---- TCP state ------------------------------------------------------- */
+
+#define XO_OPT_TIMESTAMPS 1
+#define XO_OPT_SACK 2
+#define XO_OPT_WSCALE 4
+
+#define XO_MAX_QUEUE_BYTES 67108864 /* per queue; far above any tcp_wmem */
+#define XO_MAX_APP_BYTES 16777216
+#define XO_MAX_META_BYTES 65536
+
+struct xo_endpoint {
+	uint16_t family;   /* AF_INET or AF_INET6 */
+	uint16_t port;     /* host byte order */
+	uint32_t scope_id; /* IPv6 link-local only */
+	uint8_t addr[16];  /* IPv4 uses the first 4 bytes */
+};
+
+struct xo_tcp_state {
+	struct xo_endpoint local;  /* as on the host that captured it */
+	struct xo_endpoint remote; /* the client */
+	uint32_t snd_seq;          /* write_seq: one past the last queued byte */
+	uint32_t rcv_seq;          /* rcv_nxt: one past the last received byte */
+	uint32_t snd_wl1;          /* TCP_REPAIR_WINDOW */
+	uint32_t snd_wnd;
+	uint32_t max_window;
+	uint32_t rcv_wnd;
+	uint32_t rcv_wup;
+	uint32_t mss_clamp;
+	uint32_t timestamp;        /* TCP_TIMESTAMP (valid with XO_OPT_TIMESTAMPS) */
+	uint8_t options;           /* XO_OPT_*: negotiated with the peer */
+	uint8_t snd_wscale;
+	uint8_t rcv_wscale;
+	uint8_t has_peer_mac;
+	uint8_t peer_mac[6];
+	uint32_t inflight_len;     /* sent, not yet acknowledged */
+	uint32_t unsent_len;       /* queued, never sent */
+	uint32_t recvq_len;        /* received, not read by the application */
+	uint32_t app_len;          /* request bytes the application already read */
+	uint32_t meta_len;         /* free-form plugin metadata */
+	uint8_t *sendq;            /* inflight_len + unsent_len bytes, in order */
+	uint8_t *recvq;
+	uint8_t *app_data;
+	uint8_t *meta;
+};
+
+/* Restore options. Zeroed = bind the captured local endpoint. */
+struct xo_restore_opts {
+	uint32_t size;              /* sizeof(struct xo_restore_opts) */
+	uint8_t use_local;          /* bind .local instead of state->local */
+	uint8_t reserved[3];
+	struct xo_endpoint local;   /* port 0 = keep the captured port */
+};
+
+/* Enter repair mode: the socket stops sending; data and ACKs may still be
+ * accepted, so block the flow first. */
+int xo_tcp_freeze(int fd);
+/* Read the whole state of a frozen ESTABLISHED socket. The socket is left
+ * frozen and unchanged. On failure st is left empty. */
+int xo_tcp_capture(int fd, struct xo_tcp_state *st);
+/* Create a socket carrying st, left in repair mode. Returns the fd. */
+int xo_tcp_restore(const struct xo_tcp_state *st,
+		   const struct xo_restore_opts *opts);
+/* Leave repair mode without a window probe, then queue st's unsent bytes
+ * (st may be NULL when there are none, e.g. the host rolling back). */
+int xo_tcp_resume(int fd, const struct xo_tcp_state *st);
+/* Close a frozen socket: the kernel sends neither FIN nor RST. */
+int xo_tcp_discard(int fd);
+/* System calls made by the last capture or restore on this thread. */
+unsigned int xo_last_syscalls(void);
+
+/* Attach copies of the application bytes / metadata / peer MAC to st. */
+int xo_state_set_app_data(struct xo_tcp_state *st, const uint8_t *buf,
+			  uint32_t len);
+int xo_state_set_meta(struct xo_tcp_state *st, const uint8_t *buf,
+		      uint32_t len);
+void xo_state_set_peer_mac(struct xo_tcp_state *st, const uint8_t *mac);
+/* Free st's buffers and zero it. Safe on a zeroed state. */
+void xo_state_release(struct xo_tcp_state *st);
+
+/* ---- state codec ----------------------------------------------------- */
+
+#define XO_STATE_VERSION 1
+
+/* Bytes xo_state_encode() needs for st. */
+size_t xo_state_encoded_size(const struct xo_tcp_state *st);
+/* Returns bytes written, or XO_E_NOSPACE. */
+int64_t xo_state_encode(const struct xo_tcp_state *st, uint8_t *out,
+			size_t cap);
+/* Fill st (zeroed by the caller or released) from buf. On failure st is
+ * left empty and the code says which check failed. */
+int xo_state_decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st);
+
+/* ---- control messages ------------------------------------------------ */
+
+#define XO_MSG_HELLO 1
+#define XO_MSG_BEGIN_OFFLOAD 2
+#define XO_MSG_TARGET_READY 3
+#define XO_MSG_HOST_READY 4
+#define XO_MSG_TARGET_DONE 5
+#define XO_MSG_END_OFFLOAD 6
+#define XO_MSG_ABORT 7
+#define XO_MSG_LOAD_REPORT 8
+#define XO_MSG_PING 9
+#define XO_MSG_PONG 10
+#define XO_MSG_MAX 10
+
+#define XO_ENV_HEADER_LEN 40
+#define XO_ENV_MAC_LEN 32
+#define XO_ENV_MAX_PAYLOAD 83886080 /* a state with full queues fits */
+#define XO_KEY_MIN_LEN 16
+#define XO_KEY_MAX_LEN 64
+
+/*
+ * One authenticated, ordered channel between two peers (one control
+ * connection). Both ends share the cluster key and the channel id (agreed
+ * in the HELLO exchange); each end has its own role (0 or 1) so a message
+ * cannot be reflected back to its sender. Sequence numbers start at 1 and
+ * must strictly increase: anything else is a replay.
+ */
+struct xo_chan {
+	uint8_t key[64];
+	uint32_t key_len;
+	uint8_t role;
+	uint8_t reserved[3];
+	uint64_t channel_id;
+	uint64_t send_seq; /* last sequence number sealed */
+	uint64_t recv_seq; /* last sequence number accepted */
+};
+
+struct xo_msg {
+	uint8_t type;
+	uint8_t sender_role;
+	uint16_t flags;
+	uint64_t conn_id;
+	uint64_t seq;
+	uint64_t channel_id;
+	uint32_t payload_len;
+	const uint8_t *payload; /* points into the buffer given to open */
+};
+
+int xo_chan_init(struct xo_chan *ch, const uint8_t *key, uint32_t key_len,
+		 uint64_t channel_id, uint8_t role);
+/* Bytes a sealed message with payload_len bytes of payload takes. */
+size_t xo_env_size(uint32_t payload_len);
+/* Seal one message into out; returns bytes written. Consumes a seq. */
+int64_t xo_chan_seal(struct xo_chan *ch, uint8_t type, uint16_t flags,
+		     uint64_t conn_id, const uint8_t *payload,
+		     uint32_t payload_len, uint8_t *out, size_t cap);
+/* Total frame length announced by a header (for stream framing), or a
+ * negative code if the header is malformed or oversized. hdr needs
+ * XO_ENV_HEADER_LEN bytes. Nothing is trusted until xo_chan_open(). */
+int64_t xo_env_frame_len(const uint8_t *hdr, size_t len);
+/* Verify and parse one frame. The channel's replay window moves only when
+ * the message is accepted. */
+int xo_chan_open(struct xo_chan *ch, const uint8_t *buf, size_t len,
+		 struct xo_msg *msg);
+
+/* XO_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* XO_H */

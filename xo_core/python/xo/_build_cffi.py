@@ -1,0 +1,53 @@
+"""cffi build script: compiles the core's C sources into ``xo._xo_cffi``.
+
+The declarations come straight from the public headers (the part between
+the XO_CDEF markers), so the binding can never drift from the C API.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from cffi import FFI
+
+CORE = Path(__file__).resolve().parents[2]
+INCLUDE = CORE / "include"
+# Absolute paths: cffi compiles from inside its temporary directory.
+SOURCES = sorted(str(p) for p in (CORE / "src").glob("*.c"))
+CDEF_RE = re.compile(r"/\* XO_CDEF_BEGIN \*/(.*?)/\* XO_CDEF_END \*/", re.S)
+
+
+def public_declarations() -> str:
+    parts = []
+    for header in sorted(INCLUDE.glob("*.h")):
+        for block in CDEF_RE.findall(header.read_text()):
+            # cffi's parser takes no comments inside #define lines.
+            block = re.sub(r"/\*.*?\*/", "", block, flags=re.S)
+            parts.append(block)
+    return "\n".join(parts)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(public_declarations())
+ffibuilder.set_source(
+    "xo._xo_cffi",
+    "\n".join(f'#include "{h.name}"' for h in sorted(INCLUDE.glob("*.h"))),
+    sources=SOURCES,
+    include_dirs=[str(INCLUDE), str(CORE / "src")],
+    libraries=["crypto", "bpf", "mnl", "pthread"],
+    define_macros=[("_GNU_SOURCE", "1")],
+    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    # Developer rebuild: compile under build/ and drop the module next to
+    # the package sources (what an editable install imports).
+    import os
+    import shutil
+
+    os.chdir(CORE.parent)
+    built = Path(ffibuilder.compile(tmpdir="build/cffi"))
+    for stale in (CORE / "python" / "xo").glob("_xo_cffi*.so"):
+        stale.unlink()
+    shutil.copy2(built, CORE / "python" / "xo" / built.name)

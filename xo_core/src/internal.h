@@ -1,0 +1,29 @@
+/* SPDX-License-Identifier: MIT */
+/* Helpers shared by the core's sources; not part of the public API. */
+#ifndef XO_INTERNAL_H
+#define XO_INTERNAL_H
+
+#include <errno.h>
+
+#include "xo.h"
+
+#if defined(__GNUC__)
+#define XO_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define XO_PRINTF(a, b)
+#endif
+
+/* Record code + sentence for xo_last_error(); returns code so callers can
+ * write "return xo_fail(XO_E_INVAL, "...")". */
+int xo_fail(int code, const char *fmt, ...) XO_PRINTF(2, 3);
+/* Record a failed system call: "<step>: <strerror> (errno N)". Maps EPERM
+ * and EACCES to XO_E_PERM, everything else to XO_E_SYS. Uses errno. */
+int xo_fail_sys(const char *step, ...) XO_PRINTF(1, 2);
+/* Forget the last error (start of each public entry point). */
+void xo_clear_error(void);
+
+/* Per-thread counter of system calls made by the current operation. */
+extern __thread unsigned int xo_syscall_count;
+#define XO_SYSCALL(expr) (xo_syscall_count++, (expr))
+
+#endif
