@@ -1,0 +1,335 @@
+"""Typed Python API over the C core (cffi): TCP capture/restore, the state
+codec and authenticated control-message channels.
+
+Every failure raises an :class:`XoError` (or a subclass) carrying the core's
+error code and its sentence, which names the step that failed and the errno.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from xo._xo_cffi import ffi, lib
+
+# ---- errors ----------------------------------------------------------------
+
+
+class XoError(Exception):
+    """A failure reported by the C core."""
+
+    def __init__(self, code: int, message: str, errno: int = 0) -> None:
+        self.code = code
+        self.name = ffi.string(lib.xo_strerror(code)).decode()
+        self.errno = errno
+        super().__init__(f"{self.name}: {message}" if message else self.name)
+
+
+class XoPermissionError(XoError, PermissionError):
+    """TCP repair refused: the process lacks CAP_NET_ADMIN."""
+
+
+class XoNotEstablishedError(XoError):
+    """The socket is not an ESTABLISHED TCP connection."""
+
+
+class XoDecodeError(XoError, ValueError):
+    """Bytes that are not a valid XO state or message."""
+
+
+class XoRejectedError(XoError):
+    """A control message that failed authentication or ordering checks."""
+
+
+class XoUnsupportedError(XoError):
+    """The kernel lacks a feature; the message says which and what to do."""
+
+
+_DECODE_CODES = {
+    lib.XO_E_TRUNCATED, lib.XO_E_BAD_MAGIC, lib.XO_E_VERSION, lib.XO_E_LENGTH,
+    lib.XO_E_FIELD, lib.XO_E_DUPLICATE, lib.XO_E_MISSING, lib.XO_E_TOO_LARGE,
+}
+_REJECT_CODES = {lib.XO_E_AUTH, lib.XO_E_REPLAY, lib.XO_E_CHANNEL, lib.XO_E_MSG_TYPE}
+
+
+def raise_for(code: int) -> None:
+    """Raise the exception matching a negative core return code."""
+    if code >= 0:
+        return
+    message = ffi.string(lib.xo_last_error()).decode(errors="replace")
+    errno = lib.xo_last_errno()
+    cls: type[XoError] = XoError
+    if code == lib.XO_E_PERM:
+        cls = XoPermissionError
+    elif code == lib.XO_E_NOT_ESTABLISHED:
+        cls = XoNotEstablishedError
+    elif code in _DECODE_CODES:
+        cls = XoDecodeError
+    elif code in _REJECT_CODES:
+        cls = XoRejectedError
+    elif code == lib.XO_E_UNSUPPORTED:
+        cls = XoUnsupportedError
+    raise cls(code, message, errno)
+
+
+def _check(code: int) -> int:
+    raise_for(code)
+    return code
+
+
+# ---- TCP state -------------------------------------------------------------
+
+OPT_TIMESTAMPS = lib.XO_OPT_TIMESTAMPS
+OPT_SACK = lib.XO_OPT_SACK
+OPT_WSCALE = lib.XO_OPT_WSCALE
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An IP address and port (host byte order)."""
+
+    ip: str
+    port: int
+    scope_id: int = 0
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.ip else socket.AF_INET
+
+    def to_c(self, out: Any) -> None:
+        packed = ipaddress.ip_address(self.ip).packed
+        out.family = self.family
+        out.port = self.port
+        out.scope_id = self.scope_id
+        ffi.memmove(out.addr, packed + bytes(16 - len(packed)), 16)
+
+    @classmethod
+    def from_c(cls, ep: Any) -> Endpoint:
+        raw = bytes(ffi.buffer(ep.addr, 16))
+        if ep.family == socket.AF_INET:
+            ip = str(ipaddress.IPv4Address(raw[:4]))
+        else:
+            ip = str(ipaddress.IPv6Address(raw))
+        return cls(ip, ep.port, ep.scope_id)
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+def _fileno(sock: socket.socket | int) -> int:
+    return sock if isinstance(sock, int) else sock.fileno()
+
+
+class TcpState:
+    """The captured state of one TCP connection (owns its C buffers)."""
+
+    def __init__(self) -> None:
+        self._c = ffi.gc(ffi.new("struct xo_tcp_state *"), lib.xo_state_release)
+
+    @property
+    def c(self) -> Any:
+        """The underlying ``struct xo_tcp_state *`` (for other core calls)."""
+        return self._c
+
+    # Endpoints and numbers, read straight from the C struct.
+    @property
+    def local(self) -> Endpoint:
+        return Endpoint.from_c(self._c.local)
+
+    @property
+    def remote(self) -> Endpoint:
+        return Endpoint.from_c(self._c.remote)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _SCALAR_FIELDS:
+            return getattr(self._c, name)
+        raise AttributeError(name)
+
+    @property
+    def sendq(self) -> bytes:
+        n = self._c.inflight_len + self._c.unsent_len
+        return bytes(ffi.buffer(self._c.sendq, n)) if n else b""
+
+    @property
+    def inflight(self) -> bytes:
+        return self.sendq[: self._c.inflight_len]
+
+    @property
+    def unsent(self) -> bytes:
+        return self.sendq[self._c.inflight_len :]
+
+    @property
+    def recvq(self) -> bytes:
+        n = self._c.recvq_len
+        return bytes(ffi.buffer(self._c.recvq, n)) if n else b""
+
+    @property
+    def app_data(self) -> bytes:
+        n = self._c.app_len
+        return bytes(ffi.buffer(self._c.app_data, n)) if n else b""
+
+    @app_data.setter
+    def app_data(self, data: bytes) -> None:
+        _check(lib.xo_state_set_app_data(self._c, data, len(data)))
+
+    @property
+    def meta(self) -> bytes:
+        n = self._c.meta_len
+        return bytes(ffi.buffer(self._c.meta, n)) if n else b""
+
+    @meta.setter
+    def meta(self, data: bytes) -> None:
+        _check(lib.xo_state_set_meta(self._c, data, len(data)))
+
+    @property
+    def peer_mac(self) -> bytes | None:
+        return bytes(self._c.peer_mac) if self._c.has_peer_mac else None
+
+    @peer_mac.setter
+    def peer_mac(self, mac: bytes | None) -> None:
+        if mac is not None and len(mac) != 6:
+            raise ValueError("a MAC address has 6 bytes")
+        lib.xo_state_set_peer_mac(self._c, mac if mac is not None else ffi.NULL)
+
+    def encode(self) -> bytes:
+        size = lib.xo_state_encoded_size(self._c)
+        buf = ffi.new("uint8_t[]", size)
+        n = lib.xo_state_encode(self._c, buf, size)
+        _check(int(n) if n < 0 else 0)
+        return bytes(ffi.buffer(buf, n))
+
+    @classmethod
+    def decode(cls, data: bytes) -> TcpState:
+        state = cls()
+        _check(lib.xo_state_decode(data, len(data), state._c))
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"TcpState({self.local} -> {self.remote}, snd_seq={self.snd_seq}, "
+            f"rcv_seq={self.rcv_seq}, inflight={self.inflight_len}, "
+            f"unsent={self.unsent_len}, recvq={self.recvq_len}, options={self.options})"
+        )
+
+
+_SCALAR_FIELDS = {
+    "snd_seq", "rcv_seq", "snd_wl1", "snd_wnd", "max_window", "rcv_wnd", "rcv_wup",
+    "mss_clamp", "timestamp", "options", "snd_wscale", "rcv_wscale", "inflight_len",
+    "unsent_len", "recvq_len", "app_len", "meta_len",
+}
+
+
+def freeze(sock: socket.socket | int) -> None:
+    """Enter TCP repair mode: the kernel stops sending on this socket."""
+    _check(lib.xo_tcp_freeze(_fileno(sock)))
+
+
+def capture(sock: socket.socket | int) -> TcpState:
+    """Read the whole state of a frozen ESTABLISHED socket."""
+    state = TcpState()
+    _check(lib.xo_tcp_capture(_fileno(sock), state.c))
+    return state
+
+
+def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
+    """A new socket carrying ``state``, still frozen (call :func:`resume`).
+
+    ``local`` binds another address/port than the captured one (the target's
+    own IP, or a remapped port; port 0 keeps the captured port). The socket
+    belongs to the network namespace of the calling thread.
+    """
+    opts = ffi.new("struct xo_restore_opts *")
+    opts.size = ffi.sizeof("struct xo_restore_opts")
+    if local is not None:
+        opts.use_local = 1
+        local.to_c(opts.local)
+    fd = _check(lib.xo_tcp_restore(state.c, opts))
+    return socket.socket(fileno=fd)
+
+
+def resume(sock: socket.socket | int, state: TcpState | None = None) -> None:
+    """Leave repair mode (no window probe) and send ``state``'s unsent bytes."""
+    _check(lib.xo_tcp_resume(_fileno(sock), state.c if state is not None else ffi.NULL))
+
+
+def discard(sock: socket.socket) -> None:
+    """Close a frozen socket without a FIN or RST reaching the peer."""
+    _check(lib.xo_tcp_discard(sock.fileno()))
+    sock.detach()  # the core closed the descriptor
+
+
+def last_syscalls() -> int:
+    """System calls made by this thread's last capture or restore."""
+    return int(lib.xo_last_syscalls())
+
+
+# ---- control messages ------------------------------------------------------
+
+
+class MsgType(enum.IntEnum):
+    HELLO = lib.XO_MSG_HELLO
+    BEGIN_OFFLOAD = lib.XO_MSG_BEGIN_OFFLOAD
+    TARGET_READY = lib.XO_MSG_TARGET_READY
+    HOST_READY = lib.XO_MSG_HOST_READY
+    TARGET_DONE = lib.XO_MSG_TARGET_DONE
+    END_OFFLOAD = lib.XO_MSG_END_OFFLOAD
+    ABORT = lib.XO_MSG_ABORT
+    LOAD_REPORT = lib.XO_MSG_LOAD_REPORT
+    PING = lib.XO_MSG_PING
+    PONG = lib.XO_MSG_PONG
+
+
+ENV_HEADER_LEN = lib.XO_ENV_HEADER_LEN
+ENV_MAC_LEN = lib.XO_ENV_MAC_LEN
+ENV_MAX_PAYLOAD = lib.XO_ENV_MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class Message:
+    type: MsgType
+    conn_id: int
+    seq: int
+    channel_id: int
+    flags: int
+    payload: bytes
+
+
+class Channel:
+    """One end of an authenticated control channel (see xo_chan_* in xo.h)."""
+
+    def __init__(self, key: bytes, channel_id: int, role: int) -> None:
+        self._c = ffi.new("struct xo_chan *")
+        _check(lib.xo_chan_init(self._c, key, len(key), channel_id, role))
+
+    @property
+    def send_seq(self) -> int:
+        return int(self._c.send_seq)
+
+    @property
+    def recv_seq(self) -> int:
+        return int(self._c.recv_seq)
+
+    def seal(self, type: MsgType | int, conn_id: int = 0, payload: bytes = b"",
+             flags: int = 0) -> bytes:
+        size = lib.xo_env_size(len(payload))
+        out = ffi.new("uint8_t[]", size)
+        n = lib.xo_chan_seal(self._c, int(type), flags, conn_id, payload, len(payload), out, size)
+        _check(int(n) if n < 0 else 0)
+        return bytes(ffi.buffer(out, n))
+
+    def open(self, frame: bytes) -> Message:
+        msg = ffi.new("struct xo_msg *")
+        _check(lib.xo_chan_open(self._c, frame, len(frame), msg))
+        payload = bytes(ffi.buffer(msg.payload, msg.payload_len)) if msg.payload_len else b""
+        return Message(MsgType(msg.type), int(msg.conn_id), int(msg.seq),
+                       int(msg.channel_id), int(msg.flags), payload)
+
+
+def frame_len(header: bytes) -> int:
+    """Total length of the frame whose first ENV_HEADER_LEN bytes are given."""
+    n = lib.xo_env_frame_len(header, len(header))
+    _check(int(n) if n < 0 else 0)
+    return int(n)
