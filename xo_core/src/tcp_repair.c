@@ -56,12 +56,37 @@ static int set_int(int fd, int level, int opt, int val, const char *step)
 	return 0;
 }
 
+static const char *tcp_state_name(unsigned int state)
+{
+	static const char *const names[] = {
+		"?", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1",
+		"FIN_WAIT2", "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK",
+		"LISTEN", "CLOSING", "NEW_SYN_RECV",
+	};
+
+	return state < sizeof(names) / sizeof(names[0]) ? names[state] : "?";
+}
+
 int xo_tcp_freeze(int fd)
 {
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+	int ret;
+
 	xo_clear_error();
 	xo_syscall_count = 0;
-	return set_int(fd, SOL_TCP, TCP_REPAIR, XO_TCP_REPAIR_ON,
-		       "freeze: setsockopt(TCP_REPAIR, on)");
+	ret = set_int(fd, SOL_TCP, TCP_REPAIR, XO_TCP_REPAIR_ON,
+		      "freeze: setsockopt(TCP_REPAIR, on)");
+	if (ret != XO_E_PERM)
+		return ret;
+	/* The kernel answers EPERM both without CAP_NET_ADMIN and for a
+	 * socket in a state repair cannot handle: tell the two apart. */
+	if (getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len) == 0 &&
+	    ti.tcpi_state != TCP_ESTABLISHED && ti.tcpi_state != TCP_CLOSE)
+		return xo_fail(XO_E_NOT_ESTABLISHED,
+			       "freeze: socket is in TCP state %s, only ESTABLISHED connections can move",
+			       tcp_state_name(ti.tcpi_state));
+	return ret;
 }
 
 static int get_endpoint(int fd, bool peer, struct xo_endpoint *ep)
@@ -187,8 +212,8 @@ static int capture(int fd, struct xo_tcp_state *st)
 		return xo_fail_sys("capture: getsockopt(TCP_INFO)");
 	if (ti.tcpi_state != TCP_ESTABLISHED)
 		return xo_fail(XO_E_NOT_ESTABLISHED,
-			       "capture: socket is in TCP state %u, only ESTABLISHED connections can move",
-			       ti.tcpi_state);
+			       "capture: socket is in TCP state %s, only ESTABLISHED connections can move",
+			       tcp_state_name(ti.tcpi_state));
 	ret = get_endpoint(fd, false, &st->local);
 	if (!ret)
 		ret = get_endpoint(fd, true, &st->remote);

@@ -1,0 +1,159 @@
+"""Small network-namespace testbeds for the core's TCP tests.
+
+The lab (xo.lab) is the full client/host/targets topology; these tests need
+something narrower: a peer and one or two "host" namespaces joined by a
+single veth that can be moved between the host namespaces, so a restored
+socket can live in another namespace with the same address. Everything is
+named ``xo-t<random>-*`` and removed in ``close()``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import secrets
+import socket
+import struct
+import subprocess
+import termios
+import time
+from dataclasses import dataclass, field
+
+from xo.lab import in_netns
+
+PEER_V4, HOST_V4 = "198.18.1.1", "198.18.1.2"
+PEER_V6, HOST_V6 = "2001:2:0:1::1", "2001:2:0:1::2"
+SIOCOUTQNSD = 0x894B
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+def nft(ns: str, script: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script,
+                   check=True, capture_output=True, text=True)
+
+
+def snmp_tcp(ns: str) -> dict[str, int]:
+    """The Tcp: counters of /proc/net/snmp as seen from namespace ns."""
+    with in_netns(ns), open("/proc/thread-self/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)}
+
+
+def queue_sizes(sock: socket.socket) -> tuple[int, int, int]:
+    """(receive queue, send queue, unsent part of the send queue) in bytes."""
+    buf = bytearray(4)
+    out = []
+    for req in (termios.FIONREAD, termios.TIOCOUTQ, SIOCOUTQNSD):
+        fcntl.ioctl(sock.fileno(), req, buf)
+        out.append(struct.unpack("i", buf)[0])
+    return out[0], out[1], out[2]
+
+
+@dataclass
+class VethPair:
+    """peer namespace <-veth-> host namespace a (movable to b)."""
+
+    family: int
+    sysctls: dict[str, str] = field(default_factory=dict)
+    tag: str = field(default_factory=lambda: secrets.token_hex(3))
+    location: str = "a"
+
+    def __post_init__(self) -> None:
+        self.peer_ns = f"xo-t{self.tag}-p"
+        self.ns = {"a": f"xo-t{self.tag}-a", "b": f"xo-t{self.tag}-b"}
+        self.peer_if = f"xot{self.tag}p"
+        self.host_if = f"xot{self.tag}h"
+        self._blocked = False
+
+    @property
+    def v6(self) -> bool:
+        return self.family == socket.AF_INET6
+
+    @property
+    def peer_ip(self) -> str:
+        return PEER_V6 if self.v6 else PEER_V4
+
+    @property
+    def host_ip(self) -> str:
+        return HOST_V6 if self.v6 else HOST_V4
+
+    @property
+    def host_ns(self) -> str:
+        return self.ns[self.location]
+
+    def open(self) -> VethPair:
+        for ns in (self.peer_ns, *self.ns.values()):
+            ip("netns", "add", ns)
+            ip("-n", ns, "link", "set", "lo", "up")
+            for key, value in self.sysctls.items():
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"],
+                               check=True)
+        ip("-n", self.peer_ns, "link", "add", self.peer_if, "type", "veth",
+           "peer", "name", self.host_if, "netns", self.ns["a"])
+        self._configure(self.peer_ns, self.peer_if, PEER_V4, PEER_V6)
+        self._configure(self.ns["a"], self.host_if, HOST_V4, HOST_V6)
+        return self
+
+    def _configure(self, ns: str, ifname: str, v4: str, v6: str) -> None:
+        ip("-n", ns, "addr", "add", f"{v4}/24", "dev", ifname)
+        ip("-n", ns, "addr", "add", f"{v6}/64", "dev", ifname, "nodad")
+        ip("-n", ns, "link", "set", ifname, "up")
+        # A 10 ms minimum RTO keeps a packet dropped during a handoff from
+        # stalling the test for the default 200 ms.
+        ip("-n", ns, "route", "replace", "198.18.1.0/24", "dev", ifname, "rto_min", "10ms")
+        ip("-n", ns, "-6", "route", "replace", "2001:2:0:1::/64", "dev", ifname,
+           "rto_min", "10ms")
+
+    def move_host_link(self, to: str) -> None:
+        """Move the host end of the veth (with its addresses) to namespace `to`."""
+        ip("-n", self.host_ns, "link", "set", self.host_if, "netns", self.ns[to])
+        self.location = to
+        self._configure(self.host_ns, self.host_if, HOST_V4, HOST_V6)
+
+    def block(self) -> None:
+        """Drop every packet from the peer in the host namespace (the role
+        the eBPF block rule plays in production)."""
+        nft(self.host_ns, f"""
+            table inet xo_block {{
+              chain input {{ type filter hook input priority -300; policy accept;
+                ip saddr {PEER_V4} drop
+                ip6 saddr {PEER_V6} drop
+              }}
+            }}""")
+        self._blocked = True
+
+    def unblock(self) -> None:
+        nft(self.host_ns, "delete table inet xo_block")
+        self._blocked = False
+
+    def close(self) -> None:
+        for ns in (self.peer_ns, *self.ns.values()):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def connect(pair: VethPair, rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """An established connection peer -> host; returns (peer, host) sockets."""
+    with in_netns(pair.host_ns):
+        listener = socket.socket(pair.family, socket.SOCK_STREAM)
+    listener.bind((pair.host_ip, 0))
+    listener.listen(1)
+    with in_netns(pair.peer_ns):
+        peer = socket.socket(pair.family, socket.SOCK_STREAM)
+    if rcvbuf:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    peer.settimeout(10)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            peer.connect((pair.host_ip, listener.getsockname()[1]))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    host, _ = listener.accept()
+    listener.close()
+    host.settimeout(10)
+    return peer, host
