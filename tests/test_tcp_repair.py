@@ -7,6 +7,7 @@ that no RST was sent or received (the namespaces' /proc/net/snmp).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -19,7 +20,6 @@ from collections.abc import Iterator
 
 import pytest
 from netns_tools import VethPair, connect, queue_sizes, snmp_tcp
-
 from xo import core
 from xo.lab import in_netns
 
@@ -39,7 +39,8 @@ OPTION_SETS = {
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
 
-def make_pair(family: int, sysctls: dict[str, str] | None = None) -> Iterator[VethPair]:
+@contextlib.contextmanager
+def veth_pair(family: int, sysctls: dict[str, str] | None = None) -> Iterator[VethPair]:
     pair = VethPair(family, sysctls or {})
     try:
         yield pair.open()
@@ -106,7 +107,7 @@ def rst_counters(pair: VethPair) -> dict[str, int]:
 def test_move_with_data_outstanding_both_ways(family: int, options: str, where: str) -> None:
     sysctls, expected_options = OPTION_SETS[options]
     rng = random.Random(f"{family}-{options}-{where}")
-    for pair in make_pair(family, sysctls):
+    with veth_pair(family, sysctls) as pair:
         # A small peer receive buffer makes the host's window-limited: part
         # of what it sends is in flight, the rest stays unsent.
         peer, host = connect(pair, rcvbuf=16384)
@@ -161,7 +162,7 @@ def test_move_with_data_outstanding_both_ways(family: int, options: str, where: 
 
 
 def test_restore_binds_another_local_port_but_keeps_original_endpoints() -> None:
-    for pair in make_pair(socket.AF_INET):
+    with veth_pair(socket.AF_INET) as pair:
         peer, host = connect(pair)
         core.freeze(host)
         state = core.capture(host)
@@ -182,7 +183,7 @@ def test_restore_binds_another_local_port_but_keeps_original_endpoints() -> None
 
 def test_thousand_cycles_under_traffic_without_leaks() -> None:
     cycles = 1000
-    for pair in make_pair(socket.AF_INET):
+    with veth_pair(socket.AF_INET) as pair:
         peer, host = connect(pair)
         before = rst_counters(pair)
         rng = random.Random(7)
