@@ -283,8 +283,10 @@ def test_half_closed_socket_is_refused_and_still_sends() -> None:
     listener, client, server = loopback_pair()
     client.shutdown(socket.SHUT_WR)
     assert server.recv(10) == b""  # server is now in CLOSE_WAIT
+    core.freeze(server)  # the kernel allows repair here; capture must not
     with pytest.raises(core.XoNotEstablishedError, match="CLOSE_WAIT"):
-        core.freeze(server)
+        core.capture(server)
+    core.resume(server)  # the failure rule: roll back and carry on locally
     server.sendall(b"bye")
     assert client.recv(10) == b"bye"
     for s in (listener, client, server):
