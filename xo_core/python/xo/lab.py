@@ -1164,17 +1164,19 @@ def _add_leaf_commands(subparsers: Any) -> None:
     status_parser.set_defaults(func=_cmd_status)
 
 
-def add_lab_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_lab_commands(subparsers: Any) -> Any:
     """Register `lab up|down|status` on an argparse subparsers object.
 
     Each leaf sets `func`: call `args.func(args)`, which returns an exit status and
-    raises LabError (print its message) on failure. Returns the `lab` parser.
+    raises LabError (print its message) on failure. Returns the `lab` parser's own
+    subparsers object, so callers can add more `lab` commands (e.g. `demo`).
     """
     lab_parser: argparse.ArgumentParser = subparsers.add_parser(
         "lab", help="one-machine lab of network namespaces (client, host, targets)"
     )
-    _add_leaf_commands(lab_parser.add_subparsers(dest="lab_command", required=True))
-    return lab_parser
+    leaves = lab_parser.add_subparsers(dest="lab_command", required=True)
+    _add_leaf_commands(leaves)
+    return leaves
 
 
 def main(argv: Sequence[str] | None = None) -> int:
