@@ -216,6 +216,17 @@ struct xo_msg {
 
 int xo_chan_init(struct xo_chan *ch, const uint8_t *key, uint32_t key_len,
 		 uint64_t channel_id, uint8_t role);
+/*
+ * Session binding (the HELLO exchange): each end sends XO_HELLO_NONCE_LEN
+ * fresh random bytes in a HELLO sealed on channel 0; both then call
+ * xo_chan_bind() with their own and the peer's nonce. The channel id
+ * becomes the first 8 bytes of SHA-256(role-0 nonce || role-1 nonce), so
+ * messages recorded from an earlier session never verify in a new one.
+ */
+#define XO_HELLO_NONCE_LEN 16
+int xo_chan_bind(struct xo_chan *ch, const uint8_t *own_nonce,
+		 const uint8_t *peer_nonce);
+
 /* Bytes a sealed message with payload_len bytes of payload takes. */
 size_t xo_env_size(uint32_t payload_len);
 /* Seal one message into out; returns bytes written. Consumes a seq. */

@@ -44,6 +44,26 @@ int xo_chan_init(struct xo_chan *ch, const uint8_t *key, uint32_t key_len,
 	return 0;
 }
 
+int xo_chan_bind(struct xo_chan *ch, const uint8_t *own_nonce,
+		 const uint8_t *peer_nonce)
+{
+	uint8_t both[2 * XO_HELLO_NONCE_LEN], digest[32];
+	int own_first;
+
+	xo_clear_error();
+	if (!ch || !own_nonce || !peer_nonce)
+		return xo_fail(XO_E_INVAL, "bind: NULL argument");
+	own_first = ch->role == 0;
+	memcpy(both + (own_first ? 0 : XO_HELLO_NONCE_LEN), own_nonce,
+	       XO_HELLO_NONCE_LEN);
+	memcpy(both + (own_first ? XO_HELLO_NONCE_LEN : 0), peer_nonce,
+	       XO_HELLO_NONCE_LEN);
+	if (!EVP_Digest(both, sizeof(both), digest, NULL, EVP_sha256(), NULL))
+		return xo_fail(XO_E_SYS, "bind: SHA-256 failed in libcrypto");
+	ch->channel_id = xo_get64(digest);
+	return 0;
+}
+
 size_t xo_env_size(uint32_t payload_len)
 {
 	return (size_t)XO_ENV_HEADER_LEN + payload_len + XO_ENV_MAC_LEN;

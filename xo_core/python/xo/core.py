@@ -285,6 +285,7 @@ class MsgType(enum.IntEnum):
 ENV_HEADER_LEN = lib.XO_ENV_HEADER_LEN
 ENV_MAC_LEN = lib.XO_ENV_MAC_LEN
 ENV_MAX_PAYLOAD = lib.XO_ENV_MAX_PAYLOAD
+HELLO_NONCE_LEN = lib.XO_HELLO_NONCE_LEN
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,16 @@ class Channel:
     def __init__(self, key: bytes, channel_id: int, role: int) -> None:
         self._c = ffi.new("struct xo_chan *")
         _check(lib.xo_chan_init(self._c, key, len(key), channel_id, role))
+
+    def bind(self, own_nonce: bytes, peer_nonce: bytes) -> None:
+        """Switch to the session channel id derived from both HELLO nonces."""
+        if len(own_nonce) != HELLO_NONCE_LEN or len(peer_nonce) != HELLO_NONCE_LEN:
+            raise ValueError(f"HELLO nonces are {HELLO_NONCE_LEN} bytes")
+        _check(lib.xo_chan_bind(self._c, own_nonce, peer_nonce))
+
+    @property
+    def channel_id(self) -> int:
+        return int(self._c.channel_id)
 
     @property
     def send_seq(self) -> int:
