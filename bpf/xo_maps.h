@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * Map definitions. Every map is pinned by name: the core opens the object
+ * with a pin root (default /sys/fs/bpf/xo), and a second load of the object
+ * (another process, a restart) reuses the pinned maps instead of creating
+ * empty ones, so rules survive a reload of the programs.
+ */
+#ifndef XO_BPF_MAPS_H
+#define XO_BPF_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "xo_types.h"
+#include "xo_steer_abi.h"
+
+/* The one flow table, shared by the tc ingress, tc egress and XDP programs.
+ * Preallocated (the default) so an update from user space never allocates:
+ * that keeps insert/remove well under a microsecond. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, XO_STEER_MAX_FLOWS);
+	__type(key, struct xo_flow_key);
+	__type(value, struct xo_steer_action);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} xo_flows SEC(".maps");
+
+/* Per-CPU event counters (XO_STAT_*), touched only when a packet matched an
+ * entry, so the common no-match path costs one hash lookup and nothing else. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XO_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} xo_stats SEC(".maps");
+
+static __always_inline void xo_stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&xo_stats, &idx);
+
+	if (v)
+		*v += 1; /* per-CPU slot: no atomic needed */
+}
+
+#endif

@@ -1,0 +1,302 @@
+// SPDX-License-Identifier: (MIT OR GPL-2.0)
+/*
+ * XO flow steering datapath.
+ *
+ *   xo_tc_ingress  tc clsact ingress, direct action, on the host (and on the
+ *                  target while it takes a connection back): BLOCK drops,
+ *                  REDIRECT rewrites dst ip:port and both MACs and sends the
+ *                  frame back out of an interface's egress.
+ *   xo_tc_egress   tc clsact egress on the target: SRC_REWRITE makes the
+ *                  restored socket's replies leave as host-ip:host-port.
+ *   xo_xdp         XDP variant of xo_tc_ingress (XDP_DROP / XDP_TX).
+ *
+ * All three look up the same pinned map (xo_maps.h). An entry whose expiry
+ * has passed is ignored: the packet passes as if there were no entry.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "xo_types.h"
+#include "xo_steer_abi.h"
+#include "xo_csum.h"
+#include "xo_maps.h"
+#include "xo_parse.h"
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+static __always_inline int xo_expired(const struct xo_steer_action *a)
+{
+	return a->expires_ns && bpf_ktime_get_ns() >= a->expires_ns;
+}
+
+static __always_inline int xo_nonzero(const __u8 *b, int n)
+{
+	__u8 acc = 0;
+
+#pragma unroll
+	for (int i = 0; i < 16; i++)
+		if (i < n)
+			acc |= b[i];
+	return acc != 0;
+}
+
+static __always_inline void xo_count(struct xo_steer_action *live, __u64 len)
+{
+	/* The entry may be updated from user space at the same time; atomic
+	 * adds keep concurrent CPUs from losing counts. */
+	__sync_fetch_and_add(&live->packets, 1);
+	__sync_fetch_and_add(&live->bytes, len);
+}
+
+/*
+ * tc: rewrite the source (dst == 0) or destination (dst == 1) address and
+ * port, fixing the IPv4 header and TCP checksums incrementally. The helpers
+ * are used rather than direct writes because they know about
+ * CHECKSUM_PARTIAL skbs (locally generated traffic on the target's egress).
+ */
+static __always_inline int xo_skb_rewrite_l3l4(struct __sk_buff *skb,
+					       const struct xo_pkt *p, int dst,
+					       const __u8 *new_addr,
+					       __u16 new_port)
+{
+	__u32 csum_off = p->l4_off + offsetof(struct tcphdr, check);
+	__u32 port_off = p->l4_off + (dst ? offsetof(struct tcphdr, dest) :
+					    offsetof(struct tcphdr, source));
+	__u16 old_port = dst ? p->key.dst_port : p->key.src_port;
+	const __u8 *old_addr = dst ? p->key.dst_addr : p->key.src_addr;
+	int alen = p->key.family == XO_AF_INET ? 4 : 16;
+
+	if (xo_nonzero(new_addr, alen)) {
+		if (p->key.family == XO_AF_INET) {
+			__u32 from, to;
+			__u32 addr_off = p->l3_off +
+				(dst ? offsetof(struct iphdr, daddr) :
+				       offsetof(struct iphdr, saddr));
+
+			__builtin_memcpy(&from, old_addr, 4);
+			__builtin_memcpy(&to, new_addr, 4);
+			if (bpf_l4_csum_replace(skb, csum_off, from, to,
+						BPF_F_PSEUDO_HDR | 4))
+				return -1;
+			if (bpf_l3_csum_replace(skb, p->l3_off +
+						offsetof(struct iphdr, check),
+						from, to, 4))
+				return -1;
+			if (bpf_skb_store_bytes(skb, addr_off, &to, 4, 0))
+				return -1;
+		} else {
+			__u32 from[4], to[4];
+			__s64 diff;
+			__u32 addr_off = p->l3_off +
+				(dst ? offsetof(struct ipv6hdr, daddr) :
+				       offsetof(struct ipv6hdr, saddr));
+
+			__builtin_memcpy(from, old_addr, 16);
+			__builtin_memcpy(to, new_addr, 16);
+			diff = bpf_csum_diff(from, 16, to, 16, 0);
+			if (diff < 0)
+				return -1;
+			/* IPv6 has no header checksum; only the TCP
+			 * pseudo header changes. */
+			if (bpf_l4_csum_replace(skb, csum_off, 0, diff,
+						BPF_F_PSEUDO_HDR))
+				return -1;
+			if (bpf_skb_store_bytes(skb, addr_off, to, 16, 0))
+				return -1;
+		}
+	}
+	if (new_port && new_port != old_port) {
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, 2))
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0))
+			return -1;
+	}
+	return 0;
+}
+
+static __always_inline int xo_skb_rewrite_macs(struct __sk_buff *skb,
+					       const struct xo_steer_action *a)
+{
+	/* The source MAC matters as much as the destination: with the
+	 * client's MAC as source, a bridge would learn the client on the
+	 * host's port. */
+	if (xo_nonzero(a->dst_mac, 6) &&
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest),
+				a->dst_mac, 6, 0))
+		return -1;
+	if (xo_nonzero(a->src_mac, 6) &&
+	    bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_source),
+				a->src_mac, 6, 0))
+		return -1;
+	return 0;
+}
+
+/* Make sure the headers we parse are in the linear part of the skb. */
+static __always_inline void xo_skb_pull(struct __sk_buff *skb)
+{
+	__u32 have = skb->data_end - skb->data;
+	__u32 want = skb->len < XO_MAX_HDR_LEN ? skb->len : XO_MAX_HDR_LEN;
+
+	if (have < want)
+		bpf_skb_pull_data(skb, want);
+}
+
+SEC("tc")
+int xo_tc_ingress(struct __sk_buff *skb)
+{
+	struct xo_steer_action *live, a;
+	struct xo_pkt p;
+
+	xo_skb_pull(skb);
+	if (xo_parse((void *)(long)skb->data, (void *)(long)skb->data_end,
+		     &p))
+		return TC_ACT_OK;
+	live = bpf_map_lookup_elem(&xo_flows, &p.key);
+	if (!live)
+		return TC_ACT_OK;
+	/* Work on a copy: user space may replace the entry meanwhile, and a
+	 * half-old, half-new rewrite would be worse than either. */
+	a = *live;
+	if (xo_expired(&a)) {
+		xo_stat_inc(XO_STAT_EXPIRED);
+		return TC_ACT_OK;
+	}
+	switch (a.kind) {
+	case XO_STEER_BLOCK:
+		xo_count(live, skb->len);
+		xo_stat_inc(XO_STAT_BLOCKED);
+		return TC_ACT_SHOT;
+	case XO_STEER_REDIRECT:
+		if (xo_skb_rewrite_l3l4(skb, &p, 1, a.new_dst_addr,
+					a.new_dst_port) ||
+		    xo_skb_rewrite_macs(skb, &a)) {
+			/* A half-rewritten packet must not leave; TCP
+			 * retransmits it. */
+			xo_stat_inc(XO_STAT_ERRORS);
+			return TC_ACT_SHOT;
+		}
+		xo_count(live, skb->len);
+		xo_stat_inc(XO_STAT_REDIRECTED);
+		return bpf_redirect(a.ifindex ? a.ifindex : skb->ifindex, 0);
+	default:
+		return TC_ACT_OK;
+	}
+}
+
+SEC("tc")
+int xo_tc_egress(struct __sk_buff *skb)
+{
+	struct xo_steer_action *live, a;
+	struct xo_pkt p;
+
+	xo_skb_pull(skb);
+	if (xo_parse((void *)(long)skb->data, (void *)(long)skb->data_end,
+		     &p))
+		return TC_ACT_OK;
+	live = bpf_map_lookup_elem(&xo_flows, &p.key);
+	if (!live)
+		return TC_ACT_OK;
+	a = *live;
+	if (a.kind != XO_STEER_SRC_REWRITE)
+		return TC_ACT_OK;
+	if (xo_expired(&a)) {
+		xo_stat_inc(XO_STAT_EXPIRED);
+		return TC_ACT_OK;
+	}
+	if (xo_skb_rewrite_l3l4(skb, &p, 0, a.new_src_addr, a.new_src_port)) {
+		xo_stat_inc(XO_STAT_ERRORS);
+		return TC_ACT_SHOT;
+	}
+	xo_count(live, skb->len);
+	xo_stat_inc(XO_STAT_REWRITTEN);
+	return TC_ACT_OK;
+}
+
+/* XDP: rewrite in place. Nothing here changes the packet's size, so the
+ * parser's pointers stay valid; their bounds are checked again because the
+ * verifier cannot tie the IPv4/IPv6 branch taken here to the one taken in
+ * the parser. Assumes full checksums, which is what a NIC's receive path
+ * delivers. Returns -1 if the packet is not what the parser said. */
+static __always_inline int xo_xdp_rewrite_dst(struct xo_pkt *p,
+					      const struct xo_steer_action *a,
+					      void *data_end)
+{
+	struct tcphdr *tcp = p->tcp;
+
+	if ((void *)(tcp + 1) > data_end || (void *)(p->eth + 1) > data_end)
+		return -1;
+	if (p->key.family == XO_AF_INET) {
+		struct iphdr *ip = p->l3;
+		__u32 to;
+
+		if ((void *)(ip + 1) > data_end)
+			return -1;
+		if (xo_nonzero(a->new_dst_addr, 4)) {
+			__builtin_memcpy(&to, a->new_dst_addr, 4);
+			xo_csum_replace4(&ip->check, ip->daddr, to);
+			xo_csum_replace4(&tcp->check, ip->daddr, to);
+			ip->daddr = to;
+		}
+	} else {
+		struct ipv6hdr *ip6 = p->l3;
+		__u32 from[4], to[4];
+
+		if ((void *)(ip6 + 1) > data_end)
+			return -1;
+		if (xo_nonzero(a->new_dst_addr, 16)) {
+			__builtin_memcpy(from, &ip6->daddr, 16);
+			__builtin_memcpy(to, a->new_dst_addr, 16);
+			xo_csum_replace16(&tcp->check, from, to);
+			__builtin_memcpy(&ip6->daddr, to, 16);
+		}
+	}
+	if (a->new_dst_port && a->new_dst_port != tcp->dest) {
+		xo_csum_replace2(&tcp->check, tcp->dest, a->new_dst_port);
+		tcp->dest = a->new_dst_port;
+	}
+	if (xo_nonzero(a->dst_mac, 6))
+		__builtin_memcpy(p->eth->h_dest, a->dst_mac, 6);
+	if (xo_nonzero(a->src_mac, 6))
+		__builtin_memcpy(p->eth->h_source, a->src_mac, 6);
+	return 0;
+}
+
+SEC("xdp")
+int xo_xdp(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct xo_steer_action *live, a;
+	struct xo_pkt p;
+
+	if (xo_parse(data, data_end, &p))
+		return XDP_PASS;
+	live = bpf_map_lookup_elem(&xo_flows, &p.key);
+	if (!live)
+		return XDP_PASS;
+	a = *live;
+	if (xo_expired(&a)) {
+		xo_stat_inc(XO_STAT_EXPIRED);
+		return XDP_PASS;
+	}
+	switch (a.kind) {
+	case XO_STEER_BLOCK:
+		xo_count(live, data_end - data);
+		xo_stat_inc(XO_STAT_BLOCKED);
+		return XDP_DROP;
+	case XO_STEER_REDIRECT:
+		if (xo_xdp_rewrite_dst(&p, &a, data_end)) {
+			xo_stat_inc(XO_STAT_ERRORS);
+			return XDP_DROP;
+		}
+		xo_count(live, data_end - data);
+		xo_stat_inc(XO_STAT_REDIRECTED);
+		if (a.ifindex && a.ifindex != ctx->ingress_ifindex)
+			return bpf_redirect(a.ifindex, 0);
+		return XDP_TX;
+	default:
+		return XDP_PASS;
+	}
+}

@@ -1,0 +1,275 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Hardware backends as ops tables, and the test double: a "NIC" that takes
+ * a configurable time per call and records every call, so the rule
+ * manager's queue semantics can be tested on a machine without flower.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "steer_internal.h"
+
+int xo_hw_backend_new(const struct xo_hw_ops *ops, void *priv,
+		      struct xo_hw_backend **out)
+{
+	struct xo_hw_backend *hw;
+
+	xo_clear_error();
+	if (!ops || !out || !ops->insert || !ops->remove)
+		return xo_fail(XO_E_INVAL, "xo_hw_backend_new: ops with insert "
+			       "and remove are required");
+	hw = calloc(1, sizeof(*hw));
+	if (!hw)
+		return xo_fail(XO_E_NOMEM, "xo_hw_backend_new: out of memory");
+	hw->ops = *ops;
+	if (!hw->ops.name)
+		hw->ops.name = "custom";
+	hw->priv = priv;
+	*out = hw;
+	return 0;
+}
+
+void xo_hw_backend_destroy(struct xo_hw_backend *hw)
+{
+	if (!hw)
+		return;
+	if (hw->ops.destroy)
+		hw->ops.destroy(hw->priv);
+	free(hw);
+}
+
+const char *xo_hw_backend_name(const struct xo_hw_backend *hw)
+{
+	return hw ? hw->ops.name : "none";
+}
+
+/* ---- the test double ---- */
+
+struct hw_test_entry {
+	struct xo_flow_key key;
+	uint64_t cookie;
+};
+
+struct hw_test {
+	pthread_mutex_t mu;
+	uint32_t insert_delay_us;
+	uint32_t remove_delay_us;
+	int fail_code;
+	uint64_t next_cookie;
+	struct xo_hw_call *calls;
+	uint32_t ncalls, calls_cap;
+	struct hw_test_entry *ents;
+	uint32_t nents, ents_cap;
+};
+
+static void sleep_us(uint32_t us)
+{
+	struct timespec ts = { .tv_sec = us / 1000000,
+			       .tv_nsec = (long)(us % 1000000) * 1000 };
+
+	while (nanosleep(&ts, &ts) < 0 && errno == EINTR)
+		;
+}
+
+static int record(struct hw_test *t, uint32_t op, uint32_t kind,
+		  const struct xo_flow_key *k, uint64_t cookie,
+		  uint64_t start)
+{
+	struct xo_hw_call *c;
+
+	if (t->ncalls == t->calls_cap) {
+		uint32_t ncap = t->calls_cap ? t->calls_cap * 2 : 64;
+		void *n = realloc(t->calls, ncap * sizeof(*t->calls));
+
+		if (!n)
+			return xo_fail(XO_E_NOMEM, "test backend: out of memory");
+		t->calls = n;
+		t->calls_cap = ncap;
+	}
+	c = &t->calls[t->ncalls++];
+	memset(c, 0, sizeof(*c));
+	c->op = op;
+	c->kind = kind;
+	c->key = *k;
+	c->cookie = cookie;
+	c->start_ns = start;
+	c->end_ns = xo_steer_now_ns();
+	return 0;
+}
+
+static int find_ent(struct hw_test *t, const struct xo_flow_key *k)
+{
+	for (uint32_t i = 0; i < t->nents; i++)
+		if (!memcmp(&t->ents[i].key, k, sizeof(*k)))
+			return (int)i;
+	return -1;
+}
+
+static int hw_test_insert(void *priv, const struct xo_flow_key *k,
+			  const struct xo_steer_action *a, uint64_t *cookie)
+{
+	struct hw_test *t = priv;
+	uint64_t start = xo_steer_now_ns();
+	int ret, i;
+
+	/* The delay is outside the lock: a slow NIC must not stop the test
+	 * from looking at the table meanwhile. */
+	sleep_us(t->insert_delay_us);
+	pthread_mutex_lock(&t->mu);
+	if (t->fail_code) {
+		ret = xo_fail(t->fail_code, "test backend: injected insert "
+			      "failure");
+		record(t, XO_HW_CALL_INSERT, a->kind, k, *cookie, start);
+		pthread_mutex_unlock(&t->mu);
+		return ret;
+	}
+	i = find_ent(t, k);
+	if (i < 0) {
+		if (t->nents == t->ents_cap) {
+			uint32_t ncap = t->ents_cap ? t->ents_cap * 2 : 64;
+			void *n = realloc(t->ents, ncap * sizeof(*t->ents));
+
+			if (!n) {
+				pthread_mutex_unlock(&t->mu);
+				return xo_fail(XO_E_NOMEM, "test backend: out "
+					       "of memory");
+			}
+			t->ents = n;
+			t->ents_cap = ncap;
+		}
+		i = (int)t->nents++;
+		t->ents[i].key = *k;
+	}
+	t->ents[i].cookie = *cookie ? *cookie : ++t->next_cookie;
+	*cookie = t->ents[i].cookie;
+	ret = record(t, XO_HW_CALL_INSERT, a->kind, k, *cookie, start);
+	pthread_mutex_unlock(&t->mu);
+	return ret;
+}
+
+static int hw_test_remove(void *priv, const struct xo_flow_key *k,
+			  uint64_t cookie)
+{
+	struct hw_test *t = priv;
+	uint64_t start = xo_steer_now_ns();
+	int ret, i;
+
+	sleep_us(t->remove_delay_us);
+	pthread_mutex_lock(&t->mu);
+	i = find_ent(t, k);
+	if (i >= 0 && t->ents[i].cookie == cookie)
+		t->ents[i] = t->ents[--t->nents];
+	ret = record(t, XO_HW_CALL_REMOVE, 0, k, cookie, start);
+	pthread_mutex_unlock(&t->mu);
+	if (!ret && i < 0)
+		ret = xo_fail(XO_E_NOTFOUND, "test backend: remove of a flow "
+			      "it does not hold");
+	return ret;
+}
+
+static void hw_test_destroy(void *priv)
+{
+	struct hw_test *t = priv;
+
+	pthread_mutex_destroy(&t->mu);
+	free(t->calls);
+	free(t->ents);
+	free(t);
+}
+
+static const struct xo_hw_ops hw_test_ops = {
+	.name = "test",
+	.insert = hw_test_insert,
+	.remove = hw_test_remove,
+	.destroy = hw_test_destroy,
+};
+
+int xo_hw_test_create(uint32_t insert_delay_us, uint32_t remove_delay_us,
+		      struct xo_hw_backend **out)
+{
+	struct hw_test *t;
+	int ret;
+
+	xo_clear_error();
+	if (!out)
+		return xo_fail(XO_E_INVAL, "xo_hw_test_create: out is NULL");
+	t = calloc(1, sizeof(*t));
+	if (!t)
+		return xo_fail(XO_E_NOMEM, "xo_hw_test_create: out of memory");
+	pthread_mutex_init(&t->mu, NULL);
+	t->insert_delay_us = insert_delay_us;
+	t->remove_delay_us = remove_delay_us;
+	ret = xo_hw_backend_new(&hw_test_ops, t, out);
+	if (ret)
+		hw_test_destroy(t);
+	return ret;
+}
+
+static struct hw_test *as_test(struct xo_hw_backend *hw)
+{
+	if (!hw || hw->ops.insert != hw_test_insert)
+		return NULL;
+	return hw->priv;
+}
+
+int64_t xo_hw_test_calls(struct xo_hw_backend *hw, struct xo_hw_call *calls,
+			 uint32_t cap)
+{
+	struct hw_test *t = as_test(hw);
+	int64_t n;
+
+	xo_clear_error();
+	if (!t || (cap && !calls))
+		return xo_fail(XO_E_INVAL, "not a test backend");
+	pthread_mutex_lock(&t->mu);
+	n = t->ncalls;
+	if (cap)
+		memcpy(calls, t->calls,
+		       (n < cap ? (size_t)n : cap) * sizeof(*calls));
+	pthread_mutex_unlock(&t->mu);
+	return n;
+}
+
+int64_t xo_hw_test_installed(struct xo_hw_backend *hw)
+{
+	struct hw_test *t = as_test(hw);
+	int64_t n;
+
+	xo_clear_error();
+	if (!t)
+		return xo_fail(XO_E_INVAL, "not a test backend");
+	pthread_mutex_lock(&t->mu);
+	n = t->nents;
+	pthread_mutex_unlock(&t->mu);
+	return n;
+}
+
+int xo_hw_test_has(struct xo_hw_backend *hw, const struct xo_flow_key *key)
+{
+	struct hw_test *t = as_test(hw);
+	int has;
+
+	xo_clear_error();
+	if (!t || !key)
+		return xo_fail(XO_E_INVAL, "not a test backend");
+	pthread_mutex_lock(&t->mu);
+	has = find_ent(t, key) >= 0;
+	pthread_mutex_unlock(&t->mu);
+	return has;
+}
+
+int xo_hw_test_fail_inserts(struct xo_hw_backend *hw, int code)
+{
+	struct hw_test *t = as_test(hw);
+
+	xo_clear_error();
+	if (!t || code > 0)
+		return xo_fail(XO_E_INVAL, "not a test backend, or code > 0");
+	pthread_mutex_lock(&t->mu);
+	t->fail_code = code;
+	pthread_mutex_unlock(&t->mu);
+	return 0;
+}

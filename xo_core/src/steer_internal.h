@@ -1,0 +1,69 @@
+/* SPDX-License-Identifier: MIT */
+/* Private to the steering sources (steer_*.c); not part of the API. */
+#ifndef XO_STEER_INTERNAL_H
+#define XO_STEER_INTERNAL_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "internal.h"
+#include "xo_steer.h"
+
+#include <limits.h>
+
+struct bpf_object;
+struct bpf_map;
+struct xo_attachment;
+
+/* ---- steer_bpf.c ---- */
+
+struct xo_steer {
+	struct bpf_object *obj;
+	struct bpf_map *flows;
+	struct bpf_map *stats;
+	int flows_fd;
+	int stats_fd;
+	int prog_fd[XO_PROG_COUNT];
+	int pinned;         /* maps live under pin_dir */
+	int mounted_bpffs;  /* we mounted a bpffs on pin_dir */
+	int created_dir;    /* we created pin_dir */
+	char pin_dir[PATH_MAX];
+	pthread_mutex_t lock; /* guards attached */
+	struct xo_attachment *attached;
+};
+
+/* ---- steer_util.c ---- */
+
+/* Move this thread into the network namespace at path (NULL: stay).
+ * *saved receives an fd for xo_netns_leave(), or -1. */
+int xo_netns_enter(const char *path, int *saved);
+/* Return to the namespace saved by xo_netns_enter(); keeps errno. */
+void xo_netns_leave(int saved);
+
+/* Make dir a directory on a bpffs, mounting one if needed. *mounted says
+ * whether we mounted a bpffs on dir itself, *created whether we made dir. */
+int xo_bpffs_prepare(const char *dir, int *mounted, int *created);
+
+/* Route libbpf's messages through us (once per process); its first
+ * warning since xo_libbpf_reset() is kept for error sentences. */
+void xo_libbpf_init(void);
+void xo_libbpf_reset(void);
+/* "; libbpf: <message>" or "" */
+const char *xo_libbpf_detail(void);
+
+/* libbpf returns -errno; report it like a failed system call. */
+int xo_fail_bpf(int ret, const char *step, ...) XO_PRINTF(2, 3);
+
+/* ---- steer_map.c ---- */
+
+int xo_steer_check_key(const struct xo_flow_key *key);
+int xo_steer_check_action(const struct xo_steer_action *act);
+
+/* ---- steer_hw.c ---- */
+
+struct xo_hw_backend {
+	struct xo_hw_ops ops;
+	void *priv;
+};
+
+#endif
