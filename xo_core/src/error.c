@@ -48,15 +48,15 @@ int xo_fail_sys(const char *step, ...)
 	va_end(ap);
 	snprintf(last_error, sizeof(last_error), "%s: %s (errno %d)", what,
 		 strerror(err), err);
-	if (err == EPERM || err == EACCES) {
-		snprintf(last_error, sizeof(last_error),
-			 "%s: %s (errno %d); TCP repair needs CAP_NET_ADMIN",
-			 what, strerror(err), err);
-		last_errno = err;
-		return XO_E_PERM;
-	}
 	last_errno = err;
-	return XO_E_SYS;
+	return (err == EPERM || err == EACCES) ? XO_E_PERM : XO_E_SYS;
+}
+
+void xo_append_hint(const char *hint)
+{
+	size_t len = strlen(last_error);
+
+	snprintf(last_error + len, sizeof(last_error) - len, "; %s", hint);
 }
 
 const char *xo_strerror(int code)

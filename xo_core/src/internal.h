@@ -17,8 +17,11 @@
  * write "return xo_fail(XO_E_INVAL, "...")". */
 int xo_fail(int code, const char *fmt, ...) XO_PRINTF(2, 3);
 /* Record a failed system call: "<step>: <strerror> (errno N)". Maps EPERM
- * and EACCES to XO_E_PERM, everything else to XO_E_SYS. Uses errno. */
+ * and EACCES to XO_E_PERM, everything else to XO_E_SYS. Uses errno.
+ * Callers add what the missing privilege is with xo_append_hint(). */
 int xo_fail_sys(const char *step, ...) XO_PRINTF(1, 2);
+/* Add "; <hint>" to the last error's sentence (what to do about it). */
+void xo_append_hint(const char *hint);
 /* Forget the last error (start of each public entry point). */
 void xo_clear_error(void);
 

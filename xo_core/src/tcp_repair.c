@@ -51,8 +51,14 @@ unsigned int xo_last_syscalls(void)
 
 static int set_int(int fd, int level, int opt, int val, const char *step)
 {
-	if (XO_SYSCALL(setsockopt(fd, level, opt, &val, sizeof(val))) < 0)
-		return xo_fail_sys("%s", step);
+	int ret;
+
+	if (XO_SYSCALL(setsockopt(fd, level, opt, &val, sizeof(val))) < 0) {
+		ret = xo_fail_sys("%s", step);
+		if (ret == XO_E_PERM)
+			xo_append_hint("TCP repair needs CAP_NET_ADMIN");
+		return ret;
+	}
 	return 0;
 }
 
