@@ -1,0 +1,739 @@
+"""The XO handoff protocol (DESIGN.md §1) as an asyncio engine any Python
+application can use: :class:`HostEngine` on the load balancer, and
+:class:`TargetAgent` on each backend.
+
+Outbound transfer (host → target), numbered as in the paper's Figure 2:
+
+  1. host   block the client's flow (software rule, with an expiry)
+  2. host   freeze + capture; BEGIN_OFFLOAD(state incl. the request bytes)
+  3. target restore on its own IP (remapping the port if the 4-tuple clashes)
+  4. target source-rewrite rule (egress: target ip:port -> host ip:port);
+            TARGET_READY(target ip, port)
+  5. host   redirect rule replaces the block in one map write
+  6. host   discard its socket (no FIN/RST); HOST_READY
+            target leaves repair mode and serves the request
+
+Inbound transfer (target → host): target blocks its ingress (7), captures
+(8), TARGET_DONE(state); host restores on its own endpoint (9), removes the
+redirect synchronously (10) and resumes, END_OFFLOAD; target discards its
+socket and removes the source rewrite (11) and the block (12).
+
+Failure rule: until TARGET_READY the host keeps its frozen socket; any error
+or timeout means "resume and carry on locally" and the client notices
+nothing. A target that disappears after HOST_READY is detected by its
+control connection closing: the host withdraws that target's redirects, so
+the client's next packet meets a clean RST instead of silence.
+
+Control messages travel on persistent TCP connections, sealed by the core's
+envelope (HMAC-SHA256 under the cluster key, per-session channel id from
+the HELLO nonces, strictly increasing sequence numbers). A message that
+fails any check is logged and the connection is closed: nothing is bound
+or installed on its behalf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import itertools
+import logging
+import os
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xo import core
+from xo.core import Endpoint, MsgType, TcpState, XoError, XoRejectedError
+from xo.steer import FlowKey, Rule, RuleManager, Steer
+
+log = logging.getLogger("xo.engine")
+
+DEFAULT_CONTROL_PORT = 7700
+READY_TIMEOUT_S = 2.0      # host waits this long for TARGET_READY
+HOST_READY_TIMEOUT_S = 2.0  # target waits this long for HOST_READY
+DONE_TIMEOUT_S = 2.0       # target waits this long for END_OFFLOAD
+BLOCK_TTL_S = 10.0         # a block outliving a dead handoff frees the port
+REDIRECT_TTL_S = 3600.0    # offloaded connections are re-homed well before
+CLOSED_TTL_S = 30.0        # keep steering a closed flow for its last FIN/ACKs
+LOAD_REPORT_INTERVAL_S = 0.5
+SWEEP_INTERVAL_S = 1.0
+
+# TARGET_DONE flag: the client closed the connection on the target, there is
+# no state to restore; the host only retires the redirect.
+DONE_FLAG_CLOSED = 1
+
+# ABORT reasons.
+ABORT_DECODE = 1
+ABORT_RESTORE = 2
+ABORT_TIMEOUT = 3
+ABORT_REFUSED = 4
+ABORT_HOST = 5
+
+_READY = struct.Struct("!B16sH")     # family (4/6), address, port
+_ABORT = struct.Struct("!I")         # reason, then UTF-8 text
+_LOAD = struct.Struct("!IIQ")        # active connections, handoffs, bytes served
+
+
+def load_key(path: str | Path) -> bytes:
+    """The cluster key: a file of 16..64 random bytes, readable by root only."""
+    key = Path(path).read_bytes()
+    if not core.lib.XO_KEY_MIN_LEN <= len(key) <= core.lib.XO_KEY_MAX_LEN:
+        raise ValueError(f"{path}: a cluster key has 16..64 bytes, this one {len(key)}")
+    return key
+
+
+def write_key(path: str | Path) -> bytes:
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def pack_ready(ip: str, port: int) -> bytes:
+    addr = ipaddress.ip_address(ip)
+    return _READY.pack(addr.version, addr.packed.ljust(16, b"\0"), port)
+
+
+def unpack_ready(payload: bytes) -> tuple[str, int]:
+    if len(payload) != _READY.size:
+        raise ValueError(f"TARGET_READY payload of {len(payload)} bytes")
+    version, raw, port = _READY.unpack(payload)
+    if version not in (4, 6) or port == 0:
+        raise ValueError("TARGET_READY with a bad address")
+    ip = ipaddress.ip_address(raw[:4] if version == 4 else raw)
+    return str(ip), port
+
+
+def pack_abort(reason: int, text: str) -> bytes:
+    return _ABORT.pack(reason) + text.encode()[:1024]
+
+
+def unpack_abort(payload: bytes) -> tuple[int, str]:
+    if len(payload) < _ABORT.size:
+        return 0, "malformed ABORT"
+    return _ABORT.unpack_from(payload)[0], payload[_ABORT.size:].decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    active: int
+    handoffs: int
+    bytes_served: int
+
+    def pack(self) -> bytes:
+        return _LOAD.pack(self.active, self.handoffs, self.bytes_served)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> LoadReport:
+        if len(payload) != _LOAD.size:
+            raise ValueError(f"LOAD_REPORT payload of {len(payload)} bytes")
+        return cls(*_LOAD.unpack(payload))
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol (closed, rejected message, wrong order)."""
+
+
+class ControlConn:
+    """One authenticated control connection (either end)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 key: bytes, role: int) -> None:
+        self.reader, self.writer = reader, writer
+        self.channel = core.Channel(key, 0, role)
+        self.peer = writer.get_extra_info("peername")
+        self._send_lock = asyncio.Lock()
+        self.closed = False
+
+    async def handshake(self, timeout: float = 5.0) -> None:
+        """Exchange HELLO nonces and move to the session channel."""
+        nonce = secrets.token_bytes(core.HELLO_NONCE_LEN)
+        await self.send(MsgType.HELLO, 0, nonce)
+        msg = await asyncio.wait_for(self.recv(), timeout)
+        if msg.type != MsgType.HELLO or len(msg.payload) != core.HELLO_NONCE_LEN:
+            raise ProtocolError(f"expected HELLO from {self.peer}, got {msg.type.name}")
+        self.channel.bind(nonce, msg.payload)
+
+    async def send(self, type: MsgType, conn_id: int, payload: bytes = b"",
+                   flags: int = 0) -> None:
+        async with self._send_lock:
+            if self.closed:
+                raise ProtocolError(f"control connection to {self.peer} is closed")
+            self.writer.write(self.channel.seal(type, conn_id, payload, flags))
+            await self.writer.drain()
+
+    async def recv(self) -> core.Message:
+        """The next verified message; ProtocolError on EOF or a bad message."""
+        try:
+            header = await self.reader.readexactly(core.ENV_HEADER_LEN)
+            total = core.frame_len(header)
+            rest = await self.reader.readexactly(total - core.ENV_HEADER_LEN)
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError(f"control connection from {self.peer} closed") from exc
+        except (ConnectionError, OSError) as exc:
+            raise ProtocolError(f"control connection from {self.peer}: {exc}") from exc
+        except XoError as exc:
+            raise ProtocolError(f"malformed control message from {self.peer}: {exc}") from exc
+        try:
+            return self.channel.open(header + rest)
+        except XoError as exc:
+            raise ProtocolError(f"rejected control message from {self.peer}: {exc}") from exc
+
+    def close(self) -> None:
+        self.closed = True
+        with contextlib.suppress(OSError, RuntimeError):
+            self.writer.close()
+
+
+class _Waiters:
+    """Futures for replies keyed by connection id."""
+
+    def __init__(self) -> None:
+        self._futures: dict[int, asyncio.Future[core.Message]] = {}
+
+    def expect(self, conn_id: int) -> asyncio.Future[core.Message]:
+        fut: asyncio.Future[core.Message] = asyncio.get_running_loop().create_future()
+        self._futures[conn_id] = fut
+        return fut
+
+    def resolve(self, msg: core.Message) -> bool:
+        fut = self._futures.pop(msg.conn_id, None)
+        if fut is None or fut.done():
+            return False
+        fut.set_result(msg)
+        return True
+
+    def drop(self, conn_id: int) -> None:
+        self._futures.pop(conn_id, None)
+
+    def fail_all(self, exc: Exception) -> None:
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self._futures.clear()
+
+
+@dataclass
+class Steering:
+    """The rules of one interface: the loaded programs and a rule manager."""
+
+    steer: Steer
+    rules: RuleManager
+    ifindex: int
+    owner: int
+
+    @classmethod
+    def open(cls, ifindex: int, pin_dir: str, *, egress: bool, backend: str = "none",
+             owner: int | None = None) -> Steering:
+        steer = Steer(pin_dir=pin_dir)
+        owner = owner if owner is not None else os.getpid() & 0x7FFFFFFF
+        # A previous incarnation may have died with entries in the pinned map.
+        steer.purge_owner(owner)
+        steer.attach(ifindex, core_prog("TC_INGRESS"))
+        if egress:
+            steer.attach(ifindex, core_prog("TC_EGRESS"))
+        rules = RuleManager(steer, ifindex, backend)
+        return cls(steer, rules, ifindex, owner)
+
+    def close(self) -> None:
+        self.rules.close()
+        self.steer.close(unpin=True)
+
+
+def core_prog(name: str) -> object:
+    from xo.steer import Prog
+
+    return Prog[name]
+
+
+# ---- host side --------------------------------------------------------------
+
+
+@dataclass
+class TargetLink:
+    """The host's view of one target agent."""
+
+    name: str
+    ip: str
+    port: int
+    mac: str
+    conn: ControlConn | None = None
+    waiters: _Waiters = field(default_factory=_Waiters)
+    load: LoadReport = field(default_factory=lambda: LoadReport(0, 0, 0))
+    offloaded: set[int] = field(default_factory=set)
+    handed: int = 0  # connections handed to this target so far
+
+    @property
+    def up(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+
+@dataclass
+class Offloaded:
+    conn_id: int
+    key: FlowKey
+    local: Endpoint
+    link: TargetLink
+    started: float
+
+
+@dataclass
+class HandoffTimes:
+    """Microseconds spent in each outbound step (paper Table 3)."""
+
+    block: float = 0.0
+    serialize: float = 0.0
+    transfer_and_restore: float = 0.0
+    redirect: float = 0.0
+    discard_and_ready: float = 0.0
+    total: float = 0.0
+
+
+ReturnCallback = Callable[[socket.socket, bytes], Awaitable[None]]
+
+
+class HostEngine:
+    """The load balancer's side of XO."""
+
+    def __init__(self, key: bytes, steering: Steering, host_mac: str,
+                 on_return: ReturnCallback) -> None:
+        self.key = key
+        self.steering = steering
+        self.host_mac = host_mac
+        self.on_return = on_return
+        self.targets: dict[str, TargetLink] = {}
+        self.offloaded: dict[int, Offloaded] = {}
+        self._ids = itertools.count(secrets.randbits(32) << 16)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.stats = {"offloads": 0, "rollbacks": 0, "returns": 0, "withdrawn": 0}
+        self.last_times = HandoffTimes()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def add_target(self, name: str, ip: str, mac: str,
+                         port: int = DEFAULT_CONTROL_PORT) -> TargetLink:
+        link = TargetLink(name, ip, port, mac)
+        self.targets[name] = link
+        await self._connect(link)
+        return link
+
+    async def _connect(self, link: TargetLink) -> None:
+        reader, writer = await asyncio.open_connection(link.ip, link.port)
+        conn = ControlConn(reader, writer, self.key, role=0)
+        await conn.handshake()
+        link.conn = conn
+        self._spawn(self._read_loop(link, conn))
+        log.info("control connection to %s (%s) up", link.name, link.ip)
+
+    async def _read_loop(self, link: TargetLink, conn: ControlConn) -> None:
+        try:
+            while True:
+                msg = await conn.recv()
+                if msg.type == MsgType.TARGET_DONE:
+                    self._spawn(self._inbound(link, msg))
+                elif msg.type == MsgType.LOAD_REPORT:
+                    link.load = LoadReport.unpack(msg.payload)
+                elif msg.type == MsgType.PING:
+                    await conn.send(MsgType.PONG, 0, msg.payload)
+                elif msg.type in (MsgType.TARGET_READY, MsgType.ABORT, MsgType.PONG):
+                    link.waiters.resolve(msg)
+                else:
+                    raise ProtocolError(f"unexpected {msg.type.name} from target {link.name}")
+        except (ProtocolError, ValueError) as exc:
+            log.warning("target %s lost: %s", link.name, exc)
+        finally:
+            conn.close()
+            self._target_lost(link)
+
+    def _target_lost(self, link: TargetLink) -> None:
+        """Withdraw every redirect to a target that is gone."""
+        link.waiters.fail_all(ProtocolError(f"target {link.name} lost"))
+        for conn_id in list(link.offloaded):
+            off = self.offloaded.pop(conn_id, None)
+            if off is not None:
+                self.steering.rules.remove(off.key)
+                self.stats["withdrawn"] += 1
+        link.offloaded.clear()
+
+    def pick(self, policy: str = "least_loaded") -> TargetLink | None:
+        """A live target by policy: round_robin or least_loaded."""
+        live = [t for t in self.targets.values() if t.up]
+        if not live:
+            return None
+        if policy == "round_robin":
+            return min(live, key=lambda t: (t.handed, t.name))
+        # Ties (e.g. every target idle) go to the one handed the fewest.
+        return min(live, key=lambda t: (t.load.active + len(t.offloaded), t.handed, t.name))
+
+    async def offload(self, sock: socket.socket, app_data: bytes, link: TargetLink) -> bool:
+        """Hand sock to the target. True: the target owns it now. False: it was
+        rolled back; the socket is live again and the caller serves locally."""
+        times = HandoffTimes()
+        t_start = time.perf_counter()
+        conn_id = next(self._ids)
+        local_ip, local_port = sock.getsockname()[:2]
+        peer_ip, peer_port = sock.getpeername()[:2]
+        key = FlowKey.tcp(peer_ip, peer_port, local_ip, local_port)
+        rules = self.steering.rules
+        frozen = False
+        try:
+            if not link.up or link.conn is None:
+                raise ProtocolError(f"target {link.name} is down")
+            rules.insert(key, Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner))
+            t1 = time.perf_counter()
+            times.block = (t1 - t_start) * 1e6
+            core.freeze(sock)
+            frozen = True
+            state = core.capture(sock)
+            state.app_data = app_data
+            payload = state.encode()
+            t2 = time.perf_counter()
+            times.serialize = (t2 - t1) * 1e6
+            reply = link.waiters.expect(conn_id)
+            await link.conn.send(MsgType.BEGIN_OFFLOAD, conn_id, payload)
+            msg = await asyncio.wait_for(reply, READY_TIMEOUT_S)
+            if msg.type == MsgType.ABORT:
+                reason, text = unpack_abort(msg.payload)
+                raise ProtocolError(f"target refused: {text} (reason {reason})")
+            if msg.type != MsgType.TARGET_READY:
+                raise ProtocolError(f"expected TARGET_READY, got {msg.type.name}")
+            target_ip, target_port = unpack_ready(msg.payload)
+            t3 = time.perf_counter()
+            times.transfer_and_restore = (t3 - t2) * 1e6
+        except (TimeoutError, XoError, OSError, ProtocolError, ValueError) as exc:
+            link.waiters.drop(conn_id)
+            self._rollback(sock, key, frozen, link, conn_id, exc)
+            return False
+
+        # Point of no return: the target holds a restored socket and its rewrite.
+        rules.insert(key, Rule.redirect(target_ip, target_port, dst_mac=link.mac,
+                                        src_mac=self.host_mac, ttl_s=REDIRECT_TTL_S,
+                                        owner=self.steering.owner))
+        t4 = time.perf_counter()
+        times.redirect = (t4 - t3) * 1e6
+        core.discard(sock)
+        self.offloaded[conn_id] = Offloaded(conn_id, key, Endpoint(local_ip, local_port),
+                                            link, time.monotonic())
+        link.offloaded.add(conn_id)
+        link.handed += 1
+        try:
+            await link.conn.send(MsgType.HOST_READY, conn_id)
+        except ProtocolError as exc:
+            log.warning("conn %x: HOST_READY not sent: %s", conn_id, exc)
+        t5 = time.perf_counter()
+        times.discard_and_ready = (t5 - t4) * 1e6
+        times.total = (t5 - t_start) * 1e6
+        self.last_times = times
+        self.stats["offloads"] += 1
+        return True
+
+    def _rollback(self, sock: socket.socket, key: FlowKey, frozen: bool, link: TargetLink,
+                  conn_id: int, exc: BaseException) -> None:
+        """Before TARGET_READY: the host carries on with its own socket."""
+        log.info("conn %x: handoff to %s rolled back: %s", conn_id, link.name, exc)
+        self.stats["rollbacks"] += 1
+        if frozen:
+            core.resume(sock)
+        with contextlib.suppress(XoError):
+            self.steering.rules.remove(key)
+        if link.up and link.conn is not None:
+            # Tell the target to drop whatever it restored for this id.
+            self._spawn(self._send_quietly(link.conn, MsgType.ABORT, conn_id,
+                                           pack_abort(ABORT_HOST, str(exc))))
+
+    @staticmethod
+    async def _send_quietly(conn: ControlConn, type: MsgType, conn_id: int,
+                            payload: bytes = b"") -> None:
+        with contextlib.suppress(ProtocolError):
+            await conn.send(type, conn_id, payload)
+
+    async def _inbound(self, link: TargetLink, msg: core.Message) -> None:
+        """TARGET_DONE: take the connection back (steps 9-10)."""
+        assert link.conn is not None
+        off = self.offloaded.get(msg.conn_id)
+        if off is None or off.link is not link:
+            await self._send_quietly(link.conn, MsgType.ABORT, msg.conn_id,
+                                     pack_abort(ABORT_REFUSED, "unknown connection"))
+            return
+        rules = self.steering.rules
+        if msg.flags & DONE_FLAG_CLOSED:
+            # The client closed on the target: keep steering its last packets.
+            rules.insert(off.key, Rule.redirect(*self._redirect_of(off),
+                                                ttl_s=CLOSED_TTL_S, owner=self.steering.owner))
+            self._forget(off)
+            await self._send_quietly(link.conn, MsgType.END_OFFLOAD, msg.conn_id)
+            return
+        try:
+            state = TcpState.decode(msg.payload)
+            sock = core.restore(state, off.local)
+        except XoError as exc:
+            log.error("conn %x: cannot take back from %s: %s", msg.conn_id, link.name, exc)
+            await self._send_quietly(link.conn, MsgType.ABORT, msg.conn_id,
+                                     pack_abort(ABORT_RESTORE, str(exc)))
+            return
+        rules.remove(off.key)  # synchronous in both tiers
+        core.resume(sock, state)
+        sock.setblocking(False)
+        self._forget(off)
+        self.stats["returns"] += 1
+        await self._send_quietly(link.conn, MsgType.END_OFFLOAD, msg.conn_id)
+        await self.on_return(sock, state.app_data)
+
+    def _redirect_of(self, off: Offloaded) -> tuple[str, int]:
+        rule = self.steering.steer.lookup(off.key)
+        if rule is None or rule.new_dst is None:
+            return off.link.ip, off.local.port
+        return str(rule.new_dst), rule.new_dst_port
+
+    def _forget(self, off: Offloaded) -> None:
+        self.offloaded.pop(off.conn_id, None)
+        off.link.offloaded.discard(off.conn_id)
+
+    async def sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.steering.rules.sweep()
+
+    async def close(self) -> None:
+        for link in self.targets.values():
+            if link.conn is not None:
+                link.conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+# ---- target side ------------------------------------------------------------
+
+
+@dataclass
+class TargetConn:
+    """A connection the target holds for the host."""
+
+    agent: TargetAgent
+    control: ControlConn
+    conn_id: int
+    sock: socket.socket
+    app_data: bytes
+    client: Endpoint
+    local: Endpoint
+    host: Endpoint
+    rewrite_key: FlowKey
+    ingress_key: FlowKey
+
+    async def hand_back(self, app_data: bytes = b"") -> bool:
+        return await self.agent.hand_back(self, app_data)
+
+    async def closed_by_client(self) -> None:
+        await self.agent.closed_by_client(self)
+
+
+ServeCallback = Callable[[TargetConn], Awaitable[None]]
+
+
+class TargetAgent:
+    """A backend's side of XO: adopts connections the host hands over."""
+
+    def __init__(self, key: bytes, steering: Steering, my_ip: str, serve: ServeCallback,
+                 crash_at: str | None = None) -> None:
+        self.key = key
+        self.steering = steering
+        self.my_ip = my_ip
+        self.serve = serve
+        # Fault injection for tests: SIGKILL ourselves at this protocol step.
+        self.crash_at = crash_at
+        self.active: dict[int, TargetConn] = {}
+        self.handoffs = 0
+        self.bytes_served = 0
+        self.rejected = 0
+        self._controls: set[ControlConn] = set()
+        self._waiters_by_conn: dict[ControlConn, _Waiters] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    def _step(self, name: str) -> None:
+        if self.crash_at == name:
+            log.warning("fault injection: dying at %s", name)
+            os.kill(os.getpid(), 9)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def start(self, port: int = DEFAULT_CONTROL_PORT) -> None:
+        self._server = await asyncio.start_server(self._accept, self.my_ip, port)
+        self._spawn(self._report_loop())
+        self._spawn(self._sweep_loop())
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = ControlConn(reader, writer, self.key, role=1)
+        waiters = _Waiters()
+        try:
+            await conn.handshake()
+            self._controls.add(conn)
+            self._waiters_by_conn[conn] = waiters
+            log.info("control connection from %s", conn.peer)
+            while True:
+                msg = await conn.recv()
+                if msg.type == MsgType.BEGIN_OFFLOAD:
+                    self._spawn(self._adopt(conn, waiters, msg))
+                elif msg.type in (MsgType.HOST_READY, MsgType.END_OFFLOAD, MsgType.ABORT):
+                    waiters.resolve(msg)
+                elif msg.type == MsgType.PING:
+                    await conn.send(MsgType.PONG, 0, msg.payload)
+                elif msg.type != MsgType.PONG:
+                    raise ProtocolError(f"unexpected {msg.type.name}")
+        except (TimeoutError, ProtocolError, XoRejectedError, ValueError) as exc:
+            self.rejected += 1
+            log.warning("control connection from %s closed: %s", conn.peer, exc)
+        finally:
+            waiters.fail_all(ProtocolError("control connection closed"))
+            self._controls.discard(conn)
+            conn.close()
+            self._waiters_by_conn.pop(conn, None)
+
+    async def _adopt(self, control: ControlConn, waiters: _Waiters, msg: core.Message) -> None:
+        """Steps 3-4 and 6 on the target."""
+        self._step("begin")
+        try:
+            state = TcpState.decode(msg.payload)
+            host = state.local
+            if control.peer is None or host.ip != control.peer[0]:
+                raise ValueError(f"state names {host.ip}, not the host speaking ({control.peer})")
+            sock, port = self._restore(state)
+        except (XoError, ValueError) as exc:
+            log.warning("conn %x: cannot adopt: %s", msg.conn_id, exc)
+            await control.send(MsgType.ABORT, msg.conn_id, pack_abort(ABORT_RESTORE, str(exc)))
+            return
+        client = state.remote
+        rewrite_key = FlowKey.tcp(self.my_ip, port, client.ip, client.port)
+        ingress_key = FlowKey.tcp(client.ip, client.port, self.my_ip, port)
+        rules = self.steering.rules
+        self._step("restored")
+        rules.insert(rewrite_key, Rule.src_rewrite(host.ip, host.port, ttl_s=REDIRECT_TTL_S,
+                                                   owner=self.steering.owner))
+        reply = waiters.expect(msg.conn_id)
+        try:
+            await control.send(MsgType.TARGET_READY, msg.conn_id, pack_ready(self.my_ip, port))
+            self._step("ready")
+            answer = await asyncio.wait_for(reply, HOST_READY_TIMEOUT_S)
+            if answer.type != MsgType.HOST_READY:
+                raise ProtocolError(f"host answered {answer.type.name}")
+        except (TimeoutError, ProtocolError) as exc:
+            waiters.drop(msg.conn_id)
+            log.info("conn %x: host did not confirm (%s); dropping the copy", msg.conn_id, exc)
+            core.discard(sock)
+            rules.remove(rewrite_key)
+            return
+        self._step("host_ready")
+        core.resume(sock, state)
+        sock.setblocking(False)
+        conn = TargetConn(self, control, msg.conn_id, sock, state.app_data, client,
+                          Endpoint(self.my_ip, port), host, rewrite_key, ingress_key)
+        self.active[msg.conn_id] = conn
+        self.handoffs += 1
+        try:
+            await self.serve(conn)
+        finally:
+            self.active.pop(msg.conn_id, None)
+
+    def _restore(self, state: TcpState) -> tuple[socket.socket, int]:
+        """Restore on our own IP; remap the port if the 4-tuple is taken here."""
+        port = state.local.port
+        for _ in range(64):
+            try:
+                return core.restore(state, Endpoint(self.my_ip, port)), port
+            except XoError as exc:
+                if exc.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
+                    raise
+                log.info("4-tuple %s:%d <-> %s taken; remapping", self.my_ip, port, state.remote)
+                port = 20000 + secrets.randbelow(40000)
+        raise ValueError("no free port to restore on")
+
+    async def hand_back(self, conn: TargetConn, app_data: bytes) -> bool:
+        """Steps 7-8, then 11-12 once the host confirms. False: the host did not
+        take it; the connection is live here again."""
+        rules = self.steering.rules
+        waiters = self._waiters_by_conn.get(conn.control)
+        if waiters is None or conn.control.closed:
+            return False
+        rules.insert(conn.ingress_key, Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner))
+        try:
+            core.freeze(conn.sock)
+            state = core.capture(conn.sock)
+        except XoError as exc:
+            # Typically the client closed meanwhile (CLOSE_WAIT): keep the
+            # connection here; the application reads the EOF and closes.
+            log.info("conn %x: not handing back: %s", conn.conn_id, exc)
+            with contextlib.suppress(XoError):
+                core.resume(conn.sock)
+            rules.remove(conn.ingress_key)
+            return False
+        state.app_data = app_data
+        reply = waiters.expect(conn.conn_id)
+        try:
+            self._step("done")
+            await conn.control.send(MsgType.TARGET_DONE, conn.conn_id, state.encode())
+            answer = await asyncio.wait_for(reply, DONE_TIMEOUT_S)
+            if answer.type != MsgType.END_OFFLOAD:
+                raise ProtocolError(f"host answered {answer.type.name}")
+        except (TimeoutError, ProtocolError) as exc:
+            waiters.drop(conn.conn_id)
+            log.warning("conn %x: hand-back failed (%s); keeping it", conn.conn_id, exc)
+            core.resume(conn.sock)
+            rules.remove(conn.ingress_key)
+            return False
+        core.discard(conn.sock)
+        rules.remove(conn.rewrite_key)
+        rules.remove(conn.ingress_key)
+        return True
+
+    async def closed_by_client(self, conn: TargetConn) -> None:
+        """The client ended the connection here: close it (FIN goes out through
+        the source rewrite, which stays until it expires) and tell the host."""
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+        self.steering.rules.insert(conn.rewrite_key, Rule.src_rewrite(
+            conn.host.ip, conn.host.port, ttl_s=CLOSED_TTL_S, owner=self.steering.owner))
+        waiters = self._waiters_by_conn.get(conn.control)
+        if waiters is None:
+            return
+        reply = waiters.expect(conn.conn_id)
+        try:
+            await conn.control.send(MsgType.TARGET_DONE, conn.conn_id, b"", DONE_FLAG_CLOSED)
+            await asyncio.wait_for(reply, DONE_TIMEOUT_S)
+        except (TimeoutError, ProtocolError):
+            waiters.drop(conn.conn_id)
+
+    async def _report_loop(self) -> None:
+        while True:
+            report = LoadReport(len(self.active), self.handoffs, self.bytes_served).pack()
+            for control in list(self._controls):
+                with contextlib.suppress(ProtocolError):
+                    await control.send(MsgType.LOAD_REPORT, 0, report)
+            await asyncio.sleep(LOAD_REPORT_INTERVAL_S)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.steering.rules.sweep()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for control in list(self._controls):
+            control.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

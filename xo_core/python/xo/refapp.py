@@ -1,0 +1,399 @@
+"""The reference application: a small HTTP/1.1 load balancer (host) and file
+servers (targets) on top of :mod:`xo.engine`, so the whole protocol can be
+run and watched without nginx or Ceph.
+
+The host reads each request, picks a target and hands the connection over;
+the target serves the file from disk straight to the client, then hands the
+connection back at the end of the response, so the next request on the same
+keep-alive connection may go to another target.
+
+    python -m xo.refapp target --lab demo --member t0 --docroot DIR --key KEY
+    python -m xo.refapp host   --lab demo --docroot DIR --key KEY
+
+``GET /_xo/stats`` on the host answers its counters as JSON (served locally).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import urllib.parse
+import zlib
+from pathlib import Path
+
+from xo.engine import (
+    DEFAULT_CONTROL_PORT,
+    HostEngine,
+    Steering,
+    TargetAgent,
+    TargetConn,
+    TargetLink,
+    load_key,
+)
+from xo.lab import Lab
+
+log = logging.getLogger("xo.refapp")
+
+MAX_HEADER_BYTES = 65536
+HTTP_PORT = 8080
+# Under /run rather than /sys/fs/bpf: `ip netns exec` remounts /sys, hiding
+# pins there (DESIGN.md §8); each instance mounts its own bpffs here.
+PIN_ROOT = "/run/xo/bpf"
+
+
+class BadRequest(Exception):
+    pass
+
+
+class Request:
+    """One parsed HTTP/1.1 request (head + body bytes)."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        head, _, _ = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            self.method, self.target, self.version = lines[0].split(" ", 2)
+        except ValueError as exc:
+            raise BadRequest(f"bad request line {lines[0]!r}") from exc
+        self.headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise BadRequest(f"bad header line {line!r}")
+            self.headers[name.strip().lower()] = value.strip()
+        self.path = urllib.parse.unquote(urllib.parse.urlsplit(self.target).path)
+
+    @property
+    def keep_alive(self) -> bool:
+        conn = self.headers.get("connection", "").lower()
+        if self.version == "HTTP/1.0":
+            return conn == "keep-alive"
+        return conn != "close"
+
+
+def _body_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            try:
+                return int(value.strip())
+            except ValueError as exc:
+                raise BadRequest("bad Content-Length") from exc
+        if name.strip().lower() == b"transfer-encoding":
+            raise BadRequest("chunked request bodies are not supported")
+    return 0
+
+
+async def read_request(sock: socket.socket, buf: bytearray) -> Request | None:
+    """The next whole request from buf + the socket; None at a clean EOF."""
+    loop = asyncio.get_running_loop()
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            total = end + 4 + _body_length(bytes(buf[:end]))
+            if len(buf) >= total:
+                raw = bytes(buf[:total])
+                del buf[:total]
+                return Request(raw)
+        elif len(buf) > MAX_HEADER_BYTES:
+            raise BadRequest("request head too large")
+        chunk = await loop.sock_recv(sock, 65536)
+        if not chunk:
+            if buf:
+                raise BadRequest("connection closed inside a request")
+            return None
+        buf += chunk
+
+
+def resolve(docroot: Path, path: str) -> Path | None:
+    candidate = (docroot / path.lstrip("/")).resolve()
+    if docroot.resolve() not in candidate.parents or not candidate.is_file():
+        return None
+    return candidate
+
+
+async def respond(sock: socket.socket, req: Request, docroot: Path, served_by: str,
+                  extra: bytes | None = None) -> int:
+    """Answer one request with a file (or extra as JSON); returns body bytes."""
+    loop = asyncio.get_running_loop()
+    conn_hdr = "keep-alive" if req.keep_alive else "close"
+    if extra is not None:
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(extra)}\r\nX-Served-By: {served_by}\r\n"
+                f"Connection: {conn_hdr}\r\n\r\n")
+        await loop.sock_sendall(sock, head.encode() + extra)
+        return len(extra)
+    file = resolve(docroot, req.path) if req.method in ("GET", "HEAD") else None
+    if file is None:
+        status = "405 Method Not Allowed" if req.method not in ("GET", "HEAD") else "404 Not Found"
+        body = status.encode() + b"\n"
+        head = (f"HTTP/1.1 {status}\r\nContent-Length: {len(body)}\r\n"
+                f"X-Served-By: {served_by}\r\nConnection: {conn_hdr}\r\n\r\n")
+        await loop.sock_sendall(sock, head.encode() + body)
+        return len(body)
+    size = file.stat().st_size
+    head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {size}\r\nX-Served-By: {served_by}\r\n"
+            f"Connection: {conn_hdr}\r\n\r\n")
+    await loop.sock_sendall(sock, head.encode())
+    if req.method == "HEAD":
+        return 0
+    with file.open("rb") as f:
+        await loop.sock_sendfile(sock, f)
+    return size
+
+
+async def error_response(sock: socket.socket, reason: str) -> None:
+    body = f"400 Bad Request: {reason}\n".encode()
+    head = f"HTTP/1.1 400 Bad Request\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    with contextlib.suppress(OSError):
+        await asyncio.get_running_loop().sock_sendall(sock, head.encode() + body)
+
+
+# ---- host -------------------------------------------------------------------
+
+
+class Host:
+    def __init__(self, testbed: Lab, docroot: Path, key: bytes, policy: str,
+                 offload: bool) -> None:
+        self.lab, self.docroot, self.key = testbed, docroot, key
+        self.policy, self.offload_enabled = policy, offload
+        self.me = testbed.host
+        self.served_locally = 0
+        self.requests = 0
+        self.engine: HostEngine | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self, ready: asyncio.Event) -> None:
+        steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-host",
+                                 egress=False)
+        self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return)
+        try:
+            for target in self.lab.targets:
+                await self._connect_with_retry(target.name, target.ipv4, target.mac)
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.me.ipv4, HTTP_PORT))
+            listener.listen(512)
+            listener.setblocking(False)
+            self._spawn(self.engine.sweep_forever())
+            ready.set()
+            loop = asyncio.get_running_loop()
+            log.info("host listening on %s:%d", self.me.ipv4, HTTP_PORT)
+            while True:
+                sock, _ = await loop.sock_accept(listener)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._spawn(self.handle(sock, b""))
+        finally:
+            await self.engine.close()
+            steering.close()
+
+    async def _connect_with_retry(self, name: str, ip: str, mac: str) -> TargetLink:
+        assert self.engine is not None
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                return await self.engine.add_target(name, ip, mac, DEFAULT_CONTROL_PORT)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+
+    def pick(self, req: Request) -> TargetLink | None:
+        assert self.engine is not None
+        if self.policy == "path":
+            # A per-request rule: the same path always goes to the same target.
+            live = sorted((t for t in self.engine.targets.values() if t.up), key=lambda t: t.name)
+            return live[zlib.crc32(req.path.encode()) % len(live)] if live else None
+        return self.engine.pick(self.policy)
+
+    async def _on_return(self, sock: socket.socket, app_data: bytes) -> None:
+        self._spawn(self.handle(sock, app_data))
+
+    async def handle(self, sock: socket.socket, initial: bytes) -> None:
+        assert self.engine is not None
+        buf = bytearray(initial)
+        sock.setblocking(False)
+        try:
+            while True:
+                req = await read_request(sock, buf)
+                if req is None:
+                    sock.close()
+                    return
+                self.requests += 1
+                if req.path == "/_xo/stats":
+                    await respond(sock, req, self.docroot, "host", self.stats_json())
+                else:
+                    link = self.pick(req) if self.offload_enabled else None
+                    if link is not None and await self.engine.offload(sock, req.raw + bytes(buf),
+                                                                     link):
+                        return  # the target owns the connection now
+                    self.served_locally += 1
+                    await respond(sock, req, self.docroot, "host")
+                if not req.keep_alive:
+                    sock.close()
+                    return
+        except BadRequest as exc:
+            await error_response(sock, str(exc))
+            sock.close()
+        except OSError as exc:
+            log.info("client connection ended: %s", exc)
+            sock.close()
+
+    def stats_json(self) -> bytes:
+        assert self.engine is not None
+        times = self.engine.last_times
+        return json.dumps({
+            **self.engine.stats,
+            "requests": self.requests,
+            "served_locally": self.served_locally,
+            "offloaded_now": len(self.engine.offloaded),
+            "rules": self.engine.steering.steer.count(),
+            "last_handoff_us": times.__dict__,
+            "targets": {name: {"up": t.up, "active": t.load.active, "handoffs": t.load.handoffs}
+                        for name, t in self.engine.targets.items()},
+        }).encode()
+
+
+# ---- target -----------------------------------------------------------------
+
+
+class Target:
+    def __init__(self, testbed: Lab, member: str, docroot: Path, key: bytes,
+                 crash_at: str | None) -> None:
+        self.lab, self.docroot, self.key = testbed, docroot, key
+        self.me = testbed.member(member)
+        self.crash_at = crash_at
+        self.agent: TargetAgent | None = None
+
+    async def run(self, ready: asyncio.Event) -> None:
+        steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-{self.me.name}",
+                                 egress=True)
+        self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at)
+        try:
+            await self.agent.start(DEFAULT_CONTROL_PORT)
+            ready.set()
+            log.info("target %s ready on %s:%d", self.me.name, self.me.ipv4,
+                     DEFAULT_CONTROL_PORT)
+            await asyncio.Event().wait()
+        finally:
+            await self.agent.close()
+            steering.close()
+
+    async def serve(self, conn: TargetConn) -> None:
+        """Serve the handed-over request(s), then hand the connection back."""
+        assert self.agent is not None
+        buf = bytearray(conn.app_data)
+        try:
+            while True:
+                req = await read_request(conn.sock, buf)
+                if req is None:
+                    await conn.closed_by_client()
+                    return
+                sent = await respond(conn.sock, req, self.docroot, self.me.name)
+                self.agent.bytes_served += sent
+                log.info("served %s %s bytes=%d conn=%x client=%s", req.method, req.path, sent,
+                         conn.conn_id, conn.client)
+                if not req.keep_alive:
+                    await conn.closed_by_client()
+                    return
+                await drain_send_queue(conn.sock)
+                if await conn.hand_back(bytes(buf)):
+                    return
+                # The host did not take it back: keep serving here.
+        except BadRequest as exc:
+            await error_response(conn.sock, str(exc))
+            await conn.closed_by_client()
+        except OSError as exc:
+            log.info("conn %x ended on the target: %s", conn.conn_id, exc)
+            await conn.closed_by_client()
+
+
+async def drain_send_queue(sock: socket.socket, timeout: float = 2.0) -> None:
+    """Wait (briefly) for the response to be acknowledged before handing back,
+    so the host does not have to carry our unsent bytes."""
+    import fcntl
+    import struct
+    import termios
+
+    buf = bytearray(4)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
+        if struct.unpack("i", buf)[0] == 0:
+            return
+        await asyncio.sleep(0.0005)
+
+
+# ---- entry point ------------------------------------------------------------
+
+
+async def _main(args: argparse.Namespace) -> int:
+    testbed = Lab.load(args.lab)
+    key = load_key(args.key)
+    docroot = Path(args.docroot)
+    ready = asyncio.Event()
+    app: Host | Target
+    if args.role == "host":
+        app = Host(testbed, docroot, key, args.policy, not args.no_offload)
+    else:
+        app = Target(testbed, args.member, docroot, key, args.crash_at)
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.ensure_future(app.run(ready))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, main_task.cancel)
+
+    async def announce() -> None:
+        await ready.wait()
+        print("READY", flush=True)
+
+    announcer = asyncio.ensure_future(announce())
+    try:
+        await main_task
+    except asyncio.CancelledError:
+        pass
+    finally:
+        announcer.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xo.refapp", description=__doc__.split("\n")[0])
+    parser.add_argument("role", choices=["host", "target"])
+    parser.add_argument("--lab", required=True, help="lab name (xo lab up)")
+    parser.add_argument("--member", default="host", help="target member, e.g. t0")
+    parser.add_argument("--docroot", required=True)
+    parser.add_argument("--key", required=True, help="cluster key file")
+    parser.add_argument("--policy", default="least_loaded",
+                        choices=["least_loaded", "round_robin", "path"])
+    parser.add_argument("--no-offload", action="store_true",
+                        help="host serves everything itself (baseline)")
+    parser.add_argument("--crash-at", choices=["begin", "restored", "ready", "host_ready", "done"],
+                        help="fault injection: SIGKILL ourselves at this protocol step")
+    parser.add_argument("--log", help="log file (default stderr)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s {args.role}{'' if args.role == 'host' else ':' + args.member} "
+               "%(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
