@@ -175,7 +175,8 @@ int xo_steer_bench(struct xo_steer *s, uint32_t count, uint64_t *insert_ns,
  * thread (insert) and from callers of xo_rules_remove() (remove), never
  * two at once. cookie is the backend's own name for the entry it holds for
  * a flow: insert gets 0 for a new flow or the current cookie to replace,
- * and stores the new one. Return 0 or an XO_E_* code (with xo_fail()).
+ * and stores the new one. Return 0 or a negative XO_E_* code (backends
+ * inside the core also set the sentence with its internal xo_fail()).
  */
 struct xo_hw_ops {
 	const char *name;

@@ -31,6 +31,12 @@ def _bench_core(args: argparse.Namespace) -> int:
     return bench_core.main(args.iterations, args.json)
 
 
+def _bench_handoff(args: argparse.Namespace) -> int:
+    from xo import bench_handoff
+
+    return bench_handoff.main(args.handoffs, args.json)
+
+
 def _bench_rules(args: argparse.Namespace) -> int:
     import json
 
@@ -68,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     core.add_argument("--iterations", type=int, default=2000)
     core.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     core.set_defaults(func=_bench_core)
+    handoff = bench_sub.add_parser("handoff", help="handoff latency per protocol step (lab)")
+    handoff.add_argument("--handoffs", type=int, default=2000)
+    handoff.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    handoff.set_defaults(func=_bench_handoff)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
     rules.add_argument("--json", metavar="PATH", help="also write the result as JSON")

@@ -49,6 +49,7 @@ class RefAppCluster:
     policy: str = "least_loaded"
     offload: bool = True
     crash_at: dict[str, str] = field(default_factory=dict)
+    timings: bool = False  # members write per-step handoff timings at exit
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -62,6 +63,9 @@ class RefAppCluster:
     def log_path(self, member: str) -> Path:
         return self.workdir / f"{member}.log"
 
+    def timings_path(self, member: str) -> Path:
+        return self.workdir / f"{member}-timings.json"
+
     @property
     def url(self) -> str:
         return f"http://{self.testbed.host.ipv4}:{HTTP_PORT}"
@@ -73,6 +77,8 @@ class RefAppCluster:
                 "--policy", self.policy]
         if not self.offload:
             argv.append("--no-offload")
+        if self.timings:
+            argv += ["--timings", str(self.timings_path(member))]
         if member in self.crash_at:
             argv += ["--crash-at", self.crash_at[member]]
         return argv

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import itertools
@@ -50,7 +51,7 @@ from pathlib import Path
 
 from xo import core
 from xo.core import Endpoint, MsgType, TcpState, XoError, XoRejectedError
-from xo.steer import FlowKey, Rule, RuleManager, Steer
+from xo.steer import FlowKey, Rule, RuleManager, Steer, monotonic_ns
 
 log = logging.getLogger("xo.engine")
 
@@ -284,16 +285,41 @@ class Offloaded:
     started: float
 
 
-@dataclass
-class HandoffTimes:
-    """Microseconds spent in each outbound step (paper Table 3)."""
+class StepTimes:
+    """Microseconds spent in each protocol step (``xo bench handoff``, paper
+    Table 3), kept per process: names are "<transfer>.<step>"."""
 
-    block: float = 0.0
-    serialize: float = 0.0
-    transfer_and_restore: float = 0.0
-    redirect: float = 0.0
-    discard_and_ready: float = 0.0
-    total: float = 0.0
+    CAP = 100_000  # samples per step; enough for any benchmark run
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[float]] = {}
+
+    def lap(self, transfer: str) -> Lap:
+        return Lap(self, transfer)
+
+    def add(self, name: str, micros: float) -> None:
+        bucket = self.samples.setdefault(name, [])
+        if len(bucket) < self.CAP:
+            bucket.append(micros)
+
+    def last(self) -> dict[str, float]:
+        return {name: round(v[-1], 1) for name, v in self.samples.items() if v}
+
+
+class Lap:
+    """Marks steps of one transfer: each call records the time since the last."""
+
+    def __init__(self, times: StepTimes, transfer: str) -> None:
+        self.times, self.transfer = times, transfer
+        self.start = self.mark = time.perf_counter_ns()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter_ns()
+        self.times.add(f"{self.transfer}.{step}", (now - self.mark) / 1000)
+        self.mark = now
+
+    def total(self) -> None:
+        self.times.add(f"{self.transfer}.total", (time.perf_counter_ns() - self.start) / 1000)
 
 
 ReturnCallback = Callable[[socket.socket, bytes], Awaitable[None]]
@@ -313,7 +339,7 @@ class HostEngine:
         self._ids = itertools.count(secrets.randbits(32) << 16)
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"offloads": 0, "rollbacks": 0, "returns": 0, "withdrawn": 0}
-        self.last_times = HandoffTimes()
+        self.times = StepTimes()
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -378,8 +404,7 @@ class HostEngine:
     async def offload(self, sock: socket.socket, app_data: bytes, link: TargetLink) -> bool:
         """Hand sock to the target. True: the target owns it now. False: it was
         rolled back; the socket is live again and the caller serves locally."""
-        times = HandoffTimes()
-        t_start = time.perf_counter()
+        lap = self.times.lap("out")
         conn_id = next(self._ids)
         local_ip, local_port = sock.getsockname()[:2]
         peer_ip, peer_port = sock.getpeername()[:2]
@@ -390,15 +415,13 @@ class HostEngine:
             if not link.up or link.conn is None:
                 raise ProtocolError(f"target {link.name} is down")
             rules.insert(key, Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner))
-            t1 = time.perf_counter()
-            times.block = (t1 - t_start) * 1e6
+            lap("block")
             core.freeze(sock)
             frozen = True
             state = core.capture(sock)
             state.app_data = app_data
             payload = state.encode()
-            t2 = time.perf_counter()
-            times.serialize = (t2 - t1) * 1e6
+            lap("serialize")
             reply = link.waiters.expect(conn_id)
             await link.conn.send(MsgType.BEGIN_OFFLOAD, conn_id, payload)
             msg = await asyncio.wait_for(reply, READY_TIMEOUT_S)
@@ -408,8 +431,7 @@ class HostEngine:
             if msg.type != MsgType.TARGET_READY:
                 raise ProtocolError(f"expected TARGET_READY, got {msg.type.name}")
             target_ip, target_port = unpack_ready(msg.payload)
-            t3 = time.perf_counter()
-            times.transfer_and_restore = (t3 - t2) * 1e6
+            lap("transfer_to_ready")
         except (TimeoutError, XoError, OSError, ProtocolError, ValueError) as exc:
             link.waiters.drop(conn_id)
             self._rollback(sock, key, frozen, link, conn_id, exc)
@@ -419,8 +441,7 @@ class HostEngine:
         rules.insert(key, Rule.redirect(target_ip, target_port, dst_mac=link.mac,
                                         src_mac=self.host_mac, ttl_s=REDIRECT_TTL_S,
                                         owner=self.steering.owner))
-        t4 = time.perf_counter()
-        times.redirect = (t4 - t3) * 1e6
+        lap("redirect")
         core.discard(sock)
         self.offloaded[conn_id] = Offloaded(conn_id, key, Endpoint(local_ip, local_port),
                                             link, time.monotonic())
@@ -430,10 +451,8 @@ class HostEngine:
             await link.conn.send(MsgType.HOST_READY, conn_id)
         except ProtocolError as exc:
             log.warning("conn %x: HOST_READY not sent: %s", conn_id, exc)
-        t5 = time.perf_counter()
-        times.discard_and_ready = (t5 - t4) * 1e6
-        times.total = (t5 - t_start) * 1e6
-        self.last_times = times
+        lap("discard_and_host_ready")
+        lap.total()
         self.stats["offloads"] += 1
         return True
 
@@ -467,33 +486,40 @@ class HostEngine:
             return
         rules = self.steering.rules
         if msg.flags & DONE_FLAG_CLOSED:
-            # The client closed on the target: keep steering its last packets.
-            rules.insert(off.key, Rule.redirect(*self._redirect_of(off),
-                                                ttl_s=CLOSED_TTL_S, owner=self.steering.owner))
+            # The client closed on the target: keep steering its last packets
+            # (FIN/ACK retransmissions) for a while, then let the entry expire.
+            self._shorten(off.key, CLOSED_TTL_S)
             self._forget(off)
             await self._send_quietly(link.conn, MsgType.END_OFFLOAD, msg.conn_id)
             return
+        lap = self.times.lap("in_host")
         try:
             state = TcpState.decode(msg.payload)
+            lap("decode")
             sock = core.restore(state, off.local)
+            lap("restore")
         except XoError as exc:
             log.error("conn %x: cannot take back from %s: %s", msg.conn_id, link.name, exc)
             await self._send_quietly(link.conn, MsgType.ABORT, msg.conn_id,
                                      pack_abort(ABORT_RESTORE, str(exc)))
             return
         rules.remove(off.key)  # synchronous in both tiers
+        lap("remove_redirect")
         core.resume(sock, state)
         sock.setblocking(False)
+        lap("resume")
         self._forget(off)
         self.stats["returns"] += 1
         await self._send_quietly(link.conn, MsgType.END_OFFLOAD, msg.conn_id)
+        lap("end_offload")
+        lap.total()
         await self.on_return(sock, state.app_data)
 
-    def _redirect_of(self, off: Offloaded) -> tuple[str, int]:
-        rule = self.steering.steer.lookup(off.key)
-        if rule is None or rule.new_dst is None:
-            return off.link.ip, off.local.port
-        return str(rule.new_dst), rule.new_dst_port
+    def _shorten(self, key: FlowKey, ttl_s: float) -> None:
+        rule = self.steering.steer.lookup(key)
+        if rule is not None:
+            expires = monotonic_ns() + int(ttl_s * 1e9)
+            self.steering.rules.insert(key, dataclasses.replace(rule, expires_ns=expires))
 
     def _forget(self, off: Offloaded) -> None:
         self.offloaded.pop(off.conn_id, None)
@@ -556,6 +582,7 @@ class TargetAgent:
         self.handoffs = 0
         self.bytes_served = 0
         self.rejected = 0
+        self.times = StepTimes()
         self._controls: set[ControlConn] = set()
         self._waiters_by_conn: dict[ControlConn, _Waiters] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -606,12 +633,15 @@ class TargetAgent:
     async def _adopt(self, control: ControlConn, waiters: _Waiters, msg: core.Message) -> None:
         """Steps 3-4 and 6 on the target."""
         self._step("begin")
+        lap = self.times.lap("out_target")
         try:
             state = TcpState.decode(msg.payload)
+            lap("decode")
             host = state.local
             if control.peer is None or host.ip != control.peer[0]:
                 raise ValueError(f"state names {host.ip}, not the host speaking ({control.peer})")
             sock, port = self._restore(state)
+            lap("restore")
         except (XoError, ValueError) as exc:
             log.warning("conn %x: cannot adopt: %s", msg.conn_id, exc)
             await control.send(MsgType.ABORT, msg.conn_id, pack_abort(ABORT_RESTORE, str(exc)))
@@ -623,9 +653,12 @@ class TargetAgent:
         self._step("restored")
         rules.insert(rewrite_key, Rule.src_rewrite(host.ip, host.port, ttl_s=REDIRECT_TTL_S,
                                                    owner=self.steering.owner))
+        lap("rewrite")
         reply = waiters.expect(msg.conn_id)
         try:
             await control.send(MsgType.TARGET_READY, msg.conn_id, pack_ready(self.my_ip, port))
+            lap("ready_send")
+            lap.total()
             self._step("ready")
             answer = await asyncio.wait_for(reply, HOST_READY_TIMEOUT_S)
             if answer.type != MsgType.HOST_READY:
@@ -668,7 +701,9 @@ class TargetAgent:
         waiters = self._waiters_by_conn.get(conn.control)
         if waiters is None or conn.control.closed:
             return False
+        lap = self.times.lap("in")
         rules.insert(conn.ingress_key, Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner))
+        lap("block")
         try:
             core.freeze(conn.sock)
             state = core.capture(conn.sock)
@@ -681,11 +716,14 @@ class TargetAgent:
             rules.remove(conn.ingress_key)
             return False
         state.app_data = app_data
+        payload = state.encode()
+        lap("serialize")
         reply = waiters.expect(conn.conn_id)
         try:
             self._step("done")
-            await conn.control.send(MsgType.TARGET_DONE, conn.conn_id, state.encode())
+            await conn.control.send(MsgType.TARGET_DONE, conn.conn_id, payload)
             answer = await asyncio.wait_for(reply, DONE_TIMEOUT_S)
+            lap("transfer_to_end")
             if answer.type != MsgType.END_OFFLOAD:
                 raise ProtocolError(f"host answered {answer.type.name}")
         except (TimeoutError, ProtocolError) as exc:
@@ -697,6 +735,8 @@ class TargetAgent:
         core.discard(conn.sock)
         rules.remove(conn.rewrite_key)
         rules.remove(conn.ingress_key)
+        lap("cleanup")
+        lap.total()
         return True
 
     async def closed_by_client(self, conn: TargetConn) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -199,6 +198,7 @@ class Host:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._spawn(self.handle(sock, b""))
         finally:
+            dump_times(self.engine.times.samples)
             await self.engine.close()
             steering.close()
 
@@ -256,14 +256,13 @@ class Host:
 
     def stats_json(self) -> bytes:
         assert self.engine is not None
-        times = self.engine.last_times
         return json.dumps({
             **self.engine.stats,
             "requests": self.requests,
             "served_locally": self.served_locally,
             "offloaded_now": len(self.engine.offloaded),
             "rules": self.engine.steering.steer.count(),
-            "last_handoff_us": times.__dict__,
+            "last_handoff_us": self.engine.times.last(),
             "targets": {name: {"up": t.up, "active": t.load.active, "handoffs": t.load.handoffs}
                         for name, t in self.engine.targets.items()},
         }).encode()
@@ -291,6 +290,7 @@ class Target:
                      DEFAULT_CONTROL_PORT)
             await asyncio.Event().wait()
         finally:
+            dump_times(self.agent.times.samples)
             await self.agent.close()
             steering.close()
 
@@ -321,6 +321,15 @@ class Target:
         except OSError as exc:
             log.info("conn %x ended on the target: %s", conn.conn_id, exc)
             await conn.closed_by_client()
+
+
+TIMINGS_PATH: Path | None = None
+
+
+def dump_times(samples: dict[str, list[float]]) -> None:
+    """Write the per-step handoff timings where --timings asked (for the bench)."""
+    if TIMINGS_PATH is not None:
+        TIMINGS_PATH.write_text(json.dumps(samples))
 
 
 async def drain_send_queue(sock: socket.socket, timeout: float = 2.0) -> None:
@@ -385,13 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crash-at", choices=["begin", "restored", "ready", "host_ready", "done"],
                         help="fault injection: SIGKILL ourselves at this protocol step")
     parser.add_argument("--log", help="log file (default stderr)")
+    parser.add_argument("--timings", help="write per-step handoff timings (JSON) here at exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {args.role}{'' if args.role == 'host' else ':' + args.member} "
                "%(name)s %(levelname)s %(message)s")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    global TIMINGS_PATH
+    TIMINGS_PATH = Path(args.timings) if args.timings else None
     return asyncio.run(_main(args))
 
 

@@ -1,0 +1,165 @@
+"""``xo bench handoff``: where the time of one connection handoff goes.
+
+Runs the reference app in the lab (host + targets as real processes), sends
+N requests on one keep-alive connection from the client namespace (each
+request = one outbound transfer host→target and one inbound transfer back),
+then reads the per-step timings both sides recorded and prints p50/p99 per
+step beside the paper's Table 3 (APNet'25) and the NSDI'26 figure.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from xo import lab as xolab
+from xo.demo import cluster
+from xo.refapp import HTTP_PORT
+
+# (row label, process, step name, paper APNet'25 µs, NSDI'26 µs)
+OUTBOUND = [
+    ("(H) block flow", "host", "out.block", "5", "4"),
+    ("(H) freeze + serialize TCP + encode", "host", "out.serialize", "15", "11"),
+    ("(H) BEGIN_OFFLOAD → TARGET_READY", "host", "out.transfer_to_ready", "404", "148"),
+    ("    (T) decode state", "target", "out_target.decode", "", ""),
+    ("    (T) restore TCP", "target", "out_target.restore", "42", "39"),
+    ("    (T) install source rewrite", "target", "out_target.rewrite", "95", "5"),
+    ("    (T) send TARGET_READY", "target", "out_target.ready_send", "", ""),
+    ("(H) install redirect (replaces block)", "host", "out.redirect", "4", "4"),
+    ("(H) discard socket + send HOST_READY", "host", "out.discard_and_host_ready", "110", "56"),
+    ("total (host side)", "host", "out.total", "541", "225"),
+]
+INBOUND = [
+    ("(T) block flow", "target", "in.block", "", ""),
+    ("(T) freeze + serialize + encode", "target", "in.serialize", "", ""),
+    ("(T) TARGET_DONE → END_OFFLOAD", "target", "in.transfer_to_end", "", ""),
+    ("    (H) decode state", "host", "in_host.decode", "", ""),
+    ("    (H) restore TCP", "host", "in_host.restore", "", ""),
+    ("    (H) remove redirect (sync)", "host", "in_host.remove_redirect", "", ""),
+    ("    (H) resume", "host", "in_host.resume", "", ""),
+    ("    (H) send END_OFFLOAD", "host", "in_host.end_offload", "", ""),
+    ("(T) discard + remove rules", "target", "in.cleanup", "", ""),
+    ("total (target side)", "target", "in.total", "", ""),
+]
+TARGET_OUTBOUND_P50_US = 225.0
+
+
+def _request_loop(testbed: xolab.Lab, count: int, path: str) -> dict[str, float]:
+    """count keep-alive GETs from the client namespace; returns client timings."""
+    from rich.progress import Progress
+
+    with xolab.in_netns(testbed.client.netns):
+        sock = socket.create_connection((testbed.host.ipv4, HTTP_PORT), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    request = f"GET {path} HTTP/1.1\r\nHost: xo\r\n\r\n".encode()
+    latencies: list[float] = []
+    buf = b""
+    with Progress(transient=True) as progress:
+        task = progress.add_task("handoffs", total=count)
+        for _ in range(count):
+            t0 = time.perf_counter()
+            sock.sendall(request)
+            while b"\r\n\r\n" not in buf:
+                buf += sock.recv(65536)
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(buf) < length:
+                buf += sock.recv(65536)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response: {head[:80]!r}")
+            buf = buf[length:]
+            latencies.append((time.perf_counter() - t0) * 1e6)
+            progress.advance(task)
+    sock.close()
+    return _summary(latencies)
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {"n": len(ordered), "p50_us": round(statistics.median(ordered), 1),
+            "p99_us": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1)}
+
+
+def run(handoffs: int = 2000, path: str = "/small.bin") -> dict[str, Any]:
+    with cluster(targets=1, name=f"bh{time.time_ns() % 100000}", timings=True) as apps:
+        client = _request_loop(apps.testbed, handoffs, path)
+        stats = apps.host_stats()
+        apps.stop()  # the members write their timings as they exit
+        samples = {
+            "host": json.loads(apps.timings_path("host").read_text()),
+            "target": json.loads(apps.timings_path("t0").read_text()),
+        }
+    result: dict[str, Any] = {"handoffs": handoffs, "request_path": path,
+                              "client_request_us": client, "host_stats": stats}
+    for label, rows in (("outbound", OUTBOUND), ("inbound", INBOUND)):
+        result[label] = [
+            {"step": name, "process": proc, "key": key, "paper_apnet25_us": p1,
+             "paper_nsdi26_us": p2, **_summary(samples[proc].get(key, [0.0]))}
+            for name, proc, key, p1, p2 in rows
+        ]
+    total = next(r for r in result["outbound"] if r["key"] == "out.total")
+    result["target_outbound_p50_us"] = TARGET_OUTBOUND_P50_US
+    result["meets_target"] = total["p50_us"] <= TARGET_OUTBOUND_P50_US
+    return result
+
+
+def print_report(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=130)
+    for label in ("outbound", "inbound"):
+        table = Table(title=f"{label} transfer — {result['handoffs']} handoffs in the lab")
+        for col in ("step", "p50 µs", "p99 µs", "APNet'25 µs", "NSDI'26 µs"):
+            table.add_column(col)
+        for row in result[label]:
+            table.add_row(row["step"], str(row["p50_us"]), str(row["p99_us"]),
+                          row["paper_apnet25_us"], row["paper_nsdi26_us"])
+        console.print(table)
+    c = result["client_request_us"]
+    console.print(f"client request→response (small file, out + back): p50 {c['p50_us']} µs, "
+                  f"p99 {c['p99_us']} µs")
+    total = next(r for r in result["outbound"] if r["key"] == "out.total")
+    verdict = "meets" if result["meets_target"] else "misses"
+    console.print(f"outbound total p50 {total['p50_us']} µs {verdict} the target of "
+                  f"{result['target_outbound_p50_us']} µs (NSDI'26 figure)")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    for y, label in enumerate(("outbound", "inbound")):
+        left = 0.0
+        for row in result[label]:
+            if row["step"].startswith("    ") or row["key"].endswith(".total"):
+                continue  # nested in another step, or the sum itself
+            ax.barh(y, row["p50_us"], left=left, label=f"{label}: {row['step']}")
+            left += row["p50_us"]
+    ax.set_yticks([0, 1], ["outbound", "inbound"])
+    ax.set_xlabel("p50 µs per step (stacked)")
+    ax.set_title(f"XO handoff latency, {result['handoffs']} handoffs")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(handoffs: int, json_path: str | None) -> int:
+    result = run(handoffs)
+    print_report(result)
+    out = Path(json_path) if json_path else Path("results/bench-handoff.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    png = out.with_suffix(".png")
+    plot(result, png)
+    print(f"JSON written to {out}, plot to {png}")
+    return 0
