@@ -9,6 +9,12 @@
  * not know its type; an unknown field without it is an error. This lets a
  * minor addition travel to older readers while anything they must
  * understand is refused cleanly. A new major version bumps XO_STATE_VERSION.
+ *
+ * The encoding is canonical: known fields appear in increasing type order,
+ * each with the flags the encoder gives it (0 for required fields 1-4,
+ * XO_FIELD_OPTIONAL for 5-9), and an optional field with nothing to say is
+ * left out. The decoder refuses anything else, so every accepted input
+ * (less any unknown optional fields it skipped) re-encodes to itself.
  */
 #include <arpa/inet.h>
 #include <stdlib.h>
@@ -42,6 +48,13 @@ static const char *const field_names[] = {
 	"send queue", "receive queue", "application data", "metadata",
 	"peer MAC",
 };
+
+/* Fields 1-4 are required, the rest optional (the flag a reader needs to
+ * skip a type it does not know). */
+static uint16_t field_flags(int type)
+{
+	return type >= F_SENDQ ? XO_FIELD_OPTIONAL : 0;
+}
 
 static size_t field_len(const struct xo_tcp_state *st, int type)
 {
@@ -108,7 +121,7 @@ static uint8_t *put_endpoint(uint8_t *p, const struct xo_endpoint *ep)
 static uint8_t *put_field(uint8_t *p, const struct xo_tcp_state *st, int type)
 {
 	p = xo_put16(p, type);
-	p = xo_put16(p, type >= F_SENDQ ? XO_FIELD_OPTIONAL : 0);
+	p = xo_put16(p, field_flags(type));
 	p = xo_put32(p, (uint32_t)field_len(st, type));
 	switch (type) {
 	case F_ENDPOINTS:
@@ -282,9 +295,9 @@ static int decode_field(int type, const uint8_t *v, uint32_t len,
 				       "decode: reserved options byte set");
 		return 0;
 	case F_SENDQ:
-		if (len < 4)
+		if (len <= 4)
 			return xo_fail(XO_E_LENGTH,
-				       "decode: send queue field is %u bytes, under 4",
+				       "decode: send queue field is %u bytes, need 4 + at least 1",
 				       len);
 		st->inflight_len = xo_get32(v);
 		if (st->inflight_len > len - 4)
@@ -297,18 +310,27 @@ static int decode_field(int type, const uint8_t *v, uint32_t len,
 				       "decode: send queue %u bytes", len - 4);
 		return dup_bytes(&st->sendq, v + 4, len - 4, "send queue");
 	case F_RECVQ:
+		if (!len)
+			return xo_fail(XO_E_LENGTH,
+				       "decode: empty receive queue field (an empty queue is left out)");
 		if (len > XO_MAX_QUEUE_BYTES)
 			return xo_fail(XO_E_TOO_LARGE,
 				       "decode: receive queue %u bytes", len);
 		st->recvq_len = len;
 		return dup_bytes(&st->recvq, v, len, "receive queue");
 	case F_APP:
+		if (!len)
+			return xo_fail(XO_E_LENGTH,
+				       "decode: empty application data field (left out when empty)");
 		if (len > XO_MAX_APP_BYTES)
 			return xo_fail(XO_E_TOO_LARGE,
 				       "decode: application data %u bytes", len);
 		st->app_len = len;
 		return dup_bytes(&st->app_data, v, len, "application data");
 	case F_META:
+		if (!len)
+			return xo_fail(XO_E_LENGTH,
+				       "decode: empty metadata field (left out when empty)");
 		if (len > XO_MAX_META_BYTES)
 			return xo_fail(XO_E_TOO_LARGE,
 				       "decode: metadata %u bytes", len);
@@ -328,6 +350,7 @@ static int decode_field(int type, const uint8_t *v, uint32_t len,
 static int decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st)
 {
 	uint32_t seen = 0, total;
+	int last = 0;
 	uint16_t version;
 	size_t off;
 	int ret;
@@ -390,6 +413,15 @@ static int decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st)
 				       "decode: %s field appears twice",
 				       field_names[type]);
 		seen |= 1u << type;
+		if (type < last)
+			return xo_fail(XO_E_FIELD,
+				       "decode: %s field after %s field (fields go in type order)",
+				       field_names[type], field_names[last]);
+		last = type;
+		if (flags != field_flags(type))
+			return xo_fail(XO_E_FIELD,
+				       "decode: %s field has flags 0x%x, it is always written with 0x%x",
+				       field_names[type], flags, field_flags(type));
 		ret = decode_field(type, buf + off, flen, st);
 		if (ret)
 			return ret;

@@ -147,7 +147,11 @@ async def respond(sock: socket.socket, req: Request, docroot: Path, served_by: s
     if req.method == "HEAD":
         return 0
     with file.open("rb") as f:
-        await loop.sock_sendfile(sock, f)
+        try:
+            await loop.sock_sendfile(sock, f)
+        except NotImplementedError:  # uvloop's loop has no sock_sendfile (sends nothing)
+            while chunk := f.read(256 * 1024):
+                await loop.sock_sendall(sock, chunk)
     return size
 
 
@@ -403,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
                "%(name)s %(levelname)s %(message)s")
     global TIMINGS_PATH
     TIMINGS_PATH = Path(args.timings) if args.timings else None
-    return asyncio.run(_main(args))
+    try:
+        import uvloop  # libuv's event loop: about half the per-message overhead
+    except ImportError:
+        return asyncio.run(_main(args))
+    return int(uvloop.run(_main(args)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,566 @@
+"""The control-message envelope (xo_core/src/envelope.c) against a model of
+its documented layout and checks, written here with Python's hmac module.
+
+Frame layout (big-endian), as documented in envelope.c:
+
+    "XM" | version u8 | type u8 | sender role u8 | reserved u8 (0)
+    | flags u16 | conn id u64 | seq u64 | channel id u64
+    | payload length u32 | reserved u32 (0) | payload | HMAC-SHA256
+
+The MAC covers header and payload under the cluster key. Structure is
+checked first (magic, version, size limit, length), then the MAC, and only
+then, on an authentic frame: reflection, reserved bytes, channel id,
+sequence (replay) and message type. A rejected frame never moves the
+channel's sequence numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import random
+import struct
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_codec import build_fuzzer, message_of, run_fuzzer
+from xo._xo_cffi import ffi, lib
+from xo.core import (
+    ENV_HEADER_LEN,
+    ENV_MAC_LEN,
+    ENV_MAX_PAYLOAD,
+    HELLO_NONCE_LEN,
+    Channel,
+    MsgType,
+    XoDecodeError,
+    XoError,
+    XoRejectedError,
+    frame_len,
+)
+
+HDR = struct.Struct(">2sBBBBHQQQII")
+MAGIC = b"XM"
+VERSION = 1
+U64 = 2**64 - 1
+KEY = bytes(range(1, 33))
+CHAN = 0x1234_5678_9ABC_DEF0
+
+OK = 0
+STRUCTURAL = {lib.XO_E_TRUNCATED, lib.XO_E_BAD_MAGIC, lib.XO_E_VERSION, lib.XO_E_LENGTH,
+              lib.XO_E_TOO_LARGE}
+# The exception class each code must arrive as.
+CLASS: dict[int, type[XoError]] = {
+    **{c: XoDecodeError for c in STRUCTURAL | {lib.XO_E_FIELD}},
+    **{c: XoRejectedError for c in (lib.XO_E_AUTH, lib.XO_E_REPLAY, lib.XO_E_CHANNEL,
+                                    lib.XO_E_MSG_TYPE)},
+    lib.XO_E_INVAL: XoError,
+}
+
+assert HDR.size == ENV_HEADER_LEN == 40 and ENV_MAC_LEN == 32
+
+
+def name(code: int) -> str:
+    return ffi.string(lib.xo_strerror(code)).decode()
+
+
+@dataclass(frozen=True)
+class Header:
+    type: int
+    role: int
+    flags: int = 0
+    conn_id: int = 0
+    seq: int = 1
+    channel_id: int = CHAN
+    payload_len: int | None = None  # None: the payload's real length
+    magic: bytes = MAGIC
+    version: int = VERSION
+    reserved8: int = 0
+    reserved32: int = 0
+
+
+def forge(key: bytes, h: Header, payload: bytes = b"") -> bytes:
+    """A frame built and MACed here, by the documented layout."""
+    plen = len(payload) if h.payload_len is None else h.payload_len
+    head = HDR.pack(h.magic, h.version, h.type, h.role, h.reserved8, h.flags, h.conn_id,
+                    h.seq, h.channel_id, plen, h.reserved32)
+    body = head + payload
+    return body + hmac.new(key, body, hashlib.sha256).digest()
+
+
+def expected(frame: bytes, key: bytes, role: int, channel_id: int, recv_seq: int) -> int:
+    """What xo_chan_open() must answer, in its documented order."""
+    if len(frame) < HDR.size:
+        return lib.XO_E_TRUNCATED
+    (magic, version, mtype, sender, res8, _flags, _conn, seq, chan, plen,
+     res32) = HDR.unpack_from(frame)
+    if magic != MAGIC:
+        return lib.XO_E_BAD_MAGIC
+    if version != VERSION:
+        return lib.XO_E_VERSION
+    if plen > ENV_MAX_PAYLOAD:
+        return lib.XO_E_TOO_LARGE
+    size = HDR.size + plen + ENV_MAC_LEN
+    if size > len(frame):
+        return lib.XO_E_TRUNCATED
+    if size < len(frame):
+        return lib.XO_E_LENGTH
+    want = hmac.new(key, frame[:-ENV_MAC_LEN], hashlib.sha256).digest()
+    if not hmac.compare_digest(want, frame[-ENV_MAC_LEN:]):
+        return lib.XO_E_AUTH
+    if sender == role:
+        return lib.XO_E_CHANNEL
+    if sender > 1 or res8 or res32:
+        return lib.XO_E_FIELD
+    if chan != channel_id:
+        return lib.XO_E_CHANNEL
+    if seq <= recv_seq:
+        return lib.XO_E_REPLAY
+    if mtype == 0 or mtype > lib.XO_MSG_MAX:
+        return lib.XO_E_MSG_TYPE
+    return OK
+
+
+def pair(key: bytes = KEY, channel_id: int = CHAN) -> tuple[Channel, Channel]:
+    """(host, target): role 0 and role 1 ends of one channel."""
+    return Channel(key, channel_id, 0), Channel(key, channel_id, 1)
+
+
+def state_of(ch: Channel) -> tuple[int, int, int]:
+    return ch.send_seq, ch.recv_seq, ch.channel_id
+
+
+def rejected(ch: Channel, frame: bytes, code: int) -> None:
+    """open() must refuse frame with exactly this code, as the right class,
+    with a sentence, leaving the channel and the input as they were."""
+    before = state_of(ch)
+    snapshot = bytes(bytearray(frame))
+    try:
+        ch.open(frame)
+    except XoError as err:
+        assert err.code == code, f"{err}; want {name(code)} for {frame[:48].hex()}"
+        assert type(err) is CLASS[code], f"{type(err).__name__} for {name(code)}"
+        message_of(err)
+        assert state_of(ch) == before, "a rejected frame moved the channel"
+        assert frame == snapshot
+        return
+    raise AssertionError(f"accepted {frame[:48].hex()}...; want {name(code)}")
+
+
+def check(ch: Channel, frame: bytes, key: bytes = KEY) -> int:
+    """open() must do exactly what the model says. Returns the code."""
+    code = expected(frame, key, ch._c.role, ch.channel_id, ch.recv_seq)
+    if code == OK:
+        msg = ch.open(frame)
+        assert ch.recv_seq == msg.seq
+    else:
+        rejected(ch, frame, code)
+    return code
+
+
+def flip(data: bytes, bits: Iterable[int]) -> bytes:
+    out = bytearray(data)
+    for bit in bits:
+        out[bit >> 3] ^= 0x80 >> (bit & 7)
+    return bytes(out)
+
+
+def still_works(sender: Channel, receiver: Channel) -> None:
+    """After any number of rejections the channel carries on normally."""
+    msg = receiver.open(sender.seal(MsgType.PING, 1, b"alive"))
+    assert msg.payload == b"alive" and msg.seq == sender.send_seq == receiver.recv_seq
+
+
+TALLY: Counter[str] = Counter()  # malformed frames refused, by sweep
+QUOTA = {
+    "truncation": 25_000,
+    "single-flip": 50_000,
+    "multi-flip": 20_000,
+    "trailing": 5_000,
+    "length": 12_000,
+    "wrong-key": 6_000,
+    "replay": 5_900,
+    "authentic": 18_000,
+    "header": 3_000,
+}
+
+
+# ---- round trips --------------------------------------------------------------------
+
+
+def check_round_trip(key: bytes, channel_id: int, sender_role: int, mtype: MsgType,
+                     conn_id: int, flags: int, payload: bytes) -> None:
+    sender = Channel(key, channel_id, sender_role)
+    receiver = Channel(key, channel_id, 1 - sender_role)
+    frame = sender.seal(mtype, conn_id, payload, flags)
+    seq = sender.send_seq
+    assert len(frame) == HDR.size + len(payload) + ENV_MAC_LEN == lib.xo_env_size(len(payload))
+    assert frame_len(frame[:ENV_HEADER_LEN]) == len(frame) == frame_len(frame)
+    # The documented layout, byte for byte, MAC included.
+    assert frame == forge(key, Header(int(mtype), sender_role, flags, conn_id, seq, channel_id),
+                          payload)
+    msg = receiver.open(frame)
+    assert (msg.type, msg.conn_id, msg.seq, msg.channel_id, msg.flags, msg.payload) == (
+        mtype, conn_id, seq, channel_id, flags, payload)
+    assert isinstance(msg.type, MsgType)
+    assert receiver.recv_seq == seq and receiver.send_seq == 0
+
+
+@pytest.mark.parametrize("mtype", list(MsgType), ids=[m.name for m in MsgType])
+@pytest.mark.parametrize("size", [0, 1, 40, 65_539])
+def test_every_message_type(mtype: MsgType, size: int) -> None:
+    payload = random.Random(size).randbytes(size)
+    check_round_trip(KEY, CHAN, 0, mtype, 42, 0x8001, payload)
+    check_round_trip(KEY, CHAN, 1, mtype, U64, 0xFFFF, payload)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    key=st.binary(min_size=lib.XO_KEY_MIN_LEN, max_size=lib.XO_KEY_MAX_LEN),
+    channel_id=st.integers(0, U64),
+    sender_role=st.integers(0, 1),
+    mtype=st.sampled_from(list(MsgType)),
+    conn_id=st.integers(0, U64),
+    flags=st.integers(0, 0xFFFF),
+    payload=st.one_of(
+        st.binary(max_size=100),
+        st.builds(lambda n, seed: random.Random(seed).randbytes(n),
+                  st.integers(0, 400_000), st.integers(0, 2**32)),
+    ),
+)
+def test_round_trip_property(key: bytes, channel_id: int, sender_role: int, mtype: MsgType,
+                             conn_id: int, flags: int, payload: bytes) -> None:
+    check_round_trip(key, channel_id, sender_role, mtype, conn_id, flags, payload)
+
+
+def test_sequence_numbers_increase_and_gaps_are_allowed() -> None:
+    host, target = pair()
+    frames = [host.seal(MsgType.PING, i, bytes([i])) for i in range(1, 101)]
+    seqs = [HDR.unpack_from(f)[7] for f in frames]
+    assert seqs == list(range(1, 101)) and host.send_seq == 100
+    # Lost messages are fine (strictly increasing), late ones are replays.
+    for f in frames[1::2]:
+        assert target.open(f).seq == HDR.unpack_from(f)[7] == target.recv_seq
+    for f in frames[::2]:
+        rejected(target, f, lib.XO_E_REPLAY)
+    assert target.recv_seq == 100
+    # Both directions count independently.
+    back = target.seal(MsgType.PONG, 7)
+    assert HDR.unpack_from(back)[7] == 1 and host.open(back).seq == 1
+    still_works(host, target)
+
+
+def test_frame_len_limits() -> None:
+    head = forge(KEY, Header(1, 0, payload_len=ENV_MAX_PAYLOAD))[:ENV_HEADER_LEN]
+    assert frame_len(head) == ENV_MAX_PAYLOAD + ENV_HEADER_LEN + ENV_MAC_LEN
+    _host, target = pair()
+    rejected(target, head, lib.XO_E_TRUNCATED)  # legal size, not all here
+    for plen in (ENV_MAX_PAYLOAD + 1, 2**31, 2**32 - 1):
+        head = forge(KEY, Header(1, 0, payload_len=plen))[:ENV_HEADER_LEN]
+        with pytest.raises(XoDecodeError) as err:
+            frame_len(head)
+        assert err.value.code == lib.XO_E_TOO_LARGE
+        message_of(err.value)
+        rejected(target, head, lib.XO_E_TOO_LARGE)
+        rejected(target, head + bytes(100), lib.XO_E_TOO_LARGE)
+    for cut in range(ENV_HEADER_LEN):
+        with pytest.raises(XoDecodeError) as err:
+            frame_len(head[:cut])
+        assert err.value.code == lib.XO_E_TRUNCATED
+
+
+def test_seal_refusals_consume_no_sequence_number() -> None:
+    host, target = pair()
+    for mtype in [0, *range(lib.XO_MSG_MAX + 1, 256)]:
+        with pytest.raises(XoRejectedError) as err:
+            host.seal(mtype, 1, b"x")
+        assert err.value.code == lib.XO_E_MSG_TYPE
+        message_of(err.value)
+    out = ffi.new("uint8_t[]", 200)
+    # Over the payload limit: refused before the payload is read.
+    assert lib.xo_chan_seal(host._c, 1, 0, 0, out, ENV_MAX_PAYLOAD + 1, out, 200) == \
+        lib.XO_E_TOO_LARGE
+    assert ffi.string(lib.xo_last_error())
+    # Too little room.
+    assert lib.xo_chan_seal(host._c, 1, 0, 0, b"abc", 3, out, 74) == lib.XO_E_NOSPACE
+    assert host.send_seq == 0
+    still_works(host, target)
+    assert host.send_seq == 1
+
+
+def test_channel_init_refuses_bad_keys_and_roles() -> None:
+    for n in [*range(lib.XO_KEY_MIN_LEN), *range(lib.XO_KEY_MAX_LEN + 1, 200)]:
+        with pytest.raises(XoError) as err:
+            Channel(bytes(range(n)), 1, 0)
+        assert type(err.value) is XoError and err.value.code == lib.XO_E_INVAL
+        assert "key of" in message_of(err.value)
+    for role in range(2, 256):
+        with pytest.raises(XoError) as err:
+            Channel(KEY, 1, role)
+        assert err.value.code == lib.XO_E_INVAL
+        message_of(err.value)
+    for n in (lib.XO_KEY_MIN_LEN, lib.XO_KEY_MAX_LEN):
+        a, b = Channel(b"k" * n, 9, 0), Channel(b"k" * n, 9, 1)
+        still_works(a, b)
+
+
+def test_reflection_and_wrong_channel() -> None:
+    host, target = pair()
+    other_host = Channel(KEY, CHAN, 0)
+    elsewhere = Channel(KEY, CHAN + 1, 1)
+    for i in range(200):
+        frame = host.seal(MsgType(i % lib.XO_MSG_MAX + 1), i, b"p" * (i % 7))
+        rejected(other_host, frame, lib.XO_E_CHANNEL)  # role 0 to role 0
+        rejected(host, frame, lib.XO_E_CHANNEL)  # back to its sender
+        rejected(elsewhere, frame, lib.XO_E_CHANNEL)
+        assert target.open(frame).seq == i + 1
+    assert other_host.recv_seq == host.recv_seq == elsewhere.recv_seq == 0
+
+
+def test_unknown_type_with_a_valid_mac() -> None:
+    _host, target = pair()
+    for mtype in [0, *range(lib.XO_MSG_MAX + 1, 256)]:
+        frame = forge(KEY, Header(mtype, 0, seq=5, payload_len=None), b"hello")
+        rejected(target, frame, lib.XO_E_MSG_TYPE)
+    assert target.recv_seq == 0
+    assert target.open(forge(KEY, Header(int(MsgType.PING), 0, seq=5))).seq == 5
+
+
+def test_bound_sessions_do_not_accept_each_others_frames() -> None:
+    host, target = pair(channel_id=0)
+    n0, n1 = bytes(range(HELLO_NONCE_LEN)), bytes(range(100, 100 + HELLO_NONCE_LEN))
+    old = host.seal(MsgType.HELLO, 0, n0)
+    host.bind(n0, n1)
+    target.bind(n1, n0)
+    assert host.channel_id == target.channel_id != 0
+    rejected(target, old, lib.XO_E_CHANNEL)
+    later = Channel(KEY, 0, 1)
+    later.bind(bytes(HELLO_NONCE_LEN), n0)
+    rejected(later, host.seal(MsgType.PING), lib.XO_E_CHANNEL)
+    still_works(host, target)
+
+
+# ---- malformed frames -----------------------------------------------------------------
+
+
+def frames(seed: int, n: int, max_payload: int) -> tuple[Channel, Channel, list[bytes]]:
+    rng = random.Random(seed)
+    host, target = pair()
+    out = [host.seal(rng.choice(list(MsgType)), rng.getrandbits(64),
+                     rng.randbytes(rng.randint(0, max_payload)), rng.getrandbits(16))
+           for _ in range(n)]
+    return host, target, out
+
+
+def test_truncation_at_every_length() -> None:
+    host, target, samples = frames(1, 20, 40)
+    for size in (1000, 5000, 17_000):
+        samples.append(host.seal(MsgType.BEGIN_OFFLOAD, 3, random.Random(size).randbytes(size)))
+    for frame in samples:
+        for cut in range(len(frame)):
+            rejected(target, frame[:cut], lib.XO_E_TRUNCATED)
+            TALLY["truncation"] += 1
+    still_works(host, target)
+    assert TALLY["truncation"] >= QUOTA["truncation"]
+
+
+def test_single_bit_flips() -> None:
+    """Every bit of every sample: structure errors where the flip hits the
+    magic, version or length, XO_E_AUTH everywhere else (MAC included)."""
+    host, target, samples = frames(2, 60, 64)
+    for frame in samples:
+        for bit in range(len(frame) * 8):
+            data = flip(frame, [bit])
+            code = check(target, data)
+            assert code in STRUCTURAL | {lib.XO_E_AUTH}
+            pos = bit >> 3
+            if pos in (0, 1):
+                assert code == lib.XO_E_BAD_MAGIC
+            elif pos == 2:
+                assert code == lib.XO_E_VERSION
+            elif not 32 <= pos < 36:
+                assert code == lib.XO_E_AUTH
+            TALLY["single-flip"] += 1
+    assert target.recv_seq == 0
+    still_works(host, target)
+    assert TALLY["single-flip"] >= QUOTA["single-flip"]
+
+
+def test_multiple_bit_flips() -> None:
+    rng = random.Random(3)
+    host, target, samples = frames(3, 80, 300)
+    for i in range(20_000):
+        frame = samples[i % len(samples)]
+        bits = len(frame) * 8
+        span = min(bits, HDR.size * 8) if i % 3 == 0 else bits  # often the header only
+        code = check(target, flip(frame, rng.sample(range(span), rng.randint(2, 12))))
+        assert code in STRUCTURAL | {lib.XO_E_AUTH}
+        TALLY["multi-flip"] += 1
+    assert target.recv_seq == 0
+    still_works(host, target)
+    assert TALLY["multi-flip"] >= QUOTA["multi-flip"]
+
+
+def test_trailing_bytes() -> None:
+    rng = random.Random(4)
+    host, target, samples = frames(4, 50, 100)
+    for i in range(5000):
+        frame = samples[i % len(samples)]
+        rejected(target, frame + rng.randbytes(rng.randint(1, 100)), lib.XO_E_LENGTH)
+        TALLY["trailing"] += 1
+    # Two frames back to back are not one frame.
+    rejected(target, samples[0] + samples[1], lib.XO_E_LENGTH)
+    still_works(host, target)
+    assert TALLY["trailing"] >= QUOTA["trailing"]
+
+
+def test_bogus_payload_lengths() -> None:
+    """Announcements over the limit are too large whatever follows; others
+    disagree with the bytes present (and a forger cannot fix the MAC)."""
+    rng = random.Random(5)
+    host, target, samples = frames(5, 50, 200)
+    for i in range(6000):
+        frame = samples[i % len(samples)]
+        real = len(frame) - HDR.size - ENV_MAC_LEN
+        plen = rng.choice([ENV_MAX_PAYLOAD + 1, 2**32 - 1, rng.randint(ENV_MAX_PAYLOAD + 1,
+                                                                     2**32 - 1),
+                           rng.randint(0, ENV_MAX_PAYLOAD), real + 1, max(real - 1, 0), 0])
+        if plen == real:
+            plen += 1
+        data = frame[:32] + struct.pack(">I", plen) + frame[36:]
+        code = check(target, data)
+        assert code == (lib.XO_E_TOO_LARGE if plen > ENV_MAX_PAYLOAD else
+                        lib.XO_E_TRUNCATED if plen > real else lib.XO_E_LENGTH)
+        if plen > ENV_MAX_PAYLOAD:
+            with pytest.raises(XoDecodeError):
+                frame_len(data[:ENV_HEADER_LEN])
+        else:
+            assert frame_len(data[:ENV_HEADER_LEN]) == plen + HDR.size + ENV_MAC_LEN
+        TALLY["length"] += 1
+        # The same lie with a MAC that matches it: still the length that is
+        # wrong, checked before the MAC.
+        h = HDR.unpack_from(frame)
+        forged = forge(KEY, Header(h[2], h[3], h[5], h[6], h[7], h[8], payload_len=plen),
+                       frame[HDR.size:-ENV_MAC_LEN])
+        assert check(target, forged) == code
+        TALLY["length"] += 1
+    still_works(host, target)
+    assert TALLY["length"] >= QUOTA["length"]
+
+
+def test_wrong_keys() -> None:
+    rng = random.Random(6)
+    host, target, samples = frames(6, 30, 100)
+    for i in range(3000):
+        key = rng.randbytes(rng.randint(lib.XO_KEY_MIN_LEN, lib.XO_KEY_MAX_LEN))
+        # HMAC pads short keys with zeros: a zero-extension of the key is the key.
+        assert key.rstrip(b"\0") != KEY.rstrip(b"\0")
+        stranger = Channel(key, CHAN, 1)
+        rejected(stranger, samples[i % len(samples)], lib.XO_E_AUTH)
+        # ... and what a stranger seals does not open here.
+        mallory = Channel(key, CHAN, 0)
+        rejected(target, mallory.seal(MsgType.BEGIN_OFFLOAD, i, b"state"), lib.XO_E_AUTH)
+        TALLY["wrong-key"] += 2
+    still_works(host, target)
+    assert TALLY["wrong-key"] >= QUOTA["wrong-key"]
+
+
+def test_replays() -> None:
+    rng = random.Random(7)
+    host, target = pair()
+    seen: list[bytes] = []
+    for _ in range(1000):
+        frame = host.seal(rng.choice(list(MsgType)), rng.getrandbits(64), rng.randbytes(20))
+        target.open(frame)
+        seen.append(frame)
+        for old in [frame, *rng.sample(seen, min(len(seen), 5))]:
+            rejected(target, old, lib.XO_E_REPLAY)
+            TALLY["replay"] += 1
+    assert target.recv_seq == 1000
+    # A fresh channel (a restarted peer) does not reset the other side.
+    restarted = Channel(KEY, CHAN, 0)
+    rejected(target, restarted.seal(MsgType.PING), lib.XO_E_REPLAY)
+    assert TALLY["replay"] >= QUOTA["replay"]
+
+
+def test_authentic_frames_with_bad_headers() -> None:
+    """Frames MACed with the right key but wrong in one or more header
+    fields: each refused with the code of the first failing check."""
+    rng = random.Random(8)
+    host, target = pair()
+    target._c.recv_seq = 1000
+    accepted = 0
+    for i in range(20_000):
+        h = Header(
+            type=rng.choice([rng.randint(1, lib.XO_MSG_MAX)] * 3 + [0, rng.randint(11, 255)]),
+            role=rng.choice([0, 0, 0, 1, rng.randint(2, 255)]),
+            flags=rng.getrandbits(16), conn_id=rng.getrandbits(64),
+            seq=rng.choice([rng.randint(1001, U64)] * 3 + [0, 1000, rng.randint(0, 1000)]),
+            channel_id=rng.choice([CHAN] * 3 + [rng.getrandbits(64), CHAN ^ 1]),
+            reserved8=rng.choice([0] * 8 + [rng.randint(1, 255)]),
+            reserved32=rng.choice([0] * 8 + [rng.randint(1, 2**32 - 1)]),
+        )
+        frame = forge(KEY, h, rng.randbytes(rng.randint(0, 32)))
+        if check(target, frame) == OK:
+            accepted += 1
+            target._c.recv_seq = 1000  # keep the replay threshold fixed
+        else:
+            TALLY["authentic"] += 1
+        if i % 1000 == 0:
+            # Mirror image: the host (role 0) receives from role 1.
+            check(host, forge(KEY, replace(h, role=1), b"x"))
+    assert accepted > 1000
+    assert TALLY["authentic"] >= QUOTA["authentic"]
+
+
+def test_versions_and_magic() -> None:
+    """Newer (and older) versions are refused as such even with a valid MAC."""
+    rng = random.Random(9)
+    host, target = pair()
+    for version in range(256):
+        if version == VERSION:
+            continue
+        for _ in range(8):
+            frame = forge(KEY, Header(rng.randint(1, 10), 0, seq=rng.randint(1, 99),
+                                      version=version), rng.randbytes(rng.randint(0, 50)))
+            rejected(target, frame, lib.XO_E_VERSION)
+            with pytest.raises(XoDecodeError):
+                frame_len(frame[:ENV_HEADER_LEN])
+            TALLY["header"] += 1
+    for _ in range(1000):
+        magic = rng.randbytes(2)
+        if magic == MAGIC:
+            continue
+        rejected(target, forge(KEY, Header(1, 0, magic=magic)), lib.XO_E_BAD_MAGIC)
+        TALLY["header"] += 1
+    still_works(host, target)
+    assert TALLY["header"] >= QUOTA["header"]
+
+
+def test_malformed_total_is_asserted() -> None:
+    """The sweeps above each assert their count against QUOTA; together they
+    generate well over 100,000 refused frames."""
+    assert sum(QUOTA.values()) >= 100_000
+
+
+# ---- libFuzzer harness (tests/fuzz/fuzz_envelope_open.c) ------------------------------
+
+
+def test_libfuzzer_envelope_open(tmp_path: Path) -> None:
+    exe = build_fuzzer("fuzz_envelope_open.c", ["envelope.c", "error.c"], ["-lcrypto"],
+                       tmp_path)
+    rng = random.Random(10)
+    host, _target = pair(key=bytes(range(32)), channel_id=7)
+    seeds = [bytes([0]) + host.seal(MsgType.PING, 1, b"seed")]
+    for mode in range(3):
+        for _ in range(10):
+            seeds.append(bytes([mode]) + rng.randbytes(rng.randint(0, 120)))
+    seeds.append(bytes([1]) + forge(bytes(range(32)), Header(2, 0, seq=9, channel_id=7),
+                                    b"payload")[:-ENV_MAC_LEN])
+    stats = run_fuzzer(exe, seeds, tmp_path)
+    runs = [ln for ln in stats.splitlines() if ln.startswith("stat::number_of_executed_units")]
+    assert runs and int(runs[0].split(":")[-1]) > 10_000
