@@ -1,0 +1,230 @@
+"""Helpers for the end-to-end handoff tests (the reference app in a real lab).
+
+Everything here talks to real processes in real namespaces: HTTP clients whose
+sockets live in the lab's client namespace, the kernel's TCP counters of a
+namespace, the steering maps the refapp pins, the fds of a member process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import os
+import re
+import secrets
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from xo.demo import RefAppCluster
+from xo.lab import Lab, in_netns
+from xo.refapp import HTTP_PORT, PIN_ROOT
+from xo.steer import Steer
+
+IO_TIMEOUT = 20.0
+
+
+def lab_name(prefix: str = "e") -> str:
+    """A fresh lab name: 1 letter + 6 hex digits (7 chars of [a-z0-9])."""
+    return prefix[:1] + secrets.token_hex(3)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def docroot_digests(apps: RefAppCluster) -> dict[str, str]:
+    return {p.name: sha256(p.read_bytes()) for p in apps.docroot.iterdir() if p.is_file()}
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0,
+             interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+# ---- kernel counters --------------------------------------------------------
+
+
+def snmp_tcp(ns: str) -> dict[str, int]:
+    """The Tcp: counters of /proc/net/snmp as seen from namespace ns."""
+    with in_netns(ns), open("/proc/thread-self/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)}
+
+
+def rst_counters(testbed: Lab, member: str = "client") -> dict[str, int]:
+    """The RST-related TCP counters of a member's namespace."""
+    tcp = snmp_tcp(testbed.member(member).netns)
+    return {"OutRsts": tcp["OutRsts"], "EstabResets": tcp["EstabResets"]}
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def steering_entries(testbed: Lab, member: str) -> int:
+    """Entries in the steering map the refapp member pinned (PIN_ROOT/<lab>-<member>)."""
+    pin_dir = f"{PIN_ROOT}/{testbed.name}-{member}"
+    if not Path(pin_dir).is_dir():
+        raise AssertionError(f"{pin_dir} missing: is {member} running?")
+    steer = Steer(pin_dir=pin_dir)
+    try:
+        return steer.count()
+    finally:
+        steer.close()  # no unpin, nothing attached through this handle
+
+
+@dataclass(frozen=True)
+class SsSocket:
+    state: str
+    local: str
+    peer: str
+
+
+def tcp_sockets(testbed: Lab, member: str) -> list[SsSocket]:
+    """Every TCP socket in the member's namespace (ss -tan)."""
+    out = testbed.run(member, ["ss", "-tanH"], capture_output=True, text=True, check=True)
+    socks = []
+    for line in out.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 5:
+            socks.append(SsSocket(fields[0], fields[3], fields[4]))
+    return socks
+
+
+def sockets_with_peer(testbed: Lab, member: str, ip: str) -> list[SsSocket]:
+    return [s for s in tcp_sockets(testbed, member) if s.peer.rsplit(":", 1)[0] == ip]
+
+
+def served_lines(apps: RefAppCluster, member: str) -> list[str]:
+    log = apps.log_path(member)
+    if not log.exists():
+        return []
+    return [line for line in log.read_text().splitlines() if re.search(r" served ", line)]
+
+
+# ---- clients in the client namespace ----------------------------------------
+
+
+def client_socket(testbed: Lab, *, bind_port: int | None = None,
+                  reuse_port: bool = False) -> socket.socket:
+    """A TCP socket created in the lab's client namespace (optionally bound)."""
+    client = testbed.client
+    with in_netns(client.netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if bind_port is not None:
+        sock.bind((client.ipv4, bind_port))
+    return sock
+
+
+class NetnsHTTPConnection(http.client.HTTPConnection):
+    """http.client over a socket in the lab's client namespace.
+
+    Counts connects, so a test can prove every request used ONE connection
+    (http.client would silently reconnect after a close)."""
+
+    def __init__(self, testbed: Lab, *, sock: socket.socket | None = None,
+                 timeout: float = IO_TIMEOUT) -> None:
+        super().__init__(testbed.host.ipv4, HTTP_PORT, timeout=timeout)
+        self.testbed = testbed
+        self.connects = 0
+        self._given = sock
+
+    def connect(self) -> None:
+        self.connects += 1
+        if self._given is not None:
+            sock, self._given = self._given, None
+        else:
+            sock = client_socket(self.testbed)
+        sock.settimeout(self.timeout)
+        sock.connect((self.host, self.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class AsyncHTTPClient:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams (client namespace)."""
+
+    def __init__(self, testbed: Lab) -> None:
+        self.testbed = testbed
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.local_port = 0
+
+    async def connect(self) -> None:
+        sock = client_socket(self.testbed)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (self.testbed.host.ipv4, HTTP_PORT))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.local_port = sock.getsockname()[1]
+        self.reader, self.writer = await asyncio.open_connection(sock=sock)
+
+    async def get(self, path: str) -> Reply:
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.testbed.host.ipv4}\r\n"
+                          "\r\n".encode())
+        await self.writer.drain()
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
+        return Reply(status, headers, body)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            await self.writer.wait_closed()
+
+
+def curl_many(testbed: Lab, url: str, paths: list[str], out_dir: Path,
+              timeout: float = 60) -> list[dict[str, str]]:
+    """One curl run fetching every path in order on one keep-alive connection;
+    per transfer: status, size, served_by, connects, local_port, file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["curl", "-s", "-S", "-m", str(int(timeout)), "-w",
+            "%{http_code} %{size_download} %header{x-served-by} %{num_connects} "
+            "%{local_port}\\n"]
+    files = []
+    for i, path in enumerate(paths):
+        files.append(out_dir / f"{i}")
+        argv += ["-o", str(files[-1]), f"{url}{path}"]
+    res = testbed.run("client", argv, capture_output=True, text=True, timeout=timeout + 10)
+    if res.returncode != 0:
+        raise AssertionError(f"curl exit {res.returncode}: {res.stderr}")
+    rows = []
+    for line, file in zip(res.stdout.splitlines(), files, strict=True):
+        status, size, served_by, connects, port = line.split()
+        rows.append({"status": status, "size": size, "served_by": served_by,
+                     "connects": connects, "local_port": port, "file": str(file)})
+    return rows
+
+
+def ss_available() -> bool:
+    try:
+        subprocess.run(["ss", "-V"], capture_output=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
