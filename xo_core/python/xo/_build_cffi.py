@@ -13,8 +13,6 @@ from cffi import FFI
 
 CORE = Path(__file__).resolve().parents[2]
 INCLUDE = CORE / "include"
-# Absolute paths: cffi compiles from inside its temporary directory.
-SOURCES = sorted(str(p) for p in (CORE / "src").glob("*.c"))
 CDEF_RE = re.compile(r"/\* XO_CDEF_BEGIN \*/(.*?)/\* XO_CDEF_END \*/", re.S)
 
 
@@ -28,17 +26,29 @@ def public_declarations() -> str:
     return "\n".join(parts)
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(public_declarations())
-ffibuilder.set_source(
-    "xo._xo_cffi",
-    "\n".join(f'#include "{h.name}"' for h in sorted(INCLUDE.glob("*.h"))),
-    sources=SOURCES,
-    include_dirs=[str(INCLUDE), str(CORE / "src")],
-    libraries=["crypto", "bpf", "mnl", "pthread"],
-    define_macros=[("_GNU_SOURCE", "1")],
-    extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-)
+def make_builder(absolute: bool) -> FFI:
+    """setuptools wants source paths relative to setup.py; a direct
+    ffibuilder.compile() runs inside its own directory and needs them absolute."""
+    root = CORE.parent
+
+    def path(p: Path) -> str:
+        return str(p if absolute else p.relative_to(root))
+
+    builder = FFI()
+    builder.cdef(public_declarations())
+    builder.set_source(
+        "xo._xo_cffi",
+        "\n".join(f'#include "{h.name}"' for h in sorted(INCLUDE.glob("*.h"))),
+        sources=sorted(path(p) for p in (CORE / "src").glob("*.c")),
+        include_dirs=[path(INCLUDE), path(CORE / "src")],
+        libraries=["crypto", "bpf", "mnl", "pthread"],
+        define_macros=[("_GNU_SOURCE", "1")],
+        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    )
+    return builder
+
+
+ffibuilder = make_builder(absolute=False)
 
 if __name__ == "__main__":
     # Developer rebuild: compile under build/ and drop the module next to
@@ -47,7 +57,7 @@ if __name__ == "__main__":
     import shutil
 
     os.chdir(CORE.parent)
-    built = Path(ffibuilder.compile(tmpdir="build/cffi"))
+    built = Path(make_builder(absolute=True).compile(tmpdir="build/cffi"))
     for stale in (CORE / "python" / "xo").glob("_xo_cffi*.so"):
         stale.unlink()
     shutil.copy2(built, CORE / "python" / "xo" / built.name)
