@@ -21,8 +21,9 @@ socket and removes the source rewrite (11) and the block (12).
 Failure rule: until TARGET_READY the host keeps its frozen socket; any error
 or timeout means "resume and carry on locally" and the client notices
 nothing. A target that disappears after HOST_READY is detected by its
-control connection closing: the host withdraws that target's redirects, so
-the client's next packet meets a clean RST instead of silence.
+control connection closing: the host withdraws that target's redirects and
+sends each such client a keep-alive-style probe, whose answer meets a clean
+RST here (a client idly waiting for its response would never send a packet).
 
 Control messages travel on persistent TCP connections, sealed by the core's
 envelope (HMAC-SHA256 under the cluster key, per-session channel id from
@@ -157,7 +158,9 @@ class ControlConn:
         """Exchange HELLO nonces and move to the session channel."""
         nonce = secrets.token_bytes(core.HELLO_NONCE_LEN)
         await self.send(MsgType.HELLO, 0, nonce)
-        msg = await asyncio.wait_for(self.recv(), timeout)
+        # Nothing is authenticated yet: read no more than a HELLO's size.
+        hello_len = core.lib.xo_env_size(core.HELLO_NONCE_LEN)
+        msg = await asyncio.wait_for(self.recv(max_len=hello_len), timeout)
         if msg.type != MsgType.HELLO or len(msg.payload) != core.HELLO_NONCE_LEN:
             raise ProtocolError(f"expected HELLO from {self.peer}, got {msg.type.name}")
         self.channel.bind(nonce, msg.payload)
@@ -170,11 +173,15 @@ class ControlConn:
             self.writer.write(self.channel.seal(type, conn_id, payload, flags))
             await self.writer.drain()
 
-    async def recv(self) -> core.Message:
-        """The next verified message; ProtocolError on EOF or a bad message."""
+    async def recv(self, max_len: int | None = None) -> core.Message:
+        """The next verified message; ProtocolError on EOF or a bad message
+        (or one announcing more than max_len bytes, refused before reading it)."""
         try:
             header = await self.reader.readexactly(core.ENV_HEADER_LEN)
             total = core.frame_len(header)
+            if max_len is not None and total > max_len:
+                raise ProtocolError(f"malformed control message from {self.peer}: "
+                                    f"{total} bytes announced, at most {max_len} expected")
             rest = await self.reader.readexactly(total - core.ENV_HEADER_LEN)
         except asyncio.IncompleteReadError as exc:
             raise ProtocolError(f"control connection from {self.peer} closed") from exc
@@ -283,6 +290,38 @@ class Offloaded:
     local: Endpoint
     link: TargetLink
     started: float
+    # For the probe that resets the client if the target is lost (see
+    # probe_client): the client's endpoint and the host's send/receive
+    # sequence numbers at the handoff.
+    client: Endpoint | None = None
+    snd_una: int = 0
+    rcv_nxt: int = 0
+
+
+def probe_client(local: Endpoint, client: Endpoint, snd_una: int, rcv_nxt: int) -> None:
+    """Send the client an empty ACK one below its receive window, as a TCP
+    keep-alive probe does. The client answers with an ACK carrying its own
+    receive sequence number; with neither a socket nor a redirect for the
+    flow left here, this host's kernel answers that with an RST the client
+    accepts. So a client whose connection died on a lost target, and which
+    is waiting in silence for a response, gets a prompt reset instead."""
+    family = socket.AF_INET6 if ":" in client.ip else socket.AF_INET
+    src = ipaddress.ip_address(local.ip).packed
+    dst = ipaddress.ip_address(client.ip).packed
+    header = struct.pack("!HHIIBBHHH", local.port, client.port, (snd_una - 1) & 0xFFFFFFFF,
+                         rcv_nxt & 0xFFFFFFFF, 5 << 4, 0x10, 0xFFFF, 0, 0)
+    if family == socket.AF_INET:
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(header))
+    else:
+        pseudo = src + dst + struct.pack("!I3xB", len(header), socket.IPPROTO_TCP)
+    data = pseudo + header
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    header = header[:16] + struct.pack("!H", ~total & 0xFFFF) + header[18:]
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_TCP) as raw:
+        raw.bind((local.ip, 0))
+        raw.sendto(header, (client.ip, 0))
 
 
 class StepTimes:
@@ -382,13 +421,19 @@ class HostEngine:
             self._target_lost(link)
 
     def _target_lost(self, link: TargetLink) -> None:
-        """Withdraw every redirect to a target that is gone."""
+        """Withdraw every redirect to a target that is gone, and reset its
+        clients (an idle client would otherwise wait forever)."""
         link.waiters.fail_all(ProtocolError(f"target {link.name} lost"))
         for conn_id in list(link.offloaded):
             off = self.offloaded.pop(conn_id, None)
             if off is not None:
                 self.steering.rules.remove(off.key)
                 self.stats["withdrawn"] += 1
+                if off.client is not None:
+                    try:
+                        probe_client(off.local, off.client, off.snd_una, off.rcv_nxt)
+                    except OSError as exc:
+                        log.warning("conn %x: cannot probe the client: %s", conn_id, exc)
         link.offloaded.clear()
 
     def pick(self, policy: str = "least_loaded") -> TargetLink | None:
@@ -431,6 +476,11 @@ class HostEngine:
             if msg.type != MsgType.TARGET_READY:
                 raise ProtocolError(f"expected TARGET_READY, got {msg.type.name}")
             target_ip, target_port = unpack_ready(msg.payload)
+            if not link.up:
+                # The connection closed right after TARGET_READY and the loss
+                # was handled first: no HOST_READY can reach the target, it
+                # never serves; carry on locally (no redirect to a dead target).
+                raise ProtocolError(f"target {link.name} lost after TARGET_READY")
             lap("transfer_to_ready")
         except (TimeoutError, XoError, OSError, ProtocolError, ValueError) as exc:
             link.waiters.drop(conn_id)
@@ -443,8 +493,10 @@ class HostEngine:
                                         owner=self.steering.owner))
         lap("redirect")
         core.discard(sock)
-        self.offloaded[conn_id] = Offloaded(conn_id, key, Endpoint(local_ip, local_port),
-                                            link, time.monotonic())
+        self.offloaded[conn_id] = Offloaded(
+            conn_id, key, Endpoint(local_ip, local_port), link, time.monotonic(),
+            Endpoint(peer_ip, peer_port),
+            state.snd_seq - state.inflight_len - state.unsent_len, state.rcv_seq)
         link.offloaded.add(conn_id)
         link.handed += 1
         try:
