@@ -368,3 +368,27 @@ def test_control_port_refuses(ctl: Ctl, attack: str) -> None:
     assert apps.host_stats()["offloads"] == stats["offloads"] + 1
     wait_for(lambda: map_entries(apps, "t0") == [], "t0's map to empty after the hand-back")
 
+
+
+def test_host_reconnects_to_a_restarted_target() -> None:
+    """A target that died and comes back is used again: the host retries its
+    control connection, and the new agent purges what its predecessor left
+    in the pinned map (same owner id)."""
+    with fault_cluster(lab_name("fr"), crash_at={"t0": "begin"}) as apps:
+        first = curl(apps, f"/{FILE}", CURL_TIMEOUT)
+        assert (first.rc, first.served_by) == (0, "host")
+        wait_exit(apps, "t0")
+        apps.crash_at = {}
+        apps.procs.pop("t0")
+        apps.start_member("t0")
+        served_by: list[str] = []
+
+        def t0_serves() -> bool:
+            res = curl(apps, f"/{FILE}", CURL_TIMEOUT)
+            assert res.rc == 0 and sha256(res.body) == file_digest(apps, FILE), res
+            served_by.append(res.served_by)
+            return res.served_by == "t0"
+
+        wait_for(t0_serves, "the restarted t0 to serve again", timeout=15.0, interval=0.3)
+        assert apps.host_stats()["targets"]["t0"]["up"] is True
+        assert set(served_by) <= {"host", "t0"}

@@ -46,6 +46,7 @@ import secrets
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ REDIRECT_TTL_S = 3600.0    # offloaded connections are re-homed well before
 CLOSED_TTL_S = 30.0        # keep steering a closed flow for its last FIN/ACKs
 LOAD_REPORT_INTERVAL_S = 0.5
 SWEEP_INTERVAL_S = 1.0
+RECONNECT_INTERVAL_S = 1.0
 
 # TARGET_DONE flag: the client closed the connection on the target, there is
 # no state to restore; the host only retires the redirect.
@@ -241,8 +243,9 @@ class Steering:
     def open(cls, ifindex: int, pin_dir: str, *, egress: bool, backend: str = "none",
              owner: int | None = None) -> Steering:
         steer = Steer(pin_dir=pin_dir)
-        owner = owner if owner is not None else os.getpid() & 0x7FFFFFFF
-        # A previous incarnation may have died with entries in the pinned map.
+        # The owner id names the role instance (its pin directory), not the
+        # process: a restarted agent purges what its crashed predecessor left.
+        owner = owner if owner is not None else zlib.crc32(pin_dir.encode()) & 0x7FFFFFFF
         steer.purge_owner(owner)
         steer.attach(ifindex, core_prog("TC_INGRESS"))
         if egress:
@@ -379,6 +382,7 @@ class HostEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"offloads": 0, "rollbacks": 0, "returns": 0, "withdrawn": 0}
         self.times = StepTimes()
+        self._closing = False
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -419,6 +423,17 @@ class HostEngine:
         finally:
             conn.close()
             self._target_lost(link)
+            if not self._closing:
+                self._spawn(self._reconnect(link))
+
+    async def _reconnect(self, link: TargetLink) -> None:
+        """Keep trying a lost target (it may be restarting) once a second."""
+        while not self._closing and not link.up:
+            await asyncio.sleep(RECONNECT_INTERVAL_S)
+            try:
+                await self._connect(link)
+            except (OSError, ProtocolError, TimeoutError, XoError) as exc:
+                log.debug("target %s still unreachable: %s", link.name, exc)
 
     def _target_lost(self, link: TargetLink) -> None:
         """Withdraw every redirect to a target that is gone, and reset its
@@ -583,6 +598,7 @@ class HostEngine:
             self.steering.rules.sweep()
 
     async def close(self) -> None:
+        self._closing = True
         for link in self.targets.values():
             if link.conn is not None:
                 link.conn.close()
@@ -730,6 +746,11 @@ class TargetAgent:
         self.handoffs += 1
         try:
             await self.serve(conn)
+        except (XoError, ProtocolError, ValueError, RuntimeError, NotImplementedError) as exc:
+            # An application bug must not orphan the client: close it the
+            # normal way (FIN through the rewrite) and retire the host's rule.
+            log.error("conn %x: application failed while serving: %r", msg.conn_id, exc)
+            await conn.closed_by_client()
         finally:
             self.active.pop(msg.conn_id, None)
 

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -890,7 +891,21 @@ def down(name: str = DEFAULT_LAB_NAME) -> list[str]:
         _remove_netns(ns)
     with contextlib.suppress(FileNotFoundError):
         lab_state_path(name).unlink()
+    _remove_pin_dirs(name)
     return present
+
+
+# Where XO processes of a lab keep their pinned steering maps (one bpffs each,
+# named <lab>-<member>); a member killed with SIGKILL leaves its pins behind.
+PIN_ROOT = Path("/run/xo/bpf")
+
+
+def _remove_pin_dirs(name: str) -> None:
+    for pin_dir in PIN_ROOT.glob(f"{name}-*"):
+        if not LAB_NETNS_RE.match(f"xo-{pin_dir.name}"):
+            continue  # another lab whose name merely starts the same way
+        subprocess.run(["umount", "-l", str(pin_dir)], capture_output=True)
+        shutil.rmtree(pin_dir, ignore_errors=True)
 
 
 def down_all() -> dict[str, list[str]]:

@@ -37,6 +37,7 @@ from xo.engine import (
     TargetLink,
     load_key,
 )
+from xo.lab import PIN_ROOT as LAB_PIN_ROOT
 from xo.lab import Lab
 
 log = logging.getLogger("xo.refapp")
@@ -44,8 +45,9 @@ log = logging.getLogger("xo.refapp")
 MAX_HEADER_BYTES = 65536
 HTTP_PORT = 8080
 # Under /run rather than /sys/fs/bpf: `ip netns exec` remounts /sys, hiding
-# pins there (DESIGN.md §8); each instance mounts its own bpffs here.
-PIN_ROOT = "/run/xo/bpf"
+# pins there (DESIGN.md §8); each instance mounts its own bpffs here, and
+# `xo lab down` removes the lab's.
+PIN_ROOT = str(LAB_PIN_ROOT)
 
 
 class BadRequest(Exception):
