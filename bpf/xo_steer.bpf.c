@@ -143,22 +143,33 @@ static __always_inline void xo_skb_pull(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, want);
 }
 
+/* Parse the packet and find its flow's entry: returns the live entry (for
+ * the counters) and a copy in *a, or NULL when the packet is not ours.
+ * Work on the copy: user space may replace the entry meanwhile, and a
+ * half-old, half-new rewrite would be worse than either. */
+static __always_inline struct xo_steer_action *
+xo_skb_flow(struct __sk_buff *skb, struct xo_pkt *p, struct xo_steer_action *a)
+{
+	struct xo_steer_action *live;
+
+	xo_skb_pull(skb);
+	if (xo_parse((void *)(long)skb->data, (void *)(long)skb->data_end, p))
+		return NULL;
+	live = bpf_map_lookup_elem(&xo_flows, &p->key);
+	if (live)
+		*a = *live;
+	return live;
+}
+
 SEC("tc")
 int xo_tc_ingress(struct __sk_buff *skb)
 {
 	struct xo_steer_action *live, a;
 	struct xo_pkt p;
 
-	xo_skb_pull(skb);
-	if (xo_parse((void *)(long)skb->data, (void *)(long)skb->data_end,
-		     &p))
-		return TC_ACT_OK;
-	live = bpf_map_lookup_elem(&xo_flows, &p.key);
+	live = xo_skb_flow(skb, &p, &a);
 	if (!live)
 		return TC_ACT_OK;
-	/* Work on a copy: user space may replace the entry meanwhile, and a
-	 * half-old, half-new rewrite would be worse than either. */
-	a = *live;
 	if (xo_expired(&a)) {
 		xo_stat_inc(XO_STAT_EXPIRED);
 		return TC_ACT_OK;
@@ -191,14 +202,9 @@ int xo_tc_egress(struct __sk_buff *skb)
 	struct xo_steer_action *live, a;
 	struct xo_pkt p;
 
-	xo_skb_pull(skb);
-	if (xo_parse((void *)(long)skb->data, (void *)(long)skb->data_end,
-		     &p))
-		return TC_ACT_OK;
-	live = bpf_map_lookup_elem(&xo_flows, &p.key);
+	live = xo_skb_flow(skb, &p, &a);
 	if (!live)
 		return TC_ACT_OK;
-	a = *live;
 	if (a.kind != XO_STEER_SRC_REWRITE)
 		return TC_ACT_OK;
 	if (xo_expired(&a)) {

@@ -9,16 +9,16 @@ namespaces; nothing is mocked.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from netns_tools import sha256, wait_for
 from xo import core
 from xo.core import Channel, Endpoint, Message, MsgType, TcpState
 from xo.demo import RefAppCluster, cluster
@@ -37,17 +37,6 @@ def lab_name(prefix: str) -> str:
     return name
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 5.0,
-             interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- lab life cycle -----------------------------------------------------------
@@ -176,12 +165,6 @@ def get_and_hand_back(apps: RefAppCluster, name: str) -> tuple[dict[str, str], b
                      "the connection to come back to the host")
     return headers, body
 
-
-def snmp_tcp(ns: str) -> dict[str, int]:
-    """The Tcp: counters of /proc/net/snmp as seen from namespace ns."""
-    with in_netns(ns), open("/proc/thread-self/net/snmp") as f:
-        rows = [line.split() for line in f if line.startswith("Tcp:")]
-    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)}
 
 
 # ---- steering maps and sockets of members -----------------------------------

@@ -8,18 +8,16 @@ namespace, the steering maps the refapp pins, the fds of a member process.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import http.client
 import os
 import re
 import secrets
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from netns_tools import sha256, snmp_tcp
 from xo.demo import RefAppCluster
 from xo.lab import Lab, in_netns
 from xo.refapp import HTTP_PORT, PIN_ROOT
@@ -33,31 +31,14 @@ def lab_name(prefix: str = "e") -> str:
     return prefix[:1] + secrets.token_hex(3)
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
 
 def docroot_digests(apps: RefAppCluster) -> dict[str, str]:
     return {p.name: sha256(p.read_bytes()) for p in apps.docroot.iterdir() if p.is_file()}
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0,
-             interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
 
 # ---- kernel counters --------------------------------------------------------
 
-
-def snmp_tcp(ns: str) -> dict[str, int]:
-    """The Tcp: counters of /proc/net/snmp as seen from namespace ns."""
-    with in_netns(ns), open("/proc/thread-self/net/snmp") as f:
-        rows = [line.split() for line in f if line.startswith("Tcp:")]
-    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)}
 
 
 def rst_counters(testbed: Lab, member: str = "client") -> dict[str, int]:

@@ -10,12 +10,14 @@ named ``xo-t<random>-*`` and removed in ``close()``.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import secrets
 import socket
 import struct
 import subprocess
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xo.lab import in_netns
@@ -32,6 +34,19 @@ def ip(*args: str) -> None:
 def nft(ns: str, script: str) -> None:
     subprocess.run(["ip", "netns", "exec", ns, "nft", "-f", "-"], input=script,
                    check=True, capture_output=True, text=True)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0,
+             interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 def snmp_tcp(ns: str) -> dict[str, int]:

@@ -38,11 +38,10 @@ from handoff_tools import (
     lab_name,
     rst_counters,
     served_lines,
-    sha256,
     sockets_with_peer,
     steering_entries,
-    wait_for,
 )
+from netns_tools import sha256, wait_for
 from xo.demo import cluster, iface_tx_bytes
 from xo.lab import Lab, in_netns
 from xo.refapp import HTTP_PORT

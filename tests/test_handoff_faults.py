@@ -39,13 +39,10 @@ from handoff_faults_tools import (
     peer_tag,
     read_response,
     recv_msg,
-    sha256,
-    snmp_tcp,
     tcp_sockets,
     wait_exit,
-    wait_for,
 )
-from netns_tools import VethPair, connect
+from netns_tools import VethPair, connect, sha256, snmp_tcp, wait_for
 from xo import core
 from xo.core import Channel, Endpoint, MsgType
 from xo.demo import RefAppCluster

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from netns_tools import VethPair, connect, queue_sizes, snmp_tcp
+from netns_tools import VethPair, connect, queue_sizes, snmp_tcp, wait_for
 from xo import core
 from xo.lab import in_netns
 
@@ -85,13 +85,6 @@ class Reader(threading.Thread):
 def sha(*parts: bytes) -> str:
     return hashlib.sha256(b"".join(parts)).hexdigest()
 
-
-def wait_for(cond: object, what: str, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def rst_counters(pair: VethPair) -> dict[str, int]:

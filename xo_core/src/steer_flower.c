@@ -291,51 +291,49 @@ static void put_pedit(struct nlmsghdr *nlh, int *order, const struct pedit *p)
 	mnl_attr_nest_end(nlh, a);
 }
 
+/* An action whose options are one fixed-size parameter block. */
+static void put_simple_act(struct nlmsghdr *nlh, int *order, const char *kind,
+			   uint16_t parms_type, const void *parms, size_t len)
+{
+	struct nlattr *a, *opts;
+
+	a = act_start(nlh, order, kind);
+	opts = mnl_attr_nest_start(nlh, TCA_ACT_OPTIONS);
+	mnl_attr_put(nlh, parms_type, len, parms);
+	mnl_attr_nest_end(nlh, opts);
+	mnl_attr_nest_end(nlh, a);
+}
+
 static void put_csum(struct nlmsghdr *nlh, int *order, int v6, int verdict)
 {
 	struct tc_csum c;
-	struct nlattr *a, *opts;
 
 	memset(&c, 0, sizeof(c));
 	c.action = verdict;
 	/* IPv6 has no header checksum; TCP covers both (pseudo header). */
 	c.update_flags = TCA_CSUM_UPDATE_FLAG_TCP |
 			 (v6 ? 0 : TCA_CSUM_UPDATE_FLAG_IPV4HDR);
-	a = act_start(nlh, order, "csum");
-	opts = mnl_attr_nest_start(nlh, TCA_ACT_OPTIONS);
-	mnl_attr_put(nlh, TCA_CSUM_PARMS, sizeof(c), &c);
-	mnl_attr_nest_end(nlh, opts);
-	mnl_attr_nest_end(nlh, a);
+	put_simple_act(nlh, order, "csum", TCA_CSUM_PARMS, &c, sizeof(c));
 }
 
 static void put_mirred(struct nlmsghdr *nlh, int *order, uint32_t ifindex)
 {
 	struct tc_mirred m;
-	struct nlattr *a, *opts;
 
 	memset(&m, 0, sizeof(m));
 	m.action = TC_ACT_STOLEN;
 	m.eaction = TCA_EGRESS_REDIR;
 	m.ifindex = ifindex;
-	a = act_start(nlh, order, "mirred");
-	opts = mnl_attr_nest_start(nlh, TCA_ACT_OPTIONS);
-	mnl_attr_put(nlh, TCA_MIRRED_PARMS, sizeof(m), &m);
-	mnl_attr_nest_end(nlh, opts);
-	mnl_attr_nest_end(nlh, a);
+	put_simple_act(nlh, order, "mirred", TCA_MIRRED_PARMS, &m, sizeof(m));
 }
 
 static void put_gact(struct nlmsghdr *nlh, int *order, int verdict)
 {
 	struct tc_gact g;
-	struct nlattr *a, *opts;
 
 	memset(&g, 0, sizeof(g));
 	g.action = verdict;
-	a = act_start(nlh, order, "gact");
-	opts = mnl_attr_nest_start(nlh, TCA_ACT_OPTIONS);
-	mnl_attr_put(nlh, TCA_GACT_PARMS, sizeof(g), &g);
-	mnl_attr_nest_end(nlh, opts);
-	mnl_attr_nest_end(nlh, a);
+	put_simple_act(nlh, order, "gact", TCA_GACT_PARMS, &g, sizeof(g));
 }
 
 static void fl_put_actions(struct flower *f, struct nlmsghdr *nlh,
