@@ -47,7 +47,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -636,13 +636,25 @@ ServeCallback = Callable[[TargetConn], Awaitable[None]]
 
 
 class TargetAgent:
-    """A backend's side of XO: adopts connections the host hands over."""
+    """A backend's side of XO: adopts connections the host hands over.
+
+    ``my_ip`` (IPv4) is where the control port listens; a connection is
+    restored on this target's address of its own family (``my_ip6`` for an
+    IPv6 client). ``host_ips`` are all the host's addresses: a state names
+    the speaking host if its local address is the control peer's, or, when
+    the peer is one of ``host_ips``, any of them (e.g. the host's IPv6
+    address, over an IPv4 control connection)."""
 
     def __init__(self, key: bytes, steering: Steering, my_ip: str, serve: ServeCallback,
-                 crash_at: str | None = None) -> None:
+                 crash_at: str | None = None, *, my_ip6: str | None = None,
+                 host_ips: Iterable[str] = ()) -> None:
         self.key = key
         self.steering = steering
         self.my_ip = my_ip
+        self.my_ips: dict[int, str] = {socket.AF_INET: my_ip}
+        if my_ip6 is not None:
+            self.my_ips[socket.AF_INET6] = my_ip6
+        self.host_ips = frozenset(ipaddress.ip_address(ip) for ip in host_ips)
         self.serve = serve
         # Fault injection for tests: SIGKILL ourselves at this protocol step.
         self.crash_at = crash_at
@@ -706,17 +718,20 @@ class TargetAgent:
             state = TcpState.decode(msg.payload)
             lap("decode")
             host = state.local
-            if control.peer is None or host.ip != control.peer[0]:
+            if not self._names_peer(host.ip, control.peer):
                 raise ValueError(f"state names {host.ip}, not the host speaking ({control.peer})")
-            sock, port = self._restore(state)
+            my_ip = self.my_ips.get(host.family)
+            if my_ip is None:
+                raise ValueError(f"no local address of the family of {host.ip}")
+            sock, port = self._restore(state, my_ip)
             lap("restore")
         except (XoError, ValueError) as exc:
             log.warning("conn %x: cannot adopt: %s", msg.conn_id, exc)
             await control.send(MsgType.ABORT, msg.conn_id, pack_abort(ABORT_RESTORE, str(exc)))
             return
         client = state.remote
-        rewrite_key = FlowKey.tcp(self.my_ip, port, client.ip, client.port)
-        ingress_key = FlowKey.tcp(client.ip, client.port, self.my_ip, port)
+        rewrite_key = FlowKey.tcp(my_ip, port, client.ip, client.port)
+        ingress_key = FlowKey.tcp(client.ip, client.port, my_ip, port)
         rules = self.steering.rules
         self._step("restored")
         rules.insert(rewrite_key, Rule.src_rewrite(host.ip, host.port, ttl_s=REDIRECT_TTL_S,
@@ -724,7 +739,7 @@ class TargetAgent:
         lap("rewrite")
         reply = waiters.expect(msg.conn_id)
         try:
-            await control.send(MsgType.TARGET_READY, msg.conn_id, pack_ready(self.my_ip, port))
+            await control.send(MsgType.TARGET_READY, msg.conn_id, pack_ready(my_ip, port))
             lap("ready_send")
             lap.total()
             self._step("ready")
@@ -741,7 +756,7 @@ class TargetAgent:
         core.resume(sock, state)
         sock.setblocking(False)
         conn = TargetConn(self, control, msg.conn_id, sock, state.app_data, client,
-                          Endpoint(self.my_ip, port), host, rewrite_key, ingress_key)
+                          Endpoint(my_ip, port), host, rewrite_key, ingress_key)
         self.active[msg.conn_id] = conn
         self.handoffs += 1
         try:
@@ -754,16 +769,23 @@ class TargetAgent:
         finally:
             self.active.pop(msg.conn_id, None)
 
-    def _restore(self, state: TcpState) -> tuple[socket.socket, int]:
+    def _names_peer(self, ip: str, peer: tuple[object, ...] | None) -> bool:
+        """Is ip an address of the host at the other end of this control connection?"""
+        if not peer:
+            return False
+        addr, speaker = ipaddress.ip_address(ip), ipaddress.ip_address(str(peer[0]))
+        return addr == speaker or (speaker in self.host_ips and addr in self.host_ips)
+
+    def _restore(self, state: TcpState, my_ip: str) -> tuple[socket.socket, int]:
         """Restore on our own IP; remap the port if the 4-tuple is taken here."""
         port = state.local.port
         for _ in range(64):
             try:
-                return core.restore(state, Endpoint(self.my_ip, port)), port
+                return core.restore(state, Endpoint(my_ip, port)), port
             except XoError as exc:
                 if exc.errno not in (errno.EADDRNOTAVAIL, errno.EADDRINUSE):
                     raise
-                log.info("4-tuple %s:%d <-> %s taken; remapping", self.my_ip, port, state.remote)
+                log.info("4-tuple %s:%d <-> %s taken; remapping", my_ip, port, state.remote)
                 port = 20000 + secrets.randbelow(40000)
         raise ValueError("no free port to restore on")
 

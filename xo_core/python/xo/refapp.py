@@ -190,23 +190,35 @@ class Host:
         try:
             for target in self.lab.targets:
                 await self._connect_with_retry(target.name, target.ipv4, target.mac)
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.me.ipv4, HTTP_PORT))
-            listener.listen(512)
-            listener.setblocking(False)
+            # The same port on the host's IPv4 and IPv6 addresses; one engine
+            # offloads connections of either family.
+            listeners = [self._listen(family) for family in (socket.AF_INET, socket.AF_INET6)]
             self._spawn(self.engine.sweep_forever())
             ready.set()
-            loop = asyncio.get_running_loop()
-            log.info("host listening on %s:%d", self.me.ipv4, HTTP_PORT)
-            while True:
-                sock, _ = await loop.sock_accept(listener)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._spawn(self.handle(sock, b""))
+            await asyncio.gather(*(self._accept_loop(listener) for listener in listeners))
         finally:
             dump_times(self.engine.times.samples)
             await self.engine.close()
             steering.close()
+
+    def _listen(self, family: int) -> socket.socket:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        listener.bind((self.me.address(family), HTTP_PORT))
+        listener.listen(512)
+        listener.setblocking(False)
+        log.info("host listening on %s port %d", self.me.address(family), HTTP_PORT)
+        return listener
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with listener:
+            while True:
+                sock, _ = await loop.sock_accept(listener)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._spawn(self.handle(sock, b""))
 
     async def _connect_with_retry(self, name: str, ip: str, mac: str) -> TargetLink:
         assert self.engine is not None
@@ -288,7 +300,9 @@ class Target:
     async def run(self, ready: asyncio.Event) -> None:
         steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-{self.me.name}",
                                  egress=True)
-        self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at)
+        host = self.lab.host
+        self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at,
+                                 my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6))
         try:
             await self.agent.start(DEFAULT_CONTROL_PORT)
             ready.set()

@@ -1,0 +1,316 @@
+"""IPv6 clients end to end: the reference app (xo.refapp) in a real lab, real
+processes, real kernel, real curl. No mocks.
+
+The host listens on its IPv4 and its IPv6 address (same port) and offloads
+connections of both families with one engine. The control connections stay
+IPv4: a target agent adopts a state whose local address is the host's IPv6
+address because the speaking host (its IPv4 control peer) owns that address
+too, restores it on its own IPv6 address, and keys its source rewrite and
+ingress block by IPv6 4-tuples. A state naming an address that is not the
+host's is still refused.
+
+Like the e2e tests, every connection ends with ``GET /_xo/stats``, which the
+host serves itself (the connection is back on the host when the client
+closes), so nothing may be left behind afterwards.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import os
+import socket
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from handoff_faults_tools import control_connect, handshake, map_entries, recv_msg
+from handoff_tools import (
+    IO_TIMEOUT,
+    docroot_digests,
+    lab_name,
+    rst_counters,
+    served_lines,
+    steering_entries,
+    tcp_sockets,
+)
+from netns_tools import sha256, wait_for
+from xo import core
+from xo.core import Endpoint, MsgType, TcpState
+from xo.demo import RefAppCluster, cluster, iface_tx_bytes
+from xo.engine import ABORT_HOST, ABORT_RESTORE, pack_abort, unpack_abort, unpack_ready
+from xo.lab import Lab, in_netns
+from xo.refapp import HTTP_PORT
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+FILES = ["small.bin", "medium.bin", "large.bin"]
+
+
+def url6(testbed: Lab) -> str:
+    return f"http://[{testbed.host.ipv6}]:{HTTP_PORT}"
+
+
+def curl6_many(testbed: Lab, paths: list[str], out_dir: Path,
+               timeout: float = 60) -> list[dict[str, str]]:
+    """One curl -6 run fetching every path in order on one keep-alive
+    connection to the host's IPv6 address; per transfer: status, size,
+    served_by, connects, local/remote IP, file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    argv = ["curl", "-g", "-6", "-s", "-S", "-m", str(int(timeout)), "-w",
+            "%{http_code} %{size_download} %header{x-served-by} %{num_connects} "
+            "%{local_ip} %{local_port} %{remote_ip}\\n"]
+    files = []
+    for i, path in enumerate(paths):
+        files.append(out_dir / f"{i}")
+        argv += ["-o", str(files[-1]), f"{url6(testbed)}{path}"]
+    res = testbed.run("client", argv, capture_output=True, text=True, timeout=timeout + 10)
+    if res.returncode != 0:
+        raise AssertionError(f"curl exit {res.returncode}: {res.stderr}")
+    rows = []
+    for line, file in zip(res.stdout.splitlines(), files, strict=True):
+        status, size, served_by, connects, local_ip, local_port, remote_ip = line.split()
+        rows.append({"status": status, "size": size, "served_by": served_by,
+                     "connects": connects, "local_ip": local_ip, "local_port": local_port,
+                     "remote_ip": remote_ip, "file": str(file)})
+    return rows
+
+
+def client_tag(ip: str) -> str:
+    """How a target's "served" log line names a client of this address."""
+    return f"client={Endpoint(ip, 0)}".removesuffix("0")
+
+
+def peer_sockets(testbed: Lab, member: str, ip: str) -> list[str]:
+    """ss lines (state local peer) of the member's TCP sockets whose peer is ip
+    (IPv6 peers are printed as [addr]:port)."""
+    tag = f"[{ip}]" if ":" in ip else ip
+    return [f"{s.state} {s.local} {s.peer}" for s in tcp_sockets(testbed, member)
+            if s.peer.rsplit(":", 1)[0] == tag]
+
+
+def assert_nothing_left(apps: RefAppCluster, targets: list[str]) -> None:
+    testbed = apps.testbed
+    wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty", 5)
+    wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "no offloaded conns", 5)
+    for target in targets:
+        wait_for(lambda t=target: steering_entries(testbed, t) == 0,  # type: ignore[misc]
+                 f"{target} steering map to empty", 5)
+    for member in ["host", *targets]:
+        for ip in (testbed.client.ipv4, testbed.client.ipv6):
+            wait_for(lambda m=member, a=ip: not peer_sockets(testbed, m, a),  # type: ignore[misc]
+                     f"{member}: sockets to the client's {ip} to go", 5)
+
+
+class FamilyHTTPConnection(http.client.HTTPConnection):
+    """http.client from the lab's client namespace to the host's address of
+    one family; counts connects (one connection per test, no silent reconnect)."""
+
+    def __init__(self, testbed: Lab, family: int, timeout: float = IO_TIMEOUT) -> None:
+        super().__init__(testbed.host.address(family), HTTP_PORT, timeout=timeout)
+        self.testbed, self.family = testbed, family
+        self.connects = 0
+
+    def connect(self) -> None:
+        self.connects += 1
+        with in_netns(self.testbed.client.netns):
+            sock = socket.socket(self.family, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect((self.host, self.port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock
+
+
+def test_curl6_keepalive_connection_moves_between_targets(tmp_path: Path) -> None:
+    """~30 requests with curl -6 on ONE keep-alive connection to the host's
+    IPv6 address: each served by a target directly, byte-exact, every
+    handoff out came back, and the client never sees a reset."""
+    requests = 30
+    with cluster(targets=2, name=lab_name("v")) as apps:
+        testbed = apps.testbed
+        assert ipaddress.ip_address(testbed.host.ipv6).version == 6
+        digests = docroot_digests(apps)
+        names = [FILES[i % len(FILES)] for i in range(requests)]
+        rst_before = rst_counters(testbed)
+        tx_before = iface_tx_bytes(testbed, "host")
+        rows = curl6_many(testbed, [f"/{n}" for n in names] + ["/_xo/stats"], tmp_path / "out")
+        tx_after = iface_tx_bytes(testbed, "host")
+        rst_after = rst_counters(testbed)
+
+        # One IPv6 connection for everything.
+        assert [r["connects"] for r in rows] == ["1"] + ["0"] * requests
+        assert len({r["local_port"] for r in rows}) == 1
+        assert {(r["local_ip"], r["remote_ip"]) for r in rows} == {
+            (testbed.client.ipv6, testbed.host.ipv6)}, rows[0]
+
+        total = 0
+        served_by: Counter[str] = Counter()
+        for i, (name, row) in enumerate(zip(names, rows, strict=False)):
+            body = Path(row["file"]).read_bytes()
+            assert row["status"] == "200", f"request {i} ({name}): {row}"
+            assert sha256(body) == digests[name], f"request {i} ({name}): body differs"
+            total += len(body)
+            served_by[row["served_by"]] += 1
+        assert set(served_by) == {"t0", "t1"}, served_by
+
+        stats = json.loads(Path(rows[-1]["file"]).read_bytes())
+        assert rows[-1]["served_by"] == "host"
+        assert stats["offloads"] == requests, stats
+        assert stats["returns"] == requests, stats
+        assert stats["rollbacks"] == 0, stats
+        assert stats["withdrawn"] == 0, stats
+        assert stats["served_locally"] == 0, stats
+
+        # DSR over IPv6: the responses did not go through the host.
+        relayed = tx_after - tx_before
+        assert relayed < 0.05 * total, f"host sent {relayed} B for {total} B of responses"
+        assert rst_after == rst_before, f"client saw resets: {rst_before} -> {rst_after}"
+
+        # The targets served an IPv6 client (restored on their own IPv6 address).
+        for target in ("t0", "t1"):
+            lines = served_lines(apps, target)
+            assert len(lines) == served_by[target], (target, len(lines), served_by)
+            assert all(client_tag(testbed.client.ipv6) in line for line in lines), lines[:2]
+
+        assert_nothing_left(apps, ["t0", "t1"])
+        assert rst_counters(testbed) == rst_before, "resets while closing"
+
+
+def test_ipv4_and_ipv6_connections_interleaved(tmp_path: Path) -> None:
+    """An IPv4 and an IPv6 keep-alive connection, both with a request in
+    flight at once, cycle after cycle: the same engine moves both, each to
+    the target's address of its own family."""
+    cycles = 20
+    with cluster(targets=2, name=lab_name("w")) as apps:
+        testbed = apps.testbed
+        digests = docroot_digests(apps)
+        rst_before = rst_counters(testbed)
+        conns = {socket.AF_INET: FamilyHTTPConnection(testbed, socket.AF_INET),
+                 socket.AF_INET6: FamilyHTTPConnection(testbed, socket.AF_INET6)}
+        served: dict[socket.AddressFamily, Counter[str]] = {family: Counter() for family in conns}
+        stats: dict[socket.AddressFamily, dict[str, int]] = {}
+        try:
+            for i in range(cycles):
+                names = {family: FILES[(i + k) % 2] for k, family in enumerate(conns)}
+                for family, conn in conns.items():
+                    conn.request("GET", f"/{names[family]}")
+                for family, conn in conns.items():
+                    resp = conn.getresponse()
+                    body = resp.read()
+                    what = f"cycle {i} {family.name} ({names[family]})"
+                    assert resp.status == 200, what
+                    assert not resp.will_close, what
+                    assert sha256(body) == digests[names[family]], f"{what}: body differs"
+                    served[family][resp.getheader("X-Served-By", "")] += 1
+            for family, conn in conns.items():
+                assert conn.sock is not None
+                local = conn.sock.getsockname()[0]
+                assert local == testbed.client.address(family), (family, local)
+                conn.request("GET", "/_xo/stats")
+                resp = conn.getresponse()
+                assert resp.getheader("X-Served-By") == "host"
+                stats[family] = json.loads(resp.read())
+                assert conn.connects == 1, family.name
+        finally:
+            for conn in conns.values():
+                conn.close()
+
+        for family in conns:
+            assert set(served[family]) <= {"t0", "t1"}, (family.name, served[family])
+            assert sum(served[family].values()) == cycles
+        assert set(served[socket.AF_INET]) | set(served[socket.AF_INET6]) == {"t0", "t1"}
+        last = stats[socket.AF_INET6]  # asked after the IPv4 connection's stats
+        assert last["offloads"] == last["returns"] == 2 * cycles, last
+        assert last["rollbacks"] == 0 and last["withdrawn"] == 0, last
+        assert last["served_locally"] == 0, last
+
+        # Both families' clients appear in the targets' logs.
+        lines = served_lines(apps, "t0") + served_lines(apps, "t1")
+        for family in conns:
+            tag = client_tag(testbed.client.address(family))
+            seen = sum(tag in line for line in lines)
+            assert seen == cycles, (family.name, seen)
+
+        assert rst_counters(testbed) == rst_before, "the client saw resets"
+        assert_nothing_left(apps, ["t0", "t1"])
+        assert rst_counters(testbed) == rst_before, "resets while closing"
+
+
+def captured_state6(apps: RefAppCluster, local_override: Endpoint | None = None) -> TcpState:
+    """A real TcpState of an IPv6 client -> host connection made for the
+    purpose (host namespace, a spare port), frozen and captured as the host
+    does, with a request as its application data."""
+    testbed = apps.testbed
+    with in_netns(testbed.host.netns):
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    with listener:
+        listener.bind((testbed.host.ipv6, 0))
+        listener.listen(1)
+        with in_netns(testbed.client.netns):
+            client = socket.create_connection((testbed.host.ipv6, listener.getsockname()[1]),
+                                              timeout=IO_TIMEOUT)
+        server, _ = listener.accept()
+    request = b"GET /small.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+    with client, server:
+        client.sendall(request)
+        server.settimeout(IO_TIMEOUT)
+        got = b""
+        while len(got) < len(request):
+            got += server.recv(4096)
+        core.freeze(server)
+        state = core.capture(server)
+        core.resume(server)
+    state.app_data = request
+    if local_override is not None:
+        local_override.to_c(state.c.local)
+    return state
+
+
+def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
+    """Over an IPv4 control connection from the host: a state naming the
+    host's IPv6 address is adopted on t0's IPv6 address with IPv6-keyed
+    rules; one naming the client's IPv6 address is refused with an ABORT,
+    nothing bound or installed."""
+    with cluster(targets=1, name=lab_name("a")) as apps:
+        testbed = apps.testbed
+        t0 = testbed.member("t0")
+        key = apps.key_path.read_bytes()
+        state = captured_state6(apps)
+        assert state.local.ip == testbed.host.ipv6
+        with control_connect(apps) as sock:
+            assert sock.getsockname()[0] == testbed.host.ipv4
+            channel, _ = handshake(sock, key)
+
+            forged = Endpoint(testbed.client.ipv6, HTTP_PORT)
+            sock.sendall(channel.seal(MsgType.BEGIN_OFFLOAD, 5,
+                                      captured_state6(apps, forged).encode()))
+            reply = recv_msg(sock, channel)
+            assert (reply.type, reply.conn_id) == (MsgType.ABORT, 5)
+            reason, text = unpack_abort(reply.payload)
+            assert reason == ABORT_RESTORE and "not the host speaking" in text, text
+            assert map_entries(apps, "t0") == []
+            assert not peer_sockets(testbed, "t0", testbed.client.ipv6)
+
+            sock.sendall(channel.seal(MsgType.BEGIN_OFFLOAD, 6, state.encode()))
+            reply = recv_msg(sock, channel)
+            assert (reply.type, reply.conn_id) == (MsgType.TARGET_READY, 6), reply
+            ip, port = unpack_ready(reply.payload)
+            assert ip == t0.ipv6
+            entries = map_entries(apps, "t0")
+            assert len(entries) == 1, entries
+            flow, rule = entries[0]
+            assert (str(flow.src), flow.src_port) == (t0.ipv6, port), flow
+            assert (str(flow.dst), flow.dst_port) == (testbed.client.ipv6, state.remote.port)
+            assert rule.kind.name == "SRC_REWRITE", rule
+            assert (str(rule.new_src), rule.new_src_port) == (testbed.host.ipv6,
+                                                              state.local.port), rule
+
+            # The host withdraws: t0 drops its copy and the rewrite.
+            sock.sendall(channel.seal(MsgType.ABORT, 6, pack_abort(ABORT_HOST, "test")))
+            wait_for(lambda: map_entries(apps, "t0") == [], "t0 to drop the aborted copy")
+            wait_for(lambda: not peer_sockets(testbed, "t0", testbed.client.ipv6),
+                     "t0's restored copy to go")
+        log = apps.log_path("t0").read_text()
+        assert f"state names {testbed.client.ipv6}" in log, log[-2000:]
+
