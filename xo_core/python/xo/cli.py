@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -85,11 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from xo.core import XoError
     from xo.lab import LabError
 
     args = build_parser().parse_args(argv)
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so labs and the
+    # processes started in them are torn down by their context managers.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
     except (XoError, LabError) as exc:
