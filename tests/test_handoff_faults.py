@@ -44,9 +44,17 @@ from handoff_faults_tools import (
 )
 from netns_tools import VethPair, connect, sha256, snmp_tcp, wait_for
 from xo import core
-from xo.core import Channel, Endpoint, MsgType
+from xo.core import (
+    ABORT_HOST,
+    ABORT_RESTORE,
+    Channel,
+    Endpoint,
+    MsgType,
+    decode_abort,
+    encode_abort,
+)
 from xo.demo import RefAppCluster
-from xo.engine import ABORT_HOST, ABORT_RESTORE, pack_abort, probe_client, unpack_abort
+from xo.engine import probe_client
 from xo.lab import in_netns
 from xo.steer import FlowKey
 
@@ -294,7 +302,7 @@ def attack_foreign_state(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
                               captured_state(ctl.apps, forged).encode()))
     reply = recv_msg(sock, channel)
     assert (reply.type, reply.conn_id) == (MsgType.ABORT, 7)
-    reason, text = unpack_abort(reply.payload)
+    reason, text = decode_abort(reply.payload)
     assert reason == ABORT_RESTORE and "not the host speaking" in text, text
     return ("cannot adopt", f"state names {forged.ip}")
 
@@ -310,7 +318,7 @@ def attack_replay(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
         legit.sendall(begin)
         reply = recv_msg(legit, channel)
         assert (reply.type, reply.conn_id) == (MsgType.TARGET_READY, 9), reply
-        legit.sendall(channel.seal(MsgType.ABORT, 9, pack_abort(ABORT_HOST, "test")))
+        legit.sendall(channel.seal(MsgType.ABORT, 9, encode_abort(ABORT_HOST, "test")))
         wait_for(lambda: map_entries(apps, "t0") == [], "t0 to drop the aborted copy")
         # The same BEGIN_OFFLOAD again on its own session: an old sequence number.
         watch = LogWatch(apps.log_path("t0"))

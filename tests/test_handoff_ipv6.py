@@ -37,9 +37,17 @@ from handoff_tools import (
 )
 from netns_tools import sha256, wait_for
 from xo import core
-from xo.core import Endpoint, MsgType, TcpState
+from xo.core import (
+    ABORT_HOST,
+    ABORT_RESTORE,
+    Endpoint,
+    MsgType,
+    TcpState,
+    decode_abort,
+    decode_ready,
+    encode_abort,
+)
 from xo.demo import RefAppCluster, cluster, iface_tx_bytes
-from xo.engine import ABORT_HOST, ABORT_RESTORE, pack_abort, unpack_abort, unpack_ready
 from xo.lab import Lab, in_netns
 from xo.refapp import HTTP_PORT
 
@@ -287,7 +295,7 @@ def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
                                       captured_state6(apps, forged).encode()))
             reply = recv_msg(sock, channel)
             assert (reply.type, reply.conn_id) == (MsgType.ABORT, 5)
-            reason, text = unpack_abort(reply.payload)
+            reason, text = decode_abort(reply.payload)
             assert reason == ABORT_RESTORE and "not the host speaking" in text, text
             assert map_entries(apps, "t0") == []
             assert not peer_sockets(testbed, "t0", testbed.client.ipv6)
@@ -295,7 +303,8 @@ def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
             sock.sendall(channel.seal(MsgType.BEGIN_OFFLOAD, 6, state.encode()))
             reply = recv_msg(sock, channel)
             assert (reply.type, reply.conn_id) == (MsgType.TARGET_READY, 6), reply
-            ip, port = unpack_ready(reply.payload)
+            ready = decode_ready(reply.payload)
+            ip, port = ready.ip, ready.port
             assert ip == t0.ipv6
             entries = map_entries(apps, "t0")
             assert len(entries) == 1, entries
@@ -307,7 +316,7 @@ def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
                                                               state.local.port), rule
 
             # The host withdraws: t0 drops its copy and the rewrite.
-            sock.sendall(channel.seal(MsgType.ABORT, 6, pack_abort(ABORT_HOST, "test")))
+            sock.sendall(channel.seal(MsgType.ABORT, 6, encode_abort(ABORT_HOST, "test")))
             wait_for(lambda: map_entries(apps, "t0") == [], "t0 to drop the aborted copy")
             wait_for(lambda: not peer_sockets(testbed, "t0", testbed.client.ipv6),
                      "t0's restored copy to go")

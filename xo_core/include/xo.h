@@ -242,6 +242,43 @@ int64_t xo_env_frame_len(const uint8_t *hdr, size_t len);
 int xo_chan_open(struct xo_chan *ch, const uint8_t *buf, size_t len,
 		 struct xo_msg *msg);
 
+/* ---- control message payloads -------------------------------------- */
+/*
+ * The small payloads, defined here once for every speaker (Python engine,
+ * nginx module, Ceph agents). Encoders return the bytes written (or
+ * XO_E_NOSPACE); decoders check every length and value.
+ *
+ *   TARGET_READY: family u8 (4 or 6) | address 16 B | port u16
+ *   ABORT:        reason u32 | UTF-8 text (at most XO_ABORT_MAX_TEXT bytes)
+ *   LOAD_REPORT:  active u32 | handoffs u32 | bytes served u64
+ */
+#define XO_READY_LEN 19
+#define XO_ABORT_MAX_TEXT 1024
+#define XO_LOAD_LEN 16
+
+#define XO_ABORT_DECODE 1  /* the state did not decode */
+#define XO_ABORT_RESTORE 2 /* restore (or its checks) failed */
+#define XO_ABORT_TIMEOUT 3
+#define XO_ABORT_REFUSED 4 /* unknown connection, wrong sender, ... */
+#define XO_ABORT_HOST 5    /* the host gave up (rolled back) */
+
+struct xo_load_report {
+	uint32_t active;
+	uint32_t handoffs;
+	uint64_t bytes_served;
+};
+
+int xo_ready_encode(const struct xo_endpoint *ep, uint8_t *out, size_t cap);
+int xo_ready_decode(const uint8_t *buf, size_t len, struct xo_endpoint *ep);
+/* text need not be NUL-terminated; longer than XO_ABORT_MAX_TEXT is cut. */
+int xo_abort_encode(uint32_t reason, const char *text, uint32_t text_len,
+		    uint8_t *out, size_t cap);
+/* On success *text points into buf (not NUL-terminated), *text_len bytes. */
+int xo_abort_decode(const uint8_t *buf, size_t len, uint32_t *reason,
+		    const uint8_t **text, uint32_t *text_len);
+int xo_load_encode(const struct xo_load_report *r, uint8_t *out, size_t cap);
+int xo_load_decode(const uint8_t *buf, size_t len, struct xo_load_report *r);
+
 /* XO_CDEF_END */
 
 #ifdef __cplusplus

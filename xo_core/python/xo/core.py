@@ -344,3 +344,64 @@ def frame_len(header: bytes) -> int:
     n = lib.xo_env_frame_len(header, len(header))
     _check(int(n) if n < 0 else 0)
     return int(n)
+
+
+# ---- control message payloads ---------------------------------------------
+
+ABORT_DECODE = lib.XO_ABORT_DECODE
+ABORT_RESTORE = lib.XO_ABORT_RESTORE
+ABORT_TIMEOUT = lib.XO_ABORT_TIMEOUT
+ABORT_REFUSED = lib.XO_ABORT_REFUSED
+ABORT_HOST = lib.XO_ABORT_HOST
+
+
+def encode_ready(ep: Endpoint) -> bytes:
+    """TARGET_READY payload: where the target restored the connection."""
+    c_ep = ffi.new("struct xo_endpoint *")
+    ep.to_c(c_ep)
+    out = ffi.new("uint8_t[]", lib.XO_READY_LEN)
+    _check(lib.xo_ready_encode(c_ep, out, lib.XO_READY_LEN))
+    return bytes(out)
+
+
+def decode_ready(payload: bytes) -> Endpoint:
+    c_ep = ffi.new("struct xo_endpoint *")
+    _check(lib.xo_ready_decode(payload, len(payload), c_ep))
+    return Endpoint.from_c(c_ep)
+
+
+def encode_abort(reason: int, text: str) -> bytes:
+    raw = text.encode()[: lib.XO_ABORT_MAX_TEXT]
+    out = ffi.new("uint8_t[]", 4 + len(raw))
+    n = _check(lib.xo_abort_encode(reason, raw, len(raw), out, len(out)))
+    return bytes(ffi.buffer(out, n))
+
+
+def decode_abort(payload: bytes) -> tuple[int, str]:
+    reason = ffi.new("uint32_t *")
+    text = ffi.new("const uint8_t **")
+    text_len = ffi.new("uint32_t *")
+    _check(lib.xo_abort_decode(payload, len(payload), reason, text, text_len))
+    return int(reason[0]), payload[4:4 + text_len[0]].decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """LOAD_REPORT payload: what a target is doing."""
+
+    active: int
+    handoffs: int
+    bytes_served: int
+
+    def encode(self) -> bytes:
+        c_report = ffi.new("struct xo_load_report *", (self.active, self.handoffs,
+                                                       self.bytes_served))
+        out = ffi.new("uint8_t[]", lib.XO_LOAD_LEN)
+        _check(lib.xo_load_encode(c_report, out, lib.XO_LOAD_LEN))
+        return bytes(out)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> LoadReport:
+        c_report = ffi.new("struct xo_load_report *")
+        _check(lib.xo_load_decode(payload, len(payload), c_report))
+        return cls(int(c_report.active), int(c_report.handoffs), int(c_report.bytes_served))

@@ -52,7 +52,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xo import core
-from xo.core import Endpoint, MsgType, TcpState, XoError, XoRejectedError
+from xo.core import (
+    ABORT_HOST,
+    ABORT_REFUSED,
+    ABORT_RESTORE,
+    Endpoint,
+    LoadReport,
+    MsgType,
+    TcpState,
+    XoError,
+    XoRejectedError,
+    decode_abort,
+    decode_ready,
+    encode_abort,
+    encode_ready,
+)
 from xo.steer import FlowKey, Rule, RuleManager, Steer, monotonic_ns
 
 log = logging.getLogger("xo.engine")
@@ -72,18 +86,6 @@ RECONNECT_INTERVAL_S = 1.0
 # no state to restore; the host only retires the redirect.
 DONE_FLAG_CLOSED = 1
 
-# ABORT reasons.
-ABORT_DECODE = 1
-ABORT_RESTORE = 2
-ABORT_TIMEOUT = 3
-ABORT_REFUSED = 4
-ABORT_HOST = 5
-
-_READY = struct.Struct("!B16sH")     # family (4/6), address, port
-_ABORT = struct.Struct("!I")         # reason, then UTF-8 text
-_LOAD = struct.Struct("!IIQ")        # active connections, handoffs, bytes served
-
-
 def load_key(path: str | Path) -> bytes:
     """The cluster key: a file of 16..64 random bytes, readable by root only."""
     key = Path(path).read_bytes()
@@ -98,47 +100,6 @@ def write_key(path: str | Path) -> bytes:
     with os.fdopen(fd, "wb") as f:
         f.write(key)
     return key
-
-
-def pack_ready(ip: str, port: int) -> bytes:
-    addr = ipaddress.ip_address(ip)
-    return _READY.pack(addr.version, addr.packed.ljust(16, b"\0"), port)
-
-
-def unpack_ready(payload: bytes) -> tuple[str, int]:
-    if len(payload) != _READY.size:
-        raise ValueError(f"TARGET_READY payload of {len(payload)} bytes")
-    version, raw, port = _READY.unpack(payload)
-    if version not in (4, 6) or port == 0:
-        raise ValueError("TARGET_READY with a bad address")
-    ip = ipaddress.ip_address(raw[:4] if version == 4 else raw)
-    return str(ip), port
-
-
-def pack_abort(reason: int, text: str) -> bytes:
-    return _ABORT.pack(reason) + text.encode()[:1024]
-
-
-def unpack_abort(payload: bytes) -> tuple[int, str]:
-    if len(payload) < _ABORT.size:
-        return 0, "malformed ABORT"
-    return _ABORT.unpack_from(payload)[0], payload[_ABORT.size:].decode(errors="replace")
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    active: int
-    handoffs: int
-    bytes_served: int
-
-    def pack(self) -> bytes:
-        return _LOAD.pack(self.active, self.handoffs, self.bytes_served)
-
-    @classmethod
-    def unpack(cls, payload: bytes) -> LoadReport:
-        if len(payload) != _LOAD.size:
-            raise ValueError(f"LOAD_REPORT payload of {len(payload)} bytes")
-        return cls(*_LOAD.unpack(payload))
 
 
 class ProtocolError(Exception):
@@ -411,7 +372,7 @@ class HostEngine:
                 if msg.type == MsgType.TARGET_DONE:
                     self._spawn(self._inbound(link, msg))
                 elif msg.type == MsgType.LOAD_REPORT:
-                    link.load = LoadReport.unpack(msg.payload)
+                    link.load = LoadReport.decode(msg.payload)
                 elif msg.type == MsgType.PING:
                     await conn.send(MsgType.PONG, 0, msg.payload)
                 elif msg.type in (MsgType.TARGET_READY, MsgType.ABORT, MsgType.PONG):
@@ -486,11 +447,12 @@ class HostEngine:
             await link.conn.send(MsgType.BEGIN_OFFLOAD, conn_id, payload)
             msg = await asyncio.wait_for(reply, READY_TIMEOUT_S)
             if msg.type == MsgType.ABORT:
-                reason, text = unpack_abort(msg.payload)
+                reason, text = decode_abort(msg.payload)
                 raise ProtocolError(f"target refused: {text} (reason {reason})")
             if msg.type != MsgType.TARGET_READY:
                 raise ProtocolError(f"expected TARGET_READY, got {msg.type.name}")
-            target_ip, target_port = unpack_ready(msg.payload)
+            ready = decode_ready(msg.payload)
+            target_ip, target_port = ready.ip, ready.port
             if not link.up:
                 # The connection closed right after TARGET_READY and the loss
                 # was handled first: no HOST_READY can reach the target, it
@@ -535,7 +497,7 @@ class HostEngine:
         if link.up and link.conn is not None:
             # Tell the target to drop whatever it restored for this id.
             self._spawn(self._send_quietly(link.conn, MsgType.ABORT, conn_id,
-                                           pack_abort(ABORT_HOST, str(exc))))
+                                           encode_abort(ABORT_HOST, str(exc))))
 
     @staticmethod
     async def _send_quietly(conn: ControlConn, type: MsgType, conn_id: int,
@@ -549,7 +511,7 @@ class HostEngine:
         off = self.offloaded.get(msg.conn_id)
         if off is None or off.link is not link:
             await self._send_quietly(link.conn, MsgType.ABORT, msg.conn_id,
-                                     pack_abort(ABORT_REFUSED, "unknown connection"))
+                                     encode_abort(ABORT_REFUSED, "unknown connection"))
             return
         rules = self.steering.rules
         if msg.flags & DONE_FLAG_CLOSED:
@@ -568,7 +530,7 @@ class HostEngine:
         except XoError as exc:
             log.error("conn %x: cannot take back from %s: %s", msg.conn_id, link.name, exc)
             await self._send_quietly(link.conn, MsgType.ABORT, msg.conn_id,
-                                     pack_abort(ABORT_RESTORE, str(exc)))
+                                     encode_abort(ABORT_RESTORE, str(exc)))
             return
         rules.remove(off.key)  # synchronous in both tiers
         lap("remove_redirect")
@@ -727,7 +689,7 @@ class TargetAgent:
             lap("restore")
         except (XoError, ValueError) as exc:
             log.warning("conn %x: cannot adopt: %s", msg.conn_id, exc)
-            await control.send(MsgType.ABORT, msg.conn_id, pack_abort(ABORT_RESTORE, str(exc)))
+            await control.send(MsgType.ABORT, msg.conn_id, encode_abort(ABORT_RESTORE, str(exc)))
             return
         client = state.remote
         rewrite_key = FlowKey.tcp(my_ip, port, client.ip, client.port)
@@ -739,7 +701,8 @@ class TargetAgent:
         lap("rewrite")
         reply = waiters.expect(msg.conn_id)
         try:
-            await control.send(MsgType.TARGET_READY, msg.conn_id, pack_ready(my_ip, port))
+            await control.send(MsgType.TARGET_READY, msg.conn_id,
+                               encode_ready(Endpoint(my_ip, port)))
             lap("ready_send")
             lap.total()
             self._step("ready")
@@ -853,7 +816,7 @@ class TargetAgent:
 
     async def _report_loop(self) -> None:
         while True:
-            report = LoadReport(len(self.active), self.handoffs, self.bytes_served).pack()
+            report = LoadReport(len(self.active), self.handoffs, self.bytes_served).encode()
             for control in list(self._controls):
                 with contextlib.suppress(ProtocolError):
                     await control.send(MsgType.LOAD_REPORT, 0, report)
