@@ -38,6 +38,12 @@ def _bench_handoff(args: argparse.Namespace) -> int:
     return bench_handoff.main(args.handoffs, args.json)
 
 
+def _bench_lab(args: argparse.Namespace) -> int:
+    from xo import bench_lab
+
+    return bench_lab.main(args.targets, args.rate, args.connections, args.seconds, args.json)
+
+
 def _bench_rules(args: argparse.Namespace) -> int:
     import json
 
@@ -79,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     handoff.add_argument("--handoffs", type=int, default=2000)
     handoff.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
     handoff.set_defaults(func=_bench_handoff)
+    blab = bench_sub.add_parser("lab", help="XO vs proxying through the host, rate-limited lab")
+    blab.add_argument("--targets", type=int, default=2)
+    blab.add_argument("--rate", default="200mbit", help="host and target link rate")
+    blab.add_argument("--connections", type=int, default=8)
+    blab.add_argument("--seconds", type=float, default=5.0)
+    blab.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    blab.set_defaults(func=_bench_lab)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
     rules.add_argument("--json", metavar="PATH", help="also write the result as JSON")

@@ -47,7 +47,7 @@ class RefAppCluster:
     testbed: xolab.Lab
     workdir: Path
     policy: str = "least_loaded"
-    offload: bool = True
+    mode: str = "xo"  # host: xo (hand off), proxy (relay via the targets), local
     crash_at: dict[str, str] = field(default_factory=dict)
     timings: bool = False  # members write per-step handoff timings at exit
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
@@ -75,8 +75,8 @@ class RefAppCluster:
                 "--member", member, "--docroot", str(self.docroot), "--key",
                 str(self.key_path), "--log", str(self.log_path(member)),
                 "--policy", self.policy]
-        if not self.offload:
-            argv.append("--no-offload")
+        if role == "host":
+            argv += ["--mode", self.mode]
         if self.timings:
             argv += ["--timings", str(self.timings_path(member))]
         if member in self.crash_at:

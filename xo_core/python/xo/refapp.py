@@ -44,6 +44,7 @@ log = logging.getLogger("xo.refapp")
 
 MAX_HEADER_BYTES = 65536
 HTTP_PORT = 8080
+TARGET_HTTP_PORT = 8081  # targets' own plain HTTP, the proxy baseline's upstream
 # Under /run rather than /sys/fs/bpf: `ip netns exec` remounts /sys, hiding
 # pins there (DESIGN.md §8); each instance mounts its own bpffs here, and
 # `xo lab down` removes the lab's.
@@ -81,7 +82,7 @@ class Request:
         return conn != "close"
 
 
-def _body_length(head: bytes) -> int:
+def _body_length(head: bytes, response: bool = False) -> int:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
@@ -90,7 +91,8 @@ def _body_length(head: bytes) -> int:
             except ValueError as exc:
                 raise BadRequest("bad Content-Length") from exc
         if name.strip().lower() == b"transfer-encoding":
-            raise BadRequest("chunked request bodies are not supported")
+            what = "response" if response else "request"
+            raise BadRequest(f"chunked {what} bodies are not supported")
     return 0
 
 
@@ -164,16 +166,69 @@ async def error_response(sock: socket.socket, reason: str) -> None:
         await asyncio.get_running_loop().sock_sendall(sock, head.encode() + body)
 
 
+def _listen(family: int, ip: str, port: int) -> socket.socket:
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    listener.bind((ip, port))
+    listener.listen(512)
+    listener.setblocking(False)
+    log.info("listening on %s port %d", ip, port)
+    return listener
+
+
+class Upstream:
+    """A keep-alive HTTP connection from the host to a target (proxy mode)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+
+    @classmethod
+    async def connect(cls, ip: str) -> Upstream:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (ip, TARGET_HTTP_PORT))
+        return cls(sock)
+
+    async def relay(self, request: bytes, client: socket.socket) -> None:
+        """Send one request, stream its response to the client."""
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self.sock, request)
+        while b"\r\n\r\n" not in self.buf:
+            chunk = await loop.sock_recv(self.sock, 65536)
+            if not chunk:
+                raise OSError("upstream closed")
+            self.buf += chunk
+        end = self.buf.index(b"\r\n\r\n") + 4
+        remaining = end + _body_length(bytes(self.buf[:end]), response=True)
+        while remaining > 0:
+            if not self.buf:
+                chunk = await loop.sock_recv(self.sock, 262144)
+                if not chunk:
+                    raise OSError("upstream closed mid-response")
+                self.buf += chunk
+            take = min(remaining, len(self.buf))
+            await loop.sock_sendall(client, bytes(self.buf[:take]))
+            del self.buf[:take]
+            remaining -= take
+
+
 # ---- host -------------------------------------------------------------------
 
 
 class Host:
     def __init__(self, testbed: Lab, docroot: Path, key: bytes, policy: str,
-                 offload: bool) -> None:
+                 mode: str) -> None:
         self.lab, self.docroot, self.key = testbed, docroot, key
-        self.policy, self.offload_enabled = policy, offload
+        self.policy, self.mode = policy, mode
         self.me = testbed.host
         self.served_locally = 0
+        self.proxied = 0
+        self.proxy_busy: dict[str, int] = {}   # requests being relayed, per target
+        self.proxy_count: dict[str, int] = {}  # requests relayed so far, per target
         self.requests = 0
         self.engine: HostEngine | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -202,15 +257,7 @@ class Host:
             steering.close()
 
     def _listen(self, family: int) -> socket.socket:
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        listener.bind((self.me.address(family), HTTP_PORT))
-        listener.listen(512)
-        listener.setblocking(False)
-        log.info("host listening on %s port %d", self.me.address(family), HTTP_PORT)
-        return listener
+        return _listen(family, self.me.address(family), HTTP_PORT)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -245,6 +292,7 @@ class Host:
     async def handle(self, sock: socket.socket, initial: bytes) -> None:
         assert self.engine is not None
         buf = bytearray(initial)
+        upstreams: dict[str, Upstream] = {}
         sock.setblocking(False)
         try:
             while True:
@@ -255,8 +303,10 @@ class Host:
                 self.requests += 1
                 if req.path == "/_xo/stats":
                     await respond(sock, req, self.docroot, "host", self.stats_json())
+                elif self.mode == "proxy":
+                    await self.proxy(sock, req, upstreams)
                 else:
-                    link = self.pick(req) if self.offload_enabled else None
+                    link = self.pick(req) if self.mode == "xo" else None
                     if link is not None and await self.engine.offload(sock, req.raw + bytes(buf),
                                                                      link):
                         return  # the target owns the connection now
@@ -271,6 +321,31 @@ class Host:
         except OSError as exc:
             log.info("client connection ended: %s", exc)
             sock.close()
+        finally:
+            for upstream in upstreams.values():
+                upstream.sock.close()
+
+    async def proxy(self, sock: socket.socket, req: Request,
+                    upstreams: dict[str, Upstream]) -> None:
+        """The baseline XO is measured against: relay the request to a target's
+        plain HTTP port and every response byte back through the host."""
+        assert self.engine is not None
+        live = [t for t in self.engine.targets.values() if t.up]
+        if not live:
+            raise OSError("no target to proxy to")
+        # Least busy first, as the xo mode's least_loaded policy does.
+        link = min(live, key=lambda t: (self.proxy_busy.get(t.name, 0),
+                                        self.proxy_count.get(t.name, 0), t.name))
+        self.proxy_busy[link.name] = self.proxy_busy.get(link.name, 0) + 1
+        self.proxy_count[link.name] = self.proxy_count.get(link.name, 0) + 1
+        try:
+            upstream = upstreams.get(link.name)
+            if upstream is None:
+                upstream = upstreams[link.name] = await Upstream.connect(link.ip)
+            await upstream.relay(req.raw, sock)
+        finally:
+            self.proxy_busy[link.name] -= 1
+        self.proxied += 1
 
     def stats_json(self) -> bytes:
         assert self.engine is not None
@@ -278,6 +353,7 @@ class Host:
             **self.engine.stats,
             "requests": self.requests,
             "served_locally": self.served_locally,
+            "proxied": self.proxied,
             "offloaded_now": len(self.engine.offloaded),
             "rules": self.engine.steering.steer.count(),
             "last_handoff_us": self.engine.times.last(),
@@ -303,16 +379,43 @@ class Target:
         host = self.lab.host
         self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at,
                                  my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6))
+        listener = _listen(socket.AF_INET, self.me.ipv4, TARGET_HTTP_PORT)
         try:
             await self.agent.start(DEFAULT_CONTROL_PORT)
             ready.set()
             log.info("target %s ready on %s:%d", self.me.name, self.me.ipv4,
                      DEFAULT_CONTROL_PORT)
-            await asyncio.Event().wait()
+            await self._serve_plain_http(listener)
         finally:
+            listener.close()
             dump_times(self.agent.times.samples)
             await self.agent.close()
             steering.close()
+
+    async def _serve_plain_http(self, listener: socket.socket) -> None:
+        """Ordinary HTTP on TARGET_HTTP_PORT: the upstream of the proxy baseline."""
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            task = asyncio.ensure_future(self._plain_connection(sock))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    async def _plain_connection(self, sock: socket.socket) -> None:
+        assert self.agent is not None
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray()
+        try:
+            while (req := await read_request(sock, buf)) is not None:
+                self.agent.bytes_served += await respond(sock, req, self.docroot, self.me.name)
+                if not req.keep_alive:
+                    break
+        except (BadRequest, OSError) as exc:
+            log.info("plain HTTP connection ended: %s", exc)
+        finally:
+            sock.close()
 
     async def serve(self, conn: TargetConn) -> None:
         """Serve the handed-over request(s), then hand the connection back."""
@@ -378,7 +481,7 @@ async def _main(args: argparse.Namespace) -> int:
     ready = asyncio.Event()
     app: Host | Target
     if args.role == "host":
-        app = Host(testbed, docroot, key, args.policy, not args.no_offload)
+        app = Host(testbed, docroot, key, args.policy, args.mode)
     else:
         app = Target(testbed, args.member, docroot, key, args.crash_at)
     loop = asyncio.get_running_loop()
@@ -409,8 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key", required=True, help="cluster key file")
     parser.add_argument("--policy", default="least_loaded",
                         choices=["least_loaded", "round_robin", "path"])
-    parser.add_argument("--no-offload", action="store_true",
-                        help="host serves everything itself (baseline)")
+    parser.add_argument("--mode", default="xo", choices=["xo", "proxy", "local"],
+                        help="host: hand connections off (xo), relay to the targets like a "
+                             "reverse proxy (proxy), or serve everything itself (local)")
     parser.add_argument("--crash-at", choices=["begin", "restored", "ready", "host_ready", "done"],
                         help="fault injection: SIGKILL ourselves at this protocol step")
     parser.add_argument("--log", help="log file (default stderr)")
