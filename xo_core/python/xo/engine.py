@@ -114,6 +114,10 @@ class ControlConn:
         self.reader, self.writer = reader, writer
         self.channel = core.Channel(key, 0, role)
         self.peer = writer.get_extra_info("peername")
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Small request/response messages: never wait for Nagle.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._send_lock = asyncio.Lock()
         self.closed = False
 
