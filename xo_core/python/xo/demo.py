@@ -48,6 +48,7 @@ class RefAppCluster:
     workdir: Path
     policy: str = "least_loaded"
     mode: str = "xo"  # host: xo (hand off), proxy (relay via the targets), local
+    ingress: str = "tc"  # host: block/redirect in tc or XDP
     crash_at: dict[str, str] = field(default_factory=dict)
     timings: bool = False  # members write per-step handoff timings at exit
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
@@ -76,7 +77,7 @@ class RefAppCluster:
                 str(self.key_path), "--log", str(self.log_path(member)),
                 "--policy", self.policy]
         if role == "host":
-            argv += ["--mode", self.mode]
+            argv += ["--mode", self.mode, "--ingress", self.ingress]
         if self.timings:
             argv += ["--timings", str(self.timings_path(member))]
         if member in self.crash_at:

@@ -195,6 +195,9 @@ class _Waiters:
         self._futures.clear()
 
 
+INGRESS_PATHS = ("tc", "xdp")
+
+
 @dataclass
 class Steering:
     """The rules of one interface: the loaded programs and a rule manager."""
@@ -203,20 +206,38 @@ class Steering:
     rules: RuleManager
     ifindex: int
     owner: int
+    ingress: str = "tc"
 
     @classmethod
     def open(cls, ifindex: int, pin_dir: str, *, egress: bool, backend: str = "none",
-             owner: int | None = None) -> Steering:
+             owner: int | None = None, ingress: str = "tc") -> Steering:
+        """Load the programs and attach them to ``ifindex``.
+
+        ``ingress`` picks the program that blocks and redirects the client's
+        packets: ``"tc"`` (clsact ingress; redirects with ``bpf_redirect``)
+        or ``"xdp"`` (the XDP program, attached instead; redirects with
+        ``XDP_TX``). XDP expects what a NIC delivers: complete checksums,
+        no GSO. On a veth, ``XDP_TX`` only reaches the peer if the peer runs
+        an XDP program itself (see docs/steering.md and
+        ``xo.lab.prepare_xdp_tx``). The source rewrite (``egress``) is tc
+        either way.
+        """
+        if ingress not in INGRESS_PATHS:
+            raise ValueError(f"ingress {ingress!r}: one of {', '.join(INGRESS_PATHS)}")
         steer = Steer(pin_dir=pin_dir)
         # The owner id names the role instance (its pin directory), not the
         # process: a restarted agent purges what its crashed predecessor left.
         owner = owner if owner is not None else zlib.crc32(pin_dir.encode()) & 0x7FFFFFFF
-        steer.purge_owner(owner)
-        steer.attach(ifindex, core_prog("TC_INGRESS"))
-        if egress:
-            steer.attach(ifindex, core_prog("TC_EGRESS"))
-        rules = RuleManager(steer, ifindex, backend)
-        return cls(steer, rules, ifindex, owner)
+        try:
+            steer.purge_owner(owner)
+            steer.attach(ifindex, core_prog("XDP" if ingress == "xdp" else "TC_INGRESS"))
+            if egress:
+                steer.attach(ifindex, core_prog("TC_EGRESS"))
+            rules = RuleManager(steer, ifindex, backend)
+        except BaseException:
+            steer.close()  # detaches whatever was attached already
+            raise
+        return cls(steer, rules, ifindex, owner, ingress)
 
     def close(self) -> None:
         self.rules.close()

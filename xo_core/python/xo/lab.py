@@ -810,6 +810,67 @@ def up(
         raise
 
 
+# --------------------------------------------------------------------------- XDP
+
+
+# The bridge port's checksum offload, as ethtool names it (veth: NETIF_F_HW_CSUM).
+PORT_CSUM_FEATURE = "tx-checksum-ip-generic"
+
+
+def prepare_xdp_tx(testbed: Lab, member: str | LabHost) -> None:
+    """Let an XDP program on `member`'s veth send frames back with XDP_TX.
+
+    Two things a real NIC gives an XDP program for free have to be made for a veth
+    (kernel 6.18; see docs/steering.md, "XDP on veth", for the measurements):
+
+    - A pass-through XDP program on the bridge-side port, the veth's peer. XDP_TX on
+      a veth queues the frame on the peer's NAPI ring, and only wakes the peer's NAPI
+      if the peer has an XDP program (veth_xdp_flush checks the peer's xdp_prog). Without
+      NAPI on the peer the frames are dropped; with NAPI from GRO alone (ethtool -K
+      <port> gro on) they are queued but never polled. XO's own program with a private,
+      empty flow map passes everything.
+    - Complete checksums on what the port sends to the member. Traffic between
+      namespaces is CHECKSUM_PARTIAL (the TCP checksum field holds only the pseudo
+      header sum), which tc and the stack know from the skb but XDP cannot see; XDP_TX
+      turns the packet into a bare frame, and the receiver would check the partial
+      sum and drop the segment (TcpInCsumErrors). With checksum offload off on the
+      port, the kernel completes every checksum before handing the frame over, as a
+      wire would.
+
+    Idempotent; undone when the lab is torn down (the links go).
+    """
+    from pyroute2.ethtool import Ethtool
+
+    from xo.steer import Prog, Steer
+
+    host = testbed.member(member)
+    with in_netns(testbed.bridge_netns):
+        ethtool = Ethtool()
+    try:
+        features = ethtool.get_features(host.port_ifname)
+        if features.features[PORT_CSUM_FEATURE].enable:
+            features.features[PORT_CSUM_FEATURE].enable = False
+            ethtool.set_features(host.port_ifname, features)
+        if ethtool.get_features(host.port_ifname).features[PORT_CSUM_FEATURE].enable:
+            raise LabError(f"cannot turn off checksum offload on {host.port_ifname}")
+    finally:
+        ethtool.close()
+
+    with _iproute_in(testbed.bridge_netns) as ipr:
+        link = ipr.link("get", index=host.port_ifindex)[0]
+        xdp = link.get_attr("IFLA_XDP")
+        if xdp is not None and xdp.get_attr("IFLA_XDP_PROG_ID"):
+            return  # already has its program
+    # max_flows=1: the map is never written; nothing to preallocate.
+    passthrough = Steer(pin=False, max_flows=1)
+    try:
+        passthrough.attach(host.port_ifindex, Prog.XDP,
+                           netns=str(_netns_path(testbed.bridge_netns)))
+    finally:
+        # The kernel keeps the program (and its map) attached until the port goes.
+        passthrough.close(keep_attached=True)
+
+
 # --------------------------------------------------------------------------- down
 
 

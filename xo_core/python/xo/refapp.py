@@ -38,7 +38,7 @@ from xo.engine import (
     load_key,
 )
 from xo.lab import PIN_ROOT as LAB_PIN_ROOT
-from xo.lab import Lab
+from xo.lab import Lab, prepare_xdp_tx
 
 log = logging.getLogger("xo.refapp")
 
@@ -221,9 +221,9 @@ class Upstream:
 
 class Host:
     def __init__(self, testbed: Lab, docroot: Path, key: bytes, policy: str,
-                 mode: str) -> None:
+                 mode: str, ingress: str = "tc") -> None:
         self.lab, self.docroot, self.key = testbed, docroot, key
-        self.policy, self.mode = policy, mode
+        self.policy, self.mode, self.ingress = policy, mode, ingress
         self.me = testbed.host
         self.served_locally = 0
         self.proxied = 0
@@ -239,8 +239,13 @@ class Host:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self, ready: asyncio.Event) -> None:
+        if self.ingress == "xdp":
+            # The lab's veth is no NIC: its bridge-side peer must run XDP itself
+            # for XDP_TX frames to arrive, and must hand over full checksums.
+            # (A thread: pyroute2's netlink calls run an event loop of their own.)
+            await asyncio.to_thread(prepare_xdp_tx, self.lab, self.me)
         steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-host",
-                                 egress=False)
+                                 egress=False, ingress=self.ingress)
         self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return)
         try:
             for target in self.lab.targets:
@@ -481,7 +486,7 @@ async def _main(args: argparse.Namespace) -> int:
     ready = asyncio.Event()
     app: Host | Target
     if args.role == "host":
-        app = Host(testbed, docroot, key, args.policy, args.mode)
+        app = Host(testbed, docroot, key, args.policy, args.mode, args.ingress)
     else:
         app = Target(testbed, args.member, docroot, key, args.crash_at)
     loop = asyncio.get_running_loop()
@@ -515,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="xo", choices=["xo", "proxy", "local"],
                         help="host: hand connections off (xo), relay to the targets like a "
                              "reverse proxy (proxy), or serve everything itself (local)")
+    parser.add_argument("--ingress", default="tc", choices=["tc", "xdp"],
+                        help="host: block/redirect the client's packets in tc (default) or XDP")
     parser.add_argument("--crash-at", choices=["begin", "restored", "ready", "host_ready", "done"],
                         help="fault injection: SIGKILL ourselves at this protocol step")
     parser.add_argument("--log", help="log file (default stderr)")
