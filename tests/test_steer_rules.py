@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -520,6 +521,32 @@ def test_xdp_leaves_a_foreign_program_alone(veth_pair: dict[str, str], pin_dir: 
     finally:
         other.close()
     assert "prog/xdp" not in ip("-n", ns, "link", "show", "dev", "xos0")
+
+
+def test_xdp_takes_over_its_own_stale_program(veth_pair: dict[str, str], pin_dir: str) -> None:
+    """A process killed with its XDP program attached: the next handle on the
+    same pinned map (same role instance) replaces it instead of failing."""
+    ns = veth_pair["server"]
+    netns = f"/run/netns/{ns}"
+    ifindex = ns_ifindex(ns, "xos0")
+    dead = Steer(pin_dir=pin_dir)
+    dead.attach(ifindex, Prog.XDP, netns=netns)
+    stale_id = xdp_prog_id(ns)
+    dead.close(keep_attached=True)  # what SIGKILL leaves: program attached, map pinned
+    assert xdp_prog_id(ns) == stale_id
+    successor = Steer(pin_dir=pin_dir)
+    try:
+        successor.attach(ifindex, Prog.XDP, netns=netns)
+        assert xdp_prog_id(ns) not in (None, stale_id)
+        successor.detach(ifindex, Prog.XDP, netns=netns)
+        assert xdp_prog_id(ns) is None
+    finally:
+        successor.close(unpin=True)
+
+
+def xdp_prog_id(ns: str) -> int | None:
+    match = re.search(r"prog/xdp id (\d+)", ip("-n", ns, "-d", "link", "show", "dev", "xos0"))
+    return int(match.group(1)) if match else None
 
 
 # ---- flower backend ------------------------------------------------------------------

@@ -264,6 +264,59 @@ out:
 	return ret;
 }
 
+/*
+ * The interface already has an XDP program. If it is ours from an earlier
+ * incarnation of this role instance (a process killed before it could
+ * detach), it uses our pinned flow map: take its place atomically. Any
+ * other program, including a live XO handle with other maps, is left
+ * alone.
+ */
+static int take_over_stale_xdp(struct xo_steer *s, int ifindex,
+			       uint32_t flags)
+{
+	struct bpf_prog_info info;
+	struct bpf_map_info map_info;
+	uint32_t len = sizeof(info), map_len = sizeof(map_info);
+	uint32_t prog_id = 0, map_ids[8], i;
+	int old_fd, ret, ours = 0;
+
+	if (!s->pinned || bpf_xdp_query_id(ifindex, (int)flags, &prog_id) ||
+	    !prog_id)
+		return xo_fail(XO_E_BUSY, "ifindex %d already has an XDP "
+			       "program; detach it first", ifindex);
+	old_fd = bpf_prog_get_fd_by_id(prog_id);
+	if (old_fd < 0)
+		return xo_fail_bpf(old_fd, "open XDP program %u on ifindex %d",
+				   prog_id, ifindex);
+	memset(&info, 0, sizeof(info));
+	info.nr_map_ids = sizeof(map_ids) / sizeof(map_ids[0]);
+	info.map_ids = (uint64_t)(unsigned long)map_ids;
+	memset(&map_info, 0, sizeof(map_info));
+	if (bpf_obj_get_info_by_fd(old_fd, &info, &len) ||
+	    bpf_obj_get_info_by_fd(s->flows_fd, &map_info, &map_len)) {
+		ret = xo_fail_bpf(-errno, "inspect XDP program %u on ifindex %d",
+				  prog_id, ifindex);
+		goto out;
+	}
+	for (i = 0; i < info.nr_map_ids && i < 8; i++)
+		ours |= map_ids[i] == map_info.id;
+	if (!ours || strcmp(info.name, "xo_xdp")) {
+		ret = xo_fail(XO_E_BUSY, "ifindex %d already has XDP program "
+			      "'%s' (id %u), not a stale one of ours; detach "
+			      "it first", ifindex, info.name, prog_id);
+		goto out;
+	}
+	LIBBPF_OPTS(bpf_xdp_attach_opts, xo, .old_prog_fd = old_fd);
+	ret = bpf_xdp_attach(ifindex, s->prog_fd[XO_PROG_XDP],
+			     flags | XDP_FLAGS_REPLACE, &xo);
+	if (ret)
+		ret = xo_fail_bpf(ret, "replace stale XDP program %u on "
+				  "ifindex %d", prog_id, ifindex);
+out:
+	close(old_fd);
+	return ret;
+}
+
 int xo_steer_attach(struct xo_steer *s, int ifindex, int prog,
 		    const struct xo_attach_opts *uopts)
 {
@@ -324,11 +377,10 @@ int xo_steer_attach(struct xo_steer *s, int ifindex, int prog,
 				     o.xdp_flags | XDP_FLAGS_UPDATE_IF_NOEXIST,
 				     NULL);
 		if (ret == -EBUSY || ret == -EEXIST) {
-			ret = xo_fail(XO_E_BUSY, "ifindex %d already has an "
-				      "XDP program; detach it first", ifindex);
-			goto fail;
-		}
-		if (ret) {
+			ret = take_over_stale_xdp(s, ifindex, o.xdp_flags);
+			if (ret)
+				goto fail;
+		} else if (ret) {
 			ret = xo_fail_bpf(ret, "attach XDP program to ifindex "
 					  "%d (flags 0x%x)", ifindex,
 					  o.xdp_flags);
