@@ -287,14 +287,15 @@ def recv_msg(sock: socket.socket, channel: Channel) -> Message:
             return msg
 
 
-def captured_state(apps: RefAppCluster, local_override: Endpoint | None = None) -> TcpState:
-    """A real TcpState: a client -> host connection made for the purpose
-    (host namespace, a spare port), frozen and captured like the host does,
-    with a request as its application data. ``local_override`` rewrites the
-    state's local endpoint (a forged state)."""
-    host_ip = apps.testbed.host.ipv4
+def captured_state(apps: RefAppCluster, local_override: Endpoint | None = None,
+                   family: int = socket.AF_INET) -> TcpState:
+    """A real TcpState: a client -> host connection of the given family made
+    for the purpose (host namespace, a spare port), frozen and captured like
+    the host does, with a request as its application data.
+    ``local_override`` rewrites the state's local endpoint (a forged state)."""
+    host_ip = apps.testbed.host.address(family)
     with in_netns(apps.testbed.host.netns):
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener = socket.socket(family, socket.SOCK_STREAM)
     with listener:
         listener.bind((host_ip, 0))
         listener.listen(1)

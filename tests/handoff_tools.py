@@ -181,13 +181,14 @@ class AsyncHTTPClient:
 
 
 def curl_many(testbed: Lab, url: str, paths: list[str], out_dir: Path,
-              timeout: float = 60) -> list[dict[str, str]]:
+              timeout: float = 60, curl_args: tuple[str, ...] = ()) -> list[dict[str, str]]:
     """One curl run fetching every path in order on one keep-alive connection;
-    per transfer: status, size, served_by, connects, local_port, file."""
+    per transfer: status, size, served_by, connects, local_ip, local_port,
+    remote_ip, file. ``curl_args`` e.g. ("-g", "-6") for IPv6."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv = ["curl", "-s", "-S", "-m", str(int(timeout)), "-w",
+    argv = ["curl", *curl_args, "-s", "-S", "-m", str(int(timeout)), "-w",
             "%{http_code} %{size_download} %header{x-served-by} %{num_connects} "
-            "%{local_port}\\n"]
+            "%{local_ip} %{local_port} %{remote_ip}\\n"]
     files = []
     for i, path in enumerate(paths):
         files.append(out_dir / f"{i}")
@@ -197,9 +198,10 @@ def curl_many(testbed: Lab, url: str, paths: list[str], out_dir: Path,
         raise AssertionError(f"curl exit {res.returncode}: {res.stderr}")
     rows = []
     for line, file in zip(res.stdout.splitlines(), files, strict=True):
-        status, size, served_by, connects, port = line.split()
+        status, size, served_by, connects, local_ip, local_port, remote_ip = line.split()
         rows.append({"status": status, "size": size, "served_by": served_by,
-                     "connects": connects, "local_port": port, "file": str(file)})
+                     "connects": connects, "local_ip": local_ip, "local_port": local_port,
+                     "remote_ip": remote_ip, "file": str(file)})
     return rows
 
 

@@ -25,9 +25,16 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from handoff_faults_tools import control_connect, handshake, map_entries, recv_msg
+from handoff_faults_tools import (
+    captured_state,
+    control_connect,
+    handshake,
+    map_entries,
+    recv_msg,
+)
 from handoff_tools import (
     IO_TIMEOUT,
+    curl_many,
     docroot_digests,
     lab_name,
     rst_counters,
@@ -36,13 +43,11 @@ from handoff_tools import (
     tcp_sockets,
 )
 from netns_tools import sha256, wait_for
-from xo import core
 from xo.core import (
     ABORT_HOST,
     ABORT_RESTORE,
     Endpoint,
     MsgType,
-    TcpState,
     decode_abort,
     decode_ready,
     encode_abort,
@@ -60,29 +65,9 @@ def url6(testbed: Lab) -> str:
     return f"http://[{testbed.host.ipv6}]:{HTTP_PORT}"
 
 
-def curl6_many(testbed: Lab, paths: list[str], out_dir: Path,
-               timeout: float = 60) -> list[dict[str, str]]:
-    """One curl -6 run fetching every path in order on one keep-alive
-    connection to the host's IPv6 address; per transfer: status, size,
-    served_by, connects, local/remote IP, file."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    argv = ["curl", "-g", "-6", "-s", "-S", "-m", str(int(timeout)), "-w",
-            "%{http_code} %{size_download} %header{x-served-by} %{num_connects} "
-            "%{local_ip} %{local_port} %{remote_ip}\\n"]
-    files = []
-    for i, path in enumerate(paths):
-        files.append(out_dir / f"{i}")
-        argv += ["-o", str(files[-1]), f"{url6(testbed)}{path}"]
-    res = testbed.run("client", argv, capture_output=True, text=True, timeout=timeout + 10)
-    if res.returncode != 0:
-        raise AssertionError(f"curl exit {res.returncode}: {res.stderr}")
-    rows = []
-    for line, file in zip(res.stdout.splitlines(), files, strict=True):
-        status, size, served_by, connects, local_ip, local_port, remote_ip = line.split()
-        rows.append({"status": status, "size": size, "served_by": served_by,
-                     "connects": connects, "local_ip": local_ip, "local_port": local_port,
-                     "remote_ip": remote_ip, "file": str(file)})
-    return rows
+def curl6_many(testbed: Lab, paths: list[str], out_dir: Path) -> list[dict[str, str]]:
+    """curl_many over IPv6, to the host's IPv6 address."""
+    return curl_many(testbed, url6(testbed), paths, out_dir, curl_args=("-g", "-6"))
 
 
 def client_tag(ip: str) -> str:
@@ -245,36 +230,6 @@ def test_ipv4_and_ipv6_connections_interleaved(tmp_path: Path) -> None:
         assert rst_counters(testbed) == rst_before, "resets while closing"
 
 
-def captured_state6(apps: RefAppCluster, local_override: Endpoint | None = None) -> TcpState:
-    """A real TcpState of an IPv6 client -> host connection made for the
-    purpose (host namespace, a spare port), frozen and captured as the host
-    does, with a request as its application data."""
-    testbed = apps.testbed
-    with in_netns(testbed.host.netns):
-        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    with listener:
-        listener.bind((testbed.host.ipv6, 0))
-        listener.listen(1)
-        with in_netns(testbed.client.netns):
-            client = socket.create_connection((testbed.host.ipv6, listener.getsockname()[1]),
-                                              timeout=IO_TIMEOUT)
-        server, _ = listener.accept()
-    request = b"GET /small.bin HTTP/1.1\r\nHost: x\r\n\r\n"
-    with client, server:
-        client.sendall(request)
-        server.settimeout(IO_TIMEOUT)
-        got = b""
-        while len(got) < len(request):
-            got += server.recv(4096)
-        core.freeze(server)
-        state = core.capture(server)
-        core.resume(server)
-    state.app_data = request
-    if local_override is not None:
-        local_override.to_c(state.c.local)
-    return state
-
-
 def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
     """Over an IPv4 control connection from the host: a state naming the
     host's IPv6 address is adopted on t0's IPv6 address with IPv6-keyed
@@ -284,7 +239,7 @@ def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
         testbed = apps.testbed
         t0 = testbed.member("t0")
         key = apps.key_path.read_bytes()
-        state = captured_state6(apps)
+        state = captured_state(apps, family=socket.AF_INET6)
         assert state.local.ip == testbed.host.ipv6
         with control_connect(apps) as sock:
             assert sock.getsockname()[0] == testbed.host.ipv4
@@ -292,7 +247,7 @@ def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
 
             forged = Endpoint(testbed.client.ipv6, HTTP_PORT)
             sock.sendall(channel.seal(MsgType.BEGIN_OFFLOAD, 5,
-                                      captured_state6(apps, forged).encode()))
+                                      captured_state(apps, forged, socket.AF_INET6).encode()))
             reply = recv_msg(sock, channel)
             assert (reply.type, reply.conn_id) == (MsgType.ABORT, 5)
             reason, text = decode_abort(reply.payload)
