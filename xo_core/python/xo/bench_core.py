@@ -10,7 +10,6 @@ include the cffi call overhead (well under 1 µs).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import statistics
@@ -18,10 +17,9 @@ import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-from xo import core
+from xo import core, results
 from xo._xo_cffi import ffi, lib
 from xo.lab import in_netns
 
@@ -152,9 +150,5 @@ def print_report(result: dict[str, Any]) -> None:
 def main(iterations: int, json_path: str | None) -> int:
     result = run(iterations)
     print_report(result)
-    if json_path:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"JSON written to {json_path}")
+    results.save(result, json_path, "bench-core")
     return 0

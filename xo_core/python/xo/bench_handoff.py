@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from xo import lab as xolab
+from xo import results
 from xo.demo import cluster
 from xo.refapp import HTTP_PORT
 
@@ -156,10 +157,5 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(handoffs: int, json_path: str | None) -> int:
     result = run(handoffs)
     print_report(result)
-    out = Path(json_path) if json_path else Path("results/bench-handoff.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    png = out.with_suffix(".png")
-    plot(result, png)
-    print(f"JSON written to {out}, plot to {png}")
+    results.save(result, json_path, "bench-handoff", plot)
     return 0

@@ -18,7 +18,6 @@ softirq context and is not in it).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from xo import lab as xolab
+from xo import results
 from xo.demo import cluster, iface_tx_bytes
 from xo.refapp import HTTP_PORT
 
@@ -164,10 +164,5 @@ def main(targets: int, rate: str, connections: int, seconds: float,
          json_path: str | None) -> int:
     result = run(targets, rate, connections, seconds)
     print_report(result)
-    out = Path(json_path) if json_path else Path("results/bench-lab.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    png = out.with_suffix(".png")
-    plot(result, png)
-    print(f"JSON written to {out}, plot to {png}")
+    results.save(result, json_path, "bench-lab", plot)
     return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -15,14 +14,8 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 def _lab_demo(args: argparse.Namespace) -> int:
-    try:
-        from xo import demo
-    except ImportError:
-        # The handoff engine and reference app arrive with the steering work.
-        print("xo lab demo: the handoff demo is not built yet; showing the core instead")
-        from xo import bench_core
+    from xo import demo
 
-        return bench_core.main(200, "results/bench-core.json")
     return demo.main(args)
 
 
@@ -45,17 +38,9 @@ def _bench_lab(args: argparse.Namespace) -> int:
 
 
 def _bench_rules(args: argparse.Namespace) -> int:
-    import json
+    from xo import bench_rules, results
 
-    try:
-        from xo import bench_rules
-    except ImportError as exc:
-        print(f"xo bench rules: not available in this build ({exc})", file=sys.stderr)
-        return 2
-    result = bench_rules.run(args.count)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"JSON written to {args.json}")
+    results.save(bench_rules.run(args.count), args.json, "bench-rules")
     return 0
 
 

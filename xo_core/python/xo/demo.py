@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from xo import lab as xolab
+from xo import results
 from xo.engine import write_key
 from xo.refapp import HTTP_PORT
 
@@ -164,8 +165,6 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
-    results_dir = Path("results")
-    results_dir.mkdir(exist_ok=True)
     with cluster(targets=args.targets, name="demo") as apps:
         digests = {name: hashlib.sha256((apps.docroot / name).read_bytes()).hexdigest()
                    for name in DEMO_FILES}
@@ -210,8 +209,7 @@ def main(args: argparse.Namespace) -> int:
                       f"back, {stats['rollbacks']} rolled back")
         summary = {"requests": len(names), "ok": ok, "bytes": total, "host_tx_bytes": relayed,
                    "served_by": by_target, "host": stats, "seconds": elapsed}
-        (results_dir / "lab-demo.json").write_text(json.dumps(summary, indent=2))
-        console.print("JSON written to results/lab-demo.json")
+        results.save(summary, None, "lab-demo")
         if not ok:
             console.print(f"[red]demo failed[/] (curl exit {res.returncode}: {res.stderr})")
             return 1
