@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
 	build-essential make pkg-config python3-venv python3-dev libssl-dev
-	clang llvm libbpf-dev libmnl-dev bpftool
-	iproute2 nftables tcpdump curl
+	clang libbpf-dev libmnl-dev
+	iproute2 nftables tcpdump curl procps
 )
 
 missing=()
