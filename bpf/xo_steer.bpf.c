@@ -205,11 +205,19 @@ int xo_tc_egress(struct __sk_buff *skb)
 	live = xo_skb_flow(skb, &p, &a);
 	if (!live)
 		return TC_ACT_OK;
-	if (a.kind != XO_STEER_SRC_REWRITE)
+	if (a.kind != XO_STEER_SRC_REWRITE && a.kind != XO_STEER_BLOCK)
 		return TC_ACT_OK;
 	if (xo_expired(&a)) {
 		xo_stat_inc(XO_STAT_EXPIRED);
 		return TC_ACT_OK;
+	}
+	if (a.kind == XO_STEER_BLOCK) {
+		/* A frozen socket's timers (pacing, retransmission) still
+		 * transmit: dropping what leaves it between freeze and discard
+		 * keeps the captured state exactly what the peer has seen. */
+		xo_count(live, skb->len);
+		xo_stat_inc(XO_STAT_BLOCKED);
+		return TC_ACT_SHOT;
 	}
 	if (xo_skb_rewrite_l3l4(skb, &p, 0, a.new_src_addr, a.new_src_port)) {
 		xo_stat_inc(XO_STAT_ERRORS);

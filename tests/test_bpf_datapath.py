@@ -259,11 +259,25 @@ def test_programs_only_act_on_their_kinds(steer: Steer) -> None:
     client, host, target = V4
     key = FlowKey.tcp(client, 40006, host, 80)
     raw = frame(client, 40006, host, 80)
-    steer.insert(key, Rule.block(ttl_s=30))
-    assert run(steer, Prog.TC_EGRESS, raw) == (TC_ACT_OK, raw)   # egress ignores block
+    steer.insert(key, Rule.redirect(target, 1, ttl_s=30))
+    assert run(steer, Prog.TC_EGRESS, raw) == (TC_ACT_OK, raw)   # egress ignores redirect
     steer.insert(key, Rule.src_rewrite(target, 1, ttl_s=30))
     assert run(steer, Prog.TC_INGRESS, raw) == (TC_ACT_OK, raw)  # ingress ignores rewrite
     assert run(steer, Prog.XDP, raw) == (XDP_PASS, raw)
+
+
+def test_egress_block_drops_what_a_frozen_socket_sends(steer: Steer) -> None:
+    """Between freeze and discard a socket's timers may still transmit; an
+    egress block (the socket's own 4-tuple, outbound) drops it."""
+    client, host, _ = V4
+    key = FlowKey.tcp(host, 80, client, 40007)
+    raw = frame(host, 80, client, 40007, b"late bytes")
+    steer.insert(key, Rule.block(ttl_s=30))
+    blocked = steer.dp_stats()["blocked"]
+    assert run(steer, Prog.TC_EGRESS, raw)[0] == TC_ACT_SHOT
+    assert steer.dp_stats()["blocked"] == blocked + 1
+    steer.insert(key, Rule.block(expires_ns=1))  # expired: passes
+    assert run(steer, Prog.TC_EGRESS, raw) == (TC_ACT_OK, raw)
 
 
 # ---- XDP -----------------------------------------------------------------------

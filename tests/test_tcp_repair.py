@@ -118,6 +118,7 @@ def test_move_with_data_outstanding_both_ways(family: int, options: str, where: 
         assert host.send(to_peer_1) == len(to_peer_1)
         wait_for(lambda: 0 < queue_sizes(host)[2] < queue_sizes(host)[1], "in-flight bytes")
 
+        mss_before = host.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
         core.freeze(host)
         state = core.capture(host)
         assert core.last_syscalls() <= 16
@@ -139,6 +140,8 @@ def test_move_with_data_outstanding_both_ways(family: int, options: str, where: 
             pair.unblock()
         core.resume(restored, moved)
         restored.settimeout(10)
+        # Same segment size as before, not the 536-byte default.
+        assert restored.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) == mss_before
 
         to_host_2, to_peer_2 = rng.randbytes(100_000), rng.randbytes(100_000)
         peer_reader = Reader(peer, len(to_peer_1) + len(to_peer_2))

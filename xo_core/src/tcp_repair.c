@@ -452,6 +452,15 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	if (ret)
 		return ret;
 
+	/* The repair connect() sizes segments (mss_cache) from the clamp it
+	 * finds, and TCP_REPAIR_OPTIONS later changes the clamp without
+	 * resizing them: without this the socket would send 524-byte
+	 * segments for the rest of its life. */
+	ret = set_int(fd, SOL_TCP, TCP_MAXSEG, (int)st->mss_clamp,
+		      "restore: setsockopt(TCP_MAXSEG)");
+	if (ret)
+		return ret;
+
 	sl = to_sockaddr(&local, &ss);
 	if (XO_SYSCALL(bind(fd, (struct sockaddr *)&ss, sl)) < 0) {
 		char txt[INET6_ADDRSTRLEN] = "?";

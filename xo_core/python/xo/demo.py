@@ -52,6 +52,8 @@ class RefAppCluster:
     ingress: str = "tc"  # host: block/redirect in tc or XDP
     crash_at: dict[str, str] = field(default_factory=dict)
     timings: bool = False  # members write per-step handoff timings at exit
+    redirect_ttl: float | None = None  # seconds; the engines' default if None
+    drain_timeout: float | None = None  # targets: wait for ACKs before handing back
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -81,6 +83,10 @@ class RefAppCluster:
             argv += ["--mode", self.mode, "--ingress", self.ingress]
         if self.timings:
             argv += ["--timings", str(self.timings_path(member))]
+        if self.redirect_ttl is not None:
+            argv += ["--redirect-ttl", str(self.redirect_ttl)]
+        if self.drain_timeout is not None:
+            argv += ["--drain-timeout", str(self.drain_timeout)]
         if member in self.crash_at:
             argv += ["--crash-at", self.crash_at[member]]
         return argv

@@ -76,7 +76,7 @@ READY_TIMEOUT_S = 2.0      # host waits this long for TARGET_READY
 HOST_READY_TIMEOUT_S = 2.0  # target waits this long for HOST_READY
 DONE_TIMEOUT_S = 2.0       # target waits this long for END_OFFLOAD
 BLOCK_TTL_S = 10.0         # a block outliving a dead handoff frees the port
-REDIRECT_TTL_S = 3600.0    # offloaded connections are re-homed well before
+REDIRECT_TTL_S = 600.0     # live flows are renewed every third of this
 CLOSED_TTL_S = 30.0        # keep steering a closed flow for its last FIN/ACKs
 LOAD_REPORT_INTERVAL_S = 0.5
 SWEEP_INTERVAL_S = 1.0
@@ -239,6 +239,16 @@ class Steering:
             raise
         return cls(steer, rules, ifindex, owner, ingress)
 
+    def set_expiry(self, key: FlowKey, ttl_s: float) -> bool:
+        """Give a flow's entry a new expiry (renewal, or a short grace after
+        a close); False if the flow has no entry."""
+        rule = self.steer.lookup(key)
+        if rule is None:
+            return False
+        expires = monotonic_ns() + int(ttl_s * 1e9)
+        self.rules.insert(key, dataclasses.replace(rule, expires_ns=expires))
+        return True
+
     def close(self) -> None:
         self.rules.close()
         self.steer.close(unpin=True)
@@ -368,6 +378,7 @@ class HostEngine:
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = {"offloads": 0, "rollbacks": 0, "returns": 0, "withdrawn": 0}
         self.times = StepTimes()
+        self.redirect_ttl_s = REDIRECT_TTL_S
         self._closing = False
 
     def _spawn(self, coro: Awaitable[None]) -> None:
@@ -460,7 +471,11 @@ class HostEngine:
         try:
             if not link.up or link.conn is None:
                 raise ProtocolError(f"target {link.name} is down")
-            rules.insert(key, Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner))
+            block = Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner)
+            rules.insert(key, block)
+            # Outbound too: a frozen socket's timers may still transmit, and
+            # what they send must not reach the client (see the eBPF egress).
+            rules.insert(key.reversed(), block)
             lap("block")
             core.freeze(sock)
             frozen = True
@@ -491,10 +506,11 @@ class HostEngine:
 
         # Point of no return: the target holds a restored socket and its rewrite.
         rules.insert(key, Rule.redirect(target_ip, target_port, dst_mac=link.mac,
-                                        src_mac=self.host_mac, ttl_s=REDIRECT_TTL_S,
+                                        src_mac=self.host_mac, ttl_s=self.redirect_ttl_s,
                                         owner=self.steering.owner))
         lap("redirect")
         core.discard(sock)
+        rules.remove(key.reversed())
         self.offloaded[conn_id] = Offloaded(
             conn_id, key, Endpoint(local_ip, local_port), link, time.monotonic(),
             Endpoint(peer_ip, peer_port),
@@ -517,8 +533,9 @@ class HostEngine:
         self.stats["rollbacks"] += 1
         if frozen:
             core.resume(sock)
-        with contextlib.suppress(XoError):
-            self.steering.rules.remove(key)
+        for flow in (key, key.reversed()):
+            with contextlib.suppress(XoError):
+                self.steering.rules.remove(flow)
         if link.up and link.conn is not None:
             # Tell the target to drop whatever it restored for this id.
             self._spawn(self._send_quietly(link.conn, MsgType.ABORT, conn_id,
@@ -542,7 +559,7 @@ class HostEngine:
         if msg.flags & DONE_FLAG_CLOSED:
             # The client closed on the target: keep steering its last packets
             # (FIN/ACK retransmissions) for a while, then let the entry expire.
-            self._shorten(off.key, CLOSED_TTL_S)
+            self.steering.set_expiry(off.key, CLOSED_TTL_S)
             self._forget(off)
             await self._send_quietly(link.conn, MsgType.END_OFFLOAD, msg.conn_id)
             return
@@ -569,20 +586,21 @@ class HostEngine:
         lap.total()
         await self.on_return(sock, state.app_data)
 
-    def _shorten(self, key: FlowKey, ttl_s: float) -> None:
-        rule = self.steering.steer.lookup(key)
-        if rule is not None:
-            expires = monotonic_ns() + int(ttl_s * 1e9)
-            self.steering.rules.insert(key, dataclasses.replace(rule, expires_ns=expires))
-
     def _forget(self, off: Offloaded) -> None:
         self.offloaded.pop(off.conn_id, None)
         off.link.offloaded.discard(off.conn_id)
 
     async def sweep_forever(self) -> None:
+        """Drop expired entries; renew the redirects of flows still offloaded
+        so a long transfer never outlives its rule."""
+        last_renewal = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.steering.rules.sweep()
+            if time.monotonic() - last_renewal >= self.redirect_ttl_s / 3:
+                last_renewal = time.monotonic()
+                for off in list(self.offloaded.values()):
+                    self.steering.set_expiry(off.key, self.redirect_ttl_s)
 
     async def close(self) -> None:
         self._closing = True
@@ -650,6 +668,7 @@ class TargetAgent:
         self.bytes_served = 0
         self.rejected = 0
         self.times = StepTimes()
+        self.redirect_ttl_s = REDIRECT_TTL_S
         self._controls: set[ControlConn] = set()
         self._waiters_by_conn: dict[ControlConn, _Waiters] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -721,7 +740,7 @@ class TargetAgent:
         ingress_key = FlowKey.tcp(client.ip, client.port, my_ip, port)
         rules = self.steering.rules
         self._step("restored")
-        rules.insert(rewrite_key, Rule.src_rewrite(host.ip, host.port, ttl_s=REDIRECT_TTL_S,
+        rules.insert(rewrite_key, Rule.src_rewrite(host.ip, host.port, ttl_s=self.redirect_ttl_s,
                                                    owner=self.steering.owner))
         lap("rewrite")
         reply = waiters.expect(msg.conn_id)
@@ -785,7 +804,14 @@ class TargetAgent:
         if waiters is None or conn.control.closed:
             return False
         lap = self.times.lap("in")
-        rules.insert(conn.ingress_key, Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner))
+        block = Rule.block(ttl_s=BLOCK_TTL_S, owner=self.steering.owner)
+        rules.insert(conn.ingress_key, block)
+        # The source rewrite becomes an egress block while frozen: pacing
+        # and retransmission timers still send, and bytes sent after the
+        # capture must not reach the client (they would be "unsent" to the
+        # host, which could then never match the client's ACKs).
+        rewrite = self.steering.steer.lookup(conn.rewrite_key)
+        rules.insert(conn.rewrite_key, block)
         lap("block")
         try:
             core.freeze(conn.sock)
@@ -794,13 +820,12 @@ class TargetAgent:
             # Typically the client closed meanwhile (CLOSE_WAIT): keep the
             # connection here; the application reads the EOF and closes.
             log.info("conn %x: not handing back: %s", conn.conn_id, exc)
-            with contextlib.suppress(XoError):
-                core.resume(conn.sock)
-            rules.remove(conn.ingress_key)
+            self._unfreeze(conn, rewrite)
             return False
         state.app_data = app_data
         payload = state.encode()
         lap("serialize")
+        log.debug("conn %x: handing back %r", conn.conn_id, state)
         reply = waiters.expect(conn.conn_id)
         try:
             self._step("done")
@@ -812,8 +837,7 @@ class TargetAgent:
         except (TimeoutError, ProtocolError) as exc:
             waiters.drop(conn.conn_id)
             log.warning("conn %x: hand-back failed (%s); keeping it", conn.conn_id, exc)
-            core.resume(conn.sock)
-            rules.remove(conn.ingress_key)
+            self._unfreeze(conn, rewrite)
             return False
         core.discard(conn.sock)
         rules.remove(conn.rewrite_key)
@@ -821,6 +845,17 @@ class TargetAgent:
         lap("cleanup")
         lap.total()
         return True
+
+    def _unfreeze(self, conn: TargetConn, rewrite: Rule | None) -> None:
+        """Undo hand_back's freeze: the connection stays and is served here."""
+        with contextlib.suppress(XoError):
+            core.resume(conn.sock)
+        rules = self.steering.rules
+        if rewrite is not None:
+            rules.insert(conn.rewrite_key, rewrite)
+        else:
+            rules.remove(conn.rewrite_key)
+        rules.remove(conn.ingress_key)
 
     async def closed_by_client(self, conn: TargetConn) -> None:
         """The client ended the connection here: close it (FIN goes out through
@@ -848,9 +883,15 @@ class TargetAgent:
             await asyncio.sleep(LOAD_REPORT_INTERVAL_S)
 
     async def _sweep_loop(self) -> None:
+        """As HostEngine.sweep_forever, for the source rewrites we hold."""
+        last_renewal = time.monotonic()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.steering.rules.sweep()
+            if time.monotonic() - last_renewal >= self.redirect_ttl_s / 3:
+                last_renewal = time.monotonic()
+                for conn in list(self.active.values()):
+                    self.steering.set_expiry(conn.rewrite_key, self.redirect_ttl_s)
 
     async def close(self) -> None:
         if self._server is not None:

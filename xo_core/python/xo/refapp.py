@@ -245,8 +245,10 @@ class Host:
             # (A thread: pyroute2's netlink calls run an event loop of their own.)
             await asyncio.to_thread(prepare_xdp_tx, self.lab, self.me)
         steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-host",
-                                 egress=False, ingress=self.ingress)
+                                 egress=True, ingress=self.ingress)
         self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return)
+        if REDIRECT_TTL_S is not None:
+            self.engine.redirect_ttl_s = REDIRECT_TTL_S
         try:
             for target in self.lab.targets:
                 await self._connect_with_retry(target.name, target.ipv4, target.mac)
@@ -384,6 +386,8 @@ class Target:
         host = self.lab.host
         self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at,
                                  my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6))
+        if REDIRECT_TTL_S is not None:
+            self.agent.redirect_ttl_s = REDIRECT_TTL_S
         listener = _listen(socket.AF_INET, self.me.ipv4, TARGET_HTTP_PORT)
         try:
             await self.agent.start(DEFAULT_CONTROL_PORT)
@@ -439,7 +443,7 @@ class Target:
                 if not req.keep_alive:
                     await conn.closed_by_client()
                     return
-                await drain_send_queue(conn.sock)
+                await drain_send_queue(conn.sock, DRAIN_TIMEOUT_S)
                 if await conn.hand_back(bytes(buf)):
                     return
                 # The host did not take it back: keep serving here.
@@ -452,6 +456,8 @@ class Target:
 
 
 TIMINGS_PATH: Path | None = None
+REDIRECT_TTL_S: float | None = None  # --redirect-ttl: the engines' default otherwise
+DRAIN_TIMEOUT_S = 2.0  # --drain-timeout
 
 
 def dump_times(samples: dict[str, list[float]]) -> None:
@@ -526,14 +532,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="fault injection: SIGKILL ourselves at this protocol step")
     parser.add_argument("--log", help="log file (default stderr)")
     parser.add_argument("--timings", help="write per-step handoff timings (JSON) here at exit")
+    parser.add_argument("--drain-timeout", type=float, default=2.0,
+                        help="target: seconds to wait for the response to be acknowledged "
+                             "before handing the connection back (0: hand back at once, "
+                             "the host sends what is left)")
+    parser.add_argument("--redirect-ttl", type=float,
+                        help="seconds a redirect / source rewrite lives unless renewed "
+                             "(renewed every third of it while the flow is offloaded)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {args.role}{'' if args.role == 'host' else ':' + args.member} "
                "%(name)s %(levelname)s %(message)s")
-    global TIMINGS_PATH
+    global TIMINGS_PATH, REDIRECT_TTL_S, DRAIN_TIMEOUT_S
     TIMINGS_PATH = Path(args.timings) if args.timings else None
+    REDIRECT_TTL_S = args.redirect_ttl
+    DRAIN_TIMEOUT_S = args.drain_timeout
     try:
         import uvloop  # libuv's event loop: about half the per-message overhead
     except ImportError:
