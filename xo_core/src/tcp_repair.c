@@ -31,6 +31,8 @@
 #define TCP_REPAIR_OFF_NO_WP -1
 #endif
 #define XO_TCP_REPAIR_ON 1
+/* The most TCP_MAXSEG accepts (MAX_TCP_WINDOW); loopback clamps are larger. */
+#define XO_MAXSEG_MAX 32767u
 
 struct xo_repair_window {
 	uint32_t snd_wl1;
@@ -456,7 +458,9 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	 * finds, and TCP_REPAIR_OPTIONS later changes the clamp without
 	 * resizing them: without this the socket would send 524-byte
 	 * segments for the rest of its life. */
-	ret = set_int(fd, SOL_TCP, TCP_MAXSEG, (int)st->mss_clamp,
+	ret = set_int(fd, SOL_TCP, TCP_MAXSEG,
+		      (int)(st->mss_clamp < XO_MAXSEG_MAX ? st->mss_clamp :
+							 XO_MAXSEG_MAX),
 		      "restore: setsockopt(TCP_MAXSEG)");
 	if (ret)
 		return ret;
