@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
 	build-essential make pkg-config python3-venv python3-dev libssl-dev
-	clang libbpf-dev libmnl-dev
+	clang libclang-rt-14-dev libbpf-dev libmnl-dev
 	iproute2 nftables tcpdump curl procps
 )
 

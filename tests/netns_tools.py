@@ -28,7 +28,9 @@ SIOCOUTQNSD = 0x894B
 
 
 def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+    res = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"ip {' '.join(args)}: exit {res.returncode}: {res.stderr.strip()}")
 
 
 def nft(ns: str, script: str) -> None:
@@ -99,6 +101,14 @@ class VethPair:
         return self.ns[self.location]
 
     def open(self) -> VethPair:
+        try:
+            self._build()
+        except BaseException:
+            self.close()  # never leave half a testbed behind
+            raise
+        return self
+
+    def _build(self) -> None:
         for ns in (self.peer_ns, *self.ns.values()):
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
@@ -109,7 +119,6 @@ class VethPair:
            "peer", "name", self.host_if, "netns", self.ns["a"])
         self._configure(self.peer_ns, self.peer_if, PEER_V4, PEER_V6)
         self._configure(self.ns["a"], self.host_if, HOST_V4, HOST_V6)
-        return self
 
     def _configure(self, ns: str, ifname: str, v4: str, v6: str) -> None:
         ip("-n", ns, "addr", "add", f"{v4}/24", "dev", ifname)

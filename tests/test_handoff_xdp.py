@@ -66,6 +66,13 @@ def link_programs(ns: str, ifindex: int) -> tuple[int, str, list[str]]:
     return prog_id, mode, qdiscs
 
 
+def tc_filters(testbed: Lab, direction: str) -> str:
+    """tc's listing of the host interface's filters in one direction."""
+    out = testbed.run("host", ["tc", "filter", "show", "dev", testbed.host.ifname, direction],
+                      capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
 def csum_errors(testbed: Lab, member: str) -> int:
     tcp = snmp_tcp(testbed.member(member).netns)
     return tcp["InCsumErrors"] + tcp["InErrs"]
@@ -97,11 +104,13 @@ def test_keepalive_connection_through_xdp_redirect(tmp_path: Path) -> None:
         host = testbed.host
         digests = docroot_digests(apps)
 
-        # The host's interface: XDP in native mode, no clsact (so no tc program).
-        prog_id, mode, qdiscs = link_programs(host.netns, host.ifindex)
+        # The host's interface: XDP in native mode and no tc ingress program
+        # (tc egress stays: it blocks what a frozen socket still sends).
+        prog_id, mode, _ = link_programs(host.netns, host.ifindex)
         assert prog_id, "no XDP program on the host's interface"
         assert mode == XDP_NATIVE, f"XDP attach mode {mode}, expected native"
-        assert "clsact" not in qdiscs, qdiscs
+        assert tc_filters(testbed, "ingress") == "", "a tc ingress program is attached"
+        assert "xo_tc_egress" in tc_filters(testbed, "egress")
         # Its bridge port: the pass-through program XDP_TX on a veth needs.
         port_prog, _, _ = link_programs(testbed.bridge_netns, host.port_ifindex)
         assert port_prog and port_prog != prog_id
@@ -134,8 +143,7 @@ def test_keepalive_connection_through_xdp_redirect(tmp_path: Path) -> None:
         redirected = dp_after["redirected"] - dp_before["redirected"]
         assert redirected >= requests, (dp_before, dp_after)
         assert dp_after["errors"] == dp_before["errors"], (dp_before, dp_after)
-        _, _, qdiscs = link_programs(host.netns, host.ifindex)
-        assert "clsact" not in qdiscs, qdiscs
+        assert tc_filters(testbed, "ingress") == ""
 
         wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty", 5)
         assert steering_entries(testbed, "host") == 0
