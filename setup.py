@@ -26,6 +26,9 @@ class BuildWithBpf(build_py):
         super().run()
 
 
+# build_py fills it; it must exist before setuptools lists the packages.
+PKG_DATA.mkdir(exist_ok=True)
+
 setup(
     cmdclass={"build_py": BuildWithBpf},
     package_dir={
