@@ -336,6 +336,19 @@ static void put_gact(struct nlmsghdr *nlh, int *order, int verdict)
 	put_simple_act(nlh, order, "gact", TCA_GACT_PARMS, &g, sizeof(g));
 }
 
+/* Rewrite an address field (all-zero: leave it), at its offset in the
+ * IPv4 or the IPv6 header. */
+static void pedit_set_addr(struct pedit *p, int v6, const uint8_t *addr,
+			   int off4, int off6)
+{
+	if (!nonzero(addr, v6 ? 16 : 4))
+		return;
+	if (v6)
+		pedit_set(p, TCA_PEDIT_KEY_EX_HDR_TYPE_IP6, off6, addr, 16);
+	else
+		pedit_set(p, TCA_PEDIT_KEY_EX_HDR_TYPE_IP4, off4, addr, 4);
+}
+
 static void fl_put_actions(struct flower *f, struct nlmsghdr *nlh,
 			   const struct xo_flow_key *k,
 			   const struct xo_steer_action *a)
@@ -355,14 +368,8 @@ static void fl_put_actions(struct flower *f, struct nlmsghdr *nlh,
 		if (nonzero(a->src_mac, 6))
 			pedit_set(&p, TCA_PEDIT_KEY_EX_HDR_TYPE_ETH, 6,
 				  a->src_mac, 6);
-		if (nonzero(a->new_dst_addr, v6 ? 16 : 4)) {
-			if (v6)
-				pedit_set(&p, TCA_PEDIT_KEY_EX_HDR_TYPE_IP6,
-					  24, a->new_dst_addr, 16);
-			else
-				pedit_set(&p, TCA_PEDIT_KEY_EX_HDR_TYPE_IP4,
-					  16, a->new_dst_addr, 4);
-		}
+		/* Destination address: IPv4 offset 16, IPv6 offset 24. */
+		pedit_set_addr(&p, v6, a->new_dst_addr, 16, 24);
 		if (a->new_dst_port)
 			pedit_set(&p, TCA_PEDIT_KEY_EX_HDR_TYPE_TCP, 2,
 				  (const uint8_t *)&a->new_dst_port, 2);
@@ -372,14 +379,8 @@ static void fl_put_actions(struct flower *f, struct nlmsghdr *nlh,
 			   (uint32_t)f->ifindex);
 		break;
 	case XO_STEER_SRC_REWRITE:
-		if (nonzero(a->new_src_addr, v6 ? 16 : 4)) {
-			if (v6)
-				pedit_set(&p, TCA_PEDIT_KEY_EX_HDR_TYPE_IP6,
-					  8, a->new_src_addr, 16);
-			else
-				pedit_set(&p, TCA_PEDIT_KEY_EX_HDR_TYPE_IP4,
-					  12, a->new_src_addr, 4);
-		}
+		/* Source address: IPv4 offset 12, IPv6 offset 8. */
+		pedit_set_addr(&p, v6, a->new_src_addr, 12, 8);
 		if (a->new_src_port)
 			pedit_set(&p, TCA_PEDIT_KEY_EX_HDR_TYPE_TCP, 0,
 				  (const uint8_t *)&a->new_src_port, 2);

@@ -249,6 +249,20 @@ class Steering:
         self.rules.insert(key, dataclasses.replace(rule, expires_ns=expires))
         return True
 
+    async def maintain(self, ttl_s: Callable[[], float],
+                       live: Callable[[], list[FlowKey]]) -> None:
+        """Forever: drop expired entries every second, and renew the entries
+        of live flows every third of their lifetime, so a long transfer never
+        outlives its rule while a dead one still frees its port."""
+        last_renewal = time.monotonic()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.rules.sweep()
+            if time.monotonic() - last_renewal >= ttl_s() / 3:
+                last_renewal = time.monotonic()
+                for key in live():
+                    self.set_expiry(key, ttl_s())
+
     def close(self) -> None:
         self.rules.close()
         self.steer.close(unpin=True)
@@ -591,16 +605,9 @@ class HostEngine:
         off.link.offloaded.discard(off.conn_id)
 
     async def sweep_forever(self) -> None:
-        """Drop expired entries; renew the redirects of flows still offloaded
-        so a long transfer never outlives its rule."""
-        last_renewal = time.monotonic()
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            self.steering.rules.sweep()
-            if time.monotonic() - last_renewal >= self.redirect_ttl_s / 3:
-                last_renewal = time.monotonic()
-                for off in list(self.offloaded.values()):
-                    self.steering.set_expiry(off.key, self.redirect_ttl_s)
+        """Expire and renew rules: the redirects of flows still offloaded."""
+        await self.steering.maintain(lambda: self.redirect_ttl_s,
+                                     lambda: [off.key for off in self.offloaded.values()])
 
     async def close(self) -> None:
         self._closing = True
@@ -883,15 +890,9 @@ class TargetAgent:
             await asyncio.sleep(LOAD_REPORT_INTERVAL_S)
 
     async def _sweep_loop(self) -> None:
-        """As HostEngine.sweep_forever, for the source rewrites we hold."""
-        last_renewal = time.monotonic()
-        while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            self.steering.rules.sweep()
-            if time.monotonic() - last_renewal >= self.redirect_ttl_s / 3:
-                last_renewal = time.monotonic()
-                for conn in list(self.active.values()):
-                    self.steering.set_expiry(conn.rewrite_key, self.redirect_ttl_s)
+        """Expire and renew rules: the source rewrites of connections we hold."""
+        await self.steering.maintain(lambda: self.redirect_ttl_s,
+                                     lambda: [c.rewrite_key for c in self.active.values()])
 
     async def close(self) -> None:
         if self._server is not None:
