@@ -410,7 +410,11 @@ class HostEngine:
     async def _connect(self, link: TargetLink) -> None:
         reader, writer = await asyncio.open_connection(link.ip, link.port)
         conn = ControlConn(reader, writer, self.key, role=0)
-        await conn.handshake()
+        try:
+            await conn.handshake()
+        except BaseException:
+            conn.close()  # a retry loop must not leak a socket per attempt
+            raise
         link.conn = conn
         self._spawn(self._read_loop(link, conn))
         log.info("control connection to %s (%s) up", link.name, link.ip)
