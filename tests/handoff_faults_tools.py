@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from handoff_tools import member_steer
 from netns_tools import sha256, wait_for
 from xo import core
 from xo.core import Channel, Endpoint, Message, MsgType, TcpState
@@ -25,7 +26,7 @@ from xo.demo import RefAppCluster, cluster
 from xo.engine import DEFAULT_CONTROL_PORT
 from xo.lab import in_netns, netns_exists
 from xo.refapp import HTTP_PORT, PIN_ROOT
-from xo.steer import FlowKey, Rule, Steer
+from xo.steer import FlowKey, Rule
 
 IO_TIMEOUT = 5.0
 
@@ -172,7 +173,7 @@ def get_and_hand_back(apps: RefAppCluster, name: str) -> tuple[dict[str, str], b
 
 def map_entries(apps: RefAppCluster, member: str) -> list[tuple[FlowKey, Rule]]:
     """The entries of a running member's pinned flow map."""
-    with Steer(pin_dir=f"{PIN_ROOT}/{apps.testbed.name}-{member}") as steer:
+    with member_steer(apps.testbed, member) as steer:
         return steer.list()
 
 

@@ -8,12 +8,14 @@ namespace, the steering maps the refapp pins, the fds of a member process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import os
 import re
 import secrets
 import socket
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,16 +53,24 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def steering_entries(testbed: Lab, member: str) -> int:
-    """Entries in the steering map the refapp member pinned (PIN_ROOT/<lab>-<member>)."""
+@contextlib.contextmanager
+def member_steer(testbed: Lab, member: str) -> Iterator[Steer]:
+    """A handle on the steering map a running refapp member pinned
+    (PIN_ROOT/<lab>-<member>); closed without unpinning or detaching."""
     pin_dir = f"{PIN_ROOT}/{testbed.name}-{member}"
     if not Path(pin_dir).is_dir():
         raise AssertionError(f"{pin_dir} missing: is {member} running?")
     steer = Steer(pin_dir=pin_dir)
     try:
-        return steer.count()
+        yield steer
     finally:
         steer.close()  # no unpin, nothing attached through this handle
+
+
+def steering_entries(testbed: Lab, member: str) -> int:
+    """Entries in the steering map of a running refapp member."""
+    with member_steer(testbed, member) as steer:
+        return steer.count()
 
 
 @dataclass(frozen=True)

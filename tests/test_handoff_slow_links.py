@@ -9,18 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
-from handoff_tools import curl_many, docroot_digests, lab_name, rst_counters
+from handoff_tools import curl_many, docroot_digests, lab_name, member_steer, rst_counters
 from netns_tools import sha256
 from xo.demo import cluster
-from xo.refapp import PIN_ROOT
-from xo.steer import Kind, Steer
+from xo.lab import Lab
+from xo.steer import Kind
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 TTL_S = 3.0
 
 
-def redirect_expiries(pin_dir: str) -> list[int]:
-    with Steer(pin_dir=pin_dir) as steer:
+def redirect_expiries(testbed: Lab) -> list[int]:
+    with member_steer(testbed, "host") as steer:
         return [rule.expires_ns for _, rule in steer.list() if rule.kind == Kind.REDIRECT]
 
 
@@ -44,10 +44,9 @@ def test_slow_transfer_outlives_the_redirect_ttl(tmp_path: Path) -> None:
 
         worker = threading.Thread(target=fetch)
         worker.start()
-        host_pins = f"{PIN_ROOT}/{apps.testbed.name}-host"
         seen: list[int] = []
         while worker.is_alive():
-            seen += redirect_expiries(host_pins)
+            seen += redirect_expiries(apps.testbed)
             time.sleep(0.25)
         worker.join()
         assert result["rc"] == 0, result

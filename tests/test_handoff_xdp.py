@@ -23,6 +23,7 @@ from handoff_tools import (
     curl_many,
     docroot_digests,
     lab_name,
+    member_steer,
     rst_counters,
     steering_entries,
 )
@@ -30,8 +31,7 @@ from netns_tools import sha256, snmp_tcp, wait_for
 from pyroute2 import IPRoute
 from xo.demo import RefAppCluster, cluster
 from xo.lab import Lab, in_netns
-from xo.refapp import HTTP_PORT, PIN_ROOT
-from xo.steer import Steer
+from xo.refapp import HTTP_PORT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -41,14 +41,8 @@ XDP_NATIVE = "xdp"  # IFLA_XDP_ATTACHED as pyroute2 names it (generic: "xdpgener
 
 def host_dp_stats(apps: RefAppCluster) -> dict[str, int]:
     """The datapath counters (xo_stats) of the host's pinned steering object."""
-    pin_dir = f"{PIN_ROOT}/{apps.testbed.name}-host"
-    if not Path(pin_dir).is_dir():
-        raise AssertionError(f"{pin_dir} missing: is the host running?")
-    steer = Steer(pin_dir=pin_dir)
-    try:
+    with member_steer(apps.testbed, "host") as steer:
         return steer.dp_stats()
-    finally:
-        steer.close()  # no unpin, nothing attached through this handle
 
 
 def link_programs(ns: str, ifindex: int) -> tuple[int, str, list[str]]:
