@@ -10,7 +10,8 @@ Frame layout (big-endian), as documented in envelope.c:
 The MAC covers header and payload under the cluster key. Structure is
 checked first (magic, version, size limit, length), then the MAC, and only
 then, on an authentic frame: reflection, reserved bytes, channel id,
-sequence (replay) and message type. A rejected frame never moves the
+sequence (a seen one is a replay; anything but exactly one more than the
+last is a gap) and message type. A rejected frame never moves the
 channel's sequence numbers.
 """
 
@@ -56,8 +57,8 @@ STRUCTURAL = {lib.XO_E_TRUNCATED, lib.XO_E_BAD_MAGIC, lib.XO_E_VERSION, lib.XO_E
 # The exception class each code must arrive as.
 CLASS: dict[int, type[XoError]] = {
     **{c: XoDecodeError for c in STRUCTURAL | {lib.XO_E_FIELD}},
-    **{c: XoRejectedError for c in (lib.XO_E_AUTH, lib.XO_E_REPLAY, lib.XO_E_CHANNEL,
-                                    lib.XO_E_MSG_TYPE)},
+    **{c: XoRejectedError for c in (lib.XO_E_AUTH, lib.XO_E_REPLAY, lib.XO_E_SEQUENCE,
+                                    lib.XO_E_CHANNEL, lib.XO_E_MSG_TYPE)},
     lib.XO_E_INVAL: XoError,
 }
 
@@ -120,6 +121,8 @@ def expected(frame: bytes, key: bytes, role: int, channel_id: int, recv_seq: int
         return lib.XO_E_CHANNEL
     if seq <= recv_seq:
         return lib.XO_E_REPLAY
+    if seq != recv_seq + 1:
+        return lib.XO_E_SEQUENCE
     if mtype == 0 or mtype > lib.XO_MSG_MAX:
         return lib.XO_E_MSG_TYPE
     return OK
@@ -167,6 +170,17 @@ def flip(data: bytes, bits: Iterable[int]) -> bytes:
     for bit in bits:
         out[bit >> 3] ^= 0x80 >> (bit & 7)
     return bytes(out)
+
+
+def seq_of(frame: bytes) -> int:
+    return int(HDR.unpack_from(frame)[7])
+
+
+def deliver(receiver: Channel, frame: bytes) -> None:
+    """frame is the next one receiver expects: it must open, and move
+    recv_seq up by exactly one."""
+    assert receiver.recv_seq == seq_of(frame) - 1
+    assert receiver.open(frame).seq == seq_of(frame) == receiver.recv_seq
 
 
 def still_works(sender: Channel, receiver: Channel) -> None:
@@ -237,14 +251,19 @@ def test_round_trip_property(key: bytes, channel_id: int, sender_role: int, mtyp
     check_round_trip(key, channel_id, sender_role, mtype, conn_id, flags, payload)
 
 
-def test_sequence_numbers_increase_and_gaps_are_allowed() -> None:
+def test_sequence_numbers_go_up_by_exactly_one() -> None:
     host, target = pair()
     frames = [host.seal(MsgType.PING, i, bytes([i])) for i in range(1, 101)]
     seqs = [HDR.unpack_from(f)[7] for f in frames]
     assert seqs == list(range(1, 101)) and host.send_seq == 100
-    # Lost messages are fine (strictly increasing), late ones are replays.
-    for f in frames[1::2]:
+    # A lost message is noticed at the next one (an on-path attacker cannot
+    # drop HOST_READY or ABORT unseen); the rejection changes nothing.
+    assert target.open(frames[0]).seq == 1
+    rejected(target, frames[2], lib.XO_E_SEQUENCE)
+    assert target.recv_seq == 1
+    for f in frames[1:]:
         assert target.open(f).seq == HDR.unpack_from(f)[7] == target.recv_seq
+    # Late (duplicated or reordered) ones are replays.
     for f in frames[::2]:
         rejected(target, f, lib.XO_E_REPLAY)
     assert target.recv_seq == 100
@@ -324,10 +343,16 @@ def test_reflection_and_wrong_channel() -> None:
 def test_unknown_type_with_a_valid_mac() -> None:
     _host, target = pair()
     for mtype in [0, *range(lib.XO_MSG_MAX + 1, 256)]:
-        frame = forge(KEY, Header(mtype, 0, seq=5, payload_len=None), b"hello")
+        frame = forge(KEY, Header(mtype, 0, seq=1, payload_len=None), b"hello")
         rejected(target, frame, lib.XO_E_MSG_TYPE)
+        # The type is checked after the sequence number.
+        rejected(target, forge(KEY, Header(mtype, 0, seq=0), b"hello"), lib.XO_E_REPLAY)
+        rejected(target, forge(KEY, Header(mtype, 0, seq=5), b"hello"), lib.XO_E_SEQUENCE)
     assert target.recv_seq == 0
-    assert target.open(forge(KEY, Header(int(MsgType.PING), 0, seq=5))).seq == 5
+    # No rejection above consumed seq 1; a gap is still a gap.
+    rejected(target, forge(KEY, Header(int(MsgType.PING), 0, seq=5)), lib.XO_E_SEQUENCE)
+    assert target.open(forge(KEY, Header(int(MsgType.PING), 0, seq=1))).seq == 1
+    assert target.open(forge(KEY, Header(int(MsgType.PING), 0, seq=2))).seq == 2
 
 
 def test_bound_sessions_do_not_accept_each_others_frames() -> None:
@@ -337,10 +362,19 @@ def test_bound_sessions_do_not_accept_each_others_frames() -> None:
     host.bind(n0, n1)
     target.bind(n1, n0)
     assert host.channel_id == target.channel_id != 0
+    # seq 1 is the one target expects: only the channel is wrong.
+    assert target.recv_seq == seq_of(old) - 1
     rejected(target, old, lib.XO_E_CHANNEL)
     later = Channel(KEY, 0, 1)
     later.bind(bytes(HELLO_NONCE_LEN), n0)
-    rejected(later, host.seal(MsgType.PING), lib.XO_E_CHANNEL)
+    ping = host.seal(MsgType.PING)
+    later._c.recv_seq = seq_of(ping) - 1  # again only the channel is wrong
+    rejected(later, ping, lib.XO_E_CHANNEL)
+    assert later.recv_seq == 1
+    # In its own session the same frame opens, once target has seq 1 (the
+    # HELLO, which it took while both ends were still unbound).
+    target._c.recv_seq = seq_of(old)
+    deliver(target, ping)
     still_works(host, target)
 
 
@@ -348,6 +382,10 @@ def test_bound_sessions_do_not_accept_each_others_frames() -> None:
 
 
 def frames(seed: int, n: int, max_payload: int) -> tuple[Channel, Channel, list[bytes]]:
+    """n frames sealed by host, seq 1..n. Sequence numbers go up by exactly
+    one, so the sweeps below mangle each sample while it is the very frame
+    target expects next (only the mangling can make it refuse), then
+    deliver() it and go on to the next."""
     rng = random.Random(seed)
     host, target = pair()
     out = [host.seal(rng.choice(list(MsgType)), rng.getrandbits(64),
@@ -364,6 +402,8 @@ def test_truncation_at_every_length() -> None:
         for cut in range(len(frame)):
             rejected(target, frame[:cut], lib.XO_E_TRUNCATED)
             TALLY["truncation"] += 1
+        deliver(target, frame)
+    assert target.recv_seq == host.send_seq == len(samples)
     still_works(host, target)
     assert TALLY["truncation"] >= QUOTA["truncation"]
 
@@ -372,7 +412,7 @@ def test_single_bit_flips() -> None:
     """Every bit of every sample: structure errors where the flip hits the
     magic, version or length, XO_E_AUTH everywhere else (MAC included)."""
     host, target, samples = frames(2, 60, 64)
-    for frame in samples:
+    for n, frame in enumerate(samples):
         for bit in range(len(frame) * 8):
             data = flip(frame, [bit])
             code = check(target, data)
@@ -385,7 +425,9 @@ def test_single_bit_flips() -> None:
             elif not 32 <= pos < 36:
                 assert code == lib.XO_E_AUTH
             TALLY["single-flip"] += 1
-    assert target.recv_seq == 0
+        assert target.recv_seq == n
+        deliver(target, frame)
+    assert target.recv_seq == host.send_seq == len(samples)
     still_works(host, target)
     assert TALLY["single-flip"] >= QUOTA["single-flip"]
 
@@ -393,14 +435,19 @@ def test_single_bit_flips() -> None:
 def test_multiple_bit_flips() -> None:
     rng = random.Random(3)
     host, target, samples = frames(3, 80, 300)
-    for i in range(20_000):
-        frame = samples[i % len(samples)]
+    per = 20_000 // len(samples)
+    for i in range(per * len(samples)):
+        n = i // per
+        frame = samples[n]
         bits = len(frame) * 8
         span = min(bits, HDR.size * 8) if i % 3 == 0 else bits  # often the header only
         code = check(target, flip(frame, rng.sample(range(span), rng.randint(2, 12))))
         assert code in STRUCTURAL | {lib.XO_E_AUTH}
         TALLY["multi-flip"] += 1
-    assert target.recv_seq == 0
+        assert target.recv_seq == n
+        if i % per == per - 1:
+            deliver(target, frame)
+    assert target.recv_seq == host.send_seq == len(samples)
     still_works(host, target)
     assert TALLY["multi-flip"] >= QUOTA["multi-flip"]
 
@@ -408,12 +455,16 @@ def test_multiple_bit_flips() -> None:
 def test_trailing_bytes() -> None:
     rng = random.Random(4)
     host, target, samples = frames(4, 50, 100)
-    for i in range(5000):
-        frame = samples[i % len(samples)]
+    # Two frames back to back are not one frame (even the next two).
+    rejected(target, samples[0] + samples[1], lib.XO_E_LENGTH)
+    per = 5000 // len(samples)
+    for i in range(per * len(samples)):
+        frame = samples[i // per]
         rejected(target, frame + rng.randbytes(rng.randint(1, 100)), lib.XO_E_LENGTH)
         TALLY["trailing"] += 1
-    # Two frames back to back are not one frame.
-    rejected(target, samples[0] + samples[1], lib.XO_E_LENGTH)
+        if i % per == per - 1:
+            deliver(target, frame)
+    assert target.recv_seq == host.send_seq == len(samples)
     still_works(host, target)
     assert TALLY["trailing"] >= QUOTA["trailing"]
 
@@ -423,8 +474,9 @@ def test_bogus_payload_lengths() -> None:
     disagree with the bytes present (and a forger cannot fix the MAC)."""
     rng = random.Random(5)
     host, target, samples = frames(5, 50, 200)
-    for i in range(6000):
-        frame = samples[i % len(samples)]
+    per = 6000 // len(samples)
+    for i in range(per * len(samples)):
+        frame = samples[i // per]
         real = len(frame) - HDR.size - ENV_MAC_LEN
         plen = rng.choice([ENV_MAX_PAYLOAD + 1, 2**32 - 1, rng.randint(ENV_MAX_PAYLOAD + 1,
                                                                      2**32 - 1),
@@ -448,6 +500,9 @@ def test_bogus_payload_lengths() -> None:
                        frame[HDR.size:-ENV_MAC_LEN])
         assert check(target, forged) == code
         TALLY["length"] += 1
+        if i % per == per - 1:
+            deliver(target, frame)
+    assert target.recv_seq == host.send_seq == len(samples)
     still_works(host, target)
     assert TALLY["length"] >= QUOTA["length"]
 
@@ -460,11 +515,19 @@ def test_wrong_keys() -> None:
         # HMAC pads short keys with zeros: a zero-extension of the key is the key.
         assert key.rstrip(b"\0") != KEY.rstrip(b"\0")
         stranger = Channel(key, CHAN, 1)
-        rejected(stranger, samples[i % len(samples)], lib.XO_E_AUTH)
-        # ... and what a stranger seals does not open here.
+        frame = samples[i % len(samples)]
+        stranger._c.recv_seq = seq_of(frame) - 1  # next in line: only the key is wrong
+        rejected(stranger, frame, lib.XO_E_AUTH)
+        # ... and what a stranger seals (seq 1, next here) does not open here.
         mallory = Channel(key, CHAN, 0)
-        rejected(target, mallory.seal(MsgType.BEGIN_OFFLOAD, i, b"state"), lib.XO_E_AUTH)
+        forged = mallory.seal(MsgType.BEGIN_OFFLOAD, i, b"state")
+        assert seq_of(forged) == target.recv_seq + 1
+        rejected(target, forged, lib.XO_E_AUTH)
         TALLY["wrong-key"] += 2
+    # Under the right key the samples do open, in order.
+    assert target.recv_seq == 0
+    for frame in samples:
+        deliver(target, frame)
     still_works(host, target)
     assert TALLY["wrong-key"] >= QUOTA["wrong-key"]
 
@@ -492,28 +555,38 @@ def test_authentic_frames_with_bad_headers() -> None:
     fields: each refused with the code of the first failing check."""
     rng = random.Random(8)
     host, target = pair()
-    target._c.recv_seq = 1000
-    accepted = 0
+    target._c.recv_seq = host._c.recv_seq = 1000  # 1001 is next; 1002 and on are gaps
+    codes: Counter[int] = Counter()
+    mirror: Counter[int] = Counter()
     for i in range(20_000):
         h = Header(
             type=rng.choice([rng.randint(1, lib.XO_MSG_MAX)] * 3 + [0, rng.randint(11, 255)]),
             role=rng.choice([0, 0, 0, 1, rng.randint(2, 255)]),
             flags=rng.getrandbits(16), conn_id=rng.getrandbits(64),
-            seq=rng.choice([rng.randint(1001, U64)] * 3 + [0, 1000, rng.randint(0, 1000)]),
+            seq=rng.choice([1001] * 3 + [rng.choice([1002, rng.randint(1002, U64), U64]),
+                                         0, 1000, rng.randint(0, 1000)]),
             channel_id=rng.choice([CHAN] * 3 + [rng.getrandbits(64), CHAN ^ 1]),
             reserved8=rng.choice([0] * 8 + [rng.randint(1, 255)]),
             reserved32=rng.choice([0] * 8 + [rng.randint(1, 2**32 - 1)]),
         )
         frame = forge(KEY, h, rng.randbytes(rng.randint(0, 32)))
-        if check(target, frame) == OK:
-            accepted += 1
+        code = check(target, frame)
+        codes[code] += 1
+        if code == OK:
             target._c.recv_seq = 1000  # keep the replay threshold fixed
         else:
             TALLY["authentic"] += 1
-        if i % 1000 == 0:
+        if i % 100 == 0:
             # Mirror image: the host (role 0) receives from role 1.
-            check(host, forge(KEY, replace(h, role=1), b"x"))
-    assert accepted > 1000
+            code = check(host, forge(KEY, replace(h, role=1), b"x"))
+            mirror[code] += 1
+            host._c.recv_seq = 1000
+    assert codes[OK] > 1000
+    # Every check after the MAC refused some of them, sequence gaps included.
+    after_mac = {OK, lib.XO_E_CHANNEL, lib.XO_E_FIELD, lib.XO_E_REPLAY, lib.XO_E_SEQUENCE,
+                 lib.XO_E_MSG_TYPE}
+    assert set(codes) == after_mac and all(codes[c] > 100 for c in after_mac), codes
+    assert {OK, lib.XO_E_REPLAY, lib.XO_E_SEQUENCE} <= set(mirror), mirror
     assert TALLY["authentic"] >= QUOTA["authentic"]
 
 
@@ -561,6 +634,13 @@ def test_libfuzzer_envelope_open(tmp_path: Path) -> None:
             seeds.append(bytes([mode]) + rng.randbytes(rng.randint(0, 120)))
     seeds.append(bytes([1]) + forge(bytes(range(32)), Header(2, 0, seq=9, channel_id=7),
                                     b"payload")[:-ENV_MAC_LEN])
+    # Forged mode, aligned (mode byte, then the receiver's role byte): the
+    # harness's channel has recv_seq 100 (RECV_SEQ), so only seq 101 gets
+    # past the sequence checks; start the fuzzer from both sides of it.
+    for seq, want in ((100, lib.XO_E_REPLAY), (101, OK), (102, lib.XO_E_SEQUENCE)):
+        frame = forge(bytes(range(32)), Header(2, 0, seq=seq, channel_id=7), b"payload")
+        assert expected(frame, bytes(range(32)), 1, 7, 100) == want
+        seeds.append(bytes([1, 1]) + frame[:-ENV_MAC_LEN])
     stats = run_fuzzer(exe, seeds, tmp_path)
     runs = [ln for ln in stats.splitlines() if ln.startswith("stat::number_of_executed_units")]
     assert runs and int(runs[0].split(":")[-1]) > 10_000

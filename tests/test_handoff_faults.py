@@ -46,7 +46,7 @@ from netns_tools import VethPair, connect, sha256, snmp_tcp, wait_for
 from xo import core
 from xo.core import (
     ABORT_HOST,
-    ABORT_RESTORE,
+    ABORT_REFUSED,
     Channel,
     Endpoint,
     MsgType,
@@ -303,7 +303,7 @@ def attack_foreign_state(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
     reply = recv_msg(sock, channel)
     assert (reply.type, reply.conn_id) == (MsgType.ABORT, 7)
     reason, text = decode_abort(reply.payload)
-    assert reason == ABORT_RESTORE and "not the host speaking" in text, text
+    assert reason == ABORT_REFUSED and "not a host of ours" in text, text
     return ("cannot adopt", f"state names {forged.ip}")
 
 

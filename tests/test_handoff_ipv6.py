@@ -45,7 +45,7 @@ from handoff_tools import (
 from netns_tools import sha256, wait_for
 from xo.core import (
     ABORT_HOST,
-    ABORT_RESTORE,
+    ABORT_REFUSED,
     Endpoint,
     MsgType,
     decode_abort,
@@ -251,7 +251,7 @@ def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
             reply = recv_msg(sock, channel)
             assert (reply.type, reply.conn_id) == (MsgType.ABORT, 5)
             reason, text = decode_abort(reply.payload)
-            assert reason == ABORT_RESTORE and "not the host speaking" in text, text
+            assert reason == ABORT_REFUSED and "not a host of ours" in text, text
             assert map_entries(apps, "t0") == []
             assert not peer_sockets(testbed, "t0", testbed.client.ipv6)
 

@@ -78,6 +78,8 @@ static int model(const uint8_t *b, size_t n, const struct xo_chan *ch)
 		return XO_E_CHANNEL;
 	if (xo_get64(b + 16) <= ch->recv_seq)
 		return XO_E_REPLAY;
+	if (xo_get64(b + 16) != ch->recv_seq + 1)
+		return XO_E_SEQUENCE;
 	if (b[3] == 0 || b[3] > XO_MSG_MAX)
 		return XO_E_MSG_TYPE;
 	return 0;

@@ -66,6 +66,9 @@ extern "C" {
 #define XO_E_UNSUPPORTED -19 /* kernel lacks a feature (named in the text) */
 #define XO_E_BUSY -20        /* resource busy / queue full */
 #define XO_E_NOTFOUND -21    /* no such entry */
+#define XO_E_SEQUENCE -22    /* a control message is missing (sequence gap) */
+#define XO_E_REFUSED -23     /* the peer or request is not allowed here */
+#define XO_E_STATE -24       /* not possible in the connection's state */
 
 /* Sentence about the last failure on this thread ("" if none). */
 const char *xo_last_error(void);
@@ -191,7 +194,8 @@ int xo_state_decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st);
  * connection). Both ends share the cluster key and the channel id (agreed
  * in the HELLO exchange); each end has its own role (0 or 1) so a message
  * cannot be reflected back to its sender. Sequence numbers start at 1 and
- * must strictly increase: anything else is a replay.
+ * go up by exactly one: a number already seen is a replay (XO_E_REPLAY), a
+ * number further on means a message was lost (XO_E_SEQUENCE).
  */
 struct xo_chan {
 	uint8_t key[64];

@@ -189,6 +189,13 @@ int xo_chan_open(struct xo_chan *ch, const uint8_t *buf, size_t len,
 			       "open: sequence %llu already seen (last %llu)",
 			       (unsigned long long)seq,
 			       (unsigned long long)ch->recv_seq);
+	/* Strictly one more: a gap means a message was dropped on the way,
+	 * and the protocol must not carry on as if it had arrived. */
+	if (seq != ch->recv_seq + 1)
+		return xo_fail(XO_E_SEQUENCE,
+			       "open: sequence %llu after %llu: a message is missing",
+			       (unsigned long long)seq,
+			       (unsigned long long)ch->recv_seq);
 	if (buf[3] == 0 || buf[3] > XO_MSG_MAX)
 		return xo_fail(XO_E_MSG_TYPE, "open: unknown message type %u",
 			       buf[3]);

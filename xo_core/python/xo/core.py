@@ -52,7 +52,8 @@ _DECODE_CODES = {
     lib.XO_E_TRUNCATED, lib.XO_E_BAD_MAGIC, lib.XO_E_VERSION, lib.XO_E_LENGTH,
     lib.XO_E_FIELD, lib.XO_E_DUPLICATE, lib.XO_E_MISSING, lib.XO_E_TOO_LARGE,
 }
-_REJECT_CODES = {lib.XO_E_AUTH, lib.XO_E_REPLAY, lib.XO_E_CHANNEL, lib.XO_E_MSG_TYPE}
+_REJECT_CODES = {lib.XO_E_AUTH, lib.XO_E_REPLAY, lib.XO_E_SEQUENCE, lib.XO_E_CHANNEL,
+                 lib.XO_E_MSG_TYPE}
 
 
 def raise_for(code: int) -> None:

@@ -35,6 +35,7 @@ from xo.engine import (
     TargetAgent,
     TargetConn,
     TargetLink,
+    Timeouts,
     load_key,
 )
 from xo.lab import PIN_ROOT as LAB_PIN_ROOT
@@ -246,16 +247,14 @@ class Host:
             await asyncio.to_thread(prepare_xdp_tx, self.lab, self.me)
         steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-host",
                                  egress=True, ingress=self.ingress)
-        self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return)
-        if REDIRECT_TTL_S is not None:
-            self.engine.redirect_ttl_s = REDIRECT_TTL_S
+        self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return,
+                                 timeouts=Timeouts(redirect_ttl=REDIRECT_TTL_S))
         try:
             for target in self.lab.targets:
                 await self._connect_with_retry(target.name, target.ipv4, target.mac)
             # The same port on the host's IPv4 and IPv6 addresses; one engine
             # offloads connections of either family.
             listeners = [self._listen(family) for family in (socket.AF_INET, socket.AF_INET6)]
-            self._spawn(self.engine.sweep_forever())
             ready.set()
             await asyncio.gather(*(self._accept_loop(listener) for listener in listeners))
         finally:
@@ -361,7 +360,7 @@ class Host:
             "requests": self.requests,
             "served_locally": self.served_locally,
             "proxied": self.proxied,
-            "offloaded_now": len(self.engine.offloaded),
+            "offloaded_now": self.engine.offloaded,
             "rules": self.engine.steering.steer.count(),
             "last_handoff_us": self.engine.times.last(),
             "targets": {name: {"up": t.up, "active": t.load.active, "handoffs": t.load.handoffs}
@@ -385,9 +384,8 @@ class Target:
                                  egress=True)
         host = self.lab.host
         self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at,
-                                 my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6))
-        if REDIRECT_TTL_S is not None:
-            self.agent.redirect_ttl_s = REDIRECT_TTL_S
+                                 my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6),
+                                 timeouts=Timeouts(redirect_ttl=REDIRECT_TTL_S))
         listener = _listen(socket.AF_INET, self.me.ipv4, TARGET_HTTP_PORT)
         try:
             await self.agent.start(DEFAULT_CONTROL_PORT)

@@ -1,0 +1,2348 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The XO handoff protocol machine (see xo_proto.h for the contract and the
+ * commit rule). Everything here runs inside a driver's call: no waiting,
+ * no thread, no control-connection I/O. The only system calls are the
+ * protocol's own steps (repair, rules, the client probe).
+ */
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/crypto.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+#include "wire.h"
+#include "xo_proto.h"
+
+#define CONN_BUCKETS 4096
+#define MAX_STEPS 65536
+#define MS 1000000ull
+
+enum conn_state {
+	H_WAIT_READY = 1,  /* host: BEGIN_OFFLOAD sent, socket frozen here */
+	H_OFFLOADED,       /* host: a target serves it, redirect in place */
+	H_MOVING,          /* host: BEGIN_OFFLOAD to move_peer on its behalf */
+	T_WAIT_HOST_READY, /* target: restored, TARGET_READY sent */
+	T_SERVING,         /* target: live, the application serves it */
+	T_WAIT_END,        /* target: frozen, TARGET_DONE sent */
+	T_WAIT_CLOSED,     /* target: closed, TARGET_DONE(CLOSED) sent */
+};
+
+struct lap {
+	uint64_t start, mark;
+	uint8_t transfer;
+};
+
+struct conn {
+	struct conn *id_next;   /* by id */
+	struct conn *wire_next; /* target: by (peer, wire id) */
+	struct conn *prev, *next; /* every connection */
+	uint64_t id;            /* host: the wire id; target: our handle */
+	uint64_t wire_id;
+	uint32_t peer;
+	uint32_t move_peer;     /* host, H_MOVING: the destination */
+	enum conn_state state;
+	int fd;
+	struct xo_tcp_state st; /* target: what resume needs (unsent bytes) */
+	uint8_t *app;           /* request bytes (rollback / keep events) */
+	uint32_t app_len;
+	struct xo_flow_key in_key;  /* client -> us */
+	struct xo_flow_key out_key; /* us -> client */
+	struct xo_steer_action rule; /* the live rule on in_key (host) or
+				      * out_key (target), for renewal */
+	struct xo_endpoint client, local, at; /* at: where the target has it */
+	uint32_t snd_una, rcv_nxt;  /* host: for the client probe */
+	uint64_t deadline, renew_at;
+	struct lap lap;
+};
+
+struct outbuf {
+	uint8_t *data;
+	size_t off, len, cap;
+};
+
+struct peer {
+	struct peer *next;
+	uint32_t id;
+	uint32_t state;
+	struct xo_proto_peer_opts o;
+	struct xo_chan ch;
+	uint8_t nonce[XO_HELLO_NONCE_LEN];
+	uint8_t *in;
+	size_t in_len, in_cap;
+	struct outbuf out;
+	uint64_t out_since;     /* when output last went from empty to not */
+	uint64_t created, last_rx, last_tx, next_load;
+	struct xo_load_report load;
+	uint32_t failures, offloaded, handed;
+	uint64_t down_until, down_ms;
+	bool dead;
+};
+
+struct lingering {
+	struct xo_flow_key key;
+	uint64_t expires;
+	uint32_t kind;
+};
+
+struct event {
+	struct event *next;
+	struct xo_proto_event ev;
+	uint8_t *data;
+};
+
+struct xo_proto {
+	struct xo_proto_config cfg;
+	uint8_t key[XO_KEY_MAX_LEN];
+	struct peer *peers;
+	uint32_t next_peer_id;
+	struct conn *by_id[CONN_BUCKETS];
+	struct conn *by_wire[CONN_BUCKETS];
+	struct conn *all;
+	uint64_t next_conn_id;
+	struct event *ev_head, *ev_tail;
+	uint8_t *ev_data;       /* the data of the event last returned */
+	struct lingering *linger;
+	uint32_t n_linger, cap_linger;
+	uint64_t linger_min;
+	struct xo_proto_step *steps;
+	uint32_t step_head, step_len;
+	struct xo_proto_stats stats;
+	uint32_t closes;        /* peers closed so far (iteration guard) */
+	uint64_t bytes_served;
+	char crash_step[16];
+};
+
+/* ---- small helpers ---------------------------------------------------- */
+
+static uint64_t clock_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t knob(uint32_t value, uint32_t dflt)
+{
+	return (uint64_t)(value ? value : dflt) * MS;
+}
+
+#define CFG(p, name, DFLT) knob((p)->cfg.name, DFLT)
+
+static void crash_point(struct xo_proto *p, const char *step)
+{
+	if (p->crash_step[0] && !strcmp(p->crash_step, step)) {
+		fprintf(stderr, "xo: fault injection: dying at %s\n", step);
+		kill(getpid(), SIGKILL);
+	}
+}
+
+static bool ep_same_addr(const struct xo_endpoint *a,
+			 const struct xo_endpoint *b)
+{
+	size_t n = a->family == AF_INET6 ? 16 : 4;
+
+	return a->family == b->family && !memcmp(a->addr, b->addr, n);
+}
+
+static bool ep_same(const struct xo_endpoint *a, const struct xo_endpoint *b)
+{
+	return ep_same_addr(a, b) && a->port == b->port;
+}
+
+static const char *ep_str(const struct xo_endpoint *ep, char *buf, size_t cap)
+{
+	char ip[INET6_ADDRSTRLEN] = "?";
+
+	inet_ntop(ep->family == AF_INET6 ? AF_INET6 : AF_INET, ep->addr, ip,
+		  sizeof(ip));
+	snprintf(buf, cap, ep->family == AF_INET6 ? "[%s]:%u" : "%s:%u", ip,
+		 ep->port);
+	return buf;
+}
+
+static int sock_endpoint(int fd, bool peer, struct xo_endpoint *ep)
+{
+	struct sockaddr_storage ss;
+	socklen_t len = sizeof(ss);
+	int ret = peer ? getpeername(fd, (struct sockaddr *)&ss, &len) :
+			 getsockname(fd, (struct sockaddr *)&ss, &len);
+
+	if (ret < 0)
+		return xo_fail_sys("offload: %s", peer ? "getpeername" :
+							 "getsockname");
+	memset(ep, 0, sizeof(*ep));
+	if (ss.ss_family == AF_INET) {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+
+		ep->family = AF_INET;
+		ep->port = ntohs(sin->sin_port);
+		memcpy(ep->addr, &sin->sin_addr, 4);
+	} else if (ss.ss_family == AF_INET6) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+
+		ep->family = AF_INET6;
+		ep->port = ntohs(sin6->sin6_port);
+		ep->scope_id = sin6->sin6_scope_id;
+		memcpy(ep->addr, &sin6->sin6_addr, 16);
+	} else {
+		return xo_fail(XO_E_NOT_ESTABLISHED,
+			       "offload: socket of family %d is not TCP/IP",
+			       ss.ss_family);
+	}
+	return 0;
+}
+
+/* The flow key of packets from src to dst. */
+static void flow_key(struct xo_flow_key *k, const struct xo_endpoint *src,
+		     const struct xo_endpoint *dst)
+{
+	size_t n = src->family == AF_INET6 ? 16 : 4;
+
+	memset(k, 0, sizeof(*k));
+	memcpy(k->src_addr, src->addr, n);
+	memcpy(k->dst_addr, dst->addr, n);
+	k->src_port = htons(src->port);
+	k->dst_port = htons(dst->port);
+	k->family = src->family == AF_INET6 ? XO_AF_INET6 : XO_AF_INET;
+	k->proto = XO_IPPROTO_TCP;
+}
+
+static void action(struct xo_proto *p, struct xo_steer_action *a,
+		   uint8_t kind, uint64_t now, uint64_t ttl)
+{
+	memset(a, 0, sizeof(*a));
+	a->kind = kind;
+	a->owner = p->cfg.owner;
+	a->expires_ns = now + ttl;
+}
+
+static int insert_block(struct xo_proto *p, const struct xo_flow_key *k,
+			uint64_t now)
+{
+	struct xo_steer_action a;
+
+	action(p, &a, XO_STEER_BLOCK, now, CFG(p, block_ttl_ms,
+					       XO_PROTO_BLOCK_TTL_MS));
+	return xo_rules_insert(p->cfg.rules, k, &a);
+}
+
+/* Remove an entry we installed; a missing one is fine (expired, purged). */
+static void remove_rule(struct xo_proto *p, const struct xo_flow_key *k)
+{
+	int ret = xo_rules_remove(p->cfg.rules, k);
+
+	if (ret && ret != XO_E_NOTFOUND)
+		fprintf(stderr, "xo: rule removal failed: %s\n",
+			xo_last_error());
+}
+
+/* Keep an entry we no longer track until its expiry, then delete it
+ * unless somebody replaced it meanwhile (a new handoff of a reused port). */
+static void linger(struct xo_proto *p, const struct xo_flow_key *k,
+		   const struct xo_steer_action *a)
+{
+	if (p->n_linger == p->cap_linger) {
+		uint32_t cap = p->cap_linger ? 2 * p->cap_linger : 64;
+		struct lingering *n = realloc(p->linger, cap * sizeof(*n));
+
+		if (!n)
+			return; /* the entry expires in the datapath anyway */
+		p->linger = n;
+		p->cap_linger = cap;
+	}
+	p->linger[p->n_linger].key = *k;
+	p->linger[p->n_linger].expires = a->expires_ns;
+	p->linger[p->n_linger].kind = a->kind;
+	p->n_linger++;
+	if (!p->linger_min || a->expires_ns < p->linger_min)
+		p->linger_min = a->expires_ns;
+}
+
+static void sweep_lingering(struct xo_proto *p, uint64_t now)
+{
+	uint32_t i = 0;
+
+	if (!p->linger_min || now < p->linger_min)
+		return;
+	p->linger_min = 0;
+	while (i < p->n_linger) {
+		struct lingering *l = &p->linger[i];
+		struct xo_steer_action cur;
+
+		if (l->expires > now) {
+			if (!p->linger_min || l->expires < p->linger_min)
+				p->linger_min = l->expires;
+			i++;
+			continue;
+		}
+		if (!xo_steer_lookup(p->cfg.steer, &l->key, &cur) &&
+		    cur.expires_ns == l->expires && cur.owner == p->cfg.owner &&
+		    cur.kind == l->kind) {
+			remove_rule(p, &l->key);
+			p->stats.rules_expired++;
+		}
+		*l = p->linger[--p->n_linger];
+	}
+}
+
+/* ---- steps (Table 3) -------------------------------------------------- */
+
+static const char *const step_names[4][7] = {
+	[XO_T_OUT_HOST] = { "out.block", "out.serialize",
+			    "out.transfer_to_ready", "out.redirect",
+			    "out.discard_and_host_ready", "out.total" },
+	[XO_T_OUT_TARGET] = { "out_target.decode", "out_target.restore",
+			      "out_target.rewrite", "out_target.ready_send",
+			      "out_target.total" },
+	[XO_T_IN_TARGET] = { "in.block", "in.serialize", "in.transfer_to_end",
+			     "in.cleanup", "in.total" },
+	[XO_T_IN_HOST] = { "in_host.decode", "in_host.restore",
+			   "in_host.remove_redirect", "in_host.resume",
+			   "in_host.end_offload", "in_host.total" },
+};
+
+/* Step indexes, as in step_names. */
+enum { OH_BLOCK, OH_SERIALIZE, OH_READY, OH_REDIRECT, OH_DISCARD, OH_TOTAL };
+enum { OT_DECODE, OT_RESTORE, OT_REWRITE, OT_READY, OT_TOTAL };
+enum { IT_BLOCK, IT_SERIALIZE, IT_END, IT_CLEANUP, IT_TOTAL };
+enum { IH_DECODE, IH_RESTORE, IH_REMOVE, IH_RESUME, IH_END, IH_TOTAL };
+
+const char *xo_proto_step_name(uint32_t transfer, uint32_t step)
+{
+	if (transfer > XO_T_IN_HOST || step >= 7)
+		return NULL;
+	return step_names[transfer][step];
+}
+
+static void record(struct xo_proto *p, uint8_t transfer, uint8_t step,
+		   uint64_t ns)
+{
+	struct xo_proto_step *s;
+
+	if (!p->steps)
+		return;
+	s = &p->steps[(p->step_head + p->step_len) % MAX_STEPS];
+	if (p->step_len == MAX_STEPS)
+		p->step_head = (p->step_head + 1) % MAX_STEPS;
+	else
+		p->step_len++;
+	s->transfer = transfer;
+	s->step = step;
+	s->reserved = 0;
+	s->ns = ns > UINT32_MAX ? UINT32_MAX : (uint32_t)ns;
+}
+
+static void lap_start(struct lap *l, uint8_t transfer)
+{
+	l->transfer = transfer;
+	l->start = l->mark = clock_ns();
+}
+
+static void lap(struct xo_proto *p, struct lap *l, uint8_t step)
+{
+	uint64_t t = clock_ns();
+
+	record(p, l->transfer, step, t - l->mark);
+	l->mark = t;
+}
+
+static void lap_total(struct xo_proto *p, struct lap *l, uint8_t step)
+{
+	record(p, l->transfer, step, clock_ns() - l->start);
+}
+
+int xo_proto_take_steps(struct xo_proto *p, struct xo_proto_step *out,
+			uint32_t cap)
+{
+	uint32_t n = 0;
+
+	while (n < cap && p->step_len) {
+		out[n++] = p->steps[p->step_head];
+		p->step_head = (p->step_head + 1) % MAX_STEPS;
+		p->step_len--;
+	}
+	return (int)n;
+}
+
+/* ---- events ----------------------------------------------------------- */
+
+static struct xo_proto_event *push_event(struct xo_proto *p, uint32_t type,
+					 uint32_t peer, uint64_t conn, int fd)
+{
+	struct event *e = calloc(1, sizeof(*e));
+
+	if (!e) {
+		/* Out of memory while reporting: the driver cannot learn of this
+		 * one; say so loudly rather than lose it silently. */
+		fprintf(stderr, "xo: out of memory queueing event %u\n", type);
+		return NULL;
+	}
+	e->ev.type = type;
+	e->ev.peer = peer;
+	e->ev.conn = conn;
+	e->ev.fd = fd;
+	if (p->ev_tail)
+		p->ev_tail->next = e;
+	else
+		p->ev_head = e;
+	p->ev_tail = e;
+	return &e->ev;
+}
+
+/* Give the event the bytes in *data (ownership moves). */
+static void event_data(struct xo_proto_event *ev, uint8_t **data,
+		       uint32_t len)
+{
+	struct event *e = (struct event *)((char *)ev -
+					   offsetof(struct event, ev));
+
+	e->data = *data;
+	e->ev.data = *data;
+	e->ev.data_len = len;
+	*data = NULL;
+}
+
+int xo_proto_next_event(struct xo_proto *p, struct xo_proto_event *ev)
+{
+	struct event *e = p->ev_head;
+
+	free(p->ev_data);
+	p->ev_data = NULL;
+	if (!e)
+		return 0;
+	p->ev_head = e->next;
+	if (!p->ev_head)
+		p->ev_tail = NULL;
+	*ev = e->ev;
+	p->ev_data = e->data;
+	free(e);
+	return 1;
+}
+
+/* ---- connections ------------------------------------------------------ */
+
+static uint32_t bucket(uint64_t v)
+{
+	v ^= v >> 33;
+	v *= 0xff51afd7ed558ccdull;
+	v ^= v >> 33;
+	return (uint32_t)(v % CONN_BUCKETS);
+}
+
+static struct conn *conn_by_id(struct xo_proto *p, uint64_t id)
+{
+	struct conn *c;
+
+	for (c = p->by_id[bucket(id)]; c; c = c->id_next)
+		if (c->id == id)
+			return c;
+	return NULL;
+}
+
+static struct conn *conn_by_wire(struct xo_proto *p, uint32_t peer,
+				 uint64_t wire)
+{
+	struct conn *c;
+
+	for (c = p->by_wire[bucket(wire ^ peer)]; c; c = c->wire_next)
+		if (c->wire_id == wire && c->peer == peer)
+			return c;
+	return NULL;
+}
+
+static struct conn *conn_new(struct xo_proto *p, uint32_t peer,
+			     uint64_t wire)
+{
+	struct conn *c = calloc(1, sizeof(*c));
+	uint32_t b;
+
+	if (!c) {
+		xo_fail(XO_E_NOMEM, "protocol: no memory for a connection");
+		return NULL;
+	}
+	c->fd = -1;
+	c->peer = peer;
+	c->id = p->next_conn_id++;
+	c->wire_id = p->cfg.role == XO_ROLE_HOST ? c->id : wire;
+	b = bucket(c->id);
+	c->id_next = p->by_id[b];
+	p->by_id[b] = c;
+	if (p->cfg.role == XO_ROLE_TARGET) {
+		b = bucket(c->wire_id ^ peer);
+		c->wire_next = p->by_wire[b];
+		p->by_wire[b] = c;
+	}
+	c->next = p->all;
+	if (p->all)
+		p->all->prev = c;
+	p->all = c;
+	p->stats.active++;
+	return c;
+}
+
+static void conn_free(struct xo_proto *p, struct conn *c)
+{
+	struct conn **pp;
+
+	for (pp = &p->by_id[bucket(c->id)]; *pp; pp = &(*pp)->id_next)
+		if (*pp == c) {
+			*pp = c->id_next;
+			break;
+		}
+	if (p->cfg.role == XO_ROLE_TARGET)
+		for (pp = &p->by_wire[bucket(c->wire_id ^ c->peer)]; *pp;
+		     pp = &(*pp)->wire_next)
+			if (*pp == c) {
+				*pp = c->wire_next;
+				break;
+			}
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		p->all = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	xo_state_release(&c->st);
+	free(c->app);
+	free(c);
+	p->stats.active--;
+}
+
+/* ---- peers and framing ------------------------------------------------ */
+
+static struct peer *peer_get(struct xo_proto *p, uint32_t id)
+{
+	struct peer *pe;
+
+	for (pe = p->peers; pe; pe = pe->next)
+		if (pe->id == id && !pe->dead)
+			return pe;
+	return NULL;
+}
+
+static int send_msg(struct peer *pe, uint8_t type,
+		    uint16_t flags, uint64_t conn, const uint8_t *payload,
+		    uint32_t len, uint64_t now)
+{
+	size_t need = xo_env_size(len);
+	struct outbuf *o = &pe->out;
+	int64_t n;
+
+	if (pe->dead)
+		return xo_fail(XO_E_STATE, "protocol: peer %s is closed",
+			       pe->o.name);
+	if (o->off && o->off == o->len)
+		o->off = o->len = 0;
+	if (o->len + need > o->cap) {
+		size_t cap = o->cap ? o->cap : 4096;
+		uint8_t *d;
+
+		if (o->off) { /* compact first */
+			memmove(o->data, o->data + o->off, o->len - o->off);
+			o->len -= o->off;
+			o->off = 0;
+		}
+		while (cap < o->len + need)
+			cap *= 2;
+		if (cap > o->cap) {
+			d = realloc(o->data, cap);
+			if (!d)
+				return xo_fail(XO_E_NOMEM,
+					       "protocol: output buffer of %zu bytes",
+					       cap);
+			o->data = d;
+			o->cap = cap;
+		}
+	}
+	if (o->len == o->off)
+		pe->out_since = now;
+	n = xo_chan_seal(&pe->ch, type, flags, conn, payload, len,
+			 o->data + o->len, o->cap - o->len);
+	if (n < 0)
+		return (int)n;
+	o->len += (size_t)n;
+	pe->last_tx = now;
+	return 0;
+}
+
+static void send_abort(struct peer *pe, uint64_t conn,
+		       uint32_t reason, const char *text, uint64_t now)
+{
+	uint8_t buf[8 + XO_ABORT_MAX_TEXT];
+	int n = xo_abort_encode(reason, text, (uint32_t)strlen(text), buf,
+				sizeof(buf));
+
+	if (n >= 0)
+		send_msg(pe, XO_MSG_ABORT, 0, conn, buf, (uint32_t)n, now);
+}
+
+static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now);
+
+/* Say no to a peer's request (ABORT) and tell the driver why. */
+static void refused(struct xo_proto *p, struct peer *pe, uint64_t conn,
+		    uint32_t reason, const char *why, uint64_t now)
+{
+	struct xo_proto_event *ev;
+
+	p->stats.refused++;
+	send_abort(pe, conn, reason, why, now);
+	ev = push_event(p, XO_EV_REFUSED, pe->id, conn, -1);
+	if (ev) {
+		ev->code = (int)reason;
+		snprintf(ev->text, sizeof(ev->text), "%s", why);
+	}
+}
+
+/* Close a peer for a reason (a violation, a deadline, the driver's EOF). */
+static void close_peer(struct xo_proto *p, struct peer *pe, uint64_t now,
+		       const char *why)
+{
+	struct xo_proto_event *ev;
+
+	if (pe->dead)
+		return;
+	pe->dead = true;
+	p->closes++;
+	peer_lost(p, pe, now);
+	ev = push_event(p, XO_EV_PEER_CLOSED, pe->id, 0, -1);
+	if (ev)
+		snprintf(ev->text, sizeof(ev->text), "%s", why);
+}
+
+static void violation(struct xo_proto *p, struct peer *pe, uint64_t now,
+		      const char *fmt, ...) XO_PRINTF(4, 5);
+
+static void violation(struct xo_proto *p, struct peer *pe, uint64_t now,
+		      const char *fmt, ...)
+{
+	char why[XO_EV_TEXT_LEN];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(why, sizeof(why), fmt, ap);
+	va_end(ap);
+	p->stats.violations++;
+	close_peer(p, pe, now, why);
+}
+
+static void peer_fail(struct peer *pe, uint64_t now)
+{
+	if (++pe->failures < XO_PROTO_DOWN_AFTER)
+		return;
+	pe->down_ms = pe->down_ms ? pe->down_ms * 2 : XO_PROTO_DOWN_MS;
+	if (pe->down_ms > 30000)
+		pe->down_ms = 30000;
+	pe->down_until = now + pe->down_ms * MS;
+}
+
+static void peer_ok(struct peer *pe)
+{
+	pe->failures = 0;
+	pe->down_ms = 0;
+	pe->down_until = 0;
+}
+
+/* ---- host: outbound --------------------------------------------------- */
+
+static void host_rollback(struct xo_proto *p, struct conn *c, int code,
+			  const char *why, bool tell_target, uint64_t now)
+{
+	struct peer *pe = peer_get(p, c->peer);
+	struct xo_proto_event *ev;
+	int fd = c->fd;
+
+	/* The target never resumes on its own, so leaving repair here is safe
+	 * whatever it did: it discards its copy on our ABORT (or on losing the
+	 * control connection). */
+	if (xo_tcp_resume(fd, NULL)) {
+		fprintf(stderr, "xo: conn %llx: resume after rollback failed: %s\n",
+			(unsigned long long)c->id, xo_last_error());
+		code = XO_E_SYS;
+	}
+	remove_rule(p, &c->in_key);
+	remove_rule(p, &c->out_key);
+	if (tell_target && pe)
+		send_abort(pe, c->wire_id, XO_ABORT_HOST, why, now);
+	p->stats.rollbacks++;
+	ev = push_event(p, XO_EV_ROLLED_BACK, c->peer, c->id, fd);
+	if (ev) {
+		ev->code = code;
+		ev->client = c->client;
+		ev->local = c->local;
+		snprintf(ev->text, sizeof(ev->text), "%s", why);
+		event_data(ev, &c->app, c->app_len);
+	}
+	conn_free(p, c);
+}
+
+static int encode_state(struct xo_tcp_state *st, const uint8_t *prefix,
+			uint32_t prefix_len, uint8_t **out, uint32_t *out_len)
+{
+	size_t size = xo_state_encoded_size(st) + prefix_len;
+	int64_t n;
+	uint8_t *buf;
+
+	if (size > XO_ENV_MAX_PAYLOAD)
+		return xo_fail(XO_E_TOO_LARGE, "state of %zu bytes > %d", size,
+			       XO_ENV_MAX_PAYLOAD);
+	buf = malloc(size);
+	if (!buf)
+		return xo_fail(XO_E_NOMEM, "state buffer of %zu bytes", size);
+	if (prefix_len)
+		memcpy(buf, prefix, prefix_len);
+	n = xo_state_encode(st, buf + prefix_len, size - prefix_len);
+	if (n < 0) {
+		free(buf);
+		return (int)n;
+	}
+	*out = buf;
+	*out_len = prefix_len + (uint32_t)n;
+	return 0;
+}
+
+int xo_proto_usable(struct xo_proto *p, uint32_t peer, uint64_t now)
+{
+	struct peer *pe = peer_get(p, peer);
+
+	return pe && pe->state == XO_PEER_UP && now >= pe->down_until;
+}
+
+int xo_proto_pick(struct xo_proto *p, uint32_t policy, uint64_t now,
+		  uint32_t *peer)
+{
+	struct peer *pe, *best = NULL;
+	uint64_t best_load = 0, load;
+
+	xo_clear_error();
+	for (pe = p->peers; pe; pe = pe->next) {
+		if (pe->dead || !xo_proto_usable(p, pe->id, now))
+			continue;
+		load = policy == XO_PICK_ROUND_ROBIN ?
+			       0 :
+			       (uint64_t)pe->load.active + pe->offloaded;
+		if (!best || load < best_load ||
+		    (load == best_load &&
+		     (pe->handed < best->handed ||
+		      (pe->handed == best->handed &&
+		       strcmp(pe->o.name, best->o.name) < 0)))) {
+			best = pe;
+			best_load = load;
+		}
+	}
+	if (!best)
+		return xo_fail(XO_E_NOTFOUND, "pick: no target is up");
+	*peer = best->id;
+	return 0;
+}
+
+int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
+		     const uint8_t *app, uint32_t app_len, uint64_t now,
+		     uint64_t *conn_out)
+{
+	struct xo_tcp_state st = { 0 };
+	struct peer *pe = peer_get(p, peer);
+	struct xo_endpoint local, client;
+	struct xo_flow_key in_key, out_key;
+	uint8_t *payload = NULL;
+	uint32_t payload_len;
+	struct conn *c;
+	struct lap l;
+	int ret;
+
+	xo_clear_error();
+	if (p->cfg.role != XO_ROLE_HOST)
+		return xo_fail(XO_E_STATE, "offload: this machine is a target");
+	if (!pe || pe->state != XO_PEER_UP)
+		return xo_fail(XO_E_NOTFOUND, "offload: target %u is not up",
+			       peer);
+	if (app_len > XO_MAX_APP_BYTES)
+		return xo_fail(XO_E_TOO_LARGE, "offload: %u request bytes",
+			       app_len);
+	lap_start(&l, XO_T_OUT_HOST);
+	ret = sock_endpoint(fd, false, &local);
+	if (!ret)
+		ret = sock_endpoint(fd, true, &client);
+	if (ret)
+		return ret;
+	flow_key(&in_key, &client, &local);
+	flow_key(&out_key, &local, &client);
+	/* Step 1: block both ways. Outbound too: a frozen socket's timers may
+	 * still transmit, and what they send must not reach the client. */
+	ret = insert_block(p, &in_key, now);
+	if (!ret)
+		ret = insert_block(p, &out_key, now);
+	if (ret)
+		goto unblock;
+	lap(p, &l, OH_BLOCK);
+	/* Step 2: freeze, capture, BEGIN_OFFLOAD. */
+	ret = xo_tcp_freeze(fd);
+	if (ret)
+		goto unblock;
+	ret = xo_tcp_capture(fd, &st);
+	if (!ret)
+		ret = xo_state_set_app_data(&st, app, app_len);
+	if (!ret)
+		ret = encode_state(&st, NULL, 0, &payload, &payload_len);
+	if (ret)
+		goto resume;
+	c = conn_new(p, peer, 0);
+	if (!c) {
+		ret = XO_E_NOMEM;
+		goto resume;
+	}
+	ret = send_msg(pe, XO_MSG_BEGIN_OFFLOAD, 0, c->wire_id, payload,
+		       payload_len, now);
+	free(payload);
+	payload = NULL;
+	if (ret) {
+		conn_free(p, c);
+		goto resume;
+	}
+	c->state = H_WAIT_READY;
+	c->fd = fd;
+	c->client = client;
+	c->local = local;
+	c->in_key = in_key;
+	c->out_key = out_key;
+	c->snd_una = st.snd_seq - st.inflight_len - st.unsent_len;
+	c->rcv_nxt = st.rcv_seq;
+	c->deadline = now + CFG(p, ready_timeout_ms,
+				XO_PROTO_READY_TIMEOUT_MS);
+	if (app_len) {
+		c->app = st.app_data; /* keep the copy for a rollback event */
+		c->app_len = app_len;
+		st.app_data = NULL;
+		st.app_len = 0;
+	}
+	xo_state_release(&st);
+	lap(p, &l, OH_SERIALIZE);
+	c->lap = l;
+	*conn_out = c->id;
+	return 0;
+
+resume:
+	{
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		if (xo_tcp_resume(fd, NULL))
+			fprintf(stderr, "xo: offload: resume failed: %s\n",
+				xo_last_error());
+		xo_fail(ret, "%s", why);
+	}
+unblock:
+	{
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		remove_rule(p, &in_key);
+		remove_rule(p, &out_key);
+		xo_fail(ret, "%s", why);
+	}
+	free(payload);
+	xo_state_release(&st);
+	return ret;
+}
+
+static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
+			const struct xo_endpoint *at, uint64_t now)
+{
+	struct xo_steer_action a;
+	struct xo_proto_event *ev;
+	int ret;
+
+	lap(p, &c->lap, OH_READY);
+	/* Step 5: the redirect replaces the block in one map write. */
+	action(p, &a, XO_STEER_REDIRECT, now,
+	       CFG(p, redirect_ttl_ms, XO_PROTO_REDIRECT_TTL_MS));
+	memcpy(a.new_dst_addr, at->addr, 16);
+	a.new_dst_port = htons(at->port);
+	memcpy(a.dst_mac, pe->o.mac, 6);
+	memcpy(a.src_mac, p->cfg.host_mac, 6);
+	ret = xo_rules_insert(p->cfg.rules, &c->in_key, &a);
+	if (ret) {
+		char why[XO_EV_TEXT_LEN];
+
+		snprintf(why, sizeof(why), "redirect failed: %s",
+			 xo_last_error());
+		host_rollback(p, c, ret, why, true, now);
+		return;
+	}
+	lap(p, &c->lap, OH_REDIRECT);
+	/* Point of no return. Step 6: our socket goes without a signal. */
+	if (xo_tcp_discard(c->fd)) {
+		fprintf(stderr, "xo: conn %llx: discard: %s\n",
+			(unsigned long long)c->id, xo_last_error());
+		close(c->fd);
+	}
+	c->fd = -1;
+	remove_rule(p, &c->out_key);
+	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
+	lap(p, &c->lap, OH_DISCARD);
+	lap_total(p, &c->lap, OH_TOTAL);
+	c->state = H_OFFLOADED;
+	c->rule = a;
+	c->at = *at;
+	c->renew_at = now + CFG(p, redirect_ttl_ms,
+				XO_PROTO_REDIRECT_TTL_MS) / 3;
+	c->deadline = 0;
+	free(c->app);
+	c->app = NULL;
+	c->app_len = 0;
+	pe->offloaded++;
+	pe->handed++;
+	peer_ok(pe);
+	p->stats.offloads++;
+	ev = push_event(p, XO_EV_OFFLOADED, pe->id, c->id, -1);
+	if (ev) {
+		ev->client = c->client;
+		ev->local = *at;
+	}
+}
+
+/* A client waiting in silence for a response learns at once that its
+ * connection died with its target (see xo_proto.h). */
+int xo_probe_client(const struct xo_endpoint *local,
+		    const struct xo_endpoint *client, uint32_t snd_una,
+		    uint32_t rcv_nxt)
+{
+	uint8_t pkt[20] = { 0 };
+	struct sockaddr_storage ss = { 0 };
+	uint32_t sum = 0;
+	socklen_t sl;
+	size_t alen, i;
+	int fd, ret = 0;
+
+	xo_clear_error();
+	if (!local || !client || local->family != client->family)
+		return xo_fail(XO_E_INVAL, "probe: endpoints of one family needed");
+	alen = client->family == AF_INET6 ? 16 : 4;
+
+	xo_put16(pkt, local->port);
+	xo_put16(pkt + 2, client->port);
+	xo_put32(pkt + 4, snd_una - 1);
+	xo_put32(pkt + 8, rcv_nxt);
+	pkt[12] = 5 << 4;
+	pkt[13] = 0x10; /* ACK */
+	xo_put16(pkt + 14, 0xffff);
+	/* Checksum over the pseudo header and the segment. */
+	for (i = 0; i < alen; i += 2)
+		sum += xo_get16(local->addr + i) +
+		       xo_get16(client->addr + i);
+	sum += IPPROTO_TCP + sizeof(pkt);
+	for (i = 0; i < sizeof(pkt); i += 2)
+		sum += xo_get16(pkt + i);
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	xo_put16(pkt + 16, (uint16_t)~sum);
+
+	fd = socket(client->family, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_TCP);
+	if (fd < 0)
+		return xo_fail_sys("probe: socket(SOCK_RAW)");
+	if (client->family == AF_INET6) {
+		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+
+		s6->sin6_family = AF_INET6;
+		memcpy(&s6->sin6_addr, local->addr, 16);
+		s6->sin6_scope_id = local->scope_id;
+		sl = sizeof(*s6);
+	} else {
+		struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
+
+		s4->sin_family = AF_INET;
+		memcpy(&s4->sin_addr, local->addr, 4);
+		sl = sizeof(*s4);
+	}
+	if (bind(fd, (struct sockaddr *)&ss, sl) < 0) {
+		ret = xo_fail_sys("probe: bind");
+		goto out;
+	}
+	if (client->family == AF_INET6)
+		memcpy(&((struct sockaddr_in6 *)&ss)->sin6_addr,
+		       client->addr, 16);
+	else
+		memcpy(&((struct sockaddr_in *)&ss)->sin_addr, client->addr,
+		       4);
+	if (sendto(fd, pkt, sizeof(pkt), 0, (struct sockaddr *)&ss, sl) < 0)
+		ret = xo_fail_sys("probe: sendto");
+out:
+	close(fd);
+	return ret;
+}
+
+static void host_withdraw(struct xo_proto *p, struct conn *c)
+{
+	struct xo_proto_event *ev;
+
+	remove_rule(p, &c->in_key);
+	if (xo_probe_client(&c->local, &c->client, c->snd_una, c->rcv_nxt))
+		fprintf(stderr, "xo: conn %llx: cannot probe the client: %s\n",
+			(unsigned long long)c->id, xo_last_error());
+	p->stats.withdrawn++;
+	ev = push_event(p, XO_EV_WITHDRAWN, c->peer, c->id, -1);
+	if (ev)
+		ev->client = c->client;
+}
+
+/* ---- host: inbound and moves ------------------------------------------ */
+
+static void host_done(struct xo_proto *p, struct peer *pe,
+		      const struct xo_msg *m, uint64_t now)
+{
+	struct conn *c = conn_by_id(p, m->conn_id);
+	struct xo_tcp_state st = { 0 };
+	struct xo_endpoint dest = { 0 };
+	const uint8_t *state_buf = m->payload;
+	uint32_t state_len = m->payload_len;
+	struct xo_proto_event *ev;
+	char why[XO_EV_TEXT_LEN];
+	struct lap l;
+	int ret, fd;
+
+	if (!c || c->peer != pe->id || c->state != H_OFFLOADED) {
+		refused(p, pe, m->conn_id, XO_ABORT_REFUSED, "unknown connection",
+			now);
+		return;
+	}
+	if (m->flags & XO_DONE_FLAG_CLOSED) {
+		/* Keep steering the flow's last FIN/ACKs a while. */
+		c->rule.expires_ns = now + CFG(p, closed_ttl_ms,
+					       XO_PROTO_CLOSED_TTL_MS);
+		if (!xo_rules_insert(p->cfg.rules, &c->in_key, &c->rule))
+			linger(p, &c->in_key, &c->rule);
+		pe->offloaded--;
+		send_msg(pe, XO_MSG_END_OFFLOAD, 0, m->conn_id, NULL, 0, now);
+		conn_free(p, c);
+		return;
+	}
+	lap_start(&l, XO_T_IN_HOST);
+	if (m->flags & XO_DONE_FLAG_MOVE) {
+		if (m->payload_len < XO_READY_LEN ||
+		    xo_ready_decode(m->payload, XO_READY_LEN, &dest) < 0) {
+			ret = XO_E_FIELD;
+			snprintf(why, sizeof(why), "move: bad destination");
+			goto refuse;
+		}
+		state_buf += XO_READY_LEN;
+		state_len -= XO_READY_LEN;
+	}
+	ret = xo_state_decode(state_buf, state_len, &st);
+	if (ret) {
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		goto refuse;
+	}
+	/* The state must be the flow we handed to this target, nothing else. */
+	if (!ep_same(&st.remote, &c->client) || !ep_same(&st.local, &c->at)) {
+		char a[64], b[64];
+
+		ret = XO_E_REFUSED;
+		snprintf(why, sizeof(why), "state names %s <-> %s, not our flow",
+			 ep_str(&st.local, a, sizeof(a)),
+			 ep_str(&st.remote, b, sizeof(b)));
+		goto refuse;
+	}
+	lap(p, &l, IH_DECODE);
+	if (m->flags & XO_DONE_FLAG_MOVE) {
+		struct peer *to;
+		uint8_t *payload = NULL;
+		uint32_t payload_len;
+
+		for (to = p->peers; to; to = to->next)
+			if (!to->dead && to != pe && to->state == XO_PEER_UP &&
+			    ep_same_addr(&to->o.addr, &dest))
+				break;
+		if (!to) {
+			ret = XO_E_NOTFOUND;
+			snprintf(why, sizeof(why), "move: no such target is up");
+			goto refuse;
+		}
+		/* The new target sees the flow as ours, as in an offload. */
+		st.local = c->local;
+		ret = encode_state(&st, NULL, 0, &payload, &payload_len);
+		if (!ret)
+			ret = send_msg(to, XO_MSG_BEGIN_OFFLOAD, 0, c->wire_id,
+				       payload, payload_len, now);
+		free(payload);
+		if (ret) {
+			snprintf(why, sizeof(why), "%s", xo_last_error());
+			goto refuse;
+		}
+		xo_state_release(&st);
+		c->state = H_MOVING;
+		c->move_peer = to->id;
+		c->deadline = now + CFG(p, ready_timeout_ms,
+					XO_PROTO_READY_TIMEOUT_MS);
+		return;
+	}
+	/* Step 9: restore on our own endpoint. */
+	{
+		struct xo_restore_opts o = { .size = sizeof(o), .use_local = 1 };
+
+		o.local = c->local;
+		fd = xo_tcp_restore(&st, &o);
+	}
+	if (fd < 0) {
+		ret = fd;
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		goto refuse;
+	}
+	lap(p, &l, IH_RESTORE);
+	/* Step 10: the redirect goes, synchronously in both tiers. */
+	remove_rule(p, &c->in_key);
+	lap(p, &l, IH_REMOVE);
+	ret = xo_tcp_resume(fd, &st);
+	if (ret) {
+		/* Past the point where the target may still resume: its copy is
+		 * frozen and it waits for our word. Give it back. */
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		xo_tcp_discard(fd);
+		xo_rules_insert(p->cfg.rules, &c->in_key, &c->rule);
+		goto refuse;
+	}
+	lap(p, &l, IH_RESUME);
+	send_msg(pe, XO_MSG_END_OFFLOAD, 0, m->conn_id, NULL, 0, now);
+	lap(p, &l, IH_END);
+	lap_total(p, &l, IH_TOTAL);
+	pe->offloaded--;
+	p->stats.returns++;
+	ev = push_event(p, XO_EV_RETURNED, pe->id, c->id, fd);
+	if (ev) {
+		ev->client = c->client;
+		ev->local = c->local;
+		event_data(ev, &st.app_data, st.app_len);
+	}
+	xo_state_release(&st);
+	conn_free(p, c);
+	return;
+
+refuse:
+	/* The target resumes on an explicit refusal: the flow stays there. */
+	xo_state_release(&st);
+	refused(p, pe, m->conn_id, XO_ABORT_RESTORE, why, now);
+	(void)ret;
+}
+
+/* The destination of a move answered (READY or ABORT) or failed. */
+static void move_finish(struct xo_proto *p, struct conn *c,
+			const struct xo_endpoint *at, const char *why,
+			uint64_t now)
+{
+	struct peer *from = peer_get(p, c->peer), *to = peer_get(p, c->move_peer);
+	struct xo_steer_action a;
+
+	if (at && to) {
+		a = c->rule;
+		memcpy(a.new_dst_addr, at->addr, 16);
+		a.new_dst_port = htons(at->port);
+		memcpy(a.dst_mac, to->o.mac, 6);
+		a.expires_ns = now + CFG(p, redirect_ttl_ms,
+					 XO_PROTO_REDIRECT_TTL_MS);
+		if (xo_rules_insert(p->cfg.rules, &c->in_key, &a) == 0) {
+			/* One map write: the flow is B's now. */
+			if (from) {
+				send_msg(from, XO_MSG_END_OFFLOAD, 0,
+					 c->wire_id, NULL, 0, now);
+				from->offloaded--;
+			}
+			send_msg(to, XO_MSG_HOST_READY, 0, c->wire_id, NULL,
+				 0, now);
+			to->offloaded++;
+			to->handed++;
+			peer_ok(to);
+			c->peer = to->id;
+			c->rule = a;
+			c->at = *at;
+			c->state = H_OFFLOADED;
+			c->deadline = 0;
+			p->stats.moves++;
+			return;
+		}
+		why = "redirect to the new target failed";
+		send_abort(to, c->wire_id, XO_ABORT_HOST, why, now);
+	}
+	/* B will not have it: A keeps it (it resumes on our ABORT). */
+	if (to && !at)
+		peer_fail(to, now);
+	c->state = H_OFFLOADED;
+	c->deadline = 0;
+	if (from)
+		send_abort(from, c->wire_id, XO_ABORT_REFUSED, why, now);
+	else
+		host_withdraw(p, c);
+}
+
+static void host_input(struct xo_proto *p, struct peer *pe,
+		       const struct xo_msg *m, uint64_t now)
+{
+	struct conn *c = conn_by_id(p, m->conn_id);
+	struct xo_endpoint at;
+	uint32_t reason;
+	const uint8_t *text;
+	uint32_t text_len;
+	char why[XO_EV_TEXT_LEN];
+
+	switch (m->type) {
+	case XO_MSG_TARGET_READY:
+	case XO_MSG_ABORT:
+		if (!c)
+			return; /* crossed our ABORT: already rolled back */
+		if (c->state == H_MOVING && c->move_peer == pe->id) {
+			if (m->type == XO_MSG_TARGET_READY &&
+			    xo_ready_decode(m->payload, m->payload_len, &at) == 0 &&
+			    at.family == c->client.family && now <= c->deadline) {
+				move_finish(p, c, &at, NULL, now);
+				return;
+			}
+			if (m->type == XO_MSG_TARGET_READY)
+				send_abort(pe, c->wire_id, XO_ABORT_HOST,
+					   "late or malformed TARGET_READY", now);
+			move_finish(p, c, NULL, "the new target refused", now);
+			return;
+		}
+		if (c->peer != pe->id)
+			return violation(p, pe, now, "%s for a connection of another target",
+					 m->type == XO_MSG_ABORT ? "ABORT" : "TARGET_READY");
+		if (c->state != H_WAIT_READY) {
+			if (m->type == XO_MSG_ABORT)
+				return; /* a late answer to something settled */
+			return violation(p, pe, now, "TARGET_READY out of order");
+		}
+		if (m->type == XO_MSG_ABORT) {
+			if (xo_abort_decode(m->payload, m->payload_len, &reason,
+					    &text, &text_len))
+				reason = 0, text = (const uint8_t *)"", text_len = 0;
+			snprintf(why, sizeof(why), "target refused: %.*s (reason %u)",
+				 (int)(text_len > 100 ? 100 : text_len), text, reason);
+			peer_fail(pe, now);
+			host_rollback(p, c, XO_E_REFUSED, why, false, now);
+			return;
+		}
+		if (xo_ready_decode(m->payload, m->payload_len, &at) ||
+		    at.family != c->client.family) {
+			host_rollback(p, c, XO_E_FIELD, "malformed TARGET_READY",
+				      true, now);
+			return violation(p, pe, now, "malformed TARGET_READY");
+		}
+		if (now > c->deadline) {
+			/* Too late: we have given up already (the tick may just
+			 * not have run). The target waits for our word. */
+			p->stats.timeouts++;
+			peer_fail(pe, now);
+			host_rollback(p, c, XO_E_BUSY, "TARGET_READY came too late",
+				      true, now);
+			return;
+		}
+		host_commit(p, pe, c, &at, now);
+		return;
+	case XO_MSG_TARGET_DONE:
+		host_done(p, pe, m, now);
+		return;
+	case XO_MSG_LOAD_REPORT:
+		if (xo_load_decode(m->payload, m->payload_len, &pe->load))
+			return violation(p, pe, now, "malformed LOAD_REPORT");
+		return;
+	default:
+		return violation(p, pe, now, "unexpected message type %u from a target",
+				 m->type);
+	}
+}
+
+/* ---- target ------------------------------------------------------------- */
+
+static bool is_host_addr(struct xo_proto *p, const struct xo_endpoint *ep)
+{
+	uint32_t i;
+
+	for (i = 0; i < p->cfg.n_hosts; i++)
+		if (ep_same_addr(&p->cfg.hosts[i], ep))
+			return true;
+	return false;
+}
+
+static int restore_remapped(struct xo_tcp_state *st,
+			    const struct xo_endpoint *mine, uint16_t *port)
+{
+	struct xo_restore_opts o = { .size = sizeof(o), .use_local = 1 };
+	int i, fd = XO_E_BUSY;
+
+	o.local = *mine;
+	o.local.port = st->local.port;
+	for (i = 0; i < 64; i++) {
+		uint32_t r;
+
+		fd = xo_tcp_restore(st, &o);
+		if (fd >= 0 || (xo_last_errno() != EADDRINUSE &&
+				xo_last_errno() != EADDRNOTAVAIL))
+			break;
+		/* The 4-tuple is taken here: another port will do, the
+		 * source rewrite hides it from the client. */
+		if (getrandom(&r, sizeof(r), 0) != sizeof(r))
+			r = (uint32_t)clock_ns();
+		o.local.port = (uint16_t)(20000 + r % 40000);
+	}
+	*port = o.local.port;
+	return fd;
+}
+
+static void target_begin(struct xo_proto *p, struct peer *pe,
+			 const struct xo_msg *m, uint64_t now)
+{
+	struct xo_tcp_state st = { 0 };
+	const struct xo_endpoint *mine;
+	struct xo_endpoint here, host;
+	struct xo_steer_action a;
+	char why[XO_EV_TEXT_LEN], e1[64];
+	uint8_t ready[XO_READY_LEN];
+	uint32_t reason = XO_ABORT_REFUSED;
+	struct conn *c, *o;
+	uint16_t port;
+	struct lap l;
+	int fd = -1, ret;
+
+	if (conn_by_wire(p, pe->id, m->conn_id))
+		return violation(p, pe, now, "BEGIN_OFFLOAD for connection %llx twice",
+				 (unsigned long long)m->conn_id);
+	crash_point(p, "begin");
+	lap_start(&l, XO_T_OUT_TARGET);
+	ret = xo_state_decode(m->payload, m->payload_len, &st);
+	if (ret) {
+		reason = XO_ABORT_DECODE;
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		goto refuse;
+	}
+	lap(p, &l, OT_DECODE);
+	host = st.local;
+	/* The state's local end must be one of our hosts, and a flow we do
+	 * not hold already: nobody makes us bind another 4-tuple. */
+	if (!is_host_addr(p, &host) || !host.port || !st.remote.port) {
+		inet_ntop(host.family == AF_INET6 ? AF_INET6 : AF_INET, host.addr,
+			  e1, sizeof(e1));
+		snprintf(why, sizeof(why), "state names %s port %u, not a host of ours",
+			 e1, host.port);
+		goto refuse;
+	}
+	for (o = p->all; o; o = o->next)
+		if (ep_same(&o->client, &st.remote) &&
+		    ep_same(&o->local, &host)) {
+			snprintf(why, sizeof(why), "flow of %s is here already",
+				 ep_str(&st.remote, e1, sizeof(e1)));
+			goto refuse;
+		}
+	mine = host.family == AF_INET6 ? &p->cfg.local6 : &p->cfg.local4;
+	if (mine->family != host.family) {
+		snprintf(why, sizeof(why), "no local address of the family of %s",
+			 ep_str(&host, e1, sizeof(e1)));
+		goto refuse;
+	}
+	fd = restore_remapped(&st, mine, &port);
+	if (fd < 0) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		goto refuse;
+	}
+	lap(p, &l, OT_RESTORE);
+	crash_point(p, "restored");
+	c = conn_new(p, pe->id, m->conn_id);
+	if (!c) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why), "out of memory");
+		goto refuse;
+	}
+	here = *mine;
+	here.port = port;
+	c->fd = fd;
+	c->client = st.remote;
+	c->local = host;
+	c->at = here;
+	flow_key(&c->in_key, &st.remote, &here);
+	flow_key(&c->out_key, &here, &st.remote);
+	/* Step 4: the source rewrite exists before anything can leave. */
+	action(p, &a, XO_STEER_SRC_REWRITE, now,
+	       CFG(p, redirect_ttl_ms, XO_PROTO_REDIRECT_TTL_MS));
+	memcpy(a.new_src_addr, host.addr, 16);
+	a.new_src_port = htons(host.port);
+	ret = xo_rules_insert(p->cfg.rules, &c->out_key, &a);
+	if (ret) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		conn_free(p, c);
+		goto refuse;
+	}
+	c->rule = a;
+	lap(p, &l, OT_REWRITE);
+	xo_ready_encode(&here, ready, sizeof(ready));
+	send_msg(pe, XO_MSG_TARGET_READY, 0, m->conn_id, ready,
+		 sizeof(ready), now);
+	lap(p, &l, OT_READY);
+	lap_total(p, &l, OT_TOTAL);
+	c->state = T_WAIT_HOST_READY;
+	c->st = st; /* resume needs the unsent bytes */
+	c->deadline = now + CFG(p, confirm_timeout_ms,
+				XO_PROTO_CONFIRM_TIMEOUT_MS);
+	crash_point(p, "ready");
+	return;
+
+refuse:
+	if (fd >= 0)
+		xo_tcp_discard(fd);
+	xo_state_release(&st);
+	refused(p, pe, m->conn_id, reason, why, now);
+}
+
+/* Undo a hand-back's freeze: the connection stays and is served here. */
+static void target_keep(struct xo_proto *p, struct conn *c, const char *why)
+{
+	struct xo_proto_event *ev;
+	int code = 0;
+
+	if (xo_tcp_resume(c->fd, NULL)) {
+		fprintf(stderr, "xo: conn %llx: resume: %s\n",
+			(unsigned long long)c->id, xo_last_error());
+		code = XO_E_SYS;
+	}
+	if (xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule))
+		fprintf(stderr, "xo: conn %llx: rewrite back: %s\n",
+			(unsigned long long)c->id, xo_last_error());
+	remove_rule(p, &c->in_key);
+	c->state = T_SERVING;
+	c->deadline = 0;
+	p->stats.kept++;
+	ev = push_event(p, XO_EV_KEPT, c->peer, c->id, c->fd);
+	if (ev) {
+		ev->code = code;
+		ev->client = c->client;
+		ev->local = c->at;
+		snprintf(ev->text, sizeof(ev->text), "%s", why);
+		event_data(ev, &c->app, c->app_len);
+	}
+	c->app_len = 0;
+}
+
+static void target_drop(struct xo_proto *p, struct conn *c, uint32_t type)
+{
+	struct xo_proto_event *ev;
+
+	if (c->fd >= 0 && xo_tcp_discard(c->fd)) {
+		fprintf(stderr, "xo: conn %llx: discard: %s\n",
+			(unsigned long long)c->id, xo_last_error());
+		close(c->fd);
+	}
+	remove_rule(p, &c->out_key);
+	remove_rule(p, &c->in_key);
+	if (type) {
+		ev = push_event(p, type, c->peer, c->id, -1);
+		if (ev)
+			ev->client = c->client;
+	}
+	conn_free(p, c);
+}
+
+static void target_input(struct xo_proto *p, struct peer *pe,
+			 const struct xo_msg *m, uint64_t now)
+{
+	struct xo_proto_event *ev;
+	struct conn *c;
+	struct lap l;
+
+	if (m->type == XO_MSG_BEGIN_OFFLOAD)
+		return target_begin(p, pe, m, now);
+	if (m->type != XO_MSG_HOST_READY && m->type != XO_MSG_END_OFFLOAD &&
+	    m->type != XO_MSG_ABORT)
+		return violation(p, pe, now, "unexpected message type %u from a host",
+				 m->type);
+	c = conn_by_wire(p, pe->id, m->conn_id);
+	if (!c) {
+		if (m->type == XO_MSG_ABORT)
+			return; /* crossed our own refusal */
+		return violation(p, pe, now, "message %u for unknown connection %llx",
+				 m->type, (unsigned long long)m->conn_id);
+	}
+	switch (c->state) {
+	case T_WAIT_HOST_READY:
+		if (m->type == XO_MSG_ABORT) {
+			target_drop(p, c, 0);
+			return;
+		}
+		if (m->type != XO_MSG_HOST_READY)
+			break;
+		crash_point(p, "host_ready");
+		if (xo_tcp_resume(c->fd, &c->st)) {
+			/* The host has let go: nothing can carry this flow on.
+			 * Tell it, so the client meets a reset, not a hang. */
+			fprintf(stderr, "xo: conn %llx: resume: %s\n",
+				(unsigned long long)c->id, xo_last_error());
+			xo_tcp_discard(c->fd);
+			c->fd = -1;
+			send_msg(pe, XO_MSG_TARGET_DONE, XO_DONE_FLAG_CLOSED,
+				 c->wire_id, NULL, 0, now);
+			c->state = T_WAIT_CLOSED;
+			c->deadline = now + CFG(p, confirm_timeout_ms,
+						XO_PROTO_CONFIRM_TIMEOUT_MS);
+			return;
+		}
+		c->state = T_SERVING;
+		c->deadline = 0;
+		c->renew_at = now + CFG(p, redirect_ttl_ms,
+					XO_PROTO_REDIRECT_TTL_MS) / 3;
+		p->stats.adopted++;
+		ev = push_event(p, XO_EV_ADOPTED, pe->id, c->id, c->fd);
+		if (ev) {
+			ev->code = c->at.port != c->local.port; /* remapped */
+			if (ev->code) {
+				struct xo_endpoint want = c->at;
+				char a[64], b[64];
+
+				want.port = c->local.port;
+				snprintf(ev->text, sizeof(ev->text),
+					 "4-tuple %s <-> %s taken; remapping to port %u",
+					 ep_str(&want, a, sizeof(a)),
+					 ep_str(&c->client, b, sizeof(b)),
+					 c->at.port);
+			}
+			ev->client = c->client;
+			ev->local = c->at;
+			event_data(ev, &c->st.app_data, c->st.app_len);
+		}
+		c->st.app_len = 0;
+		xo_state_release(&c->st);
+		return;
+	case T_WAIT_END:
+		l = c->lap;
+		if (m->type == XO_MSG_ABORT) {
+			target_keep(p, c, "the host refused the hand-back");
+			return;
+		}
+		if (m->type != XO_MSG_END_OFFLOAD)
+			break;
+		lap(p, &l, IT_END);
+		target_drop(p, c, XO_EV_HANDED_BACK);
+		p->stats.handed_back++;
+		lap(p, &l, IT_CLEANUP);
+		lap_total(p, &l, IT_TOTAL);
+		return;
+	case T_WAIT_CLOSED:
+		if (m->type == XO_MSG_ABORT || m->type == XO_MSG_END_OFFLOAD) {
+			ev = push_event(p, XO_EV_CLOSED, pe->id, c->id, -1);
+			conn_free(p, c);
+			return;
+		}
+		break;
+	default:
+		if (m->type == XO_MSG_ABORT)
+			return;
+		break;
+	}
+	violation(p, pe, now, "message %u out of order for connection %llx",
+		  m->type, (unsigned long long)m->conn_id);
+}
+
+static int target_freeze(struct xo_proto *p, struct conn *c,
+			 const struct xo_endpoint *dest, const uint8_t *app,
+			 uint32_t app_len, uint64_t now)
+{
+	struct xo_tcp_state st = { 0 };
+	struct peer *pe = peer_get(p, c->peer);
+	uint8_t prefix[XO_READY_LEN], *payload = NULL;
+	uint32_t payload_len;
+	struct lap l;
+	int ret;
+
+	if (!pe || pe->state != XO_PEER_UP)
+		return xo_fail(XO_E_STATE, "hand back: the host is not connected");
+	if (app_len > XO_MAX_APP_BYTES)
+		return xo_fail(XO_E_TOO_LARGE, "hand back: %u bytes", app_len);
+	lap_start(&l, XO_T_IN_TARGET);
+	/* Step 7: block ingress, and egress while frozen: timers still send,
+	 * and bytes sent after the capture would be "unsent" to the host. */
+	ret = insert_block(p, &c->in_key, now);
+	if (!ret)
+		ret = insert_block(p, &c->out_key, now);
+	if (ret)
+		goto unblock;
+	lap(p, &l, IT_BLOCK);
+	ret = xo_tcp_freeze(c->fd);
+	if (ret)
+		goto unblock;
+	/* Step 8. */
+	ret = xo_tcp_capture(c->fd, &st);
+	if (!ret)
+		ret = xo_state_set_app_data(&st, app, app_len);
+	if (!ret && dest && xo_ready_encode(dest, prefix, sizeof(prefix)) < 0)
+		ret = XO_E_INVAL;
+	if (!ret)
+		ret = encode_state(&st, prefix, dest ? XO_READY_LEN : 0,
+				   &payload, &payload_len);
+	if (!ret) {
+		crash_point(p, "done");
+		ret = send_msg(pe, XO_MSG_TARGET_DONE,
+			       dest ? XO_DONE_FLAG_MOVE : 0, c->wire_id,
+			       payload, payload_len, now);
+	}
+	free(payload);
+	if (ret)
+		goto resume;
+	lap(p, &l, IT_SERIALIZE);
+	c->lap = l;
+	c->state = T_WAIT_END;
+	c->deadline = now + CFG(p, confirm_timeout_ms,
+				XO_PROTO_CONFIRM_TIMEOUT_MS);
+	free(c->app);
+	c->app = st.app_data;
+	c->app_len = st.app_len;
+	st.app_data = NULL;
+	xo_state_release(&st);
+	return 0;
+
+resume:
+	{
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		xo_tcp_resume(c->fd, NULL);
+		xo_fail(ret, "%s", why);
+	}
+unblock:
+	{
+		char why[512];
+
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule);
+		remove_rule(p, &c->in_key);
+		xo_fail(ret, "%s", why);
+	}
+	xo_state_release(&st);
+	return ret;
+}
+
+static struct conn *serving(struct xo_proto *p, uint64_t id)
+{
+	struct conn *c = conn_by_id(p, id);
+
+	if (p->cfg.role != XO_ROLE_TARGET || !c || c->state != T_SERVING) {
+		xo_fail(XO_E_STATE, "connection %llx is not being served here",
+			(unsigned long long)id);
+		return NULL;
+	}
+	return c;
+}
+
+int xo_proto_hand_back(struct xo_proto *p, uint64_t conn, const uint8_t *app,
+		       uint32_t app_len, uint64_t now)
+{
+	struct conn *c;
+
+	xo_clear_error();
+	c = serving(p, conn);
+	return c ? target_freeze(p, c, NULL, app, app_len, now) : XO_E_STATE;
+}
+
+int xo_proto_move(struct xo_proto *p, uint64_t conn,
+		  const struct xo_endpoint *dest, const uint8_t *app,
+		  uint32_t app_len, uint64_t now)
+{
+	struct conn *c;
+
+	xo_clear_error();
+	if (!dest || (dest->family != AF_INET && dest->family != AF_INET6))
+		return xo_fail(XO_E_INVAL, "move: no destination address");
+	c = serving(p, conn);
+	return c ? target_freeze(p, c, dest, app, app_len, now) : XO_E_STATE;
+}
+
+int xo_proto_close_conn(struct xo_proto *p, uint64_t conn, uint64_t now)
+{
+	struct peer *pe;
+	struct conn *c;
+
+	xo_clear_error();
+	c = serving(p, conn);
+	if (!c)
+		return XO_E_STATE;
+	if (close(c->fd) < 0)
+		fprintf(stderr, "xo: conn %llx: close: %m\n",
+			(unsigned long long)c->id);
+	c->fd = -1;
+	/* The FIN and the last ACKs leave through the rewrite: keep it. */
+	c->rule.expires_ns = now + CFG(p, closed_ttl_ms, XO_PROTO_CLOSED_TTL_MS);
+	if (!xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule))
+		linger(p, &c->out_key, &c->rule);
+	pe = peer_get(p, c->peer);
+	if (!pe || send_msg(pe, XO_MSG_TARGET_DONE, XO_DONE_FLAG_CLOSED,
+			    c->wire_id, NULL, 0, now)) {
+		conn_free(p, c);
+		return 0;
+	}
+	c->state = T_WAIT_CLOSED;
+	c->deadline = now + CFG(p, confirm_timeout_ms,
+				XO_PROTO_CONFIRM_TIMEOUT_MS);
+	return 0;
+}
+
+void xo_proto_add_served(struct xo_proto *p, uint64_t bytes)
+{
+	p->bytes_served += bytes;
+}
+
+/* ---- peer loss ------------------------------------------------------------ */
+
+static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
+{
+	struct conn *c, *next;
+	struct xo_proto_event *ev;
+
+	for (c = p->all; c; c = next) {
+		next = c->next;
+		if (p->cfg.role == XO_ROLE_HOST) {
+			if (c->state == H_MOVING && c->move_peer == pe->id &&
+			    c->peer != pe->id) {
+				move_finish(p, c, NULL, "the new target was lost",
+					    now);
+				continue;
+			}
+			if (c->peer != pe->id)
+				continue;
+			if (c->state == H_WAIT_READY) {
+				host_rollback(p, c, XO_E_STATE,
+					      "control connection lost", false,
+					      now);
+				continue;
+			}
+			if (c->state == H_MOVING) {
+				struct peer *to = peer_get(p, c->move_peer);
+
+				if (to)
+					send_abort(to, c->wire_id, XO_ABORT_HOST,
+						   "the old target was lost", now);
+			}
+			host_withdraw(p, c);
+			conn_free(p, c);
+			continue;
+		}
+		if (c->peer != pe->id)
+			continue;
+		switch (c->state) {
+		case T_WAIT_HOST_READY:
+			target_drop(p, c, 0);
+			break;
+		case T_WAIT_END:
+			p->stats.lost++;
+			target_drop(p, c, XO_EV_LOST);
+			break;
+		case T_SERVING:
+			/* The host resets the client: stop serving it. */
+			p->stats.lost++;
+			remove_rule(p, &c->out_key);
+			ev = push_event(p, XO_EV_LOST, c->peer, c->id, c->fd);
+			if (ev)
+				ev->client = c->client;
+			conn_free(p, c);
+			break;
+		default:
+			conn_free(p, c);
+			break;
+		}
+	}
+	pe->offloaded = 0;
+}
+
+/* ---- input ---------------------------------------------------------------- */
+
+static void handle_frame(struct xo_proto *p, struct peer *pe,
+			 const uint8_t *buf, size_t len, uint64_t now)
+{
+	struct xo_msg m;
+	int ret;
+
+	ret = xo_chan_open(&pe->ch, buf, len, &m);
+	if (ret)
+		return violation(p, pe, now, "rejected control message: %s",
+				 xo_last_error());
+	pe->last_rx = now;
+	if (pe->state == XO_PEER_HANDSHAKE) {
+		struct xo_proto_event *ev;
+
+		if (m.type != XO_MSG_HELLO ||
+		    m.payload_len != XO_HELLO_NONCE_LEN)
+			return violation(p, pe, now, "expected HELLO, got type %u",
+					 m.type);
+		if (xo_chan_bind(&pe->ch, pe->nonce, m.payload))
+			return violation(p, pe, now, "%s", xo_last_error());
+		pe->state = XO_PEER_UP;
+		ev = push_event(p, XO_EV_PEER_UP, pe->id, 0, -1);
+		if (ev)
+			snprintf(ev->text, sizeof(ev->text), "%s", pe->o.name);
+		return;
+	}
+	switch (m.type) {
+	case XO_MSG_PING:
+		send_msg(pe, XO_MSG_PONG, 0, 0, m.payload, m.payload_len, now);
+		return;
+	case XO_MSG_PONG:
+		return;
+	case XO_MSG_HELLO:
+		return violation(p, pe, now, "HELLO twice");
+	}
+	if (p->cfg.role == XO_ROLE_HOST)
+		host_input(p, pe, &m, now);
+	else
+		target_input(p, pe, &m, now);
+}
+
+int xo_proto_peer_input(struct xo_proto *p, uint32_t peer, const uint8_t *buf,
+			size_t len, uint64_t now)
+{
+	struct peer *pe = peer_get(p, peer);
+	size_t off = 0;
+
+	xo_clear_error();
+	if (!pe)
+		return xo_fail(XO_E_NOTFOUND, "input: no peer %u", peer);
+	while (!pe->dead) {
+		size_t want = XO_ENV_HEADER_LEN, take;
+		int64_t frame;
+
+		/* A whole header is checked at once, before its payload comes:
+		 * nothing waits for bytes that a bad header announces. */
+		if (pe->in_len >= XO_ENV_HEADER_LEN) {
+			frame = xo_env_frame_len(pe->in, pe->in_len);
+			if (frame < 0) {
+				violation(p, pe, now, "malformed control message: %s",
+					  xo_last_error());
+				break;
+			}
+			/* Nothing is authenticated before HELLO: read no more
+			 * than a HELLO's size. */
+			if (pe->state == XO_PEER_HANDSHAKE &&
+			    (size_t)frame > xo_env_size(XO_HELLO_NONCE_LEN)) {
+				violation(p, pe, now,
+					  "malformed control message: %lld bytes announced, at most %zu before HELLO",
+					  (long long)frame,
+					  xo_env_size(XO_HELLO_NONCE_LEN));
+				break;
+			}
+			want = (size_t)frame;
+			if (pe->in_len == want) {
+				pe->in_len = 0;
+				handle_frame(p, pe, pe->in, want, now);
+				continue;
+			}
+		}
+		if (off == len)
+			break;
+		if (want > pe->in_cap) {
+			size_t cap = pe->in_cap ? pe->in_cap : 4096;
+			uint8_t *n;
+
+			while (cap < want)
+				cap *= 2;
+			n = realloc(pe->in, cap);
+			if (!n)
+				return xo_fail(XO_E_NOMEM, "input buffer of %zu bytes",
+					       cap);
+			pe->in = n;
+			pe->in_cap = cap;
+		}
+		take = want - pe->in_len;
+		if (take > len - off)
+			take = len - off;
+		memcpy(pe->in + pe->in_len, buf + off, take);
+		pe->in_len += take;
+		off += take;
+	}
+	return 0;
+}
+
+/* ---- peers: the API --------------------------------------------------------- */
+
+int xo_proto_peer_add(struct xo_proto *p, const struct xo_proto_peer_opts *o,
+		      uint64_t now, uint32_t *peer_id)
+{
+	struct peer *pe;
+	uint32_t pending = 0;
+	int ret;
+
+	xo_clear_error();
+	if (!o || o->size < sizeof(*o))
+		return xo_fail(XO_E_INVAL, "peer: options missing or too small");
+	for (pe = p->peers; pe; pe = pe->next)
+		if (!pe->dead && pe->state == XO_PEER_HANDSHAKE)
+			pending++;
+	if (pending >= (p->cfg.max_handshakes ? p->cfg.max_handshakes :
+						 XO_PROTO_MAX_HANDSHAKES))
+		return xo_fail(XO_E_BUSY, "peer: %u handshakes pending already",
+			       pending);
+	/* A target takes connections from its hosts only: no key holder can
+	 * play the host to it from anywhere else. */
+	if (p->cfg.role == XO_ROLE_TARGET && p->cfg.n_hosts &&
+	    !is_host_addr(p, &o->addr)) {
+		char a[64];
+
+		return xo_fail(XO_E_REFUSED, "peer: %s is not one of our hosts",
+			       ep_str(&o->addr, a, sizeof(a)));
+	}
+	pe = calloc(1, sizeof(*pe));
+	if (!pe)
+		return xo_fail(XO_E_NOMEM, "peer: out of memory");
+	pe->o = *o;
+	pe->o.name[sizeof(pe->o.name) - 1] = '\0';
+	if (!pe->o.name[0])
+		ep_str(&o->addr, pe->o.name, sizeof(pe->o.name));
+	ret = xo_chan_init(&pe->ch, p->key, p->cfg.key_len, 0,
+			   p->cfg.role == XO_ROLE_HOST ? 0 : 1);
+	if (!ret && getrandom(pe->nonce, sizeof(pe->nonce), 0) !=
+			    sizeof(pe->nonce))
+		ret = xo_fail_sys("peer: getrandom(HELLO nonce)");
+	pe->id = ++p->next_peer_id;
+	pe->state = XO_PEER_HANDSHAKE;
+	pe->created = pe->last_rx = now;
+	if (!ret)
+		ret = send_msg(pe, XO_MSG_HELLO, 0, 0, pe->nonce,
+			       sizeof(pe->nonce), now);
+	if (ret) {
+		OPENSSL_cleanse(&pe->ch, sizeof(pe->ch));
+		free(pe->out.data);
+		free(pe);
+		return ret;
+	}
+	pe->next = p->peers;
+	p->peers = pe;
+	p->stats.peers++;
+	*peer_id = pe->id;
+	return 0;
+}
+
+int xo_proto_peer_output(struct xo_proto *p, uint32_t peer,
+			 const uint8_t **buf, size_t *len)
+{
+	struct peer *pe;
+
+	for (pe = p->peers; pe; pe = pe->next)
+		if (pe->id == peer)
+			break;
+	*buf = NULL;
+	*len = 0;
+	if (!pe)
+		return xo_fail(XO_E_NOTFOUND, "output: no peer %u", peer);
+	/* A closed peer's last words (an ABORT) may still go out. */
+	*buf = pe->out.data + pe->out.off;
+	*len = pe->out.len - pe->out.off;
+	return 0;
+}
+
+int xo_proto_peer_sent(struct xo_proto *p, uint32_t peer, size_t n,
+		       uint64_t now)
+{
+	struct peer *pe;
+
+	for (pe = p->peers; pe; pe = pe->next)
+		if (pe->id == peer)
+			break;
+	if (!pe)
+		return xo_fail(XO_E_NOTFOUND, "sent: no peer %u", peer);
+	if (n > pe->out.len - pe->out.off)
+		return xo_fail(XO_E_INVAL, "sent: %zu bytes, %zu were pending",
+			       n, pe->out.len - pe->out.off);
+	pe->out.off += n;
+	if (n)
+		pe->out_since = now;
+	return 0;
+}
+
+static void peer_free(struct xo_proto *p, struct peer *pe)
+{
+	struct peer **pp;
+
+	for (pp = &p->peers; *pp; pp = &(*pp)->next)
+		if (*pp == pe) {
+			*pp = pe->next;
+			break;
+		}
+	OPENSSL_cleanse(&pe->ch, sizeof(pe->ch));
+	free(pe->in);
+	free(pe->out.data);
+	free(pe);
+	p->stats.peers--;
+}
+
+int xo_proto_peer_closed(struct xo_proto *p, uint32_t peer, uint64_t now)
+{
+	struct peer *pe;
+
+	xo_clear_error();
+	for (pe = p->peers; pe; pe = pe->next)
+		if (pe->id == peer)
+			break;
+	if (!pe)
+		return xo_fail(XO_E_NOTFOUND, "closed: no peer %u", peer);
+	close_peer(p, pe, now, "control connection closed");
+	peer_free(p, pe);
+	return 0;
+}
+
+int xo_proto_peer_info(struct xo_proto *p, uint32_t peer,
+		       struct xo_proto_peer_info *info)
+{
+	struct peer *pe = peer_get(p, peer);
+
+	memset(info, 0, sizeof(*info));
+	if (!pe)
+		return xo_fail(XO_E_NOTFOUND, "info: no peer %u", peer);
+	info->state = pe->state;
+	info->failures = pe->failures;
+	info->down_until = pe->down_until;
+	info->offloaded = pe->offloaded;
+	info->handed = pe->handed;
+	info->load = pe->load;
+	info->addr = pe->o.addr;
+	memcpy(info->name, pe->o.name, sizeof(info->name));
+	return 0;
+}
+
+int xo_proto_peers(struct xo_proto *p, uint32_t *ids, uint32_t cap)
+{
+	struct peer *pe;
+	uint32_t n = 0;
+
+	for (pe = p->peers; pe; pe = pe->next)
+		if (!pe->dead) {
+			if (n < cap)
+				ids[n] = pe->id;
+			n++;
+		}
+	return (int)n;
+}
+
+/* ---- the clock ------------------------------------------------------------ */
+
+static uint64_t earliest(uint64_t a, uint64_t b)
+{
+	if (!a)
+		return b;
+	if (!b)
+		return a;
+	return a < b ? a : b;
+}
+
+static uint64_t peer_deadline(struct xo_proto *p, struct peer *pe)
+{
+	uint64_t d = 0;
+
+	if (pe->dead)
+		return 0;
+	if (pe->state == XO_PEER_HANDSHAKE)
+		return pe->created + CFG(p, handshake_timeout_ms,
+					 XO_PROTO_HANDSHAKE_TIMEOUT_MS);
+	d = earliest(d, pe->last_tx + CFG(p, ping_interval_ms,
+					  XO_PROTO_PING_INTERVAL_MS));
+	d = earliest(d, pe->last_rx + CFG(p, peer_timeout_ms,
+					  XO_PROTO_PEER_TIMEOUT_MS));
+	if (pe->out.len > pe->out.off)
+		d = earliest(d, pe->out_since + CFG(p, send_timeout_ms,
+						    XO_PROTO_SEND_TIMEOUT_MS));
+	if (p->cfg.role == XO_ROLE_TARGET)
+		d = earliest(d, pe->next_load);
+	return d;
+}
+
+uint64_t xo_proto_next_deadline(struct xo_proto *p)
+{
+	uint64_t d = p->linger_min;
+	struct peer *pe;
+	struct conn *c;
+
+	for (pe = p->peers; pe; pe = pe->next)
+		d = earliest(d, peer_deadline(p, pe));
+	for (c = p->all; c; c = c->next)
+		d = earliest(earliest(d, c->deadline), c->renew_at);
+	return d;
+}
+
+static void tick_peer(struct xo_proto *p, struct peer *pe, uint64_t now)
+{
+	if (pe->state == XO_PEER_HANDSHAKE) {
+		if (now >= peer_deadline(p, pe))
+			violation(p, pe, now, "no HELLO in time");
+		return;
+	}
+	if (now >= pe->last_rx + CFG(p, peer_timeout_ms,
+				     XO_PROTO_PEER_TIMEOUT_MS)) {
+		p->stats.timeouts++;
+		close_peer(p, pe, now, "peer silent too long");
+		return;
+	}
+	if (pe->out.len > pe->out.off &&
+	    now >= pe->out_since + CFG(p, send_timeout_ms,
+				       XO_PROTO_SEND_TIMEOUT_MS)) {
+		p->stats.timeouts++;
+		close_peer(p, pe, now, "peer takes no data");
+		return;
+	}
+	if (p->cfg.role == XO_ROLE_TARGET && now >= pe->next_load) {
+		struct xo_load_report r = { 0 };
+		uint8_t buf[XO_LOAD_LEN];
+		struct conn *c;
+
+		for (c = p->all; c; c = c->next)
+			if (c->state == T_SERVING)
+				r.active++;
+		r.handoffs = (uint32_t)p->stats.adopted;
+		r.bytes_served = p->bytes_served;
+		if (xo_load_encode(&r, buf, sizeof(buf)) == XO_LOAD_LEN)
+			send_msg(pe, XO_MSG_LOAD_REPORT, 0, 0, buf,
+				 sizeof(buf), now);
+		pe->next_load = now + CFG(p, load_interval_ms,
+					  XO_PROTO_LOAD_INTERVAL_MS);
+	}
+	if (now >= pe->last_tx + CFG(p, ping_interval_ms,
+				     XO_PROTO_PING_INTERVAL_MS))
+		send_msg(pe, XO_MSG_PING, 0, 0, NULL, 0, now);
+}
+
+static void tick_conn(struct xo_proto *p, struct conn *c, uint64_t now)
+{
+	struct peer *pe = peer_get(p, c->peer);
+
+	if (c->renew_at && now >= c->renew_at) {
+		uint64_t ttl = CFG(p, redirect_ttl_ms, XO_PROTO_REDIRECT_TTL_MS);
+		const struct xo_flow_key *k = p->cfg.role == XO_ROLE_HOST ?
+						      &c->in_key : &c->out_key;
+
+		/* Renew while offloaded (not while frozen: the block holds). */
+		if (c->state == H_OFFLOADED || c->state == T_SERVING) {
+			c->rule.expires_ns = now + ttl;
+			if (xo_rules_insert(p->cfg.rules, k, &c->rule))
+				fprintf(stderr, "xo: renewal failed: %s\n",
+					xo_last_error());
+		}
+		c->renew_at = now + ttl / 3;
+	}
+	if (!c->deadline || now < c->deadline)
+		return;
+	p->stats.timeouts++;
+	switch (c->state) {
+	case H_WAIT_READY:
+		if (pe)
+			peer_fail(pe, now);
+		host_rollback(p, c, XO_E_BUSY, "no TARGET_READY in time", true,
+			      now);
+		return;
+	case H_MOVING: {
+		struct peer *to = peer_get(p, c->move_peer);
+
+		if (to) {
+			send_abort(to, c->wire_id, XO_ABORT_TIMEOUT,
+				   "no TARGET_READY in time", now);
+			peer_fail(to, now);
+		}
+		c->move_peer = 0;
+		move_finish(p, c, NULL, "the new target did not answer", now);
+		return;
+	}
+	case T_WAIT_HOST_READY:
+	case T_WAIT_END:
+		/* The host may own it already: never decide alone. Losing the
+		 * control connection settles it on both sides. */
+		if (pe)
+			close_peer(p, pe, now, "host did not answer in time");
+		return;
+	case T_WAIT_CLOSED:
+		conn_free(p, c);
+		return;
+	default:
+		c->deadline = 0;
+	}
+}
+
+int xo_proto_tick(struct xo_proto *p, uint64_t now)
+{
+	struct peer *pe;
+	struct conn *c, *next;
+
+	xo_clear_error();
+	uint32_t closes;
+
+restart:
+	closes = p->closes;
+	for (c = p->all; c; c = next) {
+		next = c->next;
+		tick_conn(p, c, now);
+		/* Closing a peer frees its connections, maybe next too: start
+		 * over (what already ran has its deadline moved on). */
+		if (p->closes != closes)
+			goto restart;
+	}
+	for (pe = p->peers; pe; pe = pe->next)
+		if (!pe->dead)
+			tick_peer(p, pe, now);
+	sweep_lingering(p, now);
+	return 0;
+}
+
+/* ---- life cycle ----------------------------------------------------------- */
+
+int xo_proto_create(const struct xo_proto_config *cfg, struct xo_proto **out)
+{
+	struct xo_proto *p;
+	uint64_t base;
+
+	xo_clear_error();
+	if (!cfg || !out || cfg->size < sizeof(*cfg))
+		return xo_fail(XO_E_INVAL, "proto: config missing or too small");
+	if (cfg->role > XO_ROLE_TARGET)
+		return xo_fail(XO_E_INVAL, "proto: role %u", cfg->role);
+	if (!cfg->key || cfg->key_len < XO_KEY_MIN_LEN ||
+	    cfg->key_len > XO_KEY_MAX_LEN)
+		return xo_fail(XO_E_INVAL, "proto: a cluster key has %d..%d bytes",
+			       XO_KEY_MIN_LEN, XO_KEY_MAX_LEN);
+	if (!cfg->rules || !cfg->steer)
+		return xo_fail(XO_E_INVAL, "proto: rules and steer are required");
+	if (cfg->n_hosts > XO_PROTO_MAX_HOSTS)
+		return xo_fail(XO_E_INVAL, "proto: %u hosts > %d", cfg->n_hosts,
+			       XO_PROTO_MAX_HOSTS);
+	if (cfg->role == XO_ROLE_TARGET && !cfg->local4.family &&
+	    !cfg->local6.family)
+		return xo_fail(XO_E_INVAL, "proto: a target needs its own address");
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return xo_fail(XO_E_NOMEM, "proto: out of memory");
+	p->steps = calloc(MAX_STEPS, sizeof(*p->steps));
+	if (!p->steps) {
+		free(p);
+		return xo_fail(XO_E_NOMEM, "proto: out of memory");
+	}
+	p->cfg = *cfg;
+	memcpy(p->key, cfg->key, cfg->key_len);
+	p->cfg.key = NULL; /* only our copy */
+	/* Connection ids: random base, so a restarted host does not reuse
+	 * the ids its targets may still remember. */
+	if (getrandom(&base, sizeof(base), 0) != sizeof(base))
+		base = clock_ns();
+	p->next_conn_id = (base & 0xffffffffull) << 16 | 1;
+	*out = p;
+	return 0;
+}
+
+void xo_proto_destroy(struct xo_proto *p)
+{
+	struct event *e;
+
+	if (!p)
+		return;
+	while (p->all) {
+		struct conn *c = p->all;
+
+		/* Frozen or live: go without a signal; rules expire. */
+		if (c->fd >= 0 && c->state != T_SERVING &&
+		    c->state != H_OFFLOADED && xo_tcp_discard(c->fd))
+			close(c->fd);
+		conn_free(p, c);
+	}
+	while (p->peers)
+		peer_free(p, p->peers);
+	while ((e = p->ev_head)) {
+		p->ev_head = e->next;
+		free(e->data);
+		free(e);
+	}
+	free(p->ev_data);
+	free(p->linger);
+	free(p->steps);
+	OPENSSL_cleanse(p->key, sizeof(p->key));
+	free(p);
+}
+
+void xo_proto_get_stats(struct xo_proto *p, struct xo_proto_stats *st)
+{
+	*st = p->stats;
+}
+
+int xo_proto_set_crash_step(struct xo_proto *p, const char *step)
+{
+	if (step && strlen(step) >= sizeof(p->crash_step))
+		return xo_fail(XO_E_INVAL, "crash step %s: too long", step);
+	snprintf(p->crash_step, sizeof(p->crash_step), "%s", step ? step : "");
+	return 0;
+}
+
+/* ---- key files and control sockets ---------------------------------------- */
+
+int xo_key_load(const char *path, uint8_t *out, uint32_t cap)
+{
+	uint8_t buf[XO_KEY_MAX_LEN + 1];
+	struct stat sb;
+	ssize_t n;
+	int fd, ret;
+
+	xo_clear_error();
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return xo_fail_sys("key %s: open", path);
+	if (fstat(fd, &sb) < 0) {
+		ret = xo_fail_sys("key %s: fstat", path);
+		goto out;
+	}
+	if (sb.st_mode & 077) {
+		ret = xo_fail(XO_E_PERM,
+			      "key %s: readable by group or others (mode %03o); chmod 600 it",
+			      path, sb.st_mode & 0777);
+		goto out;
+	}
+	n = read(fd, buf, sizeof(buf));
+	if (n < 0) {
+		ret = xo_fail_sys("key %s: read", path);
+		goto out;
+	}
+	if (n < XO_KEY_MIN_LEN || n > XO_KEY_MAX_LEN) {
+		ret = xo_fail(XO_E_INVAL,
+			      "key %s: a cluster key has %d..%d bytes, this one %s%zd",
+			      path, XO_KEY_MIN_LEN, XO_KEY_MAX_LEN,
+			      n > XO_KEY_MAX_LEN ? "over " : "", n);
+		goto out;
+	}
+	if ((uint32_t)n > cap) {
+		ret = xo_fail(XO_E_NOSPACE, "key %s: %zd bytes, room for %u",
+			      path, n, cap);
+		goto out;
+	}
+	memcpy(out, buf, (size_t)n);
+	ret = (int)n;
+out:
+	OPENSSL_cleanse(buf, sizeof(buf));
+	close(fd);
+	return ret;
+}
+
+int xo_ctl_sock_setup(int fd, uint32_t user_timeout_ms)
+{
+	int one = 1, idle = 1, intvl = 1, cnt = 3;
+	unsigned int uto = user_timeout_ms ? user_timeout_ms :
+					     XO_PROTO_PEER_TIMEOUT_MS;
+
+	xo_clear_error();
+	if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) < 0)
+		return xo_fail_sys("control socket: TCP_NODELAY");
+	if (setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &uto,
+		       sizeof(uto)) < 0)
+		return xo_fail_sys("control socket: TCP_USER_TIMEOUT");
+	if (setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one)) < 0 ||
+	    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle)) < 0 ||
+	    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl,
+		       sizeof(intvl)) < 0 ||
+	    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt)) < 0)
+		return xo_fail_sys("control socket: keep-alive");
+	return 0;
+}
