@@ -34,6 +34,17 @@ def lab_name(prefix: str = "e") -> str:
 
 
 
+# Which driver runs which member (xo.demo.RefAppCluster.drivers): the Python
+# asyncio engine, the C poll() driver, and each mixed with the other, so the
+# two drivers of the one protocol machine are shown to interoperate.
+DRIVER_MIXES: dict[str, dict[str, str]] = {
+    "py": {},
+    "c": {"*": "c"},
+    "py_host-c_targets": {"*": "c", "host": "py"},
+    "c_host-py_targets": {"host": "c"},
+}
+
+
 def docroot_digests(apps: RefAppCluster) -> dict[str, str]:
     return {p.name: sha256(p.read_bytes()) for p in apps.docroot.iterdir() if p.is_file()}
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from handoff_tools import (
+    DRIVER_MIXES,
     AsyncHTTPClient,
     NetnsHTTPConnection,
     client_socket,
@@ -51,12 +52,14 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 FILES = ["small.bin", "medium.bin", "large.bin"]
 
 
-def test_curl_keepalive_connection_moves_between_targets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
+def test_curl_keepalive_connection_moves_between_targets(tmp_path: Path, drivers: str) -> None:
     """~100 requests on ONE curl keep-alive connection: every response is
     served by a target directly (DSR), the connection goes host -> t0 -> host
     -> t1 ..., and the client never sees a reset."""
     requests = 99  # 33 of each size
-    with cluster(targets=2, name=lab_name("c")) as apps:
+    with cluster(targets=2, name=lab_name("c"),
+                 drivers=DRIVER_MIXES[drivers]) as apps:
         digests = docroot_digests(apps)
         names = [FILES[i % len(FILES)] for i in range(requests)]
         rst_before = rst_counters(apps.testbed)
@@ -108,10 +111,12 @@ def test_curl_keepalive_connection_moves_between_targets(tmp_path: Path) -> None
                      f"{target} steering map to empty", 5)
 
 
-def test_python_http_client_keepalive(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
+def test_python_http_client_keepalive(tmp_path: Path, drivers: str) -> None:
     """http.client on one keep-alive connection from the client namespace."""
     requests = 100
-    with cluster(targets=2, name=lab_name("p")) as apps:
+    with cluster(targets=2, name=lab_name("p"),
+                 drivers=DRIVER_MIXES[drivers]) as apps:
         digests = docroot_digests(apps)
         rst_before = rst_counters(apps.testbed)
         conn = NetnsHTTPConnection(apps.testbed)
@@ -163,11 +168,14 @@ async def _hammer(testbed: Lab, digests: dict[str, str], clients: int, cycles: i
     return await asyncio.gather(*(one(i) for i in range(clients)))
 
 
-def test_many_concurrent_keepalive_connections_leave_nothing_behind(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
+def test_many_concurrent_keepalive_connections_leave_nothing_behind(tmp_path: Path,
+                                                                   drivers: str) -> None:
     """100 keep-alive connections x 50 request/response cycles, each cycle a
     full handoff out and back; then no rules, fds or sockets are left."""
     clients, cycles = 100, 50
-    with cluster(targets=2, name=lab_name("m")) as apps:
+    with cluster(targets=2, name=lab_name("m"),
+                 drivers=DRIVER_MIXES[drivers]) as apps:
         testbed = apps.testbed
         digests = docroot_digests(apps)
         # Warm up (first handoff to each target), then take the baselines.

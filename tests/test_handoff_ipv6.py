@@ -33,6 +33,7 @@ from handoff_faults_tools import (
     recv_msg,
 )
 from handoff_tools import (
+    DRIVER_MIXES,
     IO_TIMEOUT,
     curl_many,
     docroot_digests,
@@ -115,12 +116,14 @@ class FamilyHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def test_curl6_keepalive_connection_moves_between_targets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
+def test_curl6_keepalive_connection_moves_between_targets(tmp_path: Path, drivers: str) -> None:
     """~30 requests with curl -6 on ONE keep-alive connection to the host's
     IPv6 address: each served by a target directly, byte-exact, every
     handoff out came back, and the client never sees a reset."""
     requests = 30
-    with cluster(targets=2, name=lab_name("v")) as apps:
+    with cluster(targets=2, name=lab_name("v"),
+                 drivers=DRIVER_MIXES[drivers]) as apps:
         testbed = apps.testbed
         assert ipaddress.ip_address(testbed.host.ipv6).version == 6
         digests = docroot_digests(apps)
@@ -170,12 +173,14 @@ def test_curl6_keepalive_connection_moves_between_targets(tmp_path: Path) -> Non
         assert rst_counters(testbed) == rst_before, "resets while closing"
 
 
-def test_ipv4_and_ipv6_connections_interleaved(tmp_path: Path) -> None:
+@pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
+def test_ipv4_and_ipv6_connections_interleaved(tmp_path: Path, drivers: str) -> None:
     """An IPv4 and an IPv6 keep-alive connection, both with a request in
     flight at once, cycle after cycle: the same engine moves both, each to
     the target's address of its own family."""
     cycles = 20
-    with cluster(targets=2, name=lab_name("w")) as apps:
+    with cluster(targets=2, name=lab_name("w"),
+                 drivers=DRIVER_MIXES[drivers]) as apps:
         testbed = apps.testbed
         digests = docroot_digests(apps)
         rst_before = rst_counters(testbed)

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,8 +25,19 @@ from typing import Any
 
 from xo import lab as xolab
 from xo import results
-from xo.engine import write_key
-from xo.refapp import HTTP_PORT
+from xo.engine import DEFAULT_CONTROL_PORT, write_key
+from xo.refapp import HTTP_PORT, PIN_ROOT
+from xo.steer import default_object_path
+
+# The C driver of the protocol machine (xo_core/driver/xo_driver.c), built by
+# `make -C xo_core` next to libxo.a.
+C_DRIVER = Path(__file__).resolve().parents[2] / "build" / "xo-driver"
+
+
+def c_driver_binary() -> Path:
+    if not C_DRIVER.exists():
+        raise RuntimeError(f"{C_DRIVER} is missing: run `make -C xo_core` (ci/test.sh does)")
+    return C_DRIVER
 
 DEMO_FILES = {"small.bin": 4 * 1024, "medium.bin": 256 * 1024, "large.bin": 4 * 1024 * 1024}
 
@@ -54,6 +66,9 @@ class RefAppCluster:
     timings: bool = False  # members write per-step handoff timings at exit
     redirect_ttl: float | None = None  # seconds; the engines' default if None
     drain_timeout: float | None = None  # targets: wait for ACKs before handing back
+    # Which driver runs each member: "py" (xo.refapp on the asyncio engine) or
+    # "c" (xo-driver, the poll() loop over the same protocol machine).
+    drivers: dict[str, str] = field(default_factory=dict)
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -74,7 +89,43 @@ class RefAppCluster:
     def url(self) -> str:
         return f"http://{self.testbed.host.ipv4}:{HTTP_PORT}"
 
+    def driver(self, member: str) -> str:
+        return self.drivers.get(member, self.drivers.get("*", "py"))
+
+    def _c_config(self, role: str, member: str) -> Path:
+        """The C driver's config file: one "name value" per line."""
+        me = self.testbed.member(member)
+        pin_dir = f"{PIN_ROOT}/{self.testbed.name}-{member}"
+        lines = [f"role {role}", f"name {member}", f"ip4 {me.ipv4}", f"ip6 {me.ipv6}",
+                 f"http_port {HTTP_PORT}", f"control_port {DEFAULT_CONTROL_PORT}",
+                 f"ifindex {me.ifindex}", f"mac {me.mac}",
+                 f"owner {zlib.crc32(pin_dir.encode()) & 0x7FFFFFFF}",
+                 f"key {self.key_path}", f"docroot {self.docroot}", f"pin_dir {pin_dir}",
+                 f"bpf_object {default_object_path()}"]
+        if self.policy in ("least_loaded", "round_robin"):
+            lines.append(f"policy {self.policy}")
+        if role == "host":
+            lines += [f"target {t.name} {t.ipv4} {t.mac}" for t in self.testbed.targets]
+        else:
+            host = self.testbed.host
+            lines += [f"host {host.ipv4}", f"host {host.ipv6}"]
+        if self.timings:
+            lines.append(f"timings {self.timings_path(member)}")
+        if self.redirect_ttl is not None:
+            lines.append(f"redirect_ttl_ms {round(self.redirect_ttl * 1000)}")
+        if self.drain_timeout is not None:
+            lines.append(f"drain_timeout_ms {round(self.drain_timeout * 1000)}")
+        if member in self.crash_at:
+            lines.append(f"crash_at {self.crash_at[member]}")
+        path = self.workdir / f"{member}.conf"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     def _argv(self, role: str, member: str) -> list[str]:
+        if self.driver(member) == "c":
+            if role == "host" and (self.mode != "xo" or self.ingress != "tc"):
+                raise ValueError("the C driver runs the xo mode with tc ingress only")
+            return [str(c_driver_binary()), str(self._c_config(role, member))]
         argv = [sys.executable, "-m", "xo.refapp", role, "--lab", self.testbed.name,
                 "--member", member, "--docroot", str(self.docroot), "--key",
                 str(self.key_path), "--log", str(self.log_path(member)),
