@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <stddef.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -51,6 +52,7 @@ struct target_cfg {
 	char name[32];
 	char ip[64];
 	uint8_t mac[6];
+	int port;           /* its control port (0: the config's) */
 };
 
 struct config {
@@ -67,7 +69,36 @@ struct config {
 	char hosts[XO_PROTO_MAX_HOSTS][64];
 	int n_hosts;
 	uint32_t redirect_ttl_ms, drain_timeout_ms;
+	struct xo_proto_config knobs; /* the timing knobs only */
 };
+
+/* "timeout NAME MS": the names of xo.proto.Timeouts. */
+static int set_timeout(struct config *c, const char *name, uint32_t ms)
+{
+	static const struct {
+		const char *name;
+		size_t off;
+	} knobs[] = {
+		{ "ready", offsetof(struct xo_proto_config, ready_timeout_ms) },
+		{ "confirm", offsetof(struct xo_proto_config, confirm_timeout_ms) },
+		{ "handshake", offsetof(struct xo_proto_config, handshake_timeout_ms) },
+		{ "ping_interval", offsetof(struct xo_proto_config, ping_interval_ms) },
+		{ "peer", offsetof(struct xo_proto_config, peer_timeout_ms) },
+		{ "send", offsetof(struct xo_proto_config, send_timeout_ms) },
+		{ "block_ttl", offsetof(struct xo_proto_config, block_ttl_ms) },
+		{ "redirect_ttl", offsetof(struct xo_proto_config, redirect_ttl_ms) },
+		{ "closed_ttl", offsetof(struct xo_proto_config, closed_ttl_ms) },
+		{ "load_interval", offsetof(struct xo_proto_config, load_interval_ms) },
+	};
+	size_t i;
+
+	for (i = 0; i < sizeof(knobs) / sizeof(knobs[0]); i++)
+		if (!strcmp(knobs[i].name, name)) {
+			memcpy((char *)&c->knobs + knobs[i].off, &ms, sizeof(ms));
+			return 0;
+		}
+	return -1;
+}
 
 static void die(const char *fmt, ...)
 {
@@ -117,7 +148,7 @@ static void copy(char *dst, size_t cap, const char *src, const char *what)
 
 static void load_config(const char *path, struct config *c)
 {
-	char line[1024], k[64], v1[PATH_MAX], v2[128], v3[64];
+	char line[1024], k[64], v1[PATH_MAX], v2[128], v3[64], v4[16];
 	FILE *f = fopen(path, "r");
 	int n, lineno = 0;
 
@@ -131,7 +162,8 @@ static void load_config(const char *path, struct config *c)
 		lineno++;
 		if (line[0] == '#' || line[0] == '\n')
 			continue;
-		n = sscanf(line, "%63s %4095s %127s %63s", k, v1, v2, v3);
+		v4[0] = '\0';
+		n = sscanf(line, "%63s %4095s %127s %63s %15s", k, v1, v2, v3, v4);
 		if (n < 2)
 			die("config %s:%d: want 'name value'", path, lineno);
 		if (!strcmp(k, "role"))
@@ -180,7 +212,12 @@ static void load_config(const char *path, struct config *c)
 			copy(t->ip, sizeof(t->ip), v2, k);
 			if (parse_mac(v3, t->mac))
 				die("config %s:%d: bad MAC", path, lineno);
+			t->port = n == 5 ? atoi(v4) : 0;
 			c->n_targets++;
+		} else if (!strcmp(k, "timeout")) {
+			if (n < 3 || set_timeout(c, v1, (uint32_t)atoi(v2)))
+				die("config %s:%d: timeout NAME MILLISECONDS", path,
+				    lineno);
 		} else if (!strcmp(k, "host")) {
 			if (c->n_hosts == XO_PROTO_MAX_HOSTS)
 				die("config %s:%d: too many hosts", path, lineno);
@@ -834,7 +871,7 @@ static void connect_target(struct control *k)
 	socklen_t len;
 	int fd;
 
-	if (parse_ep(t->ip, cfg.control_port, &o.addr))
+	if (parse_ep(t->ip, t->port ? t->port : cfg.control_port, &o.addr))
 		die("bad target address %s", t->ip);
 	memcpy(o.mac, t->mac, 6);
 	snprintf(o.name, sizeof(o.name), "%s", t->name);
@@ -1095,13 +1132,16 @@ static void setup(void)
 		die("attach: %s", xo_last_error());
 	if (xo_rules_create(steer, cfg.ifindex, NULL, NULL, &rules))
 		die("rules: %s", xo_last_error());
+	pc = cfg.knobs;
+	pc.size = sizeof(pc);
 	pc.role = cfg.host ? XO_ROLE_HOST : XO_ROLE_TARGET;
 	pc.key = key;
 	pc.key_len = (uint32_t)key_len;
 	pc.owner = cfg.owner;
 	pc.rules = rules;
 	pc.steer = steer;
-	pc.redirect_ttl_ms = cfg.redirect_ttl_ms;
+	if (cfg.redirect_ttl_ms)
+		pc.redirect_ttl_ms = cfg.redirect_ttl_ms;
 	memcpy(pc.host_mac, cfg.mac, 6);
 	if (!cfg.host) {
 		parse_ep(cfg.ip4, 0, &pc.local4);

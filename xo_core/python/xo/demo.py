@@ -69,6 +69,10 @@ class RefAppCluster:
     # Which driver runs each member: "py" (xo.refapp on the asyncio engine) or
     # "c" (xo-driver, the poll() loop over the same protocol machine).
     drivers: dict[str, str] = field(default_factory=dict)
+    # Protocol timing knobs (xo.proto.Timeouts fields, seconds) for every member.
+    timeouts: dict[str, float] = field(default_factory=dict)
+    # Host: reach a target's control port elsewhere, e.g. through a test relay.
+    control_via: dict[str, tuple[str, int]] = field(default_factory=dict)
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -105,7 +109,9 @@ class RefAppCluster:
         if self.policy in ("least_loaded", "round_robin"):
             lines.append(f"policy {self.policy}")
         if role == "host":
-            lines += [f"target {t.name} {t.ipv4} {t.mac}" for t in self.testbed.targets]
+            for t in self.testbed.targets:
+                ip, port = self.control_via.get(t.name, (t.ipv4, DEFAULT_CONTROL_PORT))
+                lines.append(f"target {t.name} {ip} {t.mac} {port}")
         else:
             host = self.testbed.host
             lines += [f"host {host.ipv4}", f"host {host.ipv6}"]
@@ -117,6 +123,7 @@ class RefAppCluster:
             lines.append(f"drain_timeout_ms {round(self.drain_timeout * 1000)}")
         if member in self.crash_at:
             lines.append(f"crash_at {self.crash_at[member]}")
+        lines += [f"timeout {name} {round(sec * 1000)}" for name, sec in self.timeouts.items()]
         path = self.workdir / f"{member}.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -140,6 +147,10 @@ class RefAppCluster:
             argv += ["--drain-timeout", str(self.drain_timeout)]
         if member in self.crash_at:
             argv += ["--crash-at", self.crash_at[member]]
+        argv += [f"--timeout={name}={sec}" for name, sec in self.timeouts.items()]
+        if role == "host":
+            argv += [f"--control-via={m}=[{ip}]:{port}"
+                     for m, (ip, port) in self.control_via.items()]
         return argv
 
     def start_member(self, member: str, timeout: float = 20.0) -> None:

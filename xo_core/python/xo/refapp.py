@@ -248,10 +248,11 @@ class Host:
         steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-host",
                                  egress=True, ingress=self.ingress)
         self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return,
-                                 timeouts=Timeouts(redirect_ttl=REDIRECT_TTL_S))
+                                 timeouts=timeouts())
         try:
             for target in self.lab.targets:
-                await self._connect_with_retry(target.name, target.ipv4, target.mac)
+                ip, port = CONTROL_VIA.get(target.name, (target.ipv4, DEFAULT_CONTROL_PORT))
+                await self._connect_with_retry(target.name, ip, target.mac, port)
             # The same port on the host's IPv4 and IPv6 addresses; one engine
             # offloads connections of either family.
             listeners = [self._listen(family) for family in (socket.AF_INET, socket.AF_INET6)]
@@ -273,12 +274,13 @@ class Host:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._spawn(self.handle(sock, b""))
 
-    async def _connect_with_retry(self, name: str, ip: str, mac: str) -> TargetLink:
+    async def _connect_with_retry(self, name: str, ip: str, mac: str,
+                                  port: int) -> TargetLink:
         assert self.engine is not None
         deadline = time.monotonic() + 10
         while True:
             try:
-                return await self.engine.add_target(name, ip, mac, DEFAULT_CONTROL_PORT)
+                return await self.engine.add_target(name, ip, mac, port)
             except OSError:
                 if time.monotonic() > deadline:
                     raise
@@ -385,7 +387,7 @@ class Target:
         host = self.lab.host
         self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at,
                                  my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6),
-                                 timeouts=Timeouts(redirect_ttl=REDIRECT_TTL_S))
+                                 timeouts=timeouts())
         listener = _listen(socket.AF_INET, self.me.ipv4, TARGET_HTTP_PORT)
         try:
             await self.agent.start(DEFAULT_CONTROL_PORT)
@@ -456,6 +458,12 @@ class Target:
 TIMINGS_PATH: Path | None = None
 REDIRECT_TTL_S: float | None = None  # --redirect-ttl: the engines' default otherwise
 DRAIN_TIMEOUT_S = 2.0  # --drain-timeout
+TIMEOUTS: dict[str, float] = {}  # --timeout NAME=SECONDS
+CONTROL_VIA: dict[str, tuple[str, int]] = {}  # --control-via MEMBER=IP:PORT
+
+
+def timeouts() -> Timeouts:
+    return Timeouts(**{"redirect_ttl": REDIRECT_TTL_S, **TIMEOUTS})
 
 
 def dump_times(samples: dict[str, list[float]]) -> None:
@@ -537,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redirect-ttl", type=float,
                         help="seconds a redirect / source rewrite lives unless renewed "
                              "(renewed every third of it while the flow is offloaded)")
+    parser.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
+                        help="a protocol timing knob (xo.proto.Timeouts field), repeatable")
+    parser.add_argument("--control-via", action="append", default=[],
+                        metavar="MEMBER=IP:PORT",
+                        help="host: reach this target's control port at another address "
+                             "(e.g. through a relay), repeatable")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -544,6 +558,15 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s {args.role}{'' if args.role == 'host' else ':' + args.member} "
                "%(name)s %(levelname)s %(message)s")
     global TIMINGS_PATH, REDIRECT_TTL_S, DRAIN_TIMEOUT_S
+    for item in args.timeout:
+        name, _, value = item.partition("=")
+        if name not in Timeouts.__dataclass_fields__:
+            parser.error(f"--timeout {item}: no such knob")
+        TIMEOUTS[name] = float(value)
+    for item in args.control_via:
+        member, _, where = item.partition("=")
+        ip, _, port = where.rpartition(":")
+        CONTROL_VIA[member] = (ip.strip("[]"), int(port))
     TIMINGS_PATH = Path(args.timings) if args.timings else None
     REDIRECT_TTL_S = args.redirect_ttl
     DRAIN_TIMEOUT_S = args.drain_timeout
