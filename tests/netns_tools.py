@@ -181,3 +181,19 @@ def connect(pair: VethPair, rcvbuf: int | None = None) -> tuple[socket.socket, s
     listener.close()
     host.settimeout(10)
     return peer, host
+
+
+def tcp_ext(ns: str) -> dict[str, int]:
+    """The TcpExt: counters of /proc/net/netstat (what `nstat` calls TcpExt*)."""
+    with in_netns(ns), open("/proc/thread-self/net/netstat") as f:
+        rows = [line.split() for line in f if line.startswith("TcpExt:")]
+    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)}
+
+
+def client_loss_counters(ns: str) -> dict[str, int]:
+    """What a client's kernel counts when it had to resend: retransmitted
+    segments, tail-loss probes, retransmission timeouts; and resets."""
+    tcp, ext = snmp_tcp(ns), tcp_ext(ns)
+    return {"TcpRetransSegs": tcp["RetransSegs"], "TCPLossProbes": ext["TCPLossProbes"],
+            "TCPTimeouts": ext["TCPTimeouts"], "TcpOutRsts": tcp["OutRsts"],
+            "TcpEstabResets": tcp["EstabResets"]}

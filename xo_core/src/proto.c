@@ -1581,8 +1581,16 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 	ret = xo_tcp_capture(c->fd, &st);
 	if (!ret)
 		ret = xo_state_set_app_data(&st, app, app_len);
-	if (!ret && dest && xo_ready_encode(dest, prefix, sizeof(prefix)) < 0)
-		ret = XO_E_INVAL;
+	if (!ret && dest) {
+		/* Only the address names the destination; the port field of
+		 * the READY encoding carries its control port. */
+		struct xo_endpoint to = *dest;
+
+		if (!to.port)
+			to.port = XO_DEFAULT_CONTROL_PORT;
+		if (xo_ready_encode(&to, prefix, sizeof(prefix)) < 0)
+			ret = XO_E_INVAL;
+	}
 	if (!ret)
 		ret = encode_state(&st, prefix, dest ? XO_READY_LEN : 0,
 				   &payload, &payload_len);

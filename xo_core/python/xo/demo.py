@@ -73,6 +73,7 @@ class RefAppCluster:
     timeouts: dict[str, float] = field(default_factory=dict)
     # Host: reach a target's control port elsewhere, e.g. through a test relay.
     control_via: dict[str, tuple[str, int]] = field(default_factory=dict)
+    move_policy: str = "none"  # targets: "path" moves connections between targets
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -132,6 +133,8 @@ class RefAppCluster:
         if self.driver(member) == "c":
             if role == "host" and (self.mode != "xo" or self.ingress != "tc"):
                 raise ValueError("the C driver runs the xo mode with tc ingress only")
+            if self.move_policy != "none" or self.policy == "path":
+                raise ValueError("the C driver has no path policy and makes no moves")
             return [str(c_driver_binary()), str(self._c_config(role, member))]
         argv = [sys.executable, "-m", "xo.refapp", role, "--lab", self.testbed.name,
                 "--member", member, "--docroot", str(self.docroot), "--key",
@@ -148,6 +151,8 @@ class RefAppCluster:
         if member in self.crash_at:
             argv += ["--crash-at", self.crash_at[member]]
         argv += [f"--timeout={name}={sec}" for name, sec in self.timeouts.items()]
+        if role == "target" and self.move_policy != "none":
+            argv += ["--move-policy", self.move_policy]
         if role == "host":
             argv += [f"--control-via={m}=[{ip}]:{port}"
                      for m, (ip, port) in self.control_via.items()]

@@ -426,8 +426,16 @@ class Target:
         finally:
             sock.close()
 
+    def owner_of(self, req: Request) -> str:
+        """The target a request belongs to under the "path" policy (the host's
+        rule: the same path always goes to the same target)."""
+        names = sorted(t.name for t in self.lab.targets)
+        return names[zlib.crc32(req.path.encode()) % len(names)]
+
     async def serve(self, conn: TargetConn) -> None:
-        """Serve the handed-over request(s), then hand the connection back."""
+        """Serve the handed-over request(s), then hand the connection back, or
+        (--move-policy path) keep it and move it straight to the target the
+        next request belongs to."""
         assert self.agent is not None
         buf = bytearray(conn.app_data)
         try:
@@ -436,6 +444,15 @@ class Target:
                 if req is None:
                     await conn.closed_by_client()
                     return
+                if MOVE_POLICY == "path":
+                    if req.path == "/_xo/stats":  # the host's business
+                        if await conn.hand_back(req.raw + bytes(buf)):
+                            return
+                    elif (owner := self.owner_of(req)) != self.me.name:
+                        dest = self.lab.member(owner).ipv4
+                        if await conn.move(dest, req.raw + bytes(buf)):
+                            log.info("conn %x moved to %s", conn.conn_id, owner)
+                            return
                 sent = await respond(conn.sock, req, self.docroot, self.me.name)
                 self.agent.bytes_served += sent
                 log.info("served %s %s bytes=%d conn=%x client=%s", req.method, req.path, sent,
@@ -443,6 +460,8 @@ class Target:
                 if not req.keep_alive:
                     await conn.closed_by_client()
                     return
+                if MOVE_POLICY == "path":
+                    continue  # keep it; the next request decides
                 await drain_send_queue(conn.sock, DRAIN_TIMEOUT_S)
                 if await conn.hand_back(bytes(buf)):
                     return
@@ -459,6 +478,7 @@ TIMINGS_PATH: Path | None = None
 REDIRECT_TTL_S: float | None = None  # --redirect-ttl: the engines' default otherwise
 DRAIN_TIMEOUT_S = 2.0  # --drain-timeout
 TIMEOUTS: dict[str, float] = {}  # --timeout NAME=SECONDS
+MOVE_POLICY = "none"  # --move-policy
 CONTROL_VIA: dict[str, tuple[str, int]] = {}  # --control-via MEMBER=IP:PORT
 
 
@@ -551,13 +571,17 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="MEMBER=IP:PORT",
                         help="host: reach this target's control port at another address "
                              "(e.g. through a relay), repeatable")
+    parser.add_argument("--move-policy", default="none", choices=["none", "path"],
+                        help="target: keep connections and move each straight to the target "
+                             "its next request belongs to (path: as the host's path policy)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {args.role}{'' if args.role == 'host' else ':' + args.member} "
                "%(name)s %(levelname)s %(message)s")
-    global TIMINGS_PATH, REDIRECT_TTL_S, DRAIN_TIMEOUT_S
+    global TIMINGS_PATH, REDIRECT_TTL_S, DRAIN_TIMEOUT_S, MOVE_POLICY
+    MOVE_POLICY = args.move_policy
     for item in args.timeout:
         name, _, value = item.partition("=")
         if name not in Timeouts.__dataclass_fields__:
