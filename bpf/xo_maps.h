@@ -35,6 +35,28 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } xo_stats SEC(".maps");
 
+/* Frames of PARK flows, for user space to hand to the flow's next owner.
+ * One ring per loaded object (not pinned): the process that attached the
+ * programs is the one that reads it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, XO_PARK_RING_BYTES);
+} xo_parked SEC(".maps");
+
+/* Where a frame is put together before it goes into the ring: a ring
+ * record's size must be known, a packet's length is not. */
+struct xo_park_slot {
+	struct xo_parked_hdr hdr;
+	__u8 frame[XO_PARK_MAX_FRAME];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xo_park_slot);
+} xo_park_scratch SEC(".maps");
+
 static __always_inline void xo_stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&xo_stats, &idx);

@@ -4,6 +4,7 @@
  *
  *   xo_tc_ingress  tc clsact ingress, direct action, on the host (and on the
  *                  target while it takes a connection back): BLOCK drops,
+ *                  PARK drops keeping a copy in the xo_parked ring,
  *                  REDIRECT rewrites dst ip:port and both MACs and sends the
  *                  frame back out of an interface's egress.
  *   xo_tc_egress   tc clsact egress on the target: SRC_REWRITE makes the
@@ -161,6 +162,32 @@ xo_skb_flow(struct __sk_buff *skb, struct xo_pkt *p, struct xo_steer_action *a)
 	return live;
 }
 
+/* Keep a copy of a frame of a PARK flow for its next owner (then the
+ * caller drops it). Returns the stat to count. */
+static __always_inline __u32 xo_park_frame(const struct xo_flow_key *key,
+					   __u32 len, __u32 ifindex,
+					   struct __sk_buff *skb,
+					   struct xdp_md *xdp)
+{
+	struct xo_park_slot *slot;
+	__u32 zero = 0;
+
+	if (len == 0 || len > XO_PARK_MAX_FRAME)
+		return XO_STAT_PARK_OVERFLOW;
+	slot = bpf_map_lookup_elem(&xo_park_scratch, &zero);
+	if (!slot)
+		return XO_STAT_PARK_OVERFLOW;
+	if (skb ? bpf_skb_load_bytes(skb, 0, slot->frame, len) :
+		  bpf_xdp_load_bytes(xdp, 0, slot->frame, len))
+		return XO_STAT_PARK_OVERFLOW;
+	slot->hdr.key = *key;
+	slot->hdr.len = len;
+	slot->hdr.ifindex = ifindex;
+	if (bpf_ringbuf_output(&xo_parked, slot, sizeof(slot->hdr) + len, 0))
+		return XO_STAT_PARK_OVERFLOW;
+	return XO_STAT_PARKED;
+}
+
 SEC("tc")
 int xo_tc_ingress(struct __sk_buff *skb)
 {
@@ -178,6 +205,11 @@ int xo_tc_ingress(struct __sk_buff *skb)
 	case XO_STEER_BLOCK:
 		xo_count(live, skb->len);
 		xo_stat_inc(XO_STAT_BLOCKED);
+		return TC_ACT_SHOT;
+	case XO_STEER_PARK:
+		xo_count(live, skb->len);
+		xo_stat_inc(xo_park_frame(&p.key, skb->len, skb->ifindex, skb,
+					  NULL));
 		return TC_ACT_SHOT;
 	case XO_STEER_REDIRECT:
 		if (xo_skb_rewrite_l3l4(skb, &p, 1, a.new_dst_addr,
@@ -299,6 +331,11 @@ int xo_xdp(struct xdp_md *ctx)
 	case XO_STEER_BLOCK:
 		xo_count(live, data_end - data);
 		xo_stat_inc(XO_STAT_BLOCKED);
+		return XDP_DROP;
+	case XO_STEER_PARK:
+		xo_count(live, data_end - data);
+		xo_stat_inc(xo_park_frame(&p.key, data_end - data,
+					  ctx->ingress_ifindex, NULL, ctx));
 		return XDP_DROP;
 	case XO_STEER_REDIRECT:
 		if (xo_xdp_rewrite_dst(&p, &a, data_end)) {

@@ -181,7 +181,8 @@ int xo_state_decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st);
 #define XO_MSG_LOAD_REPORT 8
 #define XO_MSG_PING 9
 #define XO_MSG_PONG 10
-#define XO_MSG_MAX 10
+#define XO_MSG_PARKED 11 /* client frames a PARK entry kept, for the new owner */
+#define XO_MSG_MAX 11
 
 #define XO_ENV_HEADER_LEN 40
 #define XO_ENV_MAC_LEN 32

@@ -42,6 +42,13 @@
  *          at B in one map write; END_OFFLOAD to A, HOST_READY to B.
  *          If B refuses or is late, ABORT to A, which keeps the connection.
  *
+ * Nothing lost: the client's packets that arrive while its connection is
+ * frozen meet a PARK entry (xo_steer_abi.h), which drops them but keeps a
+ * copy. Once the new owner has the connection, the old one sends the
+ * copies on (PARKED) and the new owner replays them into its own TCP stack,
+ * so the client never has to retransmit because of a handoff. A rollback
+ * or a refused hand-back replays them locally.
+ *
  * Commit rule. Until it has TARGET_READY the host keeps its frozen socket;
  * a refusal (ABORT), a late reply or a lost control connection means
  * "resume and serve locally", and the host tells the target (ABORT). A
@@ -118,7 +125,8 @@ struct xo_proto_config {
 	uint32_t owner;           /* owner id of every steering entry */
 	struct xo_rules *rules;   /* the interface's rule manager (required) */
 	struct xo_steer *steer;   /* its software tier (lookups) */
-	uint8_t host_mac[6];      /* host: source MAC of redirected frames */
+	uint8_t host_mac[6];      /* this interface's MAC (host: the source MAC
+				   * of redirected frames); zero: looked up */
 	uint8_t reserved[2];
 	/* target: its own address per family (port ignored; family 0 =
 	 * none), and the hosts it takes connections from (addresses only). A
@@ -295,6 +303,9 @@ struct xo_proto_stats {
 	uint64_t violations;      /* peers closed for breaking the protocol */
 	uint64_t timeouts;        /* deadlines that passed */
 	uint64_t rules_expired;   /* own entries removed after expiry */
+	uint64_t parked_shipped;  /* client frames parked here, sent on */
+	uint64_t parked_replayed; /* client frames parked elsewhere (or here
+				   * before a rollback), given to our stack */
 	uint32_t active;          /* connections the machine tracks now */
 	uint32_t peers;
 };

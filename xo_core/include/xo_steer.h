@@ -168,6 +168,32 @@ int xo_steer_test_run(struct xo_steer *s, int prog, const uint8_t *pkt,
 int xo_steer_bench(struct xo_steer *s, uint32_t count, uint64_t *insert_ns,
 		   uint64_t *remove_ns, uint64_t *floor_ns);
 
+/* ---- parked frames ----------------------------------------------------- */
+/*
+ * A PARK entry drops a flow's client frames but keeps a copy in a ring
+ * (xo_steer_abi.h). These move them to the flow's next owner: take them
+ * out per flow as a blob (u32 big-endian length, frame; repeated), carry
+ * the blob to the owner, replay it into that machine's TCP stack. The
+ * protocol machine (xo_proto.h) does all of this itself.
+ */
+
+/* Read the ring into the handle's stash (frames older than 10 s, nobody
+ * having taken them, are dropped). Returns the frames read. */
+int64_t xo_park_collect(struct xo_steer *s);
+/* Take one flow's frames out of the stash as a blob (*out malloc'd, the
+ * caller frees it; NULL when there are none). Returns the frame count. */
+int64_t xo_park_take(struct xo_steer *s, const struct xo_flow_key *key,
+		     uint8_t **out, uint32_t *out_len);
+/* Hand a blob's frames to this machine's stack as if they had arrived on
+ * ifindex, addressed to `to` (address and port) and dst_mac (NULL: as
+ * they are): cut to segments, checksums recomputed. Returns the frames
+ * replayed. */
+int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
+		       uint32_t len, const struct xo_endpoint *to,
+		       const uint8_t *dst_mac);
+/* Frames the stash could not keep (full, or nobody took them in time). */
+uint64_t xo_park_lost(const struct xo_steer *s);
+
 /* ---- hardware backends ---------------------------------------------- */
 
 /*

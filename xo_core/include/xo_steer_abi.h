@@ -40,7 +40,11 @@
 #define XO_STEER_BLOCK 1       /* ingress: drop (tc SHOT / XDP_DROP) */
 #define XO_STEER_REDIRECT 2    /* ingress: new dst ip/port/MACs, out again */
 #define XO_STEER_SRC_REWRITE 3 /* egress on the target: new src ip/port */
-#define XO_STEER_KIND_MAX 3
+#define XO_STEER_PARK 4        /* ingress: drop, keeping a copy of the frame
+				* in the xo_parked ring for the flow's next
+				* owner (a handoff must not cost the client a
+				* retransmission) */
+#define XO_STEER_KIND_MAX 4
 
 /* Default number of flows the map holds (as compiled into the object). */
 #define XO_STEER_MAX_FLOWS 65536
@@ -94,7 +98,24 @@ struct xo_steer_action {
 #define XO_STAT_REWRITTEN 2
 #define XO_STAT_EXPIRED 3     /* matched an expired entry: passed */
 #define XO_STAT_ERRORS 4      /* a rewrite helper failed: dropped */
+#define XO_STAT_PARKED 5      /* PARK: copied to the ring, dropped */
+#define XO_STAT_PARK_OVERFLOW 6 /* PARK: no room (ring full, frame too big):
+				 * dropped, the client will retransmit */
 #define XO_STAT_MAX 8
+
+/*
+ * A parked frame, as it sits in the "xo_parked" BPF ring buffer: this
+ * header, then len bytes of the frame from its Ethernet header on. Frames
+ * longer than XO_PARK_MAX_FRAME (large GRO aggregates) are not parked.
+ */
+#define XO_PARK_MAX_FRAME 32704  /* header + frame fit a per-CPU slot */
+#define XO_PARK_RING_BYTES 1048576
+
+struct xo_parked_hdr {
+	struct xo_flow_key key;
+	uint32_t len;
+	uint32_t ifindex;
+}; /* 48 bytes */
 
 /* XO_CDEF_END */
 

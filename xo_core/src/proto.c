@@ -8,7 +8,9 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <net/if.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <openssl/crypto.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -34,6 +36,7 @@ enum conn_state {
 	H_WAIT_READY = 1,  /* host: BEGIN_OFFLOAD sent, socket frozen here */
 	H_OFFLOADED,       /* host: a target serves it, redirect in place */
 	H_MOVING,          /* host: BEGIN_OFFLOAD to move_peer on its behalf */
+	H_RETURNED,        /* host: taken back; the target's PARKED may follow */
 	T_WAIT_HOST_READY, /* target: restored, TARGET_READY sent */
 	T_SERVING,         /* target: live, the application serves it */
 	T_WAIT_END,        /* target: frozen, TARGET_DONE sent */
@@ -123,6 +126,8 @@ struct xo_proto {
 	uint32_t closes;        /* peers closed so far (iteration guard) */
 	uint64_t bytes_served;
 	char crash_step[16];
+	uint8_t mac[6];         /* this interface's, for replayed frames */
+	int ifindex;
 };
 
 /* ---- small helpers ---------------------------------------------------- */
@@ -237,6 +242,18 @@ static int insert_block(struct xo_proto *p, const struct xo_flow_key *k,
 
 	action(p, &a, XO_STEER_BLOCK, now, CFG(p, block_ttl_ms,
 					       XO_PROTO_BLOCK_TTL_MS));
+	return xo_rules_insert(p->cfg.rules, k, &a);
+}
+
+/* Ingress during a handoff: drop the client's frames but keep them for
+ * whoever owns the connection next. */
+static int insert_park(struct xo_proto *p, const struct xo_flow_key *k,
+		       uint64_t now)
+{
+	struct xo_steer_action a;
+
+	action(p, &a, XO_STEER_PARK, now, CFG(p, block_ttl_ms,
+					      XO_PROTO_BLOCK_TTL_MS));
 	return xo_rules_insert(p->cfg.rules, k, &a);
 }
 
@@ -592,6 +609,59 @@ static void send_abort(struct peer *pe, uint64_t conn,
 
 static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now);
 
+/* Send the frames parked for a flow to its new owner (or the host). */
+static void ship_parked(struct xo_proto *p, struct peer *pe, uint64_t conn,
+			const struct xo_flow_key *key, uint64_t now)
+{
+	uint8_t *blob;
+	uint32_t len;
+	int64_t n = xo_park_take(p->cfg.steer, key, &blob, &len);
+
+	if (n < 0) {
+		fprintf(stderr, "xo: parked frames: %s\n", xo_last_error());
+		return;
+	}
+	if (n && !send_msg(pe, XO_MSG_PARKED, 0, conn, blob, len, now))
+		p->stats.parked_shipped += (uint64_t)n;
+	free(blob);
+}
+
+/* Give frames parked here or sent to us to our own stack, addressed to the
+ * connection's endpoint here. */
+static void replay_blob(struct xo_proto *p, const uint8_t *blob, uint32_t len,
+			const struct xo_endpoint *to)
+{
+	int64_t n = xo_park_replay(p->cfg.steer, p->ifindex, blob, len, to,
+				   p->mac);
+
+	if (n < 0)
+		fprintf(stderr, "xo: replaying parked frames: %s\n",
+			xo_last_error());
+	else
+		p->stats.parked_replayed += (uint64_t)n;
+}
+
+static void replay_parked(struct xo_proto *p, const struct xo_flow_key *key,
+			  const struct xo_endpoint *to)
+{
+	uint8_t *blob;
+	uint32_t len;
+	int64_t n = xo_park_take(p->cfg.steer, key, &blob, &len);
+
+	if (n > 0)
+		replay_blob(p, blob, len, to);
+	free(blob);
+}
+
+static void drop_parked(struct xo_proto *p, const struct xo_flow_key *key)
+{
+	uint8_t *blob;
+	uint32_t len;
+
+	if (xo_park_take(p->cfg.steer, key, &blob, &len) > 0)
+		free(blob);
+}
+
 /* Say no to a peer's request (ABORT) and tell the driver why. */
 static void refused(struct xo_proto *p, struct peer *pe, uint64_t conn,
 		    uint32_t reason, const char *why, uint64_t now)
@@ -675,6 +745,7 @@ static void host_rollback(struct xo_proto *p, struct conn *c, int code,
 	}
 	remove_rule(p, &c->in_key);
 	remove_rule(p, &c->out_key);
+	replay_parked(p, &c->in_key, &c->local);
 	if (tell_target && pe)
 		send_abort(pe, c->wire_id, XO_ABORT_HOST, why, now);
 	p->stats.rollbacks++;
@@ -782,7 +853,7 @@ int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 	flow_key(&out_key, &local, &client);
 	/* Step 1: block both ways. Outbound too: a frozen socket's timers may
 	 * still transmit, and what they send must not reach the client. */
-	ret = insert_block(p, &in_key, now);
+	ret = insert_park(p, &in_key, now);
 	if (!ret)
 		ret = insert_block(p, &out_key, now);
 	if (ret)
@@ -851,6 +922,7 @@ unblock:
 		snprintf(why, sizeof(why), "%s", xo_last_error());
 		remove_rule(p, &in_key);
 		remove_rule(p, &out_key);
+		replay_parked(p, &in_key, &local);
 		xo_fail(ret, "%s", why);
 	}
 	free(payload);
@@ -892,6 +964,7 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	c->fd = -1;
 	remove_rule(p, &c->out_key);
 	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
+	ship_parked(p, pe, c->wire_id, &c->in_key, now);
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
 	c->state = H_OFFLOADED;
@@ -1126,7 +1199,11 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		event_data(ev, &st.app_data, st.app_len);
 	}
 	xo_state_release(&st);
-	conn_free(p, c);
+	/* Kept a moment: what the target parked meanwhile comes next. */
+	c->state = H_RETURNED;
+	c->deadline = now + CFG(p, confirm_timeout_ms,
+				XO_PROTO_CONFIRM_TIMEOUT_MS);
+	c->renew_at = 0;
 	return;
 
 refuse:
@@ -1251,6 +1328,19 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 	case XO_MSG_TARGET_DONE:
 		host_done(p, pe, m, now);
 		return;
+	case XO_MSG_PARKED:
+		if (c && c->state == H_RETURNED && c->peer == pe->id) {
+			replay_blob(p, m->payload, m->payload_len, &c->local);
+			conn_free(p, c);
+		} else if (c && c->state == H_OFFLOADED && c->peer != pe->id) {
+			/* Moved on: the frames follow the connection. */
+			struct peer *to = peer_get(p, c->peer);
+
+			if (to && !send_msg(to, XO_MSG_PARKED, 0, c->wire_id,
+					    m->payload, m->payload_len, now))
+				p->stats.parked_shipped++;
+		}
+		return;
 	case XO_MSG_LOAD_REPORT:
 		if (xo_load_decode(m->payload, m->payload_len, &pe->load))
 			return violation(p, pe, now, "malformed LOAD_REPORT");
@@ -1370,6 +1460,9 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 	c->at = here;
 	flow_key(&c->in_key, &st.remote, &here);
 	flow_key(&c->out_key, &here, &st.remote);
+	/* Ours now: a PARK left from this flow's last hand-back must not keep
+	 * the client's packets from the restored socket. */
+	remove_rule(p, &c->in_key);
 	/* Step 4: the source rewrite exists before anything can leave. */
 	action(p, &a, XO_STEER_SRC_REWRITE, now,
 	       CFG(p, redirect_ttl_ms, XO_PROTO_REDIRECT_TTL_MS));
@@ -1418,6 +1511,7 @@ static void target_keep(struct xo_proto *p, struct conn *c, const char *why)
 		fprintf(stderr, "xo: conn %llx: rewrite back: %s\n",
 			(unsigned long long)c->id, xo_last_error());
 	remove_rule(p, &c->in_key);
+	replay_parked(p, &c->in_key, &c->at);
 	c->state = T_SERVING;
 	c->deadline = 0;
 	p->stats.kept++;
@@ -1436,6 +1530,7 @@ static void target_drop(struct xo_proto *p, struct conn *c, uint32_t type)
 {
 	struct xo_proto_event *ev;
 
+	drop_parked(p, &c->in_key);
 	if (c->fd >= 0 && xo_tcp_discard(c->fd)) {
 		fprintf(stderr, "xo: conn %llx: discard: %s\n",
 			(unsigned long long)c->id, xo_last_error());
@@ -1460,6 +1555,12 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 
 	if (m->type == XO_MSG_BEGIN_OFFLOAD)
 		return target_begin(p, pe, m, now);
+	if (m->type == XO_MSG_PARKED) {
+		c = conn_by_wire(p, pe->id, m->conn_id);
+		if (c && c->state == T_SERVING)
+			replay_blob(p, m->payload, m->payload_len, &c->at);
+		return;
+	}
 	if (m->type != XO_MSG_HOST_READY && m->type != XO_MSG_END_OFFLOAD &&
 	    m->type != XO_MSG_ABORT)
 		return violation(p, pe, now, "unexpected message type %u from a host",
@@ -1529,7 +1630,20 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		if (m->type != XO_MSG_END_OFFLOAD)
 			break;
 		lap(p, &l, IT_END);
-		target_drop(p, c, XO_EV_HANDED_BACK);
+		ship_parked(p, pe, c->wire_id, &c->in_key, now);
+		{
+			struct xo_flow_key k = c->in_key;
+			struct xo_steer_action a;
+
+			target_drop(p, c, XO_EV_HANDED_BACK);
+			/* A straggler still on its way here must meet no
+			 * socket (our kernel would reset the client): drop
+			 * it quietly a little longer; the client resends
+			 * it to its new owner. */
+			action(p, &a, XO_STEER_PARK, now, 1000 * MS);
+			if (!xo_rules_insert(p->cfg.rules, &k, &a))
+				linger(p, &k, &a);
+		}
 		p->stats.handed_back++;
 		lap(p, &l, IT_CLEANUP);
 		lap_total(p, &l, IT_TOTAL);
@@ -1568,7 +1682,7 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 	lap_start(&l, XO_T_IN_TARGET);
 	/* Step 7: block ingress, and egress while frozen: timers still send,
 	 * and bytes sent after the capture would be "unsent" to the host. */
-	ret = insert_block(p, &c->in_key, now);
+	ret = insert_park(p, &c->in_key, now);
 	if (!ret)
 		ret = insert_block(p, &c->out_key, now);
 	if (ret)
@@ -1630,6 +1744,7 @@ unblock:
 		snprintf(why, sizeof(why), "%s", xo_last_error());
 		xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule);
 		remove_rule(p, &c->in_key);
+		replay_parked(p, &c->in_key, &c->at);
 		xo_fail(ret, "%s", why);
 	}
 	xo_state_release(&st);
@@ -1727,6 +1842,10 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 				host_rollback(p, c, XO_E_STATE,
 					      "control connection lost", false,
 					      now);
+				continue;
+			}
+			if (c->state == H_RETURNED) {
+				conn_free(p, c);
 				continue;
 			}
 			if (c->state == H_MOVING) {
@@ -2140,7 +2259,8 @@ static void tick_conn(struct xo_proto *p, struct conn *c, uint64_t now)
 	}
 	if (!c->deadline || now < c->deadline)
 		return;
-	p->stats.timeouts++;
+	if (c->state != H_RETURNED && c->state != T_WAIT_CLOSED)
+		p->stats.timeouts++;
 	switch (c->state) {
 	case H_WAIT_READY:
 		if (pe)
@@ -2168,6 +2288,7 @@ static void tick_conn(struct xo_proto *p, struct conn *c, uint64_t now)
 			close_peer(p, pe, now, "host did not answer in time");
 		return;
 	case T_WAIT_CLOSED:
+	case H_RETURNED:
 		conn_free(p, c);
 		return;
 	default:
@@ -2202,6 +2323,25 @@ restart:
 
 /* ---- life cycle ----------------------------------------------------------- */
 
+/* The MAC of the interface the rules are on (where replayed frames go). */
+static int own_mac(int ifindex, uint8_t *mac)
+{
+	struct ifreq ifr = { 0 };
+	int fd, ret = 0;
+
+	if (!if_indextoname((unsigned int)ifindex, ifr.ifr_name))
+		return xo_fail_sys("proto: interface %d", ifindex);
+	fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return xo_fail_sys("proto: socket");
+	if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0)
+		ret = xo_fail_sys("proto: MAC of %s", ifr.ifr_name);
+	else
+		memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
+	close(fd);
+	return ret;
+}
+
 int xo_proto_create(const struct xo_proto_config *cfg, struct xo_proto **out)
 {
 	struct xo_proto *p;
@@ -2233,6 +2373,13 @@ int xo_proto_create(const struct xo_proto_config *cfg, struct xo_proto **out)
 		return xo_fail(XO_E_NOMEM, "proto: out of memory");
 	}
 	p->cfg = *cfg;
+	p->ifindex = xo_rules_ifindex(cfg->rules);
+	memcpy(p->mac, cfg->host_mac, 6);
+	if (!memcmp(p->mac, "\0\0\0\0\0\0", 6) && own_mac(p->ifindex, p->mac)) {
+		free(p->steps);
+		free(p);
+		return XO_E_SYS;
+	}
 	memcpy(p->key, cfg->key, cfg->key_len);
 	p->cfg.key = NULL; /* only our copy */
 	/* Connection ids: random base, so a restarted host does not reuse

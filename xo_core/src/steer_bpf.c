@@ -100,6 +100,7 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 		return xo_fail(XO_E_NOMEM, "xo_steer_open: out of memory");
 	s->flows_fd = -1;
 	s->stats_fd = -1;
+	s->pass_prog_fd = -1;
 	for (i = 0; i < XO_PROG_COUNT; i++)
 		s->prog_fd[i] = -1;
 	pthread_mutex_init(&s->lock, NULL);
@@ -178,6 +179,19 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 			goto fail;
 		}
 		s->prog_fd[i] = bpf_program__fd(p);
+	}
+	{
+		struct bpf_map *ring =
+			bpf_object__find_map_by_name(s->obj, "xo_parked");
+
+		if (!ring) {
+			ret = xo_fail(XO_E_VERSION, "%s has no xo_parked ring: "
+				      "rebuild bpf/", o.obj_path);
+			goto fail;
+		}
+		ret = xo_park_setup(s, bpf_map__fd(ring));
+		if (ret)
+			goto fail;
 	}
 	*out = s;
 	return 0;
@@ -488,6 +502,7 @@ void xo_steer_close(struct xo_steer *s, uint32_t flags)
 	pthread_mutex_unlock(&s->lock);
 	if (flags & XO_STEER_CLOSE_UNPIN)
 		unpin_and_unmount(s);
+	xo_park_cleanup(s);
 	bpf_object__close(s->obj);
 	pthread_mutex_destroy(&s->lock);
 	free(s);

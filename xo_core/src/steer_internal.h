@@ -14,6 +14,8 @@
 struct bpf_object;
 struct bpf_map;
 struct xo_attachment;
+struct ring_buffer;
+struct park_rec;
 
 /* ---- steer_bpf.c ---- */
 
@@ -30,7 +32,17 @@ struct xo_steer {
 	char pin_dir[PATH_MAX];
 	pthread_mutex_t lock; /* guards attached */
 	struct xo_attachment *attached;
+	/* steer_park.c: the parked-frame ring, its stash, the replayer */
+	struct ring_buffer *park_rb;
+	struct park_rec *park_head;
+	uint64_t park_bytes, park_lost;
+	int pass_prog_fd;
 };
+
+/* ---- steer_park.c ---- */
+
+int xo_park_setup(struct xo_steer *s, int ring_fd);
+void xo_park_cleanup(struct xo_steer *s);
 
 /* ---- steer_util.c ---- */
 

@@ -55,6 +55,7 @@ int xo_steer_check_action(const struct xo_steer_action *a)
 		return xo_fail(XO_E_INVAL, "action is NULL");
 	switch (a->kind) {
 	case XO_STEER_BLOCK:
+	case XO_STEER_PARK:
 		break;
 	case XO_STEER_REDIRECT:
 		if (all_zero(a->new_dst_addr, 16) && !a->new_dst_port)
@@ -72,7 +73,7 @@ int xo_steer_check_action(const struct xo_steer_action *a)
 	/* A stale block or redirect black-holes a client port that gets
 	 * reused later: those must always expire. */
 	if (a->kind != XO_STEER_SRC_REWRITE && !a->expires_ns)
-		return xo_fail(XO_E_INVAL, "block and redirect entries need an "
+		return xo_fail(XO_E_INVAL, "block, park and redirect entries need an "
 			       "expiry (expires_ns, CLOCK_MONOTONIC ns)");
 	return 0;
 }

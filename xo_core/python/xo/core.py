@@ -281,6 +281,7 @@ class MsgType(enum.IntEnum):
     LOAD_REPORT = lib.XO_MSG_LOAD_REPORT
     PING = lib.XO_MSG_PING
     PONG = lib.XO_MSG_PONG
+    PARKED = lib.XO_MSG_PARKED
 
 
 ENV_HEADER_LEN = lib.XO_ENV_HEADER_LEN

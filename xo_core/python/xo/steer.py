@@ -56,6 +56,7 @@ class Kind(enum.IntEnum):
     BLOCK = lib.XO_STEER_BLOCK
     REDIRECT = lib.XO_STEER_REDIRECT
     SRC_REWRITE = lib.XO_STEER_SRC_REWRITE
+    PARK = lib.XO_STEER_PARK
 
 
 class Prog(enum.IntEnum):
@@ -78,6 +79,8 @@ STAT_NAMES = {
     lib.XO_STAT_REWRITTEN: "rewritten",
     lib.XO_STAT_EXPIRED: "expired",
     lib.XO_STAT_ERRORS: "errors",
+    lib.XO_STAT_PARKED: "parked",
+    lib.XO_STAT_PARK_OVERFLOW: "park_overflow",
 }
 
 # The C structs as byte layouts (xo_steer_abi.h). Packing with struct and

@@ -1,0 +1,343 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Parked frames: what a PARK entry kept of a flow's client packets while
+ * its connection was frozen, and their delivery to the flow's next owner.
+ *
+ * The datapath copies each frame of a PARK flow into the xo_parked ring
+ * and drops it. Here the ring is read into a stash (frames of many flows
+ * may be interleaved), a flow's frames are taken out as one blob for the
+ * control channel, and a blob is replayed into this machine's TCP stack as
+ * if the frames had just arrived on the interface: retargeted to the new
+ * owner's address, port and MAC, cut to segments an XDP frame can hold,
+ * checksums recomputed. Replay uses BPF_PROG_TEST_RUN of an XDP_PASS
+ * program in live-frame mode, which hands each frame to the stack.
+ *
+ * Blob format: a sequence of (u32 length, big endian | frame bytes).
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdbool.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <linux/bpf.h>
+
+#include "steer_internal.h"
+#include "wire.h"
+
+#define STASH_MAX_BYTES (4u << 20) /* beyond this, parked frames are lost */
+#define STASH_MAX_AGE_NS 10000000000ull /* nobody took them: gone */
+#define SEGMENT_MAX 1400 /* payload per replayed frame: fits any XDP frame */
+
+struct park_rec {
+	struct park_rec *next;
+	struct xo_flow_key key;
+	uint64_t at;
+	uint32_t len;
+	uint8_t frame[];
+};
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int on_parked(void *ctx, void *data, size_t size)
+{
+	struct xo_steer *s = ctx;
+	const struct xo_parked_hdr *h = data;
+	struct park_rec *r, **tail;
+
+	if (size < sizeof(*h) || h->len > size - sizeof(*h))
+		return 0; /* not ours: the datapath writes whole records */
+	if (s->park_bytes + h->len > STASH_MAX_BYTES) {
+		s->park_lost++;
+		return 0;
+	}
+	r = malloc(sizeof(*r) + h->len);
+	if (!r) {
+		s->park_lost++;
+		return 0;
+	}
+	r->next = NULL;
+	r->key = h->key;
+	r->at = mono_ns();
+	r->len = h->len;
+	memcpy(r->frame, (const uint8_t *)data + sizeof(*h), h->len);
+	for (tail = &s->park_head; *tail; tail = &(*tail)->next)
+		;
+	*tail = r;
+	s->park_bytes += h->len;
+	return 0;
+}
+
+static int pass_prog(struct xo_steer *s);
+
+int xo_park_setup(struct xo_steer *s, int ring_fd)
+{
+	int ret;
+
+	s->park_rb = ring_buffer__new(ring_fd, on_parked, s, NULL);
+	if (!s->park_rb)
+		return xo_fail_bpf(-errno, "parked-frame ring");
+	/* Loaded now, not at the first replay: a handoff should not pay for
+	 * it, and a process's descriptors should not grow later. */
+	ret = pass_prog(s);
+	if (ret < 0) {
+		ring_buffer__free(s->park_rb);
+		s->park_rb = NULL;
+		return ret;
+	}
+	return 0;
+}
+
+void xo_park_cleanup(struct xo_steer *s)
+{
+	struct park_rec *r;
+
+	ring_buffer__free(s->park_rb);
+	s->park_rb = NULL;
+	while ((r = s->park_head)) {
+		s->park_head = r->next;
+		free(r);
+	}
+	if (s->pass_prog_fd >= 0)
+		close(s->pass_prog_fd);
+	s->pass_prog_fd = -1;
+}
+
+int64_t xo_park_collect(struct xo_steer *s)
+{
+	struct park_rec **pp = &s->park_head, *r;
+	uint64_t old = mono_ns() - STASH_MAX_AGE_NS;
+	int n;
+
+	xo_clear_error();
+	if (!s || !s->park_rb)
+		return xo_fail(XO_E_INVAL, "park: no steering handle");
+	n = ring_buffer__consume(s->park_rb);
+	if (n < 0)
+		return xo_fail_bpf(n, "park: read the ring");
+	/* Frames nobody took in time belonged to a flow that went away. */
+	while ((r = *pp)) {
+		if (r->at < old) {
+			*pp = r->next;
+			s->park_bytes -= r->len;
+			s->park_lost++;
+			free(r);
+		} else {
+			pp = &r->next;
+		}
+	}
+	return n;
+}
+
+int64_t xo_park_take(struct xo_steer *s, const struct xo_flow_key *key,
+		     uint8_t **out, uint32_t *out_len)
+{
+	struct park_rec **pp, *r;
+	size_t size = 0;
+	int64_t n = 0, ret;
+	uint8_t *blob, *p;
+
+	*out = NULL;
+	*out_len = 0;
+	ret = xo_park_collect(s);
+	if (ret < 0)
+		return ret;
+	for (r = s->park_head; r; r = r->next)
+		if (!memcmp(&r->key, key, sizeof(*key)))
+			size += 4 + r->len;
+	if (!size)
+		return 0;
+	blob = malloc(size);
+	if (!blob)
+		return xo_fail(XO_E_NOMEM, "park: %zu bytes", size);
+	p = blob;
+	pp = &s->park_head;
+	while ((r = *pp)) {
+		if (memcmp(&r->key, key, sizeof(*key))) {
+			pp = &r->next;
+			continue;
+		}
+		p = xo_put32(p, r->len);
+		p = xo_put_bytes(p, r->frame, r->len);
+		*pp = r->next;
+		s->park_bytes -= r->len;
+		free(r);
+		n++;
+	}
+	*out = blob;
+	*out_len = (uint32_t)size;
+	return n;
+}
+
+uint64_t xo_park_lost(const struct xo_steer *s)
+{
+	return s->park_lost;
+}
+
+/* ---- replay --------------------------------------------------------------- */
+
+static uint32_t sum16(const uint8_t *p, size_t len, uint32_t sum)
+{
+	size_t i;
+
+	for (i = 0; i + 1 < len; i += 2)
+		sum += xo_get16(p + i);
+	if (len & 1)
+		sum += (uint32_t)p[len - 1] << 8;
+	return sum;
+}
+
+static uint16_t fold(uint32_t sum)
+{
+	while (sum >> 16)
+		sum = (sum & 0xffff) + (sum >> 16);
+	return (uint16_t)~sum;
+}
+
+static int pass_prog(struct xo_steer *s)
+{
+	/* r0 = XDP_PASS; exit */
+	const struct bpf_insn insns[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = 0,
+		  .imm = XDP_PASS },
+		{ .code = BPF_JMP | BPF_EXIT },
+	};
+
+	if (s->pass_prog_fd >= 0)
+		return s->pass_prog_fd;
+	s->pass_prog_fd = bpf_prog_load(BPF_PROG_TYPE_XDP, "xo_replay", "GPL",
+					insns, 2, NULL);
+	if (s->pass_prog_fd < 0)
+		return xo_fail_bpf(-errno, "park: load the replay program");
+	return s->pass_prog_fd;
+}
+
+static int inject(struct xo_steer *s, int ifindex, uint8_t *frame,
+		  uint32_t len)
+{
+	struct xdp_md ctx = { .data_end = len, .ingress_ifindex = (uint32_t)ifindex };
+	LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = frame, .data_size_in = len,
+		    .ctx_in = &ctx, .ctx_size_in = sizeof(ctx), .repeat = 1,
+		    .flags = BPF_F_TEST_XDP_LIVE_FRAMES);
+	int fd = pass_prog(s), ret;
+
+	if (fd < 0)
+		return fd;
+	ret = bpf_prog_test_run_opts(fd, &o);
+	if (ret)
+		return xo_fail_bpf(ret, "park: replay a %u-byte frame on ifindex %d",
+				   len, ifindex);
+	return 0;
+}
+
+/* Replay one parked frame, retargeted and cut into segments. Returns the
+ * segments injected, 0 for a frame that is not plain Ethernet/IP/TCP. */
+static int replay_frame(struct xo_steer *s, int ifindex, const uint8_t *f,
+			uint32_t len, const struct xo_endpoint *to,
+			const uint8_t *dst_mac)
+{
+	uint8_t out[14 + 60 + 60 + SEGMENT_MAX];
+	uint32_t l3 = 14, l4, hlen, tlen, payload, off, seq, n = 0;
+	uint16_t ip_id = 0;
+	bool v6;
+	int ret;
+
+	if (len < 14 + 20)
+		return 0;
+	v6 = xo_get16(f + 12) == 0x86dd;
+	if (!v6 && xo_get16(f + 12) != 0x0800)
+		return 0;
+	if (v6) {
+		if (len < l3 + 40 + 20 || f[l3 + 6] != 6 || to->family != AF_INET6)
+			return 0;
+		l4 = l3 + 40;
+		tlen = l3 + 40 + xo_get16(f + l3 + 4);
+	} else {
+		if ((f[l3] >> 4) != 4 || f[l3 + 9] != 6 || to->family != AF_INET)
+			return 0;
+		l4 = l3 + (f[l3] & 15) * 4u;
+		tlen = l3 + xo_get16(f + l3 + 2);
+		ip_id = xo_get16(f + l3 + 4);
+	}
+	if (l4 + 20 > len || tlen > len || tlen < l4 + 20)
+		return 0;
+	hlen = (f[l4 + 12] >> 4) * 4u;
+	if (hlen < 20 || l4 + hlen > tlen || l4 + hlen > 14 + 60 + 60)
+		return 0;
+	payload = tlen - l4 - hlen;
+	seq = xo_get32(f + l4 + 4);
+	off = 0;
+	do {
+		uint32_t chunk = payload - off > SEGMENT_MAX ? SEGMENT_MAX :
+							       payload - off;
+		uint32_t seg_len = l4 + hlen + chunk, sum;
+		uint8_t flags = f[l4 + 13];
+
+		memcpy(out, f, l4 + hlen);
+		memcpy(out + l4 + hlen, f + l4 + hlen + off, chunk);
+		if (dst_mac)
+			memcpy(out, dst_mac, 6);
+		xo_put32(out + l4 + 4, seq + off);
+		xo_put16(out + l4 + 2, to->port);
+		if (off + chunk < payload)
+			flags &= (uint8_t)~0x09; /* FIN, PSH: the last piece's */
+		out[l4 + 13] = flags;
+		if (v6) {
+			memcpy(out + l3 + 24, to->addr, 16);
+			xo_put16(out + l3 + 4, (uint16_t)(seg_len - l3 - 40));
+			sum = sum16(out + l3 + 8, 32, 0);
+		} else {
+			memcpy(out + l3 + 16, to->addr, 4);
+			xo_put16(out + l3 + 2, (uint16_t)(seg_len - l3));
+			xo_put16(out + l3 + 4, (uint16_t)(ip_id + n));
+			xo_put16(out + l3 + 10, 0);
+			xo_put16(out + l3 + 10, fold(sum16(out + l3, l4 - l3, 0)));
+			sum = sum16(out + l3 + 12, 8, 0);
+		}
+		sum += 6 + (seg_len - l4);
+		xo_put16(out + l4 + 16, 0);
+		xo_put16(out + l4 + 16, fold(sum16(out + l4, seg_len - l4, sum)));
+		ret = inject(s, ifindex, out, seg_len);
+		if (ret)
+			return ret;
+		n++;
+		off += chunk;
+	} while (off < payload);
+	return (int)n;
+}
+
+int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
+		       uint32_t len, const struct xo_endpoint *to,
+		       const uint8_t *dst_mac)
+{
+	uint32_t off = 0;
+	int64_t frames = 0;
+	int ret;
+
+	xo_clear_error();
+	if (!s || !to || (!blob && len))
+		return xo_fail(XO_E_INVAL, "park: NULL argument");
+	while (off < len) {
+		uint32_t flen;
+
+		if (len - off < 4 || (flen = xo_get32(blob + off)) > len - off - 4)
+			return xo_fail(XO_E_LENGTH, "park: blob cut at byte %u of %u",
+				       off, len);
+		ret = replay_frame(s, ifindex, blob + off + 4, flen, to, dst_mac);
+		if (ret < 0)
+			return ret;
+		frames += ret > 0;
+		off += 4 + flen;
+	}
+	return frames;
+}
