@@ -7,6 +7,21 @@ import signal
 import sys
 
 
+class MissingPartError(Exception):
+    """An optional part of XO is not installed; the message says what to do."""
+
+
+def require_bench_extra(command: str) -> None:
+    """Fail before any work when the `bench` extra (matplotlib) is absent."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise MissingPartError(
+            f"`xo bench {command}` draws its figure with matplotlib, which is not "
+            f"installed ({exc}); install the bench extra: pip install -e '.[bench]' "
+            f"in the repository (ci/install.sh does)") from exc
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from xo import doctor
 
@@ -26,12 +41,14 @@ def _bench_core(args: argparse.Namespace) -> int:
 
 
 def _bench_handoff(args: argparse.Namespace) -> int:
+    require_bench_extra("handoff")
     from xo import bench_handoff
 
     return bench_handoff.main(args.handoffs, args.json)
 
 
 def _bench_lab(args: argparse.Namespace) -> int:
+    require_bench_extra("lab")
     from xo import bench_lab
 
     return bench_lab.main(args.targets, args.rate, args.connections, args.seconds, args.json)
@@ -101,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except (XoError, LabError) as exc:
         print(f"xo: {exc}", file=sys.stderr)
         return 1
+    except MissingPartError as exc:
+        print(f"xo: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
