@@ -20,6 +20,7 @@ ordinary integers, MACs are ``"aa:bb:cc:dd:ee:ff"`` strings.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import socket
@@ -560,6 +561,24 @@ class HwBackend:
 
     def fail_inserts(self, code: int) -> None:
         _check(lib.xo_hw_test_fail_inserts(self._ptr(), code))
+
+    def hold_inserts(self, hold: bool) -> None:
+        """Keep inserts in flight until released (test double only)."""
+        _check(lib.xo_hw_test_hold(self._ptr(), int(hold)))
+
+    def held(self) -> int:
+        """Inserts blocked by the hold right now (test double only)."""
+        return _check(lib.xo_hw_test_held(self._ptr()))
+
+    @contextlib.contextmanager
+    def holding_inserts(self) -> Iterator[None]:
+        """Inserts stay in flight inside the block; released on exit, also on
+        an exception (a manager cannot shut down over a held insert)."""
+        self.hold_inserts(True)
+        try:
+            yield
+        finally:
+            self.hold_inserts(False)
 
     def close(self) -> None:
         if self._p is not None and not self._owned:
