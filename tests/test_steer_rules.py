@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -445,7 +446,7 @@ def ns_ifindex(ns: str, dev: str) -> int:
 @pytest.fixture
 def veth_pair() -> Iterator[dict[str, str]]:
     """Two namespaces joined by a veth pair: client xoc0 <-> server xos0."""
-    tag = f"{os.getpid() % 100000}"
+    tag = secrets.token_hex(3)  # unique to this run: never another run's namespaces
     names = {"client": f"xo-stc{tag}", "server": f"xo-sts{tag}"}
     try:
         for ns in names.values():

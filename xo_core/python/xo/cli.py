@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import Any
 
 
 class MissingPartError(Exception):
@@ -31,7 +32,30 @@ def _doctor(args: argparse.Namespace) -> int:
 def _lab_demo(args: argparse.Namespace) -> int:
     from xo import demo
 
-    return demo.main(args)
+    if args.name == "demo":
+        return demo.main(args)
+    # demo.main (being rewritten) still names its lab "demo"; until it reads
+    # args.name, the chosen name is routed into its cluster() call here.
+    original = demo.cluster
+
+    def named_cluster(*cargs: Any, **kwargs: Any) -> Any:
+        kwargs["name"] = args.name
+        return original(*cargs, **kwargs)
+
+    demo.cluster = named_cluster  # type: ignore[assignment]
+    try:
+        return demo.main(args)
+    finally:
+        demo.cluster = original  # type: ignore[assignment]
+
+
+def _lab_name(value: str) -> str:
+    from xo import lab
+
+    try:
+        return lab.validate_lab_name(value)
+    except lab.LabError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _bench_core(args: argparse.Namespace) -> int:
@@ -75,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = lab_commands.add_parser("demo", help="bring up the lab and run the handoff demo")
     demo.add_argument("--targets", type=int, default=2)
     demo.add_argument("--requests", type=int, default=20)
+    demo.add_argument("--name", type=_lab_name, default="demo",
+                      help="lab name (namespaces xo-NAME-*); default demo")
     demo.set_defaults(func=_lab_demo)
 
     bench = sub.add_parser("bench", help="benchmarks that print numbers (and JSON)")
