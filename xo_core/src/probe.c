@@ -79,6 +79,16 @@ static void res_not(struct xo_probe_result *r, uint32_t status,
 	va_end(ap);
 }
 
+/* A failed cleanup in the throw-away namespace harms nothing (the
+ * namespace takes everything with it) but is still reported. */
+static void note_cleanup(struct xo_probe_result *r, int err, const char *what)
+{
+	size_t len = strlen(r->detail);
+
+	snprintf(r->detail + len, sizeof(r->detail) - len,
+		 " (cleanup: %s failed: %s)", what, strerror(err));
+}
+
 /* A refusal for lack of privilege says nothing about the kernel. */
 static uint32_t refused_status(int err)
 {
@@ -375,7 +385,7 @@ static void probe_clsact(struct xo_probe_result *r)
 	static const char disables[] = "tc-attached steering programs";
 	LIBBPF_OPTS(bpf_tc_hook, hook, .attach_point = BPF_TC_INGRESS);
 	LIBBPF_OPTS(bpf_tc_opts, opts, .handle = 1, .priority = 1);
-	int saved, prog = -1, ret;
+	int saved, prog = -1, ret, created = 0;
 
 	if (private_netns_enter(&saved)) {
 		res_not(r, XO_PROBE_UNKNOWN, disables, NEED_ROOT,
@@ -398,6 +408,7 @@ static void probe_clsact(struct xo_probe_result *r)
 			xo_last_error());
 		goto out;
 	}
+	created = 1;
 	prog = trivial_prog(BPF_PROG_TYPE_SCHED_CLS, TC_ACT_OK, "xo_probe_tc");
 	if (prog < 0) {
 		res_not(r, XO_PROBE_UNKNOWN, disables, "see the BPF line",
@@ -420,8 +431,11 @@ out:
 		close(prog);
 	/* Also removes the filter; the namespace goes away regardless. */
 	hook.attach_point = BPF_TC_INGRESS | BPF_TC_EGRESS;
-	if (hook.ifindex)
-		bpf_tc_hook_destroy(&hook);
+	if (created) {
+		ret = bpf_tc_hook_destroy(&hook);
+		if (ret)
+			note_cleanup(r, -ret, "delete the clsact qdisc");
+	}
 	xo_netns_leave(saved);
 }
 
@@ -438,7 +452,8 @@ static int xdp_try(int ifindex, int prog, uint32_t mode)
 	ret = bpf_xdp_query_id(ifindex, (int)mode, &id);
 	if (!ret && !id)
 		ret = -ENOENT; /* accepted but not there: not working */
-	bpf_xdp_detach(ifindex, mode, NULL);
+	if (bpf_xdp_detach(ifindex, mode, NULL) && !ret)
+		ret = -EBUSY; /* attached but cannot be taken off: unusable */
 	return ret;
 }
 
@@ -509,8 +524,9 @@ static void probe_xdp(struct xo_probe_result *r)
 out:
 	if (prog >= 0)
 		close(prog);
-	if (have_veth && ifindex)
-		link_delete(ifindex, a); /* the namespace would take it too */
+	if (have_veth && ifindex && link_delete(ifindex, a))
+		note_cleanup(r, xo_last_errno() ? xo_last_errno() : EIO,
+			     "delete the veth pair");
 	xo_netns_leave(saved);
 }
 
