@@ -137,12 +137,14 @@ def test_second_handle_shares_the_pinned_map(steer: Steer, pin_dir: str) -> None
 def test_expiry_sweep_and_owner_purge(steer: Steer) -> None:
     now = time.monotonic_ns()
     steer.insert(key(5), Rule.block(expires_ns=now - 1))
-    steer.insert(key(6), Rule.redirect("198.18.0.2", 1, expires_ns=now + 10**6))
-    steer.insert(key(7), Rule.block(ttl_s=60, owner=42))
+    # key 6 expires a minute from now: a stalled test thread cannot make the
+    # first sweep (at the real now) take it too.
+    steer.insert(key(6), Rule.redirect("198.18.0.2", 1, expires_ns=now + 60 * 10**9))
+    steer.insert(key(7), Rule.block(ttl_s=3600, owner=42))
     steer.insert(key(8), Rule.src_rewrite("198.18.0.1", 80, owner=42))  # never expires
     assert steer.sweep() == 1
     assert steer.lookup(key(5)) is None
-    assert steer.sweep(now + 2 * 10**6) == 1  # as if 2 ms later
+    assert steer.sweep(now + 61 * 10**9) == 1  # as if a minute later: key 6, not key 7
     assert steer.lookup(key(6)) is None
     assert steer.purge_owner(42) == 2
     assert steer.count() == 0
