@@ -3,8 +3,10 @@ and installs the ``xo`` command."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -18,10 +20,21 @@ class BuildWithBpf(build_py):
     """Compile bpf/ with clang and ship the objects as package data."""
 
     def run(self) -> None:
-        if (ROOT / "bpf" / "Makefile").exists():
-            subprocess.run(["make", "-C", str(ROOT / "bpf")], check=True)
+        bpf = ROOT / "bpf"
+        if (bpf / "Makefile").exists():
+            clang = os.environ.get("CLANG", "clang")
+            up_to_date = subprocess.run(["make", "-q", "-C", str(bpf)],
+                                        capture_output=True).returncode == 0
+            if not up_to_date and shutil.which(clang) is None:
+                # One clear line instead of make's "Error 127".
+                sys.exit(f"{clang} not found: run ci/install.sh (it installs clang, "
+                         f"which compiles the eBPF programs in bpf/)")
+            rc = subprocess.run(["make", "-C", str(bpf)]).returncode
+            if rc:
+                sys.exit(f"building the eBPF programs failed (make -C bpf: exit {rc}); "
+                         f"its output is above")
             PKG_DATA.mkdir(exist_ok=True)
-            for obj in (ROOT / "bpf" / "build").glob("*.bpf.o"):
+            for obj in (bpf / "build").glob("*.bpf.o"):
                 shutil.copy2(obj, PKG_DATA / obj.name)
         super().run()
 

@@ -26,7 +26,7 @@ BPF_OBJECTS = (
     ROOT / "bpf" / "build" / "xo_steer.bpf.o",
 )
 STRICT = ["-Wall", "-Wextra", "-Werror"]
-PUBLIC_HEADERS = ["xo.h", "xo_steer.h"]
+PUBLIC_HEADERS = ["xo.h", "xo_steer.h", "xo_probe.h"]
 # The paper counts 13 system calls for serialization; the prototype 16-19.
 MAX_CAPTURE_SYSCALLS = 16
 

@@ -450,16 +450,11 @@ def test_round_trip_property(f: Fields) -> None:
     check_round_trip(f)
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
 @settings(max_examples=100, deadline=None)
-@given(valid_fields(v6=True))
-def test_round_trip_ipv6(f: Fields) -> None:
-    check_round_trip(f)
-
-
-@settings(max_examples=100, deadline=None)
-@given(valid_fields(v6=False))
-def test_round_trip_ipv4(f: Fields) -> None:
-    check_round_trip(f)
+@given(data=st.data())
+def test_round_trip_per_family(v6: bool, data: st.DataObject) -> None:
+    check_round_trip(data.draw(valid_fields(v6=v6)))
 
 
 def test_round_trip_seeded_bulk() -> None:

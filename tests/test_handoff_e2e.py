@@ -227,7 +227,6 @@ def test_many_concurrent_keepalive_connections_leave_nothing_behind(tmp_path: Pa
             controls = [s for s in to_host if s.state == "ESTAB" and s.local.endswith(":7700")]
             assert len(controls) == 1, (target, to_host)  # ss does see them
             assert to_host == controls, (target, to_host)
-        assert elapsed < 90, f"took {elapsed:.1f} s"
         rst_end = rst_counters(testbed)
         assert rst_end == rst_before, f"resets while closing: {rst_before} -> {rst_end}"
 

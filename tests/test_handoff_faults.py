@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -61,9 +60,10 @@ from xo.steer import FlowKey
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (namespaces, BPF)")
 
 FILE = "small.bin"
-# A client reset on a lost target must come well before curl's own timeout.
+# A client reset on a lost target comes from the host's action, not from a
+# timer: curl's timeout (rc 28) only turns a hang into a failure, and the
+# client's retransmission counter shows no timer had to fire.
 CURL_TIMEOUT = 10.0
-FAST = 3.0
 
 
 def host_flow_entries(apps: RefAppCluster, client_port: int | None = None) -> list[FlowKey]:
@@ -138,7 +138,7 @@ def test_killed_after_target_ready() -> None:
             assert after["EstabResets"] == before["EstabResets"]
         else:
             assert res.rc == 56 and "reset" in res.stderr, res  # Recv failure: reset by peer
-            assert res.elapsed < FAST, res
+            assert after["RetransSegs"] == before["RetransSegs"], (before, after)
             assert stats["offloads"] == 1 and stats["withdrawn"] >= 1
             assert after["EstabResets"] == before["EstabResets"] + 1
         assert stats["offloaded_now"] == 0
@@ -155,7 +155,7 @@ def test_killed_after_host_ready_resets_client() -> None:
         res = curl(apps, f"/{FILE}", CURL_TIMEOUT)
         after = snmp_tcp(client_ns)
         assert res.rc == 56 and "reset" in res.stderr, res
-        assert res.elapsed < FAST, res
+        assert after["RetransSegs"] == before["RetransSegs"], (before, after)
         assert after["EstabResets"] == before["EstabResets"] + 1
         assert_t0_killed(apps, "host_ready")
         stats = apps.host_stats()
@@ -178,10 +178,13 @@ def test_killed_while_handing_back_resets_client() -> None:
             headers, body = read_response(sock)
             assert (headers[":status"], headers["x-served-by"]) == ("200", "t0")
             assert sha256(body) == file_digest(apps, FILE)
-            started = time.monotonic()
-            with pytest.raises(ConnectionResetError):
+            before = snmp_tcp(apps.testbed.client.netns)
+            with pytest.raises(ConnectionResetError):  # (a timeout would fail here)
                 sock.recv(1)  # nothing more comes: the connection is reset
-            assert time.monotonic() - started < FAST
+            after = snmp_tcp(apps.testbed.client.netns)
+            # Elicited by the host, not by a timer of the idle client.
+            assert after["RetransSegs"] == before["RetransSegs"], (before, after)
+            assert after["EstabResets"] == before["EstabResets"] + 1
         assert_t0_killed(apps, "done")
         stats = apps.host_stats()
         assert stats["offloads"] == 1 and stats["withdrawn"] == 1 and stats["returns"] == 0
@@ -211,7 +214,7 @@ def test_probe_resets_idle_client(family: int, served: int) -> None:
                     got += len(peer.recv(65536))
             core.freeze(host)
             core.discard(host)
-            peer.settimeout(FAST)
+            peer.settimeout(CURL_TIMEOUT)  # turns a missing reset into a failure
             with in_netns(pair.host_ns):
                 probe_client(state.local, state.remote,
                              state.snd_seq - state.inflight_len - state.unsent_len,
@@ -277,9 +280,8 @@ def attack_big_hello(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
                        [:core.ENV_HEADER_LEN])
     header[32:36] = core.ENV_MAX_PAYLOAD.to_bytes(4, "big")
     sock.sendall(header)
-    started = time.monotonic()
+    # The agent closes without a byte more from us: it did not wait for them.
     assert frames_until_closed(sock) == [MsgType.HELLO]
-    assert time.monotonic() - started < 1.0
     total = core.ENV_HEADER_LEN + core.ENV_MAX_PAYLOAD + core.ENV_MAC_LEN
     return ("malformed control message", f"{total} bytes announced, at most")
 

@@ -11,6 +11,7 @@ import ctypes
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -136,12 +137,14 @@ def test_second_handle_shares_the_pinned_map(steer: Steer, pin_dir: str) -> None
 def test_expiry_sweep_and_owner_purge(steer: Steer) -> None:
     now = time.monotonic_ns()
     steer.insert(key(5), Rule.block(expires_ns=now - 1))
-    steer.insert(key(6), Rule.redirect("198.18.0.2", 1, expires_ns=now + 10**6))
-    steer.insert(key(7), Rule.block(ttl_s=60, owner=42))
+    # key 6 expires a minute from now: a stalled test thread cannot make the
+    # first sweep (at the real now) take it too.
+    steer.insert(key(6), Rule.redirect("198.18.0.2", 1, expires_ns=now + 60 * 10**9))
+    steer.insert(key(7), Rule.block(ttl_s=3600, owner=42))
     steer.insert(key(8), Rule.src_rewrite("198.18.0.1", 80, owner=42))  # never expires
     assert steer.sweep() == 1
     assert steer.lookup(key(5)) is None
-    assert steer.sweep(now + 2 * 10**6) == 1  # as if 2 ms later
+    assert steer.sweep(now + 61 * 10**9) == 1  # as if a minute later: key 6, not key 7
     assert steer.lookup(key(6)) is None
     assert steer.purge_owner(42) == 2
     assert steer.count() == 0
@@ -170,7 +173,8 @@ def red(port: int = 18080) -> Rule:
     return Rule.redirect("198.18.0.2", port, dst_mac="02:00:00:00:00:02", ttl_s=30)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait for an event; the timeout only turns a hang into a failure."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -190,27 +194,46 @@ def test_queued_insert_reaches_hardware(steer: Steer) -> None:
 
 
 def test_remove_cancels_queued_insert(steer: Steer) -> None:
-    hw = HwBackend.test(insert_delay_us=200_000)
+    hw = HwBackend.test()
     with RuleManager(steer, 1, hw) as rules:
-        rules.insert(key(21), red())            # goes in flight
-        wait_for(lambda: "inflight" in rules.hw_state(key(21)))
-        rules.insert(key(22), red())            # waits in the queue
-        assert rules.hw_state(key(22)) == {"queued"}
-        rules.remove(key(22))
-        # Returned while the NIC is still busy with 21: nothing to wait for.
-        assert "inflight" in rules.hw_state(key(21))
-        assert steer.lookup(key(22)) is None
+        with hw.holding_inserts():
+            rules.insert(key(21), red())            # goes in flight, held there
+            wait_for(lambda: hw.held() == 1)
+            assert "inflight" in rules.hw_state(key(21))
+            rules.insert(key(22), red())            # waits in the queue
+            assert rules.hw_state(key(22)) == {"queued"}
+            rules.remove(key(22))
+            # Returned while the NIC is still busy with 21: nothing to wait for.
+            assert "inflight" in rules.hw_state(key(21)) and hw.held() == 1
+            assert steer.lookup(key(22)) is None
         rules.drain()
         assert [(c.op, c.key) for c in hw.calls()] == [("insert", key(21))]  # never saw 22
         assert rules.stats()["hw_cancelled"] == 1
 
 
 def test_remove_waits_for_inflight_insert_then_cleans_both_tiers(steer: Steer) -> None:
-    hw = HwBackend.test(insert_delay_us=300_000, remove_delay_us=50_000)
+    hw = HwBackend.test(remove_delay_us=50_000)
     with RuleManager(steer, 1, hw) as rules:
-        rules.insert(key(23), red())
-        wait_for(lambda: "inflight" in rules.hw_state(key(23)))
-        rules.remove(key(23))
+        errors: list[BaseException] = []
+
+        def remove() -> None:
+            try:
+                rules.remove(key(23))
+            except BaseException as exc:  # reported below, in the main thread
+                errors.append(exc)
+
+        with hw.holding_inserts():
+            rules.insert(key(23), red())
+            wait_for(lambda: hw.held() == 1)
+            remover = threading.Thread(target=remove)
+            remover.start()
+            # remove() cannot return while the insert it waits for is held
+            # (however long this thread looks away).
+            remover.join(0.05)
+            assert remover.is_alive()
+            assert hw.held() == 1 and hw.calls() == []
+        remover.join(30)
+        assert not remover.is_alive() and not errors, errors
         done = time.monotonic_ns()
         # Both tiers clean the moment remove() returns.
         assert not hw.has(key(23))
@@ -227,24 +250,28 @@ def test_remove_of_installed_entry_is_synchronous(steer: Steer) -> None:
         rules.insert(key(24), red())
         rules.drain()
         assert hw.has(key(24))
-        t0 = time.monotonic()
         rules.remove(key(24))
-        assert time.monotonic() - t0 >= 0.09
+        done = time.monotonic_ns()
+        # The (slow) backend removal had finished when remove() returned.
+        calls = hw.calls()
+        assert [c.op for c in calls] == ["insert", "remove"]
+        assert calls[1].end_ns <= done
         assert not hw.has(key(24)) and steer.lookup(key(24)) is None
         assert rules.stats()["hw_removed"] == 1
 
 
 def test_full_queue_falls_back_to_software(steer: Steer) -> None:
-    hw = HwBackend.test(insert_delay_us=100_000)
+    hw = HwBackend.test()
     with RuleManager(steer, 1, hw, queue_capacity=2) as rules:
-        rules.insert(key(30), red())
-        wait_for(lambda: "inflight" in rules.hw_state(key(30)))
-        for n in range(31, 36):
-            rules.insert(key(n), red())
-        st = rules.stats()
-        assert st["queue_len"] == 2 and st["hw_enqueued"] == 3
-        assert st["hw_fallback_full"] == 3
-        assert all(steer.lookup(key(n)) is not None for n in range(30, 36))  # software: all
+        with hw.holding_inserts():
+            rules.insert(key(30), red())
+            wait_for(lambda: hw.held() == 1)
+            for n in range(31, 36):
+                rules.insert(key(n), red())
+            st = rules.stats()
+            assert st["queue_len"] == 2 and st["hw_enqueued"] == 3
+            assert st["hw_fallback_full"] == 3
+            assert all(steer.lookup(key(n)) is not None for n in range(30, 36))  # software
         rules.drain()
         assert hw.installed() == 3
         assert {rules.hw_state(key(n)) == set() for n in (33, 34, 35)} == {True}
@@ -254,15 +281,30 @@ def test_full_queue_falls_back_to_software(steer: Steer) -> None:
 
 
 def test_fallback_removes_stale_hardware_entry(steer: Steer) -> None:
-    hw = HwBackend.test(insert_delay_us=100_000)
+    hw = HwBackend.test()
     with RuleManager(steer, 1, hw, queue_capacity=1) as rules:
         rules.insert(key(40), red(1))
         rules.drain()
         assert hw.has(key(40))
-        rules.insert(key(41), red())
-        wait_for(lambda: "inflight" in rules.hw_state(key(41)))
-        rules.insert(key(42), red())  # fills the queue
-        rules.insert(key(40), red(2))  # no room: software only...
+        errors: list[BaseException] = []
+
+        def insert_40() -> None:
+            try:
+                rules.insert(key(40), red(2))
+            except BaseException as exc:  # reported below, in the main thread
+                errors.append(exc)
+
+        with hw.holding_inserts():
+            rules.insert(key(41), red())
+            wait_for(lambda: hw.held() == 1)
+            rules.insert(key(42), red())  # fills the queue
+            # No room: software only, decided now; taking the old hardware
+            # entry out then waits for the backend, busy with 41.
+            inserter = threading.Thread(target=insert_40)
+            inserter.start()
+            wait_for(lambda: rules.stats()["hw_fallback_full"] == 1)
+        inserter.join(30)
+        assert not inserter.is_alive() and not errors, errors
         assert not hw.has(key(40))  # ...and the old hardware redirect is gone
         entry = steer.lookup(key(40))
         assert entry is not None and entry.new_dst_port == 2  # software has the new one
@@ -277,9 +319,11 @@ def test_block_stays_in_software_and_retires_hardware_redirect(steer: Steer) -> 
         rules.insert(key(43), red())
         rules.drain()
         assert hw.has(key(43))
-        t0 = time.monotonic()
         rules.insert(key(43), Rule.block(ttl_s=30))
-        assert time.monotonic() - t0 >= 0.045  # synchronous hardware removal
+        done = time.monotonic_ns()
+        # Synchronous hardware removal: finished before insert() returned.
+        calls = hw.calls()
+        assert [c.op for c in calls] == ["insert", "remove"] and calls[1].end_ns <= done
         assert not hw.has(key(43))
         entry = steer.lookup(key(43))
         assert entry is not None and entry.kind == Kind.BLOCK
@@ -404,7 +448,7 @@ def ns_ifindex(ns: str, dev: str) -> int:
 @pytest.fixture
 def veth_pair() -> Iterator[dict[str, str]]:
     """Two namespaces joined by a veth pair: client xoc0 <-> server xos0."""
-    tag = f"{os.getpid() % 100000}"
+    tag = secrets.token_hex(3)  # unique to this run: never another run's namespaces
     names = {"client": f"xo-stc{tag}", "server": f"xo-sts{tag}"}
     try:
         for ns in names.values():

@@ -267,6 +267,12 @@ int64_t xo_hw_test_installed(struct xo_hw_backend *hw);
 int xo_hw_test_has(struct xo_hw_backend *hw, const struct xo_flow_key *key);
 /* Make later inserts fail with code (0 = succeed again). */
 int xo_hw_test_fail_inserts(struct xo_hw_backend *hw, int code);
+/* hold != 0: inserts stay in flight (blocked inside the backend) until
+ * xo_hw_test_hold(hw, 0) releases them. Release before destroying the
+ * manager, whose consumer thread would wait for them. */
+int xo_hw_test_hold(struct xo_hw_backend *hw, int hold);
+/* How many inserts are blocked by the hold right now. */
+int64_t xo_hw_test_held(struct xo_hw_backend *hw);
 
 /* ---- hybrid rule manager -------------------------------------------- */
 

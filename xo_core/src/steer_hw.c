@@ -55,6 +55,9 @@ struct hw_test_entry {
 
 struct hw_test {
 	pthread_mutex_t mu;
+	pthread_cond_t released; /* signalled when hold drops to 0 */
+	int hold;                /* inserts wait while set */
+	uint32_t inserts_held;   /* inserts waiting now */
 	uint32_t insert_delay_us;
 	uint32_t remove_delay_us;
 	int fail_code;
@@ -116,9 +119,17 @@ static int hw_test_insert(void *priv, const struct xo_flow_key *k,
 	int ret, i;
 
 	/* The delay is outside the lock: a slow NIC must not stop the test
-	 * from looking at the table meanwhile. */
+	 * from looking at the table meanwhile. A hold (xo_hw_test_hold) keeps
+	 * the insert in flight until the test releases it: a window that does
+	 * not depend on how fast the machine is. */
 	sleep_us(t->insert_delay_us);
 	pthread_mutex_lock(&t->mu);
+	if (t->hold) {
+		t->inserts_held++;
+		while (t->hold)
+			pthread_cond_wait(&t->released, &t->mu);
+		t->inserts_held--;
+	}
 	if (t->fail_code) {
 		ret = xo_fail(t->fail_code, "test backend: injected insert "
 			      "failure");
@@ -174,6 +185,7 @@ static void hw_test_destroy(void *priv)
 {
 	struct hw_test *t = priv;
 
+	pthread_cond_destroy(&t->released);
 	pthread_mutex_destroy(&t->mu);
 	free(t->calls);
 	free(t->ents);
@@ -200,6 +212,7 @@ int xo_hw_test_create(uint32_t insert_delay_us, uint32_t remove_delay_us,
 	if (!t)
 		return xo_fail(XO_E_NOMEM, "xo_hw_test_create: out of memory");
 	pthread_mutex_init(&t->mu, NULL);
+	pthread_cond_init(&t->released, NULL);
 	t->insert_delay_us = insert_delay_us;
 	t->remove_delay_us = remove_delay_us;
 	ret = xo_hw_backend_new(&hw_test_ops, t, out);
@@ -272,4 +285,33 @@ int xo_hw_test_fail_inserts(struct xo_hw_backend *hw, int code)
 	t->fail_code = code;
 	pthread_mutex_unlock(&t->mu);
 	return 0;
+}
+
+int xo_hw_test_hold(struct xo_hw_backend *hw, int hold)
+{
+	struct hw_test *t = as_test(hw);
+
+	xo_clear_error();
+	if (!t)
+		return xo_fail(XO_E_INVAL, "not a test backend");
+	pthread_mutex_lock(&t->mu);
+	t->hold = !!hold;
+	if (!hold)
+		pthread_cond_broadcast(&t->released);
+	pthread_mutex_unlock(&t->mu);
+	return 0;
+}
+
+int64_t xo_hw_test_held(struct xo_hw_backend *hw)
+{
+	struct hw_test *t = as_test(hw);
+	int64_t n;
+
+	xo_clear_error();
+	if (!t)
+		return xo_fail(XO_E_INVAL, "not a test backend");
+	pthread_mutex_lock(&t->mu);
+	n = t->inserts_held;
+	pthread_mutex_unlock(&t->mu);
+	return n;
 }

@@ -4,7 +4,7 @@
  *
  * The field set follows what the kernel lets a repair-mode socket read and
  * write (CRIU's libsoccr uses the same kernel interface). Ordering rules the
- * kernel imposes, learned the hard way (DESIGN.md §8):
+ * kernel imposes, learned the hard way (docs/core.md, tests/test_tcp_repair.py):
  *  - SO_REUSEADDR must be set before entering repair, not after;
  *  - TCP_QUEUE_SEQ only before connect(), TCP_REPAIR_OPTIONS only after;
  *  - queue contents before TCP_REPAIR_WINDOW (it checks against rcv_nxt);

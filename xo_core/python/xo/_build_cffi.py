@@ -14,6 +14,22 @@ from cffi import FFI
 CORE = Path(__file__).resolve().parents[2]
 INCLUDE = CORE / "include"
 CDEF_RE = re.compile(r"/\* XO_CDEF_BEGIN \*/(.*?)/\* XO_CDEF_END \*/", re.S)
+# The flags libxo.a is built with (xo_core/Makefile reads the same file).
+CFLAGS_FILE = CORE / "cflags.txt"
+# cffi's generated wrappers take arguments they do not use (self, noarg);
+# the pragma silences that for the generated code only, after our headers.
+GENERATED_CODE_PRAGMA = '#pragma GCC diagnostic ignored "-Wunused-parameter"'
+
+
+def core_cflags() -> list[str]:
+    """The core's compiler flags (-Werror included), from cflags.txt."""
+    flags: list[str] = []
+    for line in CFLAGS_FILE.read_text().splitlines():
+        if not line.startswith("#"):
+            flags.extend(line.split())
+    if "-Werror" not in flags:
+        raise RuntimeError(f"{CFLAGS_FILE} lost -Werror: the core builds strict")
+    return flags
 
 
 def public_declarations() -> str:
@@ -38,12 +54,12 @@ def make_builder(absolute: bool) -> FFI:
     builder.cdef(public_declarations())
     builder.set_source(
         "xo._xo_cffi",
-        "\n".join(f'#include "{h.name}"' for h in sorted(INCLUDE.glob("*.h"))),
+        "\n".join([*(f'#include "{h.name}"' for h in sorted(INCLUDE.glob("*.h"))),
+                   GENERATED_CODE_PRAGMA]),
         sources=sorted(path(p) for p in (CORE / "src").glob("*.c")),
         include_dirs=[path(INCLUDE), path(CORE / "src")],
         libraries=["crypto", "bpf", "mnl", "pthread"],
-        define_macros=[("_GNU_SOURCE", "1")],
-        extra_compile_args=["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        extra_compile_args=core_cflags(),
     )
     return builder
 

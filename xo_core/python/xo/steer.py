@@ -20,6 +20,7 @@ ordinary integers, MACs are ``"aa:bb:cc:dd:ee:ff"`` strings.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import socket
@@ -87,10 +88,55 @@ STAT_NAMES = {
 # handing cffi a pointer into the bytes is several times faster than
 # filling cdata field by field, and rule changes are on the handoff path.
 # Ports are stored in network byte order, hence the htons() on the way in.
-_KEY = struct.Struct("=16s16sHHBB2x")
-_ACT = struct.Struct("=B3xI16s16sHH6s6s4xIQQQ")
-assert _KEY.size == ffi.sizeof("struct xo_flow_key")
-assert _ACT.size == ffi.sizeof("struct xo_steer_action")
+# Every C field, in order, with its struct code (padding included): the
+# mirror is checked field by field (name, offset, size) against cffi's
+# parse of the header, here at import and in tests/test_steer_abi.py.
+KEY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("src_addr", "16s"), ("dst_addr", "16s"), ("src_port", "H"), ("dst_port", "H"),
+    ("family", "B"), ("proto", "B"), ("pad", "2x"),
+)
+ACTION_FIELDS: tuple[tuple[str, str], ...] = (
+    ("kind", "B"), ("pad0", "3x"), ("ifindex", "I"), ("new_dst_addr", "16s"),
+    ("new_src_addr", "16s"), ("new_dst_port", "H"), ("new_src_port", "H"),
+    ("dst_mac", "6s"), ("src_mac", "6s"), ("pad1", "4x"), ("owner", "I"),
+    ("expires_ns", "Q"), ("packets", "Q"), ("bytes", "Q"),
+)
+
+
+def mirror_layout(fields: tuple[tuple[str, str], ...]) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each field of a struct-module mirror."""
+    out, fmt = [], "="
+    for name, code in fields:
+        offset = struct.calcsize(fmt)
+        fmt += code
+        out.append((name, offset, struct.calcsize(fmt) - offset))
+    return out
+
+
+def c_layout(ctype: str) -> list[tuple[str, int, int]]:
+    """(name, offset, size) of each field of a C struct as cffi parsed it."""
+    return [(name, f.offset, ffi.sizeof(f.type)) for name, f in ffi.typeof(ctype).fields]
+
+
+def abi_mismatches(fields: tuple[tuple[str, str], ...], ctype: str) -> list[str]:
+    """Where the mirror and the C struct disagree ([] when they agree)."""
+    mirror, c = mirror_layout(fields), c_layout(ctype)
+    diffs = [f"{ctype}: mirror {m} vs C {k}" for m, k in zip(mirror, c, strict=False)
+             if m != k]
+    if len(mirror) != len(c):
+        diffs.append(f"{ctype}: mirror has {len(mirror)} fields, C has {len(c)}")
+    size = struct.calcsize("=" + "".join(code for _, code in fields))
+    if size != ffi.sizeof(ctype):
+        diffs.append(f"{ctype}: mirror is {size} bytes, C is {ffi.sizeof(ctype)}")
+    return diffs
+
+
+_KEY = struct.Struct("=" + "".join(code for _, code in KEY_FIELDS))
+_ACT = struct.Struct("=" + "".join(code for _, code in ACTION_FIELDS))
+_ABI_DIFFS = (abi_mismatches(KEY_FIELDS, "struct xo_flow_key")
+              + abi_mismatches(ACTION_FIELDS, "struct xo_steer_action"))
+if _ABI_DIFFS:
+    raise ImportError("xo.steer mirrors disagree with xo_steer_abi.h: " + "; ".join(_ABI_DIFFS))
 
 _FAMILY = {4: lib.XO_AF_INET, 6: lib.XO_AF_INET6}
 
@@ -518,6 +564,24 @@ class HwBackend:
 
     def fail_inserts(self, code: int) -> None:
         _check(lib.xo_hw_test_fail_inserts(self._ptr(), code))
+
+    def hold_inserts(self, hold: bool) -> None:
+        """Keep inserts in flight until released (test double only)."""
+        _check(lib.xo_hw_test_hold(self._ptr(), int(hold)))
+
+    def held(self) -> int:
+        """Inserts blocked by the hold right now (test double only)."""
+        return _check(lib.xo_hw_test_held(self._ptr()))
+
+    @contextlib.contextmanager
+    def holding_inserts(self) -> Iterator[None]:
+        """Inserts stay in flight inside the block; released on exit, also on
+        an exception (a manager cannot shut down over a held insert)."""
+        self.hold_inserts(True)
+        try:
+            yield
+        finally:
+            self.hold_inserts(False)
 
     def close(self) -> None:
         if self._p is not None and not self._owned:
