@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from xo._xo_cffi import lib
+from xo.core import XoUnsupportedError
 from xo.lab import in_netns
 from xo.steer import FlowKey, Kind, Rule, RuleManager, Steer
 
@@ -159,6 +160,12 @@ def action_packets(flt: dict[str, object], kind: str) -> int:
     raise AssertionError(f"no {kind} action in {flt}")
 
 
+def flag(flt: dict[str, object], name: str) -> bool:
+    opts = flt["options"]
+    assert isinstance(opts, dict)
+    return bool(opts.get(name))
+
+
 def filter_flow(flt: dict[str, object]) -> tuple[str, int]:
     """(source address, source port) a flower filter matches."""
     opts = flt["options"]
@@ -211,6 +218,8 @@ def test_flower_block_redirect_rewrite_withdraw_on_real_tcp(lab: BridgeLab, stee
             assert action_kinds(blk) == ["gact"]
             [rw] = lab.filters("t", "egress")
             assert action_kinds(rw) == ["pedit", "csum"]
+            for flt in (blk, rw):  # software only, as asked, on both sides
+                assert flag(flt, "skip_hw") and not flag(flt, "skip_sw")
 
             client.setblocking(False)
             assert client.connect_ex((h_ip, h_port)) == errno.EINPROGRESS
@@ -274,6 +283,34 @@ def test_flower_block_redirect_rewrite_withdraw_on_real_tcp(lab: BridgeLab, stee
     for role in ("h", "t"):
         for direction in ("ingress", "egress"):
             assert lab.filters(role, direction) == []
+
+
+# ---- modes on an interface that offloads nothing ----------------------------------
+
+
+def test_flower_modes_on_a_veth(lab: BridgeLab, steer: Steer) -> None:
+    """skip_sw (hardware only) is refused with advice and leaves the port as
+    it was; auto falls back to plain filters the kernel runs in software."""
+    dev = lab.dev["h"]
+    with pytest.raises(XoUnsupportedError) as err:
+        RuleManager(steer, lab.ifindex("h"), "flower", flower_mode="skip_sw",
+                    netns=lab.netns("h"))
+    assert err.value.code == lib.XO_E_UNSUPPORTED
+    assert "does not offload" in str(err.value) and "hw-tc-offload" in str(err.value)
+    assert "clsact" not in lab.tc("h", "qdisc", "show", "dev", dev)
+
+    k = FlowKey.tcp(lab.v4("c"), 41001, lab.v4("h"), 80)
+    back = FlowKey.tcp(lab.v4("h"), 80, lab.v4("c"), 41001)
+    with RuleManager(steer, lab.ifindex("h"), "flower", flower_mode="auto",
+                     netns=lab.netns("h"), hw_kinds=set(Kind)) as rules:
+        rules.insert(k, Rule.redirect(lab.v4("t"), 18080, dst_mac=lab.mac("t"), ttl_s=60))
+        rules.insert(back, Rule.src_rewrite(lab.v4("t"), 18080))
+        rules.drain()
+        assert rules.stats()["hw_entries"] == 2, rules.last_hw_error
+        for flt in lab.filters("h", "ingress") + lab.filters("h", "egress"):
+            assert not flag(flt, "skip_hw") and not flag(flt, "skip_sw")
+            assert flag(flt, "not_in_hw")  # the veth took nothing
+    assert lab.filters("h", "ingress") == [] and lab.filters("h", "egress") == []
 
 
 # ---- the cancellable queue against real flower ---------------------------------------
@@ -348,6 +385,7 @@ def test_flower_queue_concurrent_inserts_and_removes_leave_nothing(lab: BridgeLa
 
 CHILD = r"""
 import json, sys, time
+from xo.core import XoUnsupportedError
 from xo.steer import FlowKey, Kind, Rule, RuleManager, Steer
 cfg = json.loads(sys.argv[1])
 steer = Steer(pin=False)

@@ -120,12 +120,15 @@ static int fl_talk(struct flower *f, struct nlmsghdr *nlh)
 		return xo_fail_sys("send rtnetlink request");
 	for (;;) {
 		struct nlmsghdr *h;
+		int len;
 
 		n = mnl_socket_recvfrom(f->nl, f->buf, sizeof(f->buf));
 		if (n < 0)
 			return xo_fail_sys("receive rtnetlink answer");
-		for (h = (struct nlmsghdr *)f->buf; mnl_nlmsg_ok(h, (int)n);
-		     h = mnl_nlmsg_next(h, (int *)&n)) {
+		/* mnl_nlmsg_next() counts down an int, not our ssize_t. */
+		len = (int)n;
+		for (h = (struct nlmsghdr *)f->buf; mnl_nlmsg_ok(h, len);
+		     h = mnl_nlmsg_next(h, &len)) {
 			struct nlmsgerr *e;
 			size_t off;
 
@@ -429,6 +432,16 @@ static int fl_delete(struct flower *f, uint32_t handle, int v6, int egress)
 	return fl_talk(f, nlh);
 }
 
+/*
+ * TCA_FLOWER_FLAGS for a filter. Egress (the source rewrite) never gets
+ * skip_sw: NICs do not offload clsact egress, so it must run in software.
+ * skip_hw is honoured on both sides: "software only" means all filters.
+ */
+static uint32_t fl_flags(const struct flower *f, int egress)
+{
+	return egress ? f->flags & TCA_CLS_FLAGS_SKIP_HW : f->flags;
+}
+
 #define FL_HANDLE_TRIES 4
 
 static uint32_t fl_next_handle(struct flower *f)
@@ -454,7 +467,7 @@ static int fl_insert(void *priv, const struct xo_flow_key *k,
 		/* Same filter slot: replace in place, no gap in hardware. */
 		handle = (uint32_t)*cookie;
 		ret = fl_send_filter(f, k, a, handle, 1,
-				     egress ? 0 : f->flags);
+				     fl_flags(f, egress));
 	} else {
 		if (*cookie) {
 			/* The action moved to the other direction: a new
@@ -477,7 +490,7 @@ static int fl_insert(void *priv, const struct xo_flow_key *k,
 		for (int tries = 0; tries < FL_HANDLE_TRIES; tries++) {
 			handle = fl_next_handle(f);
 			ret = fl_send_filter(f, k, a, handle, 0,
-					     egress ? 0 : f->flags);
+					     fl_flags(f, egress));
 			if (ret != -EEXIST)
 				break;
 		}
