@@ -152,8 +152,7 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
             continue
         lane = lane or Lane(config)
         stand_in = LaneItem.from_parent(item.parent, name=item.name, lane=lane)
-        for mark in item.iter_markers():
-            stand_in.add_marker(mark)
+        stand_in.own_markers.extend(item.own_markers)  # -m still selects it
         items[n] = stand_in
     if lane is not None:
         config.stash[_LANE] = lane
