@@ -459,3 +459,23 @@ def test_flower_successor_of_a_killed_manager_starts_clean(lab: BridgeLab,
     # Closing removes its own filters, never the foreign one.
     assert ours("ingress") == [] and ours("egress") == []
     assert [f["pref"] for f in lab.filters("h", "ingress")] == [7]
+
+
+# ---- xo bench rules: the flower rows ------------------------------------------------
+
+
+def test_bench_rules_measures_flower_through_the_core_and_tc() -> None:
+    """`xo bench rules` on a kernel with flower: both flower rows are real
+    measurements (every pair installed and deleted a filter, or it raised),
+    and its namespace is gone afterwards."""
+    from xo import bench_rules
+
+    result = bench_rules.run(200, quiet=True, flower_count=50, tc_count=3)
+    flower = result["flower"]
+    assert flower["available"], flower
+    assert (flower["count"], flower["tc_count"]) == (50, 3)
+    for side in ("core", "tc"):
+        for op in ("insert", "remove"):
+            assert flower[side][op]["p50_us"] > 0
+    assert "tc-flower skip_hw, core rtnetlink" in bench_rules.format_table(result)
+    assert "xo-bench-" not in run("ip", "netns", "list")
