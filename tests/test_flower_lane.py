@@ -310,6 +310,14 @@ def test_flower_modes_on_a_veth(lab: BridgeLab, steer: Steer) -> None:
         for flt in lab.filters("h", "ingress") + lab.filters("h", "egress"):
             assert not flag(flt, "skip_hw") and not flag(flt, "skip_sw")
             assert flag(flt, "not_in_hw")  # the veth took nothing
+        # The same flow's action moves from ingress to egress: a new egress
+        # filter, and the ingress one goes.
+        rules.insert(k, Rule.src_rewrite(lab.v4("t"), 18081))
+        rules.drain()
+        assert rules.stats()["hw_errors"] == 0, rules.last_hw_error
+        assert lab.filters("h", "ingress") == []
+        assert sorted(filter_flow(f) for f in lab.filters("h", "egress")) == [
+            (lab.v4("c"), 41001), (lab.v4("h"), 80)]
     assert lab.filters("h", "ingress") == [] and lab.filters("h", "egress") == []
 
 

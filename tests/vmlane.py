@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import lzma
 import os
 import re
@@ -96,10 +97,11 @@ def cache_lock() -> Iterator[None]:
 
 
 def qemu_binary() -> str:
-    path = shutil.which("qemu-system-x86_64")
+    name = os.environ.get("XO_VMLANE_QEMU", "qemu-system-x86_64")
+    path = shutil.which(name)
     if not path:
-        raise LaneUnavailable("qemu-system-x86_64 is not installed (apt package "
-                              "qemu-system-x86; ci/install.sh installs it)")
+        raise LaneUnavailable(f"{name} is not installed (apt package qemu-system-x86; "
+                              "ci/install.sh installs it)")
     return path
 
 
@@ -163,7 +165,7 @@ R=/newroot
 mkdir -p $R
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro xoroot $R ||
 	fail "mount the host root"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=mmap xoproj "$R$xo_proj" ||
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose xoproj "$R$xo_proj" ||
 	fail "mount the project directory $xo_proj"
 mount -t proc proc $R/proc
 mount -t sysfs sys $R/sys
@@ -234,8 +236,15 @@ def prepare(release: str | None = None) -> Kernel:
             have = cached_releases()
             release = have[-1] if have else newest_kernel_release()
         kdir = CACHE / release
-        k = Kernel(release, kdir / "root", kdir / "vmlinux", kdir / "initramfs.cpio")
+        # The initramfs is named after what goes into it, so a changed /init
+        # is rebuilt instead of booting a stale one from the cache.
+        digest = hashlib.sha256(f"{INIT_SCRIPT}{BOOT_MODULES}".encode()).hexdigest()[:12]
+        k = Kernel(release, kdir / "root", kdir / "vmlinux", kdir / f"initramfs-{digest}.cpio")
         if (kdir / "ready").exists():
+            if not k.initramfs.exists():
+                for old in kdir.glob("initramfs-*.cpio"):
+                    old.unlink()
+                build_initramfs(k.root, release, k.initramfs)
             return k
         t0 = time.monotonic()
         shutil.rmtree(kdir, ignore_errors=True)
@@ -247,6 +256,7 @@ def prepare(release: str | None = None) -> Kernel:
         log(f"unpacking {deb.name}")
         run("dpkg-deb", "-x", deb, k.root)
         deb.unlink()
+        (kdir / "dl").rmdir()
         run("depmod", "-b", k.root, release)
         extract_vmlinux(k.root / "boot" / f"vmlinuz-{release}", k.vmlinux)
         build_initramfs(k.root, release, k.initramfs)
