@@ -69,7 +69,6 @@ struct flower {
 	uint32_t seq;
 	uint32_t portid;
 	uint32_t next_handle;
-	uint32_t purged;      /* priority lists a predecessor left, removed */
 	int created_clsact;   /* by the probe: undone if creation fails */
 	char extack[256];     /* the kernel's own words on the last error */
 	uint8_t buf[FL_BUF];
@@ -624,12 +623,8 @@ static int fl_purge(struct flower *f)
 			tcm->tcm_parent = parent_of(egress);
 			tcm->tcm_info = TC_H_MAKE(p << 16, 0);
 			ret = fl_talk(f, nlh);
-			if (ret == 0) {
-				f->purged++;
-				continue;
-			}
-			if (ret == -ENOENT)
-				continue; /* nothing there */
+			if (ret == 0 || ret == -ENOENT)
+				continue; /* removed, or nothing there */
 			if (ret < 0 && ret > -4096) {
 				errno = -ret;
 				return xo_fail_sys("flower: remove stale filters at "
