@@ -106,17 +106,22 @@ def qemu_binary() -> str:
 
 
 def newest_kernel_release() -> str:
-    """6.1.0-N-amd64 of the newest linux-image-6.1.0-N-amd64 apt knows."""
-    out = run("apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$")
-    best: tuple[int, str] | None = None
-    for line in out.splitlines():
-        m = KERNEL_PKG_RE.match(line.split(" ", 1)[0])
-        if m and (best is None or int(m.group(2)) > best[0]):
-            best = (int(m.group(2)), m.group(1))
-    if best is None:
-        raise LaneUnavailable("apt knows no linux-image-6.1.0-*-amd64 package "
-                              "(run apt-get update?)")
-    return best[1]
+    """6.1.0-N-amd64 of the newest linux-image-6.1.0-N-amd64 apt knows
+    (after one `apt-get update` if it knows none)."""
+    for attempt in range(2):
+        if attempt:
+            log("apt knows no linux-image-6.1.0-*-amd64: apt-get update")
+            run("apt-get", "update", "-qq")
+        out = run("apt-cache", "search", "--names-only", r"^linux-image-6\.1\.0-[0-9]+-amd64$")
+        best: tuple[int, str] | None = None
+        for line in out.splitlines():
+            m = KERNEL_PKG_RE.match(line.split(" ", 1)[0])
+            if m and (best is None or int(m.group(2)) > best[0]):
+                best = (int(m.group(2)), m.group(1))
+        if best is not None:
+            return best[1]
+    raise LaneError("apt knows no linux-image-6.1.0-*-amd64 package, even after "
+                    "apt-get update (is Debian 12's main component in sources?)")
 
 
 def cached_releases() -> list[str]:
@@ -201,7 +206,8 @@ def build_initramfs(root: Path, release: str, out: Path) -> None:
         (tree / d).mkdir(parents=True)
     busybox = Path("/bin/busybox")
     if not busybox.exists() or b"/ld-linux" in busybox.read_bytes()[:4096]:
-        raise LaneUnavailable("no static /bin/busybox (apt package busybox-static)")
+        raise LaneError("no static /bin/busybox (apt package busybox-static; "
+                        "ci/install.sh installs it)")
     shutil.copy2(busybox, tree / "bin/busybox")
     # modprobe prints the insmod lines in dependency order.
     lines = run("modprobe", "-d", root, "-S", release, "--show-depends", "-a", *BOOT_MODULES)
