@@ -19,7 +19,9 @@ PY=.venv/bin/python
 [ -x "$PY" ] || PY=/usr/bin/python3
 if [ "${1:-}" = pytest ]; then
 	shift
+	args=""
+	[ "$#" = 0 ] || printf -v args ' %q' "$@"
 	exec "$PY" tests/vmlane.py run -t "${XO_VMLANE_TIMEOUT:-240}" \
-		".venv/bin/python -m pytest -q -p no:cacheprovider -m fullkernel $*"
+		".venv/bin/python -m pytest -q -p no:cacheprovider -m fullkernel$args"
 fi
 exec "$PY" tests/vmlane.py "$@"
