@@ -10,6 +10,10 @@ APT_PACKAGES=(
 	build-essential make pkg-config python3-venv python3-dev libssl-dev
 	clang libclang-rt-14-dev libbpf-dev libmnl-dev
 	iproute2 nftables tcpdump curl procps
+	# the full-kernel lane (ci/vmlane.sh): QEMU, a static busybox for its
+	# initramfs, cpio to pack it, kmod for depmod/modprobe on the unpacked
+	# kernel package
+	qemu-system-x86 busybox-static cpio kmod
 )
 
 missing=()
@@ -30,3 +34,6 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
 echo "[xo install] building and installing xo (editable)"
 .venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]'
+echo "[xo install] full-kernel lane: kernel package (cached)"
+.venv/bin/python tests/vmlane.py prepare >/dev/null ||
+	echo "[xo install] WARNING: the full-kernel lane could not be prepared; its tests will fail" >&2

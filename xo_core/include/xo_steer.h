@@ -222,6 +222,12 @@ int xo_hw_backend_new(const struct xo_hw_ops *ops, void *priv,
 void xo_hw_backend_destroy(struct xo_hw_backend *hw);
 const char *xo_hw_backend_name(const struct xo_hw_backend *hw);
 
+/* Time count insert+remove pairs of one redirect directly through the
+ * backend (no manager, no queue): insert_ns and remove_ns receive count
+ * samples each. Only for a backend no manager owns. */
+int xo_hw_bench(struct xo_hw_backend *hw, uint32_t count,
+		uint64_t *insert_ns, uint64_t *remove_ns);
+
 /* tc-flower over rtnetlink. */
 #define XO_FLOWER_AUTO 0    /* skip_sw when the NIC takes the filter,
 			     * else an ordinary (software) flower filter */

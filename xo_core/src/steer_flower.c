@@ -16,10 +16,12 @@
  * encode flower/pedit/csum, and one `tc` process per rule costs
  * milliseconds, hence netlink from C.
  *
- * Filters sit at three priorities: base (IPv4 ingress), base+1 (IPv6
- * ingress) and the same two on egress; tc requires one protocol per
- * priority. Handles are ours (a counter), so a filter is deleted by
- * (parent, priority, protocol, handle) without a dump.
+ * Filters sit at two priorities: base (IPv4) and base+1 (IPv6), on
+ * ingress and on egress; tc requires one protocol per priority. Handles
+ * are ours (a counter), so a filter is deleted by (parent, priority,
+ * protocol, handle) without a dump. Those priorities belong to the
+ * backend: at creation it removes whatever filters sit there, which is
+ * what a killed predecessor left (see fl_purge).
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -49,6 +51,8 @@
 #endif
 
 #define FL_MAX_KEYS 16
+/* Probe filters use handles from here; flows get 1 .. below it. */
+#define FL_PROBE_HANDLE 0xffffff00u
 #define FL_BUF 16384 /* MNL_SOCKET_BUFFER_SIZE is not a constant */
 
 /* What a kernel must have for this backend; quoted in error sentences. */
@@ -115,12 +119,15 @@ static int fl_talk(struct flower *f, struct nlmsghdr *nlh)
 		return xo_fail_sys("send rtnetlink request");
 	for (;;) {
 		struct nlmsghdr *h;
+		int len;
 
 		n = mnl_socket_recvfrom(f->nl, f->buf, sizeof(f->buf));
 		if (n < 0)
 			return xo_fail_sys("receive rtnetlink answer");
-		for (h = (struct nlmsghdr *)f->buf; mnl_nlmsg_ok(h, (int)n);
-		     h = mnl_nlmsg_next(h, (int *)&n)) {
+		/* mnl_nlmsg_next() counts down an int, not our ssize_t. */
+		len = (int)n;
+		for (h = (struct nlmsghdr *)f->buf; mnl_nlmsg_ok(h, len);
+		     h = mnl_nlmsg_next(h, &len)) {
 			struct nlmsgerr *e;
 			size_t off;
 
@@ -424,6 +431,27 @@ static int fl_delete(struct flower *f, uint32_t handle, int v6, int egress)
 	return fl_talk(f, nlh);
 }
 
+/*
+ * TCA_FLOWER_FLAGS for a filter. Egress (the source rewrite) never gets
+ * skip_sw: NICs do not offload clsact egress, so it must run in software.
+ * skip_hw is honoured on both sides: "software only" means all filters.
+ */
+static uint32_t fl_flags(const struct flower *f, int egress)
+{
+	return egress ? f->flags & TCA_CLS_FLAGS_SKIP_HW : f->flags;
+}
+
+#define FL_HANDLE_TRIES 4
+
+static uint32_t fl_next_handle(struct flower *f)
+{
+	uint32_t h = f->next_handle++;
+
+	if (f->next_handle >= FL_PROBE_HANDLE)
+		f->next_handle = 1;
+	return h;
+}
+
 static int fl_insert(void *priv, const struct xo_flow_key *k,
 		     const struct xo_steer_action *a, uint64_t *cookie)
 {
@@ -438,7 +466,7 @@ static int fl_insert(void *priv, const struct xo_flow_key *k,
 		/* Same filter slot: replace in place, no gap in hardware. */
 		handle = (uint32_t)*cookie;
 		ret = fl_send_filter(f, k, a, handle, 1,
-				     egress ? 0 : f->flags);
+				     fl_flags(f, egress));
 	} else {
 		if (*cookie) {
 			/* The action moved to the other direction: a new
@@ -455,11 +483,16 @@ static int fl_insert(void *priv, const struct xo_flow_key *k,
 						   fl_kernel_says(f));
 			}
 		}
-		handle = f->next_handle++;
-		if (!f->next_handle)
-			f->next_handle = 1;
-		ret = fl_send_filter(f, k, a, handle, 0,
-				     egress ? 0 : f->flags);
+		/* A handle still taken (the counter wrapped onto a filter
+		 * that lives on) is skipped. The same key at the same
+		 * priority is EEXIST too, and stays so: give up then. */
+		for (int tries = 0; tries < FL_HANDLE_TRIES; tries++) {
+			handle = fl_next_handle(f);
+			ret = fl_send_filter(f, k, a, handle, 0,
+					     fl_flags(f, egress));
+			if (ret != -EEXIST)
+				break;
+		}
 	}
 	if (ret < 0 && ret > -4096) {
 		errno = -ret;
@@ -564,6 +597,47 @@ static int fl_ensure_clsact(struct flower *f)
 	return ret;
 }
 
+/*
+ * Remove every filter at our priorities, on ingress and egress: what a
+ * manager that died without xo_rules_destroy() (SIGKILL, a crash) left.
+ * Nobody would ever remove those, they would keep steering flows the new
+ * manager knows nothing about, and their handles and keys would collide
+ * with the ones it installs. The priority pair is the backend's: one
+ * manager per interface and priority (give a second one its own).
+ * Deleting a (parent, priority) with handle 0 and any protocol drops the
+ * whole filter list there in one request.
+ */
+static int fl_purge(struct flower *f)
+{
+	for (int egress = 0; egress < 2; egress++) {
+		for (uint32_t p = f->prio; p <= f->prio + 1; p++) {
+			uint8_t buf[512];
+			struct nlmsghdr *nlh = mnl_nlmsg_put_header(buf);
+			struct tcmsg *tcm;
+			int ret;
+
+			nlh->nlmsg_type = RTM_DELTFILTER;
+			tcm = mnl_nlmsg_put_extra_header(nlh, sizeof(*tcm));
+			tcm->tcm_family = AF_UNSPEC;
+			tcm->tcm_ifindex = f->ifindex;
+			tcm->tcm_parent = parent_of(egress);
+			tcm->tcm_info = TC_H_MAKE(p << 16, 0);
+			ret = fl_talk(f, nlh);
+			if (ret == 0 || ret == -ENOENT)
+				continue; /* removed, or nothing there */
+			if (ret < 0 && ret > -4096) {
+				errno = -ret;
+				return xo_fail_sys("flower: remove stale filters at "
+						   "%s priority %u on ifindex %d%s",
+						   egress ? "egress" : "ingress",
+						   p, f->ifindex, fl_kernel_says(f));
+			}
+			return ret;
+		}
+	}
+	return 0;
+}
+
 /* Probe filters match TCP to port 0, which no connection uses. */
 static const struct xo_flow_key probe_key = {
 	.family = XO_AF_INET,
@@ -571,8 +645,6 @@ static const struct xo_flow_key probe_key = {
 	.src_addr = { 198, 18, 255, 254 },
 	.dst_addr = { 198, 18, 255, 253 },
 };
-
-#define FL_PROBE_HANDLE 0xffffff00u
 
 /*
  * Install probe filters exercising each kernel part the backend needs,
@@ -694,6 +766,11 @@ int xo_hw_flower_create(int ifindex, const struct xo_flower_opts *uopts,
 	ret = fl_ensure_clsact(f);
 	if (ret)
 		goto fail;
+	if (!f->created_clsact) {
+		ret = fl_purge(f);
+		if (ret)
+			goto fail;
+	}
 	/* The features are probed in software (skip_hw): that works on any
 	 * interface and tells "kernel lacks flower/pedit/csum" apart from
 	 * "this NIC does not offload". */

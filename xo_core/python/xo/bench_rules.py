@@ -7,18 +7,31 @@ perf_counter_ns around each call), and prints the percentiles next to the
 paper's Table 2 (eBPF-tc). The map is a private one (not pinned): the
 benchmark never touches rules a running XO instance relies on.
 
-Needs root (loading BPF programs).
+With ``flower_count`` > 0 it also times the hardware tier's tc-flower path
+on a veth in a namespace of its own (software filters, ``skip_hw``): a
+redirect filter (match, pedit, csum, mirred) inserted and removed through
+the core's rtnetlink path (``xo_hw_bench``), next to the same filter added
+and deleted by one ``tc`` process per rule, the way the paper's baseline
+(and the design's warning) has it. Kernels without tc-flower (this
+development machine) report it unavailable; the full-kernel lane has it:
+``bash ci/vmlane.sh run '.venv/bin/xo bench rules'``.
+
+Needs root (loading BPF programs, namespaces).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import secrets
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from xo.steer import FlowKey, Rule, Steer
+from xo.core import XoUnsupportedError
+from xo.steer import FlowKey, HwBackend, Rule, Steer
 
 # Paper (APNet '25), Table 2: eBPF-tc rule insert / remove, microseconds.
 PAPER_TABLE2_US = {"insert": 4.01, "remove": 3.77}
@@ -60,14 +73,82 @@ def _python_loop(steer: Steer, count: int) -> tuple[list[int], list[int]]:
     return ins, rem
 
 
-def run(count: int = 10000, *, quiet: bool = False,
-        obj_path: str | Path | None = None) -> dict[str, Any]:
-    """Measure ``count`` insert/remove pairs from C and from Python.
+def _ip(*args: str) -> str:
+    res = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"ip {' '.join(args)}: exit {res.returncode}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def _tc_redirect_argv(ns: str, dev: str, handle: int, sport: int) -> list[str]:
+    """tc(8) for the filter xo_hw_bench installs (same match and actions)."""
+    return ["tc", "-n", ns, "filter", "add", "dev", dev, "ingress", "protocol", "ip",
+            "prio", "256", "handle", str(handle), "flower", "skip_hw",
+            "src_ip", "198.19.255.254", "dst_ip", "198.19.255.253", "ip_proto", "tcp",
+            "src_port", str(sport), "dst_port", "9",
+            "action", "pedit", "ex", "munge", "eth", "dst", "set", "02:00:c6:13:ff:fc",
+            "munge", "eth", "src", "set", "02:00:c6:13:ff:fd",
+            "munge", "ip", "dst", "set", "198.19.255.252",
+            "munge", "tcp", "dport", "set", "18080", "pipe",
+            "action", "csum", "ip", "tcp", "pipe",
+            "action", "mirred", "egress", "redirect", "dev", dev]
+
+
+def _flower(count: int, tc_count: int) -> dict[str, Any]:
+    """tc-flower insert/remove: the core's netlink path, and tc processes."""
+    tag = secrets.token_hex(3)
+    ns, dev = f"xo-bench-{tag}", f"xob{tag}"
+    _ip("netns", "add", ns)
+    try:
+        _ip("-n", ns, "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p")
+        _ip("-n", ns, "link", "set", dev, "up")
+        ifindex = int(json.loads(_ip("-n", ns, "-j", "link", "show", "dev", dev))[0]["ifindex"])
+        try:
+            hw = HwBackend.flower(ifindex, mode="skip_hw", netns=f"/run/netns/{ns}")
+        except XoUnsupportedError as exc:
+            return {"available": False, "reason": str(exc).split(". ")[0]}
+        try:
+            hw.bench(min(100, count))  # warm-up: modules, caches
+            ins, rem = hw.bench(count)
+        finally:
+            hw.close()
+        tc_ins: list[int] = []
+        tc_rem: list[int] = []
+        clock = time.perf_counter_ns
+        for i in range(tc_count):
+            t0 = clock()
+            subprocess.run(_tc_redirect_argv(ns, dev, i + 1, 1024 + i), check=True,
+                           capture_output=True)
+            t1 = clock()
+            subprocess.run(["tc", "-n", ns, "filter", "del", "dev", dev, "ingress",
+                            "protocol", "ip", "prio", "256", "handle", str(i + 1), "flower"],
+                           check=True, capture_output=True)
+            t2 = clock()
+            tc_ins.append(t1 - t0)
+            tc_rem.append(t2 - t1)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+    out: dict[str, Any] = {
+        "available": True,
+        "count": count,
+        "core": {"insert": _summary(ins), "remove": _summary(rem)},
+    }
+    if tc_count:
+        out["tc_count"] = tc_count
+        out["tc"] = {"insert": _summary(tc_ins), "remove": _summary(tc_rem)}
+    return out
+
+
+def run(count: int = 10000, *, quiet: bool = False, obj_path: str | Path | None = None,
+        flower_count: int = 0, tc_count: int = 100) -> dict[str, Any]:
+    """Measure ``count`` insert/remove pairs from C and from Python, and
+    ``flower_count`` tc-flower pairs through the core (``tc_count`` with
+    tc processes) when ``flower_count`` > 0.
 
     Prints a table (unless ``quiet``) and returns a JSON-able dict.
     """
-    if count <= 0:
-        raise ValueError("count must be positive")
+    if count <= 0 or flower_count < 0 or tc_count < 0:
+        raise ValueError("counts must be positive")
     warmup = min(1000, count)
     with Steer(obj_path, pin=False) as steer:
         steer.bench(warmup)
@@ -89,6 +170,8 @@ def run(count: int = 10000, *, quiet: bool = False,
     for side in ("c", "python"):
         worst = max(result[side]["insert"]["p50_us"], result[side]["remove"]["p50_us"])
         result[side]["meets_target"] = worst <= TARGET_US[side]
+    if flower_count:
+        result["flower"] = _flower(flower_count, tc_count)
     if not quiet:
         print(format_table(result))
     return result
@@ -104,6 +187,15 @@ def format_table(result: dict[str, Any]) -> str:
         ins, rem = result[side]["insert"], result[side]["remove"]
         rows.append((label, f"{ins['p50_us']:.2f}", f"{ins['p99_us']:.2f}",
                      f"{rem['p50_us']:.2f}", f"{rem['p99_us']:.2f}"))
+    flower = result.get("flower")
+    if flower and flower["available"]:
+        sides = [("core", "tc-flower skip_hw, core rtnetlink")]
+        if "tc" in flower:
+            sides.append(("tc", "tc-flower skip_hw, one tc process each"))
+        for side, label in sides:
+            ins, rem = flower[side]["insert"], flower[side]["remove"]
+            rows.append((label, f"{ins['p50_us']:.2f}", f"{ins['p99_us']:.2f}",
+                         f"{rem['p50_us']:.2f}", f"{rem['p99_us']:.2f}"))
     head = ("rule cost, µs", "insert p50", "p99", "remove p50", "p99")
     width = max(len(r[0]) for r in [*rows, head, ("bpf() floor (missing-key lookup)",)])
     lines = [f"{head[0]:<{width}}  " + "  ".join(f"{h:>10}" for h in head[1:])]
@@ -117,6 +209,12 @@ def format_table(result: dict[str, Any]) -> str:
         f" <= {tgt['python']:g} µs from Python"
         f" ({'met' if result['python']['meets_target'] else 'missed'});"
         f" {result['count']} pairs, kernel {result['machine']['kernel']}")
+    if flower and flower["available"]:
+        lines.append(f"tc-flower: {flower['count']} redirect filters through the core, "
+                     f"{flower.get('tc_count', 0)} with tc(8); software filters on a veth")
+    elif flower:
+        lines.append(f"tc-flower: not measured: {flower['reason']} (the full-kernel lane has "
+                     "it: bash ci/vmlane.sh run '.venv/bin/xo bench rules')")
     return "\n".join(lines)
 
 

@@ -81,7 +81,8 @@ def _bench_lab(args: argparse.Namespace) -> int:
 def _bench_rules(args: argparse.Namespace) -> int:
     from xo import bench_rules, results
 
-    results.save(bench_rules.run(args.count), args.json, "bench-rules")
+    results.save(bench_rules.run(args.count, flower_count=args.flower_count,
+                                 tc_count=args.tc_count), args.json, "bench-rules")
     return 0
 
 
@@ -122,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     blab.set_defaults(func=_bench_lab)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
+    rules.add_argument("--flower-count", type=int, default=1000,
+                       help="tc-flower insert/remove pairs through the core (0: skip)")
+    rules.add_argument("--tc-count", type=int, default=100,
+                       help="the same with one tc process per rule")
     rules.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     rules.set_defaults(func=_bench_rules)
     return parser

@@ -556,6 +556,16 @@ class HwBackend:
             out.append(HwCall(op, c.kind, key, c.cookie, c.start_ns, c.end_ns))
         return out
 
+    def bench(self, count: int) -> tuple[list[int], list[int]]:
+        """Time ``count`` insert+remove pairs of a redirect straight through
+        the backend (``xo_hw_bench``): (insert ns, remove ns) samples."""
+        if self._owned:
+            raise ValueError("a manager owns this backend: bench a free one")
+        ins = ffi.new("uint64_t[]", count)
+        rem = ffi.new("uint64_t[]", count)
+        _check(lib.xo_hw_bench(self._ptr(), count, ins, rem))
+        return list(ins), list(rem)
+
     def installed(self) -> int:
         return _check(lib.xo_hw_test_installed(self._ptr()))
 
