@@ -66,6 +66,7 @@ extern "C" {
 #define XO_E_UNSUPPORTED -19 /* kernel lacks a feature (named in the text) */
 #define XO_E_BUSY -20        /* resource busy / queue full */
 #define XO_E_NOTFOUND -21    /* no such entry */
+#define XO_E_URGENT -22      /* an unread urgent (MSG_OOB) byte: cannot move */
 
 /* Sentence about the last failure on this thread ("" if none). */
 const char *xo_last_error(void);

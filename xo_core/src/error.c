@@ -68,6 +68,7 @@ const char *xo_strerror(int code)
 		"XO_E_MISSING", "XO_E_TOO_LARGE", "XO_E_AUTH", "XO_E_REPLAY",
 		"XO_E_MSG_TYPE", "XO_E_CHANNEL", "XO_E_NOSPACE",
 		"XO_E_UNSUPPORTED", "XO_E_BUSY", "XO_E_NOTFOUND",
+		"XO_E_URGENT",
 	};
 	int idx = -code;
 
