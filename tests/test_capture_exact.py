@@ -18,14 +18,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from netns_tools import VethPair, connect, queue_sizes, snmp_tcp, wait_for
+from netns_tools import SO_RCVBUFFORCE, VethPair, connect, queue_sizes, snmp_tcp, wait_for
 from xo import core
 from xo._xo_cffi import lib
 from xo.lab import in_netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
-SO_RCVBUFFORCE = 33  # linux/socket.h; Python does not name it
 FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
 

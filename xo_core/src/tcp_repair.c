@@ -7,10 +7,15 @@
  * kernel imposes, learned the hard way (DESIGN.md §8):
  *  - SO_REUSEADDR must be set before entering repair, not after;
  *  - TCP_QUEUE_SEQ only before connect(), TCP_REPAIR_OPTIONS only after;
- *  - queue contents before TCP_REPAIR_WINDOW (it checks against rcv_nxt);
- *  - writes into the repair queues may be partial, so loop.
+ *  - receive queue contents before TCP_REPAIR_WINDOW (checked against
+ *    rcv_nxt);
+ *  - writes into the repair queues may be partial, so loop, and may wait
+ *    for memory, so never block (MSG_DONTWAIT) and size the buffers first;
+ *  - in-flight bytes written into the send queue arm the retransmission
+ *    timer, which transmits even in repair mode: write them in resume.
  */
 #include <arpa/inet.h>
+#include <limits.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -32,7 +37,11 @@
 #define TCP_REPAIR_OFF_NO_WP -1
 #endif
 #define XO_TCP_REPAIR_ON 1
-/* The most TCP_MAXSEG accepts (MAX_TCP_WINDOW); loopback clamps are larger. */
+/* What TCP_MAXSEG accepts: TCP_MIN_MSS .. MAX_TCP_WINDOW. A captured clamp
+ * can lie outside (loopback's is 65483; a peer may announce less than 88),
+ * so TCP_MAXSEG gets the nearest value it takes and TCP_REPAIR_OPTIONS the
+ * exact clamp. */
+#define XO_MINSEG 88u
 #define XO_MAXSEG_MAX 32767u
 
 struct xo_repair_window {
@@ -548,33 +557,38 @@ int xo_tcp_capture(int fd, struct xo_tcp_state *st)
 	return ret;
 }
 
-/* Write buf into the selected repair queue; the kernel may take less than
- * asked for (one skb at a time), so loop until it is all in. */
-static int fill_queue(int fd, int queue, const uint8_t *buf, uint32_t len,
-		      const char *name)
+/*
+ * Write buf into the selected repair queue without ever waiting: every
+ * send() is MSG_DONTWAIT, so a full buffer is an error here, not a sleep.
+ * (A blocking fill of the send queue sleeps until memory frees up, which in
+ * repair mode happens only when the retransmission timer fires, and that
+ * transmits.) The kernel takes at most about 64 KiB per call into the
+ * receive queue and may stop early in the send queue, so loop on partial
+ * writes; the buffers were sized for the whole queue, so EAGAIN or ENOMEM
+ * means the kernel refused the memory (SO_*BUF or tcp_mem).
+ */
+static int fill_queue(int fd, const uint8_t *buf, uint32_t len,
+		      const char *step)
 {
 	uint32_t done = 0;
-	int ret;
 
-	if (!len)
-		return 0;
-	/* restore() leaves the receive queue selected after connect(). */
-	if (queue == TCP_SEND_QUEUE) {
-		ret = set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, queue,
-			      "restore: setsockopt(TCP_REPAIR_QUEUE, send)");
-		if (ret)
-			return ret;
-	}
 	while (done < len) {
-		ssize_t n = XO_SYSCALL(send(fd, buf + done, len - done, 0));
+		ssize_t n = XO_SYSCALL(send(fd, buf + done, len - done,
+					    MSG_DONTWAIT | MSG_NOSIGNAL));
 
+		if (n < 0 && (errno == EAGAIN || errno == ENOMEM)) {
+			xo_fail_sys("%s: send() at %u/%u bytes", step, done,
+				    len);
+			xo_append_hint("the kernel refused the buffer memory (SO_SNDBUF/SO_RCVBUF, net.ipv4.tcp_mem); not waiting for it");
+			return XO_E_BUSY;
+		}
 		if (n < 0)
-			return xo_fail_sys("restore: send(%s queue) at %u/%u",
-					   name, done, len);
+			return xo_fail_sys("%s: send() at %u/%u bytes", step,
+					   done, len);
 		if (n == 0)
 			return xo_fail(XO_E_SYS,
-				       "restore: %s queue accepted 0 bytes at %u/%u",
-				       name, done, len);
+				       "%s: queue accepted 0 bytes at %u/%u",
+				       step, done, len);
 		done += (uint32_t)n;
 	}
 	return 0;
@@ -601,28 +615,56 @@ static int check_restorable(const struct xo_tcp_state *st,
 	return 0;
 }
 
-/* Make room for the queues we are about to write: the defaults may be
- * smaller than what the original socket had grown to. */
-static int size_buffers(int fd, const struct xo_tcp_state *st)
+/*
+ * Buffer sizes for a restored socket. The kernel counts every skb's full
+ * truesize against SO_SNDBUF / SO_RCVBUF: a send-queue skb carries at
+ * least one segment (as little as 88 bytes with a small MSS clamp) plus
+ * about a kilobyte of overhead; a receive-queue skb written in repair mode
+ * holds up to 68 KiB. Setting a size locks it (no autotuning afterwards),
+ * so never go below what autotuning would reach by default (tcp_wmem[2] =
+ * 4 MiB, tcp_rmem[2] = 6 MiB): a restored connection must not be slower
+ * than the one it replaces.
+ */
+#define XO_SKB_OVERHEAD 1024u
+#define XO_SNDBUF_FLOOR (4u << 20)
+#define XO_RCVBUF_FLOOR (6u << 20)
+#define XO_BUF_MAX ((uint64_t)INT_MAX / 2) /* the kernel doubles it */
+
+static uint64_t buf_bytes(uint64_t bytes, uint32_t seg, uint32_t floor)
 {
 	uint64_t need;
+
+	if (!seg)
+		seg = 1;
+	/* Twice the bytes and one overhead per possible skb: with plenty of
+	 * headroom for the segments the client sends meanwhile. */
+	need = 2 * bytes + (bytes / seg + 1) * XO_SKB_OVERHEAD;
+	if (need < floor)
+		need = floor;
+	/* SO_*BUFFORCE stores twice the value it is given. */
+	need = (need + 1) / 2;
+	return need > XO_BUF_MAX ? XO_BUF_MAX : need;
+}
+
+/* Make room for the queues about to be written, always: the defaults are
+ * far below what a busy connection had grown to. Before connect(), which
+ * derives the window clamp from the receive buffer. */
+static int size_buffers(int fd, const struct xo_tcp_state *st)
+{
+	uint32_t seg = st->mss_clamp < XO_MINSEG ? XO_MINSEG : st->mss_clamp;
 	int ret;
 
-	need = (uint64_t)st->inflight_len + st->unsent_len;
-	if (need > 65536) {
-		ret = set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, (int)(need * 2),
-			      "restore: setsockopt(SO_SNDBUFFORCE)");
-		if (ret)
-			return ret;
-	}
-	if (st->recvq_len > 65536) {
+	ret = set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE,
+		      (int)buf_bytes((uint64_t)st->inflight_len +
+					     st->unsent_len,
+				     seg, XO_SNDBUF_FLOOR),
+		      "restore: setsockopt(SO_SNDBUFFORCE)");
+	if (!ret)
 		ret = set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE,
-			      (int)((uint64_t)st->recvq_len * 2),
+			      (int)buf_bytes(st->recvq_len, 65536,
+					     XO_RCVBUF_FLOOR),
 			      "restore: setsockopt(SO_RCVBUFFORCE)");
-		if (ret)
-			return ret;
-	}
-	return 0;
+	return ret;
 }
 
 static int set_options(int fd, const struct xo_tcp_state *st)
@@ -702,8 +744,9 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	 * resizing them: without this the socket would send 524-byte
 	 * segments for the rest of its life. */
 	ret = set_int(fd, SOL_TCP, TCP_MAXSEG,
-		      (int)(st->mss_clamp < XO_MAXSEG_MAX ? st->mss_clamp :
-							 XO_MAXSEG_MAX),
+		      (int)(st->mss_clamp < XO_MINSEG ? XO_MINSEG :
+			    st->mss_clamp > XO_MAXSEG_MAX ? XO_MAXSEG_MAX :
+							     st->mss_clamp),
 		      "restore: setsockopt(TCP_MAXSEG)");
 	if (ret)
 		return ret;
@@ -729,14 +772,13 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	if (ret)
 		return ret;
 
-	/* The receive queue first: TCP_REPAIR_WINDOW is checked against the
-	 * rcv_nxt that filling it produces. Only bytes that were in flight go
-	 * into the send queue here (the kernel treats them as sent); unsent
-	 * bytes are sent normally by xo_tcp_resume(). */
-	ret = fill_queue(fd, TCP_RECV_QUEUE, st->recvq, st->recvq_len, "recv");
-	if (!ret)
-		ret = fill_queue(fd, TCP_SEND_QUEUE, st->sendq,
-				 st->inflight_len, "send");
+	/* The receive queue before TCP_REPAIR_WINDOW, which is checked
+	 * against the rcv_nxt that filling it produces (restore() left the
+	 * receive queue selected). The in-flight bytes wait for
+	 * xo_tcp_resume(): written now, they would arm the retransmission
+	 * timer, and that timer transmits even in repair mode. */
+	ret = fill_queue(fd, st->recvq, st->recvq_len,
+			 "restore: receive queue");
 	if (ret)
 		return ret;
 
@@ -776,28 +818,30 @@ int xo_tcp_restore(const struct xo_tcp_state *st,
 
 int xo_tcp_resume(int fd, const struct xo_tcp_state *st)
 {
-	const uint8_t *unsent;
-	uint32_t done = 0;
 	int ret;
 
 	xo_clear_error();
+	xo_syscall_count = 0;
+	/* In-flight bytes go in at the last moment, still in repair mode:
+	 * the kernel takes them as sent, so nothing leaves now, and their
+	 * retransmission timer starts only here. */
+	if (st && st->inflight_len) {
+		ret = set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE,
+			      "resume: setsockopt(TCP_REPAIR_QUEUE, send)");
+		if (!ret)
+			ret = fill_queue(fd, st->sendq, st->inflight_len,
+					 "resume: in-flight bytes");
+		if (ret)
+			return ret;
+	}
 	ret = set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP,
 		      "resume: setsockopt(TCP_REPAIR, off without window probe)");
 	if (ret || !st || !st->unsent_len)
 		return ret;
 	/* The send buffer was sized in restore for the whole queue, so this
-	 * completes; MSG_DONTWAIT keeps a surprise from blocking the caller. */
-	unsent = st->sendq + st->inflight_len;
-	while (done < st->unsent_len) {
-		ssize_t n = send(fd, unsent + done, st->unsent_len - done,
-				 MSG_DONTWAIT | MSG_NOSIGNAL);
-
-		if (n < 0)
-			return xo_fail_sys("resume: send(unsent bytes) at %u/%u",
-					   done, st->unsent_len);
-		done += (uint32_t)n;
-	}
-	return 0;
+	 * completes without waiting; if the kernel still refuses, say so. */
+	return fill_queue(fd, st->sendq + st->inflight_len, st->unsent_len,
+			  "resume: unsent bytes");
 }
 
 int xo_tcp_discard(int fd)
