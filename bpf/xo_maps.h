@@ -35,6 +35,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } xo_stats SEC(".maps");
 
+/* Address pairs with block/redirect entries, learnt by the programs (see
+ * xo_steer_abi.h): LRU, so it never fills up and needs no sweeping. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XO_STEER_MAX_PAIRS);
+	__type(key, struct xo_pair_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} xo_pairs SEC(".maps");
+
 static __always_inline void xo_stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&xo_stats, &idx);

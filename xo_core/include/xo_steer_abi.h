@@ -94,7 +94,27 @@ struct xo_steer_action {
 #define XO_STAT_REWRITTEN 2
 #define XO_STAT_EXPIRED 3     /* matched an expired entry: passed */
 #define XO_STAT_ERRORS 4      /* a rewrite helper failed: dropped */
+#define XO_STAT_HELD 5        /* no readable ports (a non-first fragment),
+			       * address pair steered: dropped */
 #define XO_STAT_MAX 8
+
+/*
+ * Map "xo_pairs" (LRU hash, pinned by name, written by the programs only):
+ * the client/host address pairs that have a block or redirect entry, as
+ * learnt from the packets that matched one, with the latest expiry seen.
+ * A packet whose ports cannot be read (a non-first fragment) cannot be
+ * matched by 5-tuple; while its address pair is in here, unexpired, the
+ * ingress programs drop it and count XO_STAT_HELD (docs/steering.md).
+ * Value: uint64_t expires_ns (CLOCK_MONOTONIC ns).
+ */
+struct xo_pair_key {
+	uint8_t src_addr[16]; /* as in struct xo_flow_key */
+	uint8_t dst_addr[16];
+	uint8_t family;
+	uint8_t pad[3];       /* must be zero */
+}; /* 36 bytes */
+
+#define XO_STEER_MAX_PAIRS 16384
 
 /* XO_CDEF_END */
 

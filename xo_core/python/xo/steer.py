@@ -78,6 +78,7 @@ STAT_NAMES = {
     lib.XO_STAT_REWRITTEN: "rewritten",
     lib.XO_STAT_EXPIRED: "expired",
     lib.XO_STAT_ERRORS: "errors",
+    lib.XO_STAT_HELD: "held",
 }
 
 # The C structs as byte layouts (xo_steer_abi.h). Packing with struct and
