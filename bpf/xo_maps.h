@@ -41,7 +41,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, XO_STEER_MAX_PAIRS);
 	__type(key, struct xo_pair_key);
-	__type(value, __u64);
+	__type(value, struct xo_flow_key);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } xo_pairs SEC(".maps");
 

@@ -165,37 +165,45 @@ static __always_inline void xo_pair_key_of(const struct xo_flow_key *k,
 	pk->family = k->family;
 }
 
-/* A block or redirect entry matched: remember that its address pair is
- * steered until the entry expires (the latest expiry of the pair's
- * entries wins). Written only when it changes, so a flow in steady state
- * costs one more lookup per packet. */
-static __always_inline void xo_pair_learn(const struct xo_flow_key *k,
-					  __u64 expires_ns)
+/* A block or redirect entry matched: remember this flow as the one that
+ * steers its address pair. Written only when it changes, so a flow in
+ * steady state costs one more lookup per packet. */
+static __always_inline void xo_pair_learn(const struct xo_flow_key *k)
 {
 	struct xo_pair_key pk;
-	__u64 *cur;
+	struct xo_flow_key *cur;
 
-	if (!expires_ns)
-		expires_ns = ~0ULL;
 	xo_pair_key_of(k, &pk);
 	cur = bpf_map_lookup_elem(&xo_pairs, &pk);
-	if (cur && *cur >= expires_ns)
+	if (cur && cur->src_port == k->src_port &&
+	    cur->dst_port == k->dst_port)
 		return;
-	bpf_map_update_elem(&xo_pairs, &pk, &expires_ns, BPF_ANY);
+	bpf_map_update_elem(&xo_pairs, &pk, k, BPF_ANY);
 }
 
-/* A packet without readable ports (a non-first fragment): it cannot be
- * matched to a flow, so while its address pair is steered it is held off
- * (dropped and counted) rather than delivered around the rule. */
+/* A packet without readable ports (a non-first fragment) cannot be matched
+ * to a flow: while its address pair is steered - the flow learnt for it
+ * still has a live block or redirect entry - it is held off (dropped and
+ * counted) rather than delivered around the rule. A pair whose flow lost
+ * its entry is forgotten, and the packet passes. */
 static __always_inline int xo_pair_held(const struct xo_flow_key *k)
 {
+	struct xo_steer_action *a;
 	struct xo_pair_key pk;
-	__u64 *expires;
+	struct xo_flow_key flow;
+	struct xo_flow_key *rec;
 
 	xo_pair_key_of(k, &pk);
-	expires = bpf_map_lookup_elem(&xo_pairs, &pk);
-	if (!expires || bpf_ktime_get_ns() >= *expires)
+	rec = bpf_map_lookup_elem(&xo_pairs, &pk);
+	if (!rec)
 		return 0;
+	flow = *rec;
+	a = bpf_map_lookup_elem(&xo_flows, &flow);
+	if (!a || (a->kind != XO_STEER_BLOCK && a->kind != XO_STEER_REDIRECT) ||
+	    xo_expired(a)) {
+		bpf_map_delete_elem(&xo_pairs, &pk);
+		return 0;
+	}
 	xo_stat_inc(XO_STAT_HELD);
 	return 1;
 }
@@ -239,12 +247,12 @@ int xo_tc_ingress(struct __sk_buff *skb)
 	}
 	switch (a.kind) {
 	case XO_STEER_BLOCK:
-		xo_pair_learn(&p.key, a.expires_ns);
+		xo_pair_learn(&p.key);
 		xo_count(live, skb->len);
 		xo_stat_inc(XO_STAT_BLOCKED);
 		return TC_ACT_SHOT;
 	case XO_STEER_REDIRECT:
-		xo_pair_learn(&p.key, a.expires_ns);
+		xo_pair_learn(&p.key);
 		if (xo_skb_rewrite_l3l4(skb, &p, 1, a.new_dst_addr,
 					a.new_dst_port) ||
 		    xo_skb_rewrite_macs(skb, &a)) {
@@ -370,12 +378,12 @@ int xo_xdp(struct xdp_md *ctx)
 	}
 	switch (a.kind) {
 	case XO_STEER_BLOCK:
-		xo_pair_learn(&p.key, a.expires_ns);
+		xo_pair_learn(&p.key);
 		xo_count(live, data_end - data);
 		xo_stat_inc(XO_STAT_BLOCKED);
 		return XDP_DROP;
 	case XO_STEER_REDIRECT:
-		xo_pair_learn(&p.key, a.expires_ns);
+		xo_pair_learn(&p.key);
 		if (xo_xdp_rewrite_dst(&p, &a, data_end)) {
 			xo_stat_inc(XO_STAT_ERRORS);
 			return XDP_DROP;

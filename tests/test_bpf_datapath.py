@@ -542,3 +542,18 @@ def test_non_first_fragment_passes_when_the_pair_is_not_steered(steer: Steer) ->
     assert run(steer, Prog.TC_INGRESS, second)[0] == TC_ACT_SHOT
     time.sleep(0.4)  # let the entry (and what was learnt from it) expire
     assert run(steer, Prog.TC_INGRESS, second) == (TC_ACT_OK, second)
+
+
+def test_non_first_fragment_passes_once_the_entry_is_removed(steer: Steer) -> None:
+    """A rolled-back handoff removes its block and serves locally: from then
+    on the pair's fragments go to the host's reassembly again."""
+    client, host, _ = "198.18.0.24", V4[1], V4[2]
+    key = FlowKey.tcp(client, 40600, host, 80)
+    first, second, _ = ipv4_fragments(client, 40600, host, 80, b"w" * 100, first_len=64)
+    steer.insert(key, Rule.block(ttl_s=30))
+    assert run(steer, Prog.TC_INGRESS, first)[0] == TC_ACT_SHOT
+    assert run(steer, Prog.XDP, second)[0] == XDP_DROP
+    steer.remove(key)
+    assert run(steer, Prog.TC_INGRESS, first) == (TC_ACT_OK, first)
+    assert run(steer, Prog.TC_INGRESS, second) == (TC_ACT_OK, second)
+    assert run(steer, Prog.XDP, second) == (XDP_PASS, second)

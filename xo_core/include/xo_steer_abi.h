@@ -100,12 +100,12 @@ struct xo_steer_action {
 
 /*
  * Map "xo_pairs" (LRU hash, pinned by name, written by the programs only):
- * the client/host address pairs that have a block or redirect entry, as
- * learnt from the packets that matched one, with the latest expiry seen.
- * A packet whose ports cannot be read (a non-first fragment) cannot be
- * matched by 5-tuple; while its address pair is in here, unexpired, the
- * ingress programs drop it and count XO_STAT_HELD (docs/steering.md).
- * Value: uint64_t expires_ns (CLOCK_MONOTONIC ns).
+ * for each client/host address pair, the flow (struct xo_flow_key) whose
+ * block or redirect entry a packet of the pair last matched. A packet
+ * whose ports cannot be read (a non-first fragment) cannot be matched by
+ * 5-tuple; while the flow recorded for its pair still has a live block or
+ * redirect entry, the ingress programs drop it and count XO_STAT_HELD
+ * (docs/steering.md). Value: struct xo_flow_key.
  */
 struct xo_pair_key {
 	uint8_t src_addr[16]; /* as in struct xo_flow_key */
