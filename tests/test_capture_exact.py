@@ -10,11 +10,13 @@ refused and the original socket still serves exactly that stream.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -167,6 +169,12 @@ def test_urgent_byte_inline_moves_in_band(family: int) -> None:
         state = core.capture(host)
         assert state.recvq == b"AAAABCCCC"
         assert host.getsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE) == 1
+        # No repair queue is left selected: a write into the frozen socket
+        # fails instead of landing in its own receive queue.
+        with pytest.raises(OSError) as err:
+            host.send(b"stray")
+        assert err.value.errno == errno.EINVAL
+        assert core.capture(host).recvq == b"AAAABCCCC"
         core.discard(host)
         move_and_read(pair, peer, state, b"AAAABCCCC")
         peer.close()
@@ -193,6 +201,7 @@ def test_capture_is_consistent_while_segments_keep_arriving() -> None:
         def writer() -> None:
             while not stop.is_set() and sent[0] < len(stream):
                 sent[0] += peer.send(stream[sent[0]:sent[0] + rng.randint(1, 9000)])
+                time.sleep(0.0003)  # keep segments coming for the whole loop
 
         thread = threading.Thread(target=writer, daemon=True)
         thread.start()
