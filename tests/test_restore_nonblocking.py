@@ -128,12 +128,17 @@ def check_after_resume(peer: socket.socket, restored: socket.socket, to_host: by
     assert peer.recv(4) == b"pong"
 
 
-@pytest.mark.parametrize("mss", MSS_CLAMPS)
-@pytest.mark.parametrize("size", list(SIZES.values()), ids=list(SIZES))
-def test_restore_queues_without_blocking_or_sending(size: int, mss: int) -> None:
-    rng = random.Random(f"{size}-{mss}")
+CASES = [(socket.AF_INET, size, mss) for size in SIZES.values() for mss in MSS_CLAMPS]
+CASES += [(socket.AF_INET6, SIZES["1MiB"], 88), (socket.AF_INET6, SIZES["16MiB"], 9000)]
+
+
+@pytest.mark.parametrize(
+    "family,size,mss", CASES,
+    ids=[f"{'ipv4' if f == socket.AF_INET else 'ipv6'}-{s >> 10}KiB-mss{m}" for f, s, m in CASES])
+def test_restore_queues_without_blocking_or_sending(family: int, size: int, mss: int) -> None:
+    rng = random.Random(f"{family}-{size}-{mss}")
     to_host, to_peer = rng.randbytes(size), rng.randbytes(size)
-    with veth_pair(socket.AF_INET) as pair:
+    with veth_pair(family) as pair:
         pair.set_mtu(9100)
         # The largest states also put all 16 MiB into the repair send queue.
         peer, state, mss_before = frozen_state(pair, mss, to_host, to_peer,
