@@ -209,7 +209,11 @@ def test_capture_is_consistent_while_segments_keep_arriving() -> None:
         lengths = []
         retried = busy = 0
         try:
-            for _ in range(300):
+            wait_for(lambda: queue_sizes(host)[0] > 0, "the first streamed segments")
+            # At least 300 captures, and on until 1 MiB more has arrived.
+            attempts = 0
+            while attempts < 300 or (sent[0] < consumed + (1 << 20) and attempts < 100_000):
+                attempts += 1
                 try:
                     state = core.capture(host)
                 except core.XoError as exc:
