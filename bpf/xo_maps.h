@@ -57,6 +57,16 @@ struct {
 	__type(value, struct xo_park_slot);
 } xo_park_scratch SEC(".maps");
 
+/* Address pairs with block/redirect entries, learnt by the programs (see
+ * xo_steer_abi.h): LRU, so it never fills up and needs no sweeping. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XO_STEER_MAX_PAIRS);
+	__type(key, struct xo_pair_key);
+	__type(value, struct xo_flow_key);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} xo_pairs SEC(".maps");
+
 static __always_inline void xo_stat_inc(__u32 idx)
 {
 	__u64 *v = bpf_map_lookup_elem(&xo_stats, &idx);

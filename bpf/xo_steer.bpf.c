@@ -13,6 +13,8 @@
  *
  * All three look up the same pinned map (xo_maps.h). An entry whose expiry
  * has passed is ignored: the packet passes as if there were no entry.
+ * Packets whose ports cannot be read (non-first fragments, xo_parse.h) are
+ * dropped on ingress while their address pair is steered (xo_pairs).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
@@ -134,32 +136,101 @@ static __always_inline int xo_skb_rewrite_macs(struct __sk_buff *skb,
 	return 0;
 }
 
-/* Make sure the headers we parse are in the linear part of the skb. */
+/* Make sure the headers we parse are in the linear part of the skb: an
+ * IPv6 packet with extension headers needs the whole walkable chain. */
 static __always_inline void xo_skb_pull(struct __sk_buff *skb)
 {
-	__u32 have = skb->data_end - skb->data;
-	__u32 want = skb->len < XO_MAX_HDR_LEN ? skb->len : XO_MAX_HDR_LEN;
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	__u32 have = data_end - data;
+	__u32 want = XO_MAX_HDR_LEN;
 
+	if ((void *)(ip6 + 1) <= data_end &&
+	    eth->h_proto == bpf_htons(ETH_P_IPV6) &&
+	    ip6->nexthdr != IPPROTO_TCP)
+		want = XO_MAX_HDR_LEN_EXT;
+	if (want > skb->len)
+		want = skb->len;
 	if (have < want)
 		bpf_skb_pull_data(skb, want);
 }
 
-/* Parse the packet and find its flow's entry: returns the live entry (for
- * the counters) and a copy in *a, or NULL when the packet is not ours.
- * Work on the copy: user space may replace the entry meanwhile, and a
- * half-old, half-new rewrite would be worse than either. */
-static __always_inline struct xo_steer_action *
-xo_skb_flow(struct __sk_buff *skb, struct xo_pkt *p, struct xo_steer_action *a)
+static __always_inline void xo_pair_key_of(const struct xo_flow_key *k,
+					   struct xo_pair_key *pk)
 {
-	struct xo_steer_action *live;
+	__builtin_memset(pk, 0, sizeof(*pk));
+	__builtin_memcpy(pk->src_addr, k->src_addr, 16);
+	__builtin_memcpy(pk->dst_addr, k->dst_addr, 16);
+	pk->family = k->family;
+}
 
+/* A block or redirect entry matched: remember this flow as the one that
+ * steers its address pair. Written only when it changes, so a flow in
+ * steady state costs one more lookup per packet. */
+static __always_inline void xo_pair_learn(const struct xo_flow_key *k)
+{
+	struct xo_pair_key pk;
+	struct xo_flow_key *cur;
+
+	xo_pair_key_of(k, &pk);
+	cur = bpf_map_lookup_elem(&xo_pairs, &pk);
+	if (cur && cur->src_port == k->src_port &&
+	    cur->dst_port == k->dst_port)
+		return;
+	bpf_map_update_elem(&xo_pairs, &pk, k, BPF_ANY);
+}
+
+/* A packet without readable ports (a non-first fragment) cannot be matched
+ * to a flow: while its address pair is steered - the flow learnt for it
+ * still has a live block or redirect entry - it is held off (dropped and
+ * counted) rather than delivered around the rule. A pair whose flow lost
+ * its entry is forgotten, and the packet passes. */
+static __always_inline int xo_pair_held(const struct xo_flow_key *k)
+{
+	struct xo_steer_action *a;
+	struct xo_pair_key pk;
+	struct xo_flow_key flow;
+	struct xo_flow_key *rec;
+
+	xo_pair_key_of(k, &pk);
+	rec = bpf_map_lookup_elem(&xo_pairs, &pk);
+	if (!rec)
+		return 0;
+	flow = *rec;
+	a = bpf_map_lookup_elem(&xo_flows, &flow);
+	if (!a || (a->kind != XO_STEER_BLOCK && a->kind != XO_STEER_PARK &&
+		   a->kind != XO_STEER_REDIRECT) ||
+	    xo_expired(a)) {
+		bpf_map_delete_elem(&xo_pairs, &pk);
+		return 0;
+	}
+	xo_stat_inc(XO_STAT_HELD);
+	return 1;
+}
+
+/* Parse the packet and find its flow's entry: *live is the live entry (for
+ * the counters) and *a a copy, or *live is NULL when the packet is not
+ * ours. Work on the copy: user space may replace the entry meanwhile, and
+ * a half-old, half-new rewrite would be worse than either. Returns the
+ * parser's verdict (XO_PARSE_*). */
+static __always_inline int xo_skb_flow(struct __sk_buff *skb, struct xo_pkt *p,
+				       struct xo_steer_action *a,
+				       struct xo_steer_action **live)
+{
+	int ret;
+
+	*live = NULL;
 	xo_skb_pull(skb);
-	if (xo_parse((void *)(long)skb->data, (void *)(long)skb->data_end, p))
-		return NULL;
-	live = bpf_map_lookup_elem(&xo_flows, &p->key);
-	if (live)
-		*a = *live;
-	return live;
+	ret = xo_parse((void *)(long)skb->data, (void *)(long)skb->data_end,
+		       p);
+	if (ret != XO_PARSE_TCP)
+		return ret;
+	*live = bpf_map_lookup_elem(&xo_flows, &p->key);
+	if (*live)
+		*a = **live;
+	return ret;
 }
 
 /* Keep a copy of a frame of a PARK flow for its next owner (then the
@@ -194,7 +265,8 @@ int xo_tc_ingress(struct __sk_buff *skb)
 	struct xo_steer_action *live, a;
 	struct xo_pkt p;
 
-	live = xo_skb_flow(skb, &p, &a);
+	if (xo_skb_flow(skb, &p, &a, &live) == XO_PARSE_NOPORTS)
+		return xo_pair_held(&p.key) ? TC_ACT_SHOT : TC_ACT_OK;
 	if (!live)
 		return TC_ACT_OK;
 	if (xo_expired(&a)) {
@@ -203,15 +275,18 @@ int xo_tc_ingress(struct __sk_buff *skb)
 	}
 	switch (a.kind) {
 	case XO_STEER_BLOCK:
+		xo_pair_learn(&p.key);
 		xo_count(live, skb->len);
 		xo_stat_inc(XO_STAT_BLOCKED);
 		return TC_ACT_SHOT;
 	case XO_STEER_PARK:
+		xo_pair_learn(&p.key);
 		xo_count(live, skb->len);
 		xo_stat_inc(xo_park_frame(&p.key, skb->len, skb->ifindex, skb,
 					  NULL));
 		return TC_ACT_SHOT;
 	case XO_STEER_REDIRECT:
+		xo_pair_learn(&p.key);
 		if (xo_skb_rewrite_l3l4(skb, &p, 1, a.new_dst_addr,
 					a.new_dst_port) ||
 		    xo_skb_rewrite_macs(skb, &a)) {
@@ -234,7 +309,9 @@ int xo_tc_egress(struct __sk_buff *skb)
 	struct xo_steer_action *live, a;
 	struct xo_pkt p;
 
-	live = xo_skb_flow(skb, &p, &a);
+	/* Egress: a local TCP socket does not fragment (DF, GSO), so a
+	 * packet without ports is not one of ours. */
+	xo_skb_flow(skb, &p, &a, &live);
 	if (!live)
 		return TC_ACT_OK;
 	if (a.kind != XO_STEER_SRC_REWRITE && a.kind != XO_STEER_BLOCK)
@@ -317,8 +394,14 @@ int xo_xdp(struct xdp_md *ctx)
 	struct xo_steer_action *live, a;
 	struct xo_pkt p;
 
-	if (xo_parse(data, data_end, &p))
+	switch (xo_parse(data, data_end, &p)) {
+	case XO_PARSE_TCP:
+		break;
+	case XO_PARSE_NOPORTS:
+		return xo_pair_held(&p.key) ? XDP_DROP : XDP_PASS;
+	default:
 		return XDP_PASS;
+	}
 	live = bpf_map_lookup_elem(&xo_flows, &p.key);
 	if (!live)
 		return XDP_PASS;
@@ -329,15 +412,18 @@ int xo_xdp(struct xdp_md *ctx)
 	}
 	switch (a.kind) {
 	case XO_STEER_BLOCK:
+		xo_pair_learn(&p.key);
 		xo_count(live, data_end - data);
 		xo_stat_inc(XO_STAT_BLOCKED);
 		return XDP_DROP;
 	case XO_STEER_PARK:
+		xo_pair_learn(&p.key);
 		xo_count(live, data_end - data);
 		xo_stat_inc(xo_park_frame(&p.key, data_end - data,
 					  ctx->ingress_ifindex, NULL, ctx));
 		return XDP_DROP;
 	case XO_STEER_REDIRECT:
+		xo_pair_learn(&p.key);
 		if (xo_xdp_rewrite_dst(&p, &a, data_end)) {
 			xo_stat_inc(XO_STAT_ERRORS);
 			return XDP_DROP;

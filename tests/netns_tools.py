@@ -136,6 +136,11 @@ class VethPair:
         self.location = to
         self._configure(self.host_ns, self.host_if, HOST_V4, HOST_V6)
 
+    def set_mtu(self, mtu: int) -> None:
+        """MTU of both ends of the veth (jumbo segments need it)."""
+        ip("-n", self.peer_ns, "link", "set", "dev", self.peer_if, "mtu", str(mtu))
+        ip("-n", self.host_ns, "link", "set", "dev", self.host_if, "mtu", str(mtu))
+
     def block(self) -> None:
         """Drop every packet from the peer in the host namespace (the role
         the eBPF block rule plays in production)."""
@@ -157,16 +162,32 @@ class VethPair:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
-def connect(pair: VethPair, rcvbuf: int | None = None) -> tuple[socket.socket, socket.socket]:
-    """An established connection peer -> host; returns (peer, host) sockets."""
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # linux/socket.h; Python does not name them
+
+
+def connect(pair: VethPair, rcvbuf: int | None = None, *, host_rcvbuf: int | None = None,
+            peer_rcvbuf_force: int | None = None,
+            peer_mss: int | None = None) -> tuple[socket.socket, socket.socket]:
+    """An established connection peer -> host; returns (peer, host) sockets.
+
+    host_rcvbuf / peer_rcvbuf_force: SO_RCVBUFFORCE before the handshake (so the
+    window scale fits); peer_mss: the MSS the peer announces (TCP_MAXSEG), which
+    becomes the host's MSS clamp.
+    """
     with in_netns(pair.host_ns):
         listener = socket.socket(pair.family, socket.SOCK_STREAM)
+    if host_rcvbuf:
+        listener.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, host_rcvbuf)
     listener.bind((pair.host_ip, 0))
     listener.listen(1)
     with in_netns(pair.peer_ns):
         peer = socket.socket(pair.family, socket.SOCK_STREAM)
     if rcvbuf:
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    if peer_rcvbuf_force:
+        peer.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, peer_rcvbuf_force)
+    if peer_mss:
+        peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, peer_mss)
     peer.settimeout(10)
     deadline = time.monotonic() + 5
     while True:

@@ -363,3 +363,197 @@ def test_source_rewrite_checksums_property(steer: Steer, data: st.DataObject, v6
     p = Parsed(out)
     assert (p.src_ip, p.sport) == (str(ipaddress.ip_address(host)), hport)
     assert p.ip_csum_ok and p.tcp_csum_ok
+
+
+# ---- IPv6 extension headers and fragments (docs/steering.md) --------------------
+
+HOPOPTS, ROUTING, FRAGMENT, DSTOPTS = 0, 43, 44, 60
+
+
+def opt_header(nexthdr: int, units: int = 0) -> bytes:
+    """A hop-by-hop or destination-options header of (units + 1) * 8 bytes,
+    filled with one PadN option; a routing header has the same outline."""
+    pad = 8 * (units + 1) - 2
+    return struct.pack("!BB", nexthdr, units) + bytes([1, pad - 2]) + bytes(pad - 2)
+
+
+def frag_header(nexthdr: int, offset8: int, more: bool, ident: int = 0x1234) -> bytes:
+    return struct.pack("!BBHI", nexthdr, 0, (offset8 << 3) | int(more), ident)
+
+
+def ipv6_frame(src: str, dst: str, first: int, chain: bytes, l4: bytes) -> bytes:
+    """Ethernet + IPv6 (next header `first`) + extension chain + l4 bytes."""
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(l4), first, 64, s, d)
+    return mac(HOST_MAC) + mac(CLIENT_MAC) + struct.pack("!H", 0x86DD) + ip + chain + l4
+
+
+def ipv4_fragments(src: str, sport: int, dst: str, dport: int, payload: bytes,
+                   first_len: int, ident: int = 0x4242) -> tuple[bytes, bytes, bytes]:
+    """One TCP segment split after first_len bytes (a multiple of 8) into two
+    IPv4 fragments; returns (first, second, the whole segment)."""
+    s, d = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+    seg = tcp_segment(s, d, sport, dport, payload)
+    out = []
+    for part, off8, more in ((seg[:first_len], 0, True), (seg[first_len:], first_len // 8, False)):
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(part), ident,
+                         (0x2000 if more else 0) | off8, 64, socket.IPPROTO_TCP, 0, s, d)
+        ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+        out.append(mac(HOST_MAC) + mac(CLIENT_MAC) + struct.pack("!H", 0x0800) + ip + part)
+    return out[0], out[1], seg
+
+
+def tcp_after_chain(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    """(src, dst, TCP segment) of an IPv6 frame, walking extension headers."""
+    nh, off = raw[20], 54
+    while nh in (HOPOPTS, ROUTING, DSTOPTS, FRAGMENT):
+        nh, off = raw[off], off + (8 if nh == FRAGMENT else 8 * (raw[off + 1] + 1))
+    assert nh == socket.IPPROTO_TCP
+    plen = struct.unpack("!H", raw[18:20])[0]
+    return raw[22:38], raw[38:54], raw[off:54 + plen]
+
+
+CHAINS = {
+    "dstopts": (DSTOPTS, lambda nh: opt_header(nh)),
+    "hopopts+dstopts": (HOPOPTS, lambda nh: opt_header(DSTOPTS, 1) + opt_header(nh)),
+    "routing+dstopts": (ROUTING, lambda nh: opt_header(DSTOPTS, 2) + opt_header(nh)),
+    "first-fragment": (FRAGMENT, lambda nh: frag_header(nh, 0, True)),
+}
+
+
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_ipv6_extension_headers_are_walked_to_tcp(steer: Steer, chain: str) -> None:
+    client, host, target = V6
+    first, build = CHAINS[chain]
+    key = FlowKey.tcp(client, 40100, host, 80)
+    payload = b"GET /ext HTTP/1.1\r\n\r\n"
+    seg = tcp_segment(ipaddress.ip_address(client).packed, ipaddress.ip_address(host).packed,
+                      40100, 80, payload)
+    raw = ipv6_frame(client, host, first, build(socket.IPPROTO_TCP), seg)
+
+    steer.insert(key, Rule.block(ttl_s=30))
+    assert run(steer, Prog.TC_INGRESS, raw) == (TC_ACT_SHOT, raw)
+    assert run(steer, Prog.XDP, raw) == (XDP_DROP, raw)
+
+    steer.insert(key, Rule.redirect(target, 18080, dst_mac=TARGET_MAC, src_mac=HOST_MAC,
+                                    ttl_s=30))
+    for prog, verdict in ((Prog.TC_INGRESS, TC_ACT_REDIRECT), (Prog.XDP, XDP_TX)):
+        got, out = run(steer, prog, raw)
+        assert got == verdict
+        src, dst, out_seg = tcp_after_chain(out)
+        assert ipaddress.ip_address(dst) == ipaddress.ip_address(target)
+        assert struct.unpack("!H", out_seg[2:4])[0] == 18080
+        assert out_seg[20:] == payload
+        assert csum(pseudo(src, dst, len(out_seg)) + out_seg) == 0
+        assert out[54:54 + len(build(socket.IPPROTO_TCP))] == build(socket.IPPROTO_TCP)
+    assert steer.lookup(key).packets == 2
+
+
+def test_ipv6_chain_to_other_protocols_passes(steer: Steer) -> None:
+    client, host, _ = V6
+    steer.insert(FlowKey.tcp(client, 40101, host, 80), Rule.block(ttl_s=30))
+    udp = struct.pack("!HHHH", 40101, 80, 8, 0)
+    raw = ipv6_frame(client, host, DSTOPTS, opt_header(socket.IPPROTO_UDP), udp)
+    assert run(steer, Prog.TC_INGRESS, raw) == (TC_ACT_OK, raw)
+    assert run(steer, Prog.XDP, raw) == (XDP_PASS, raw)
+
+
+@pytest.mark.parametrize("prog,drop,redirect", [
+    (Prog.TC_INGRESS, TC_ACT_SHOT, TC_ACT_REDIRECT), (Prog.XDP, XDP_DROP, XDP_TX)])
+def test_fragmented_ipv4_to_a_steered_flow(steer: Steer, prog: Prog, drop: int,
+                                           redirect: int) -> None:
+    """First fragments carry the ports and are steered; non-first ones cannot
+    be matched by 5-tuple and are held off (dropped, counted as "held") while
+    their address pair has a live entry, learnt from a matched packet."""
+    client, host, target = "198.18.0.20", V4[1], V4[2]
+    key = FlowKey.tcp(client, 40200, host, 80)
+    payload = bytes(range(200))
+    first, second, seg = ipv4_fragments(client, 40200, host, 80, payload, first_len=64)
+
+    steer.insert(key, Rule.block(ttl_s=30))
+    stats = steer.dp_stats()
+    assert run(steer, prog, first) == (drop, first)
+    assert run(steer, prog, second) == (drop, second)
+    after = steer.dp_stats()
+    assert after["blocked"] == stats["blocked"] + 1
+    assert after["held"] == stats["held"] + 1
+    assert steer.lookup(key).packets == 1  # the held fragment is not the flow's
+
+    # Another client's fragments are nobody's business.
+    _, other, _ = ipv4_fragments("198.18.0.21", 40200, host, 80, payload, first_len=64)
+    assert run(steer, prog, other)[0] == (TC_ACT_OK if prog == Prog.TC_INGRESS else XDP_PASS)
+
+    steer.insert(key, Rule.redirect(target, 18080, dst_mac=TARGET_MAC, ttl_s=30))
+    got, out = run(steer, prog, first)
+    assert got == redirect
+    ip = out[14:34]
+    assert csum(ip) == 0 and ip[16:20] == ipaddress.ip_address(target).packed
+    assert struct.unpack("!H", ip[6:8])[0] == 0x2000  # still a first fragment
+    # The rewritten first fragment plus the untouched rest is a valid segment
+    # for the target: its checksum covers the whole of it.
+    whole = out[34:] + seg[64:]
+    assert struct.unpack("!H", whole[2:4])[0] == 18080
+    assert csum(pseudo(ip[12:16], ip[16:20], len(whole)) + whole) == 0
+    assert run(steer, prog, second) == (drop, second)
+    assert steer.dp_stats()["held"] == stats["held"] + 2
+
+
+def test_tiny_first_fragment_is_held_not_passed(steer: Steer) -> None:
+    """A first fragment too short to hold the TCP header (RFC 1858) has no
+    usable ports either: held like a non-first fragment."""
+    client, host, _ = "198.18.0.22", V4[1], V4[2]
+    key = FlowKey.tcp(client, 40300, host, 80)
+    first, _, _ = ipv4_fragments(client, 40300, host, 80, b"x" * 64, first_len=64)
+    steer.insert(key, Rule.block(ttl_s=30))
+    assert run(steer, Prog.TC_INGRESS, first)[0] == TC_ACT_SHOT  # learns the pair
+    tiny, _, _ = ipv4_fragments(client, 40300, host, 80, b"x" * 64, first_len=8)
+    held = steer.dp_stats()["held"]
+    assert run(steer, Prog.TC_INGRESS, tiny) == (TC_ACT_SHOT, tiny)
+    assert steer.dp_stats()["held"] == held + 1
+
+
+def test_ipv6_non_first_fragment_is_held(steer: Steer) -> None:
+    client, host, _ = "2001:2::20", V6[1], V6[2]
+    key = FlowKey.tcp(client, 40400, host, 80)
+    seg = tcp_segment(ipaddress.ip_address(client).packed, ipaddress.ip_address(host).packed,
+                      40400, 80, b"y" * 100)
+    first = ipv6_frame(client, host, FRAGMENT, frag_header(socket.IPPROTO_TCP, 0, True),
+                       seg[:64])
+    rest = ipv6_frame(client, host, FRAGMENT, frag_header(socket.IPPROTO_TCP, 8, False),
+                      seg[64:])
+    steer.insert(key, Rule.block(ttl_s=30))
+    held = steer.dp_stats()["held"]
+    assert run(steer, Prog.TC_INGRESS, first)[0] == TC_ACT_SHOT
+    assert run(steer, Prog.TC_INGRESS, rest) == (TC_ACT_SHOT, rest)
+    assert run(steer, Prog.XDP, rest) == (XDP_DROP, rest)
+    assert steer.dp_stats()["held"] == held + 2
+
+
+def test_non_first_fragment_passes_when_the_pair_is_not_steered(steer: Steer) -> None:
+    """Held only while the pair is known to be steered: before any packet of
+    it matched an entry, and once the entry it learnt from expired, a
+    non-first fragment passes (docs/steering.md)."""
+    client, host, _ = "198.18.0.23", V4[1], V4[2]
+    key = FlowKey.tcp(client, 40500, host, 80)
+    first, second, _ = ipv4_fragments(client, 40500, host, 80, b"z" * 100, first_len=64)
+    steer.insert(key, Rule.block(expires_ns=time.monotonic_ns() + 300_000_000))
+    assert run(steer, Prog.TC_INGRESS, second) == (TC_ACT_OK, second)  # nothing learnt yet
+    assert run(steer, Prog.TC_INGRESS, first)[0] == TC_ACT_SHOT
+    assert run(steer, Prog.TC_INGRESS, second)[0] == TC_ACT_SHOT
+    time.sleep(0.4)  # let the entry (and what was learnt from it) expire
+    assert run(steer, Prog.TC_INGRESS, second) == (TC_ACT_OK, second)
+
+
+def test_non_first_fragment_passes_once_the_entry_is_removed(steer: Steer) -> None:
+    """A rolled-back handoff removes its block and serves locally: from then
+    on the pair's fragments go to the host's reassembly again."""
+    client, host, _ = "198.18.0.24", V4[1], V4[2]
+    key = FlowKey.tcp(client, 40600, host, 80)
+    first, second, _ = ipv4_fragments(client, 40600, host, 80, b"w" * 100, first_len=64)
+    steer.insert(key, Rule.block(ttl_s=30))
+    assert run(steer, Prog.TC_INGRESS, first)[0] == TC_ACT_SHOT
+    assert run(steer, Prog.XDP, second)[0] == XDP_DROP
+    steer.remove(key)
+    assert run(steer, Prog.TC_INGRESS, first) == (TC_ACT_OK, first)
+    assert run(steer, Prog.TC_INGRESS, second) == (TC_ACT_OK, second)
+    assert run(steer, Prog.XDP, second) == (XDP_PASS, second)

@@ -13,8 +13,9 @@
  *   target: xo_state_decode(...)         rebuild st from the wire
  *           xo_tcp_restore(&st, &opts)   new socket in repair mode with the
  *                                        same state, bound where opts says
- *           xo_tcp_resume(fd, &st)       leave repair (no window probe) and
- *                                        send the bytes that were never sent
+ *           xo_tcp_resume(fd, &st)       queue the in-flight bytes, leave
+ *                                        repair (no window probe) and send
+ *                                        the bytes that were never sent
  *
  * If anything fails before the target is ready, the host calls
  * xo_tcp_resume() on its own frozen socket and carries on.
@@ -69,6 +70,7 @@ extern "C" {
 #define XO_E_SEQUENCE -22    /* a control message is missing (sequence gap) */
 #define XO_E_REFUSED -23     /* the peer or request is not allowed here */
 #define XO_E_STATE -24       /* not possible in the connection's state */
+#define XO_E_URGENT -25      /* an unread urgent (MSG_OOB) byte: cannot move */
 
 /* Sentence about the last failure on this thread ("" if none). */
 const char *xo_last_error(void);
@@ -136,15 +138,20 @@ int xo_tcp_freeze(int fd);
 /* Read the whole state of a frozen ESTABLISHED socket. The socket is left
  * frozen and unchanged. On failure st is left empty. */
 int xo_tcp_capture(int fd, struct xo_tcp_state *st);
-/* Create a socket carrying st, left in repair mode. Returns the fd. */
+/* Create a socket carrying st (receive queue, windows, options), left in
+ * repair mode. Never waits and sends nothing, however long the caller
+ * takes before xo_tcp_resume(). Returns the fd (blocking, as socket()). */
 int xo_tcp_restore(const struct xo_tcp_state *st,
 		   const struct xo_restore_opts *opts);
-/* Leave repair mode without a window probe, then queue st's unsent bytes
- * (st may be NULL when there are none, e.g. the host rolling back). */
+/* Write st's in-flight bytes into the send queue (as sent), leave repair
+ * mode without a window probe, then queue st's unsent bytes. Never waits:
+ * a queue the kernel will not take is XO_E_BUSY. st is the state the socket
+ * was restored from; NULL for a socket that was only frozen (the host
+ * rolling back keeps its own queues). */
 int xo_tcp_resume(int fd, const struct xo_tcp_state *st);
 /* Close a frozen socket: the kernel sends neither FIN nor RST. */
 int xo_tcp_discard(int fd);
-/* System calls made by the last capture or restore on this thread. */
+/* System calls made by the last capture, restore or resume on this thread. */
 unsigned int xo_last_syscalls(void);
 
 /* Attach copies of the application bytes / metadata / peer MAC to st. */

@@ -101,6 +101,8 @@ struct xo_steer_action {
 #define XO_STAT_PARKED 5      /* PARK: copied to the ring, dropped */
 #define XO_STAT_PARK_OVERFLOW 6 /* PARK: no room (ring full, frame too big):
 				 * dropped, the client will retransmit */
+#define XO_STAT_HELD 7        /* no readable ports (a non-first fragment),
+			       * address pair steered: dropped */
 #define XO_STAT_MAX 8
 
 /*
@@ -116,6 +118,24 @@ struct xo_parked_hdr {
 	uint32_t len;
 	uint32_t ifindex;
 }; /* 48 bytes */
+
+/*
+ * Map "xo_pairs" (LRU hash, pinned by name, written by the programs only):
+ * for each client/host address pair, the flow (struct xo_flow_key) whose
+ * block or redirect entry a packet of the pair last matched. A packet
+ * whose ports cannot be read (a non-first fragment) cannot be matched by
+ * 5-tuple; while the flow recorded for its pair still has a live block or
+ * redirect entry, the ingress programs drop it and count XO_STAT_HELD
+ * (docs/steering.md). Value: struct xo_flow_key.
+ */
+struct xo_pair_key {
+	uint8_t src_addr[16]; /* as in struct xo_flow_key */
+	uint8_t dst_addr[16];
+	uint8_t family;
+	uint8_t pad[3];       /* must be zero */
+}; /* 36 bytes */
+
+#define XO_STEER_MAX_PAIRS 16384
 
 /* XO_CDEF_END */
 

@@ -69,6 +69,7 @@ const char *xo_strerror(int code)
 		"XO_E_MSG_TYPE", "XO_E_CHANNEL", "XO_E_NOSPACE",
 		"XO_E_UNSUPPORTED", "XO_E_BUSY", "XO_E_NOTFOUND",
 		"XO_E_SEQUENCE", "XO_E_REFUSED", "XO_E_STATE",
+		"XO_E_URGENT",
 	};
 	int idx = -code;
 

@@ -69,6 +69,8 @@ static void unpin_and_unmount(struct xo_steer *s)
 		bpf_map__unpin(s->flows, NULL);
 	if (s->stats)
 		bpf_map__unpin(s->stats, NULL);
+	if (s->pairs)
+		bpf_map__unpin(s->pairs, NULL);
 	if (s->mounted_bpffs)
 		umount2(s->pin_dir, MNT_DETACH);
 	if (s->created_dir)
@@ -132,9 +134,11 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 	}
 	s->flows = bpf_object__find_map_by_name(s->obj, "xo_flows");
 	s->stats = bpf_object__find_map_by_name(s->obj, "xo_stats");
-	if (!s->flows || !s->stats) {
+	s->pairs = bpf_object__find_map_by_name(s->obj, "xo_pairs");
+	if (!s->flows || !s->stats || !s->pairs) {
 		ret = xo_fail(XO_E_INVAL, "%s is not an XO steering object "
-			      "(maps xo_flows/xo_stats missing)", o.obj_path);
+			      "(maps xo_flows/xo_stats/xo_pairs missing)",
+			      o.obj_path);
 		goto fail;
 	}
 	if (bpf_map__key_size(s->flows) != sizeof(struct xo_flow_key) ||
@@ -161,6 +165,7 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 		 * or reuse a map declared with LIBBPF_PIN_BY_NAME. */
 		bpf_map__set_pin_path(s->flows, NULL);
 		bpf_map__set_pin_path(s->stats, NULL);
+		bpf_map__set_pin_path(s->pairs, NULL);
 	}
 	ret = bpf_object__load(s->obj);
 	if (ret) {

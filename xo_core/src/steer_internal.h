@@ -23,6 +23,7 @@ struct xo_steer {
 	struct bpf_object *obj;
 	struct bpf_map *flows;
 	struct bpf_map *stats;
+	struct bpf_map *pairs; /* written by the programs only */
 	int flows_fd;
 	int stats_fd;
 	int prog_fd[XO_PROG_COUNT];

@@ -18,6 +18,7 @@
  * fixed offsets: the layout must not depend on the compiler. */
 _Static_assert(sizeof(struct xo_flow_key) == 40, "xo_flow_key layout");
 _Static_assert(sizeof(struct xo_steer_action) == 88, "xo_steer_action layout");
+_Static_assert(sizeof(struct xo_pair_key) == 36, "xo_pair_key layout");
 _Static_assert(offsetof(struct xo_steer_action, expires_ns) == 64,
 	       "xo_steer_action layout");
 

@@ -7,14 +7,20 @@
  * kernel imposes, learned the hard way (docs/core.md, tests/test_tcp_repair.py):
  *  - SO_REUSEADDR must be set before entering repair, not after;
  *  - TCP_QUEUE_SEQ only before connect(), TCP_REPAIR_OPTIONS only after;
- *  - queue contents before TCP_REPAIR_WINDOW (it checks against rcv_nxt);
- *  - writes into the repair queues may be partial, so loop.
+ *  - receive queue contents before TCP_REPAIR_WINDOW (checked against
+ *    rcv_nxt);
+ *  - writes into the repair queues may be partial, so loop, and may wait
+ *    for memory, so never block (MSG_DONTWAIT) and size the buffers first;
+ *  - in-flight bytes written into the send queue arm the retransmission
+ *    timer, which transmits even in repair mode: write them in resume.
  */
 #include <arpa/inet.h>
+#include <limits.h>
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -31,7 +37,11 @@
 #define TCP_REPAIR_OFF_NO_WP -1
 #endif
 #define XO_TCP_REPAIR_ON 1
-/* The most TCP_MAXSEG accepts (MAX_TCP_WINDOW); loopback clamps are larger. */
+/* What TCP_MAXSEG accepts: TCP_MIN_MSS .. MAX_TCP_WINDOW. A captured clamp
+ * can lie outside (loopback's is 65483; a peer may announce less than 88),
+ * so TCP_MAXSEG gets the nearest value it takes and TCP_REPAIR_OPTIONS the
+ * exact clamp. */
+#define XO_MINSEG 88u
 #define XO_MAXSEG_MAX 32767u
 
 struct xo_repair_window {
@@ -171,25 +181,105 @@ static int queue_seq(int fd, int queue, uint32_t *seq, const char *name)
 	return 0;
 }
 
-/* Copy len bytes of the selected repair queue without consuming them. */
-static int peek_queue(int fd, uint8_t **out, uint32_t len, const char *name)
-{
-	ssize_t got;
+/*
+ * The kernel's struct tcp_info goes on past the end of glibc's copy
+ * (tcpi_total_retrans); capture needs the counters that tell whether the
+ * connection moved while it was being read. The kernel only ever appends
+ * to this structure, so the layout below is stable ABI.
+ */
+struct xo_tcp_info {
+	struct tcp_info base;
+	uint64_t pacing_rate;
+	uint64_t max_pacing_rate;
+	uint64_t bytes_acked;    /* moves with snd_una */
+	uint64_t bytes_received; /* moves with rcv_nxt */
+	uint32_t segs_out;
+	uint32_t segs_in;
+	uint32_t notsent_bytes;  /* write_seq - snd_nxt, as SIOCOUTQNSD */
+	uint32_t min_rtt;
+	uint32_t data_segs_in;
+	uint32_t data_segs_out;
+	uint64_t delivery_rate;
+	uint64_t busy_time;
+	uint64_t rwnd_limited;
+	uint64_t sndbuf_limited;
+	uint32_t delivered;
+	uint32_t delivered_ce;
+	uint64_t bytes_sent;
+	uint64_t bytes_retrans;
+	uint32_t dsack_dups;
+	uint32_t reord_seen;
+	uint32_t rcv_ooopack;
+	uint32_t snd_wnd;        /* Linux 6.2+; 0 before */
+};
 
-	*out = NULL;
+_Static_assert(offsetof(struct xo_tcp_info, bytes_acked) == 120,
+	       "struct xo_tcp_info must follow the kernel's struct tcp_info");
+_Static_assert(offsetof(struct xo_tcp_info, snd_wnd) == 228,
+	       "struct xo_tcp_info must follow the kernel's struct tcp_info");
+
+/* Everything that changes when a segment is processed: if none of it moved
+ * between the start and the end of a capture, the queues, their sequence
+ * numbers and the windows were read from one and the same state. */
+struct xo_tcp_snapshot {
+	uint64_t bytes_acked;
+	uint64_t bytes_received;
+	uint32_t notsent;
+	uint32_t snd_wnd;
+	uint32_t state;
+};
+
+/* Returned (positive) by a capture attempt that saw the connection move. */
+#define XO_CAPTURE_MOVED 1
+/* Attempts before capture gives up on a connection that keeps moving. */
+#define XO_CAPTURE_TRIES 4
+/* The urgent mark's position in the queue when there is none. */
+#define XO_NO_MARK UINT32_MAX
+
+static int read_info(int fd, struct xo_tcp_info *ti,
+		     struct xo_tcp_snapshot *snap)
+{
+	socklen_t len = sizeof(*ti);
+
+	memset(ti, 0, sizeof(*ti));
+	if (XO_SYSCALL(getsockopt(fd, SOL_TCP, TCP_INFO, ti, &len)) < 0)
+		return xo_fail_sys("capture: getsockopt(TCP_INFO)");
+	if (len < offsetof(struct xo_tcp_info, notsent_bytes) +
+			  sizeof(ti->notsent_bytes))
+		return xo_fail(XO_E_UNSUPPORTED,
+			       "capture: the kernel's tcp_info has %u bytes, without tcpi_notsent_bytes (Linux 4.6+ needed)",
+			       (unsigned int)len);
+	snap->bytes_acked = ti->bytes_acked;
+	snap->bytes_received = ti->bytes_received;
+	snap->notsent = ti->notsent_bytes;
+	snap->snd_wnd = ti->snd_wnd;
+	snap->state = ti->base.tcpi_state;
+	return 0;
+}
+
+static bool snapshot_equal(const struct xo_tcp_snapshot *a,
+			   const struct xo_tcp_snapshot *b)
+{
+	return a->bytes_acked == b->bytes_acked &&
+	       a->bytes_received == b->bytes_received &&
+	       a->notsent == b->notsent && a->snd_wnd == b->snd_wnd &&
+	       a->state == b->state;
+}
+
+/* Copy up to len bytes of the selected repair queue without consuming
+ * them; *got says how many came. */
+static int peek_queue(int fd, uint8_t *buf, uint32_t len, uint32_t *got,
+		      const char *name)
+{
+	ssize_t n;
+
+	*got = 0;
 	if (!len)
 		return 0;
-	*out = malloc(len);
-	if (!*out)
-		return xo_fail(XO_E_NOMEM, "capture: %u bytes for the %s queue",
-			       len, name);
-	got = XO_SYSCALL(recv(fd, *out, len, MSG_PEEK | MSG_DONTWAIT));
-	if (got < 0)
+	n = XO_SYSCALL(recv(fd, buf, len, MSG_PEEK | MSG_DONTWAIT));
+	if (n < 0)
 		return xo_fail_sys("capture: recv(MSG_PEEK, %s queue)", name);
-	if ((uint32_t)got != len)
-		return xo_fail(XO_E_SYS,
-			       "capture: %s queue gave %zd of %u bytes", name,
-			       got, len);
+	*got = (uint32_t)n;
 	return 0;
 }
 
@@ -207,60 +297,169 @@ static int ioctl_len(int fd, unsigned long req, uint32_t *val,
 	return 0;
 }
 
-static int capture(int fd, struct xo_tcp_state *st)
+/*
+ * Count the receive queue as rcv_nxt does. SIOCINQ stops at an urgent mark
+ * (unless SO_OOBINLINE is set) while TCP_QUEUE_SEQ reports rcv_nxt, which
+ * counts every byte: so count once more with SO_OOBINLINE on, then put the
+ * application's setting back. *mark is the mark's offset in the queue when
+ * recv() would skip a byte there, else XO_NO_MARK.
+ */
+static int count_recvq(int fd, uint32_t *all, uint32_t *mark)
 {
-	struct xo_repair_window win;
-	struct tcp_info ti;
+	uint32_t plain;
 	socklen_t len;
-	uint32_t outq, val;
+	int inl = 0, ret, ret2;
+
+	*mark = XO_NO_MARK;
+	len = sizeof(inl);
+	if (XO_SYSCALL(getsockopt(fd, SOL_SOCKET, SO_OOBINLINE, &inl,
+				  &len)) < 0)
+		return xo_fail_sys("capture: getsockopt(SO_OOBINLINE)");
+	ret = ioctl_len(fd, SIOCINQ, &plain, "SIOCINQ");
+	if (ret)
+		return ret;
+	*all = plain;
+	if (inl)
+		return 0; /* urgent bytes are in-band: nothing is skipped */
+	ret = set_int(fd, SOL_SOCKET, SO_OOBINLINE, 1,
+		      "capture: setsockopt(SO_OOBINLINE, on)");
+	if (ret)
+		return ret;
+	ret = ioctl_len(fd, SIOCINQ, all, "SIOCINQ with urgent data inline");
+	ret2 = set_int(fd, SOL_SOCKET, SO_OOBINLINE, 0,
+		       "capture: setsockopt(SO_OOBINLINE, off)");
+	if (ret)
+		return ret;
+	if (ret2)
+		return ret2;
+	if (plain < *all)
+		*mark = plain;
+	return 0;
+}
+
+/*
+ * Peek the receive queue as the application would read it. A peek stops at
+ * an urgent mark once it has copied something, in-band or not, so go on
+ * from there with SO_PEEK_OFF (recv() then skips the urgent byte itself
+ * unless it is in-band) and put SO_PEEK_OFF back to "off". There is one
+ * mark at most; anything still missing means the queue moved.
+ */
+static int peek_recvq(int fd, uint8_t *buf, uint32_t want, uint32_t *got)
+{
+	uint32_t more;
+	int ret, ret2;
+
+	ret = peek_queue(fd, buf, want, got, "recv");
+	if (ret || *got == want || !*got)
+		return ret;
+	ret = set_int(fd, SOL_SOCKET, SO_PEEK_OFF, (int)*got,
+		      "capture: setsockopt(SO_PEEK_OFF) to read past the urgent mark");
+	if (ret)
+		return ret;
+	ret = peek_queue(fd, buf + *got, want - *got, &more, "recv");
+	ret2 = set_int(fd, SOL_SOCKET, SO_PEEK_OFF, -1,
+		       "capture: setsockopt(SO_PEEK_OFF, off)");
+	if (ret)
+		return ret;
+	*got += more;
+	return ret2;
+}
+
+static int capture_recvq(int fd, struct xo_tcp_state *st)
+{
+	uint32_t all = 0, mark = XO_NO_MARK, want, got;
+	ssize_t n;
+	uint8_t c;
 	int ret;
 
-	len = sizeof(ti);
-	if (XO_SYSCALL(getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len)) < 0)
-		return xo_fail_sys("capture: getsockopt(TCP_INFO)");
-	if (ti.tcpi_state != TCP_ESTABLISHED)
-		return xo_fail(XO_E_NOT_ESTABLISHED,
-			       "capture: socket is in TCP state %s, only ESTABLISHED connections can move",
-			       tcp_state_name(ti.tcpi_state));
+	ret = queue_seq(fd, TCP_RECV_QUEUE, &st->rcv_seq, "recv");
+	if (!ret)
+		ret = count_recvq(fd, &all, &mark);
+	if (ret)
+		return ret;
+	want = all;
+	if (mark != XO_NO_MARK) {
+		/* An urgent byte the application has not read yet: it is
+		 * delivered out of band, from kernel state no repair option
+		 * can recreate on the target. */
+		n = XO_SYSCALL(recv(fd, &c, 1, MSG_OOB | MSG_PEEK |
+					       MSG_DONTWAIT));
+		if (n == 1)
+			return xo_fail(XO_E_URGENT,
+				       "capture: an urgent (MSG_OOB) byte %u bytes into the receive queue is still unread; serve the connection locally",
+				       mark);
+		/* EINVAL: read already; EAGAIN: announced, not arrived. */
+		if (n < 0 && errno != EINVAL && errno != EAGAIN)
+			return xo_fail_sys("capture: recv(MSG_OOB | MSG_PEEK)");
+		/* Read out of band already: recv() will skip it, so the
+		 * stream the target serves must not hold it either. */
+		want--;
+	}
+	if (!all)
+		return 0;
+	st->recvq = malloc(all);
+	if (!st->recvq)
+		return xo_fail(XO_E_NOMEM,
+			       "capture: %u bytes for the recv queue", all);
+	ret = peek_recvq(fd, st->recvq, want, &got);
+	if (ret)
+		return ret;
+	if (got != want)
+		return XO_CAPTURE_MOVED;
+	st->recvq_len = want;
+	return 0;
+}
+
+static int capture_once(int fd, const struct xo_tcp_info *ti,
+			struct xo_tcp_state *st)
+{
+	struct xo_repair_window win;
+	socklen_t len;
+	uint32_t outq, got, val;
+	int ret;
+
 	ret = get_endpoint(fd, false, &st->local);
 	if (!ret)
 		ret = get_endpoint(fd, true, &st->remote);
 	if (ret)
 		return ret;
 
-	if (ti.tcpi_options & TCPI_OPT_TIMESTAMPS)
+	if (ti->base.tcpi_options & TCPI_OPT_TIMESTAMPS)
 		st->options |= XO_OPT_TIMESTAMPS;
-	if (ti.tcpi_options & TCPI_OPT_SACK)
+	if (ti->base.tcpi_options & TCPI_OPT_SACK)
 		st->options |= XO_OPT_SACK;
-	if (ti.tcpi_options & TCPI_OPT_WSCALE) {
+	if (ti->base.tcpi_options & TCPI_OPT_WSCALE) {
 		st->options |= XO_OPT_WSCALE;
-		st->snd_wscale = ti.tcpi_snd_wscale;
-		st->rcv_wscale = ti.tcpi_rcv_wscale;
+		st->snd_wscale = ti->base.tcpi_snd_wscale;
+		st->rcv_wscale = ti->base.tcpi_rcv_wscale;
 	}
 
 	/* Send queue: SIOCOUTQ counts unacknowledged + unsent bytes,
-	 * SIOCOUTQNSD only the unsent ones. */
+	 * tcpi_notsent_bytes (= SIOCOUTQNSD) only the unsent ones. */
 	ret = ioctl_len(fd, SIOCOUTQ, &outq, "SIOCOUTQ");
-	if (!ret)
-		ret = ioctl_len(fd, SIOCOUTQNSD, &st->unsent_len,
-				"SIOCOUTQNSD");
-	if (!ret)
-		ret = ioctl_len(fd, SIOCINQ, &st->recvq_len, "SIOCINQ");
 	if (ret)
 		return ret;
+	st->unsent_len = ti->notsent_bytes;
 	if (st->unsent_len > outq)
-		return xo_fail(XO_E_SYS,
-			       "capture: unsent bytes (%u) exceed the send queue (%u)",
-			       st->unsent_len, outq);
+		return XO_CAPTURE_MOVED; /* an ACK between the two reads */
 	st->inflight_len = outq - st->unsent_len;
 
 	ret = queue_seq(fd, TCP_SEND_QUEUE, &st->snd_seq, "send");
-	if (!ret)
-		ret = peek_queue(fd, &st->sendq, outq, "send");
-	if (!ret)
-		ret = queue_seq(fd, TCP_RECV_QUEUE, &st->rcv_seq, "recv");
-	if (!ret)
-		ret = peek_queue(fd, &st->recvq, st->recvq_len, "recv");
+	if (ret)
+		return ret;
+	if (outq) {
+		st->sendq = malloc(outq);
+		if (!st->sendq)
+			return xo_fail(XO_E_NOMEM,
+				       "capture: %u bytes for the send queue",
+				       outq);
+		ret = peek_queue(fd, st->sendq, outq, &got, "send");
+		if (ret)
+			return ret;
+		if (got != outq)
+			return XO_CAPTURE_MOVED; /* acknowledged meanwhile */
+	}
+	ret = capture_recvq(fd, st);
 	if (ret)
 		return ret;
 
@@ -290,6 +489,44 @@ static int capture(int fd, struct xo_tcp_state *st)
 	return 0;
 }
 
+/*
+ * A frozen socket still processes what arrives (data, ACKs, window
+ * updates) unless the flow is blocked. Read everything between two
+ * tcp_info snapshots and start again if anything moved, so the queue
+ * bytes always match the sequence numbers they are restored at.
+ */
+static int capture(int fd, struct xo_tcp_state *st)
+{
+	struct xo_tcp_snapshot before, after;
+	struct xo_tcp_info ti, ti_after;
+	int ret, attempt;
+
+	for (attempt = 0; attempt < XO_CAPTURE_TRIES; attempt++) {
+		ret = read_info(fd, &ti, &before);
+		if (ret)
+			return ret;
+		if (ti.base.tcpi_state != TCP_ESTABLISHED)
+			return xo_fail(XO_E_NOT_ESTABLISHED,
+				       "capture: socket is in TCP state %s, only ESTABLISHED connections can move",
+				       tcp_state_name(ti.base.tcpi_state));
+		ret = capture_once(fd, &ti, st);
+		if (!ret) {
+			ret = read_info(fd, &ti_after, &after);
+			if (ret)
+				return ret;
+			if (snapshot_equal(&before, &after))
+				return 0;
+			ret = XO_CAPTURE_MOVED;
+		}
+		if (ret != XO_CAPTURE_MOVED)
+			return ret;
+		xo_state_release(st);
+	}
+	return xo_fail(XO_E_BUSY,
+		       "capture: the connection changed during each of %d attempts (data or ACKs still arriving); block the flow before freezing",
+		       XO_CAPTURE_TRIES);
+}
+
 int xo_tcp_capture(int fd, struct xo_tcp_state *st)
 {
 	int ret;
@@ -300,38 +537,58 @@ int xo_tcp_capture(int fd, struct xo_tcp_state *st)
 		return xo_fail(XO_E_INVAL, "capture: state is NULL");
 	memset(st, 0, sizeof(*st));
 	ret = capture(fd, st);
+	/* Leave no repair queue selected: a write into a frozen socket would
+	 * otherwise land in one of its queues instead of failing. */
+	if (!ret) {
+		ret = set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE,
+			      "capture: setsockopt(TCP_REPAIR_QUEUE, none)");
+	} else {
+		int saved = errno;
+
+		/* Best effort on a failure already reported: a socket that
+		 * is not frozen refuses it, and that changes nothing. */
+		if (XO_SYSCALL(setsockopt(fd, SOL_TCP, TCP_REPAIR_QUEUE,
+					  &(int){ TCP_NO_QUEUE },
+					  sizeof(int))) < 0)
+			errno = saved;
+	}
 	if (ret)
 		xo_state_release(st);
 	return ret;
 }
 
-/* Write buf into the selected repair queue; the kernel may take less than
- * asked for (one skb at a time), so loop until it is all in. */
-static int fill_queue(int fd, int queue, const uint8_t *buf, uint32_t len,
-		      const char *name)
+/*
+ * Write buf into the selected repair queue without ever waiting: every
+ * send() is MSG_DONTWAIT, so a full buffer is an error here, not a sleep.
+ * (A blocking fill of the send queue sleeps until memory frees up, which in
+ * repair mode happens only when the retransmission timer fires, and that
+ * transmits.) The kernel takes at most about 64 KiB per call into the
+ * receive queue and may stop early in the send queue, so loop on partial
+ * writes; the buffers were sized for the whole queue, so EAGAIN or ENOMEM
+ * means the kernel refused the memory (SO_*BUF or tcp_mem).
+ */
+static int fill_queue(int fd, const uint8_t *buf, uint32_t len,
+		      const char *step)
 {
 	uint32_t done = 0;
-	int ret;
 
-	if (!len)
-		return 0;
-	/* restore() leaves the receive queue selected after connect(). */
-	if (queue == TCP_SEND_QUEUE) {
-		ret = set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, queue,
-			      "restore: setsockopt(TCP_REPAIR_QUEUE, send)");
-		if (ret)
-			return ret;
-	}
 	while (done < len) {
-		ssize_t n = XO_SYSCALL(send(fd, buf + done, len - done, 0));
+		ssize_t n = XO_SYSCALL(send(fd, buf + done, len - done,
+					    MSG_DONTWAIT | MSG_NOSIGNAL));
 
+		if (n < 0 && (errno == EAGAIN || errno == ENOMEM)) {
+			xo_fail_sys("%s: send() at %u/%u bytes", step, done,
+				    len);
+			xo_append_hint("the kernel refused the buffer memory (SO_SNDBUF/SO_RCVBUF, net.ipv4.tcp_mem); not waiting for it");
+			return XO_E_BUSY;
+		}
 		if (n < 0)
-			return xo_fail_sys("restore: send(%s queue) at %u/%u",
-					   name, done, len);
+			return xo_fail_sys("%s: send() at %u/%u bytes", step,
+					   done, len);
 		if (n == 0)
 			return xo_fail(XO_E_SYS,
-				       "restore: %s queue accepted 0 bytes at %u/%u",
-				       name, done, len);
+				       "%s: queue accepted 0 bytes at %u/%u",
+				       step, done, len);
 		done += (uint32_t)n;
 	}
 	return 0;
@@ -358,28 +615,56 @@ static int check_restorable(const struct xo_tcp_state *st,
 	return 0;
 }
 
-/* Make room for the queues we are about to write: the defaults may be
- * smaller than what the original socket had grown to. */
-static int size_buffers(int fd, const struct xo_tcp_state *st)
+/*
+ * Buffer sizes for a restored socket. The kernel counts every skb's full
+ * truesize against SO_SNDBUF / SO_RCVBUF: a send-queue skb carries at
+ * least one segment (as little as 88 bytes with a small MSS clamp) plus
+ * about a kilobyte of overhead; a receive-queue skb written in repair mode
+ * holds up to 68 KiB. Setting a size locks it (no autotuning afterwards),
+ * so never go below what autotuning would reach by default (tcp_wmem[2] =
+ * 4 MiB, tcp_rmem[2] = 6 MiB): a restored connection must not be slower
+ * than the one it replaces.
+ */
+#define XO_SKB_OVERHEAD 1024u
+#define XO_SNDBUF_FLOOR (4u << 20)
+#define XO_RCVBUF_FLOOR (6u << 20)
+#define XO_BUF_MAX ((uint64_t)INT_MAX / 2) /* the kernel doubles it */
+
+static uint64_t buf_bytes(uint64_t bytes, uint32_t seg, uint32_t floor)
 {
 	uint64_t need;
+
+	if (!seg)
+		seg = 1;
+	/* Twice the bytes and one overhead per possible skb: with plenty of
+	 * headroom for the segments the client sends meanwhile. */
+	need = 2 * bytes + (bytes / seg + 1) * XO_SKB_OVERHEAD;
+	if (need < floor)
+		need = floor;
+	/* SO_*BUFFORCE stores twice the value it is given. */
+	need = (need + 1) / 2;
+	return need > XO_BUF_MAX ? XO_BUF_MAX : need;
+}
+
+/* Make room for the queues about to be written, always: the defaults are
+ * far below what a busy connection had grown to. Before connect(), which
+ * derives the window clamp from the receive buffer. */
+static int size_buffers(int fd, const struct xo_tcp_state *st)
+{
+	uint32_t seg = st->mss_clamp < XO_MINSEG ? XO_MINSEG : st->mss_clamp;
 	int ret;
 
-	need = (uint64_t)st->inflight_len + st->unsent_len;
-	if (need > 65536) {
-		ret = set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE, (int)(need * 2),
-			      "restore: setsockopt(SO_SNDBUFFORCE)");
-		if (ret)
-			return ret;
-	}
-	if (st->recvq_len > 65536) {
+	ret = set_int(fd, SOL_SOCKET, SO_SNDBUFFORCE,
+		      (int)buf_bytes((uint64_t)st->inflight_len +
+					     st->unsent_len,
+				     seg, XO_SNDBUF_FLOOR),
+		      "restore: setsockopt(SO_SNDBUFFORCE)");
+	if (!ret)
 		ret = set_int(fd, SOL_SOCKET, SO_RCVBUFFORCE,
-			      (int)((uint64_t)st->recvq_len * 2),
+			      (int)buf_bytes(st->recvq_len, 65536,
+					     XO_RCVBUF_FLOOR),
 			      "restore: setsockopt(SO_RCVBUFFORCE)");
-		if (ret)
-			return ret;
-	}
-	return 0;
+	return ret;
 }
 
 static int set_options(int fd, const struct xo_tcp_state *st)
@@ -459,8 +744,9 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	 * resizing them: without this the socket would send 524-byte
 	 * segments for the rest of its life. */
 	ret = set_int(fd, SOL_TCP, TCP_MAXSEG,
-		      (int)(st->mss_clamp < XO_MAXSEG_MAX ? st->mss_clamp :
-							 XO_MAXSEG_MAX),
+		      (int)(st->mss_clamp < XO_MINSEG ? XO_MINSEG :
+			    st->mss_clamp > XO_MAXSEG_MAX ? XO_MAXSEG_MAX :
+							     st->mss_clamp),
 		      "restore: setsockopt(TCP_MAXSEG)");
 	if (ret)
 		return ret;
@@ -486,14 +772,13 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	if (ret)
 		return ret;
 
-	/* The receive queue first: TCP_REPAIR_WINDOW is checked against the
-	 * rcv_nxt that filling it produces. Only bytes that were in flight go
-	 * into the send queue here (the kernel treats them as sent); unsent
-	 * bytes are sent normally by xo_tcp_resume(). */
-	ret = fill_queue(fd, TCP_RECV_QUEUE, st->recvq, st->recvq_len, "recv");
-	if (!ret)
-		ret = fill_queue(fd, TCP_SEND_QUEUE, st->sendq,
-				 st->inflight_len, "send");
+	/* The receive queue before TCP_REPAIR_WINDOW, which is checked
+	 * against the rcv_nxt that filling it produces (restore() left the
+	 * receive queue selected). The in-flight bytes wait for
+	 * xo_tcp_resume(): written now, they would arm the retransmission
+	 * timer, and that timer transmits even in repair mode. */
+	ret = fill_queue(fd, st->recvq, st->recvq_len,
+			 "restore: receive queue");
 	if (ret)
 		return ret;
 
@@ -533,28 +818,30 @@ int xo_tcp_restore(const struct xo_tcp_state *st,
 
 int xo_tcp_resume(int fd, const struct xo_tcp_state *st)
 {
-	const uint8_t *unsent;
-	uint32_t done = 0;
 	int ret;
 
 	xo_clear_error();
+	xo_syscall_count = 0;
+	/* In-flight bytes go in at the last moment, still in repair mode:
+	 * the kernel takes them as sent, so nothing leaves now, and their
+	 * retransmission timer starts only here. */
+	if (st && st->inflight_len) {
+		ret = set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE,
+			      "resume: setsockopt(TCP_REPAIR_QUEUE, send)");
+		if (!ret)
+			ret = fill_queue(fd, st->sendq, st->inflight_len,
+					 "resume: in-flight bytes");
+		if (ret)
+			return ret;
+	}
 	ret = set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP,
 		      "resume: setsockopt(TCP_REPAIR, off without window probe)");
 	if (ret || !st || !st->unsent_len)
 		return ret;
 	/* The send buffer was sized in restore for the whole queue, so this
-	 * completes; MSG_DONTWAIT keeps a surprise from blocking the caller. */
-	unsent = st->sendq + st->inflight_len;
-	while (done < st->unsent_len) {
-		ssize_t n = send(fd, unsent + done, st->unsent_len - done,
-				 MSG_DONTWAIT | MSG_NOSIGNAL);
-
-		if (n < 0)
-			return xo_fail_sys("resume: send(unsent bytes) at %u/%u",
-					   done, st->unsent_len);
-		done += (uint32_t)n;
-	}
-	return 0;
+	 * completes without waiting; if the kernel still refuses, say so. */
+	return fill_queue(fd, st->sendq + st->inflight_len, st->unsent_len,
+			  "resume: unsent bytes");
 }
 
 int xo_tcp_discard(int fd)

@@ -229,7 +229,12 @@ def freeze(sock: socket.socket | int) -> None:
 
 
 def capture(sock: socket.socket | int) -> TcpState:
-    """Read the whole state of a frozen ESTABLISHED socket."""
+    """Read the whole state of a frozen ESTABLISHED socket, exactly.
+
+    Raises :class:`XoError` with code ``XO_E_URGENT`` when an urgent byte is
+    still unread and ``XO_E_BUSY`` when segments kept arriving meanwhile;
+    either way the socket is unchanged and can be resumed.
+    """
     state = TcpState()
     _check(lib.xo_tcp_capture(_fileno(sock), state.c))
     return state
@@ -237,6 +242,9 @@ def capture(sock: socket.socket | int) -> TcpState:
 
 def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
     """A new socket carrying ``state``, still frozen (call :func:`resume`).
+
+    Never waits and transmits nothing until :func:`resume`, however long the
+    caller takes in between.
 
     ``local`` binds another address/port than the captured one (the target's
     own IP, or a remapped port; port 0 keeps the captured port). The socket
@@ -252,7 +260,9 @@ def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
 
 
 def resume(sock: socket.socket | int, state: TcpState | None = None) -> None:
-    """Leave repair mode (no window probe) and send ``state``'s unsent bytes."""
+    """Queue ``state``'s in-flight bytes, leave repair mode (no window probe)
+    and send its unsent bytes; never waits. ``state`` is what the socket was
+    restored from; None for a socket that was only frozen (a rollback)."""
     _check(lib.xo_tcp_resume(_fileno(sock), state.c if state is not None else ffi.NULL))
 
 
@@ -263,7 +273,7 @@ def discard(sock: socket.socket) -> None:
 
 
 def last_syscalls() -> int:
-    """System calls made by this thread's last capture or restore."""
+    """System calls made by this thread's last capture, restore or resume."""
     return int(lib.xo_last_syscalls())
 
 

@@ -47,7 +47,7 @@ MAX_HEADER_BYTES = 65536
 HTTP_PORT = 8080
 TARGET_HTTP_PORT = 8081  # targets' own plain HTTP, the proxy baseline's upstream
 # Under /run rather than /sys/fs/bpf: `ip netns exec` remounts /sys, hiding
-# pins there (DESIGN.md §8); each instance mounts its own bpffs here, and
+# pins there (docs/lab.md); each instance mounts its own bpffs here, and
 # `xo lab down` removes the lab's.
 PIN_ROOT = str(LAB_PIN_ROOT)
 

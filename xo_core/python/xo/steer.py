@@ -82,6 +82,7 @@ STAT_NAMES = {
     lib.XO_STAT_ERRORS: "errors",
     lib.XO_STAT_PARKED: "parked",
     lib.XO_STAT_PARK_OVERFLOW: "park_overflow",
+    lib.XO_STAT_HELD: "held",
 }
 
 # The C structs as byte layouts (xo_steer_abi.h). Packing with struct and
