@@ -37,25 +37,17 @@ struct {
 
 /* Frames of PARK flows, for user space to hand to the flow's next owner.
  * One ring per loaded object (not pinned): the process that attached the
- * programs is the one that reads it. */
+ * programs is the one that reads it. A record is a header and room for
+ * the largest frame (xo_steer_abi.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, XO_PARK_RING_BYTES);
 } xo_parked SEC(".maps");
 
-/* Where a frame is put together before it goes into the ring: a ring
- * record's size must be known, a packet's length is not. */
 struct xo_park_slot {
 	struct xo_parked_hdr hdr;
 	__u8 frame[XO_PARK_MAX_FRAME];
 };
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct xo_park_slot);
-} xo_park_scratch SEC(".maps");
 
 /* Address pairs with block/redirect entries, learnt by the programs (see
  * xo_steer_abi.h): LRU, so it never fills up and needs no sweeping. */

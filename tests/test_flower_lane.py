@@ -33,7 +33,7 @@ import pytest
 from xo._xo_cffi import lib
 from xo.core import XoUnsupportedError
 from xo.lab import in_netns
-from xo.steer import FlowKey, Kind, Rule, RuleManager, Steer
+from xo.steer import HW_KINDS, FlowKey, Kind, Rule, RuleManager, Steer
 
 pytestmark = pytest.mark.fullkernel
 
@@ -302,7 +302,7 @@ def test_flower_modes_on_a_veth(lab: BridgeLab, steer: Steer) -> None:
     k = FlowKey.tcp(lab.v4("c"), 41001, lab.v4("h"), 80)
     back = FlowKey.tcp(lab.v4("h"), 80, lab.v4("c"), 41001)
     with RuleManager(steer, lab.ifindex("h"), "flower", flower_mode="auto",
-                     netns=lab.netns("h"), hw_kinds=set(Kind)) as rules:
+                     netns=lab.netns("h"), hw_kinds=set(HW_KINDS)) as rules:
         rules.insert(k, Rule.redirect(lab.v4("t"), 18080, dst_mac=lab.mac("t"), ttl_s=60))
         rules.insert(back, Rule.src_rewrite(lab.v4("t"), 18080))
         rules.drain()
@@ -398,11 +398,11 @@ def test_flower_queue_concurrent_inserts_and_removes_leave_nothing(lab: BridgeLa
 CHILD = r"""
 import json, sys, time
 from xo.core import XoUnsupportedError
-from xo.steer import FlowKey, Kind, Rule, RuleManager, Steer
+from xo.steer import HW_KINDS, FlowKey, Kind, Rule, RuleManager, Steer
 cfg = json.loads(sys.argv[1])
 steer = Steer(pin=False)
 rules = RuleManager(steer, cfg["ifindex"], "flower", flower_mode="skip_hw",
-                    netns=cfg["netns"], hw_kinds=set(Kind))
+                    netns=cfg["netns"], hw_kinds=set(HW_KINDS))
 for n, (src, dst) in enumerate(cfg["flows"]):
     k = FlowKey.tcp(src, 40000 + n, dst, 80)
     if n % 3 == 0:
@@ -451,7 +451,7 @@ def test_flower_successor_of_a_killed_manager_starts_clean(lab: BridgeLab,
     assert len(left) == len(flows)
     assert {f["pref"] for f in left} == {PRIO, PRIO + 1}
 
-    with flower_manager(steer, lab, "h", set(Kind)) as successor:
+    with flower_manager(steer, lab, "h", set(HW_KINDS)) as successor:
         # Started clean: the predecessor's filters are gone, the foreign one stays.
         assert ours("ingress") == [] and ours("egress") == []
         [foreign] = lab.filters("h", "ingress")

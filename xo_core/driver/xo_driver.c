@@ -68,7 +68,7 @@ struct config {
 	int n_targets;
 	char hosts[XO_PROTO_MAX_HOSTS][64];
 	int n_hosts;
-	uint32_t redirect_ttl_ms, drain_timeout_ms;
+	uint32_t redirect_ttl_ms, drain_timeout_ms, park_ring_bytes;
 	struct xo_proto_config knobs; /* the timing knobs only */
 };
 
@@ -203,6 +203,8 @@ static void load_config(const char *path, struct config *c)
 			c->redirect_ttl_ms = (uint32_t)atoi(v1);
 		else if (!strcmp(k, "drain_timeout_ms"))
 			c->drain_timeout_ms = (uint32_t)atoi(v1);
+		else if (!strcmp(k, "park_ring_bytes"))
+			c->park_ring_bytes = (uint32_t)strtoul(v1, NULL, 0);
 		else if (!strcmp(k, "target")) {
 			struct target_cfg *t = &c->targets[c->n_targets];
 
@@ -276,6 +278,7 @@ static int n_controls;
 static int listeners[2] = { -1, -1 };
 static volatile sig_atomic_t stopping;
 static uint64_t requests, served_locally;
+static uint64_t not_started; /* offloads refused before they began */
 
 /* timings: name -> samples */
 struct series {
@@ -595,7 +598,7 @@ static void stats_json(char *buf, size_t cap)
 		       "\"served_locally\": %llu, \"proxied\": 0, \"offloaded_now\": %u, "
 		       "\"rules\": %lld, \"driver\": \"c\", \"targets\": {",
 		       (unsigned long long)st.offloads,
-		       (unsigned long long)st.rollbacks,
+		       (unsigned long long)(st.rollbacks + not_started),
 		       (unsigned long long)st.returns,
 		       (unsigned long long)st.withdrawn,
 		       (unsigned long long)st.moves, (unsigned long long)requests,
@@ -738,6 +741,7 @@ static void serve_requests(struct client *c)
 				return;
 			}
 			logf_("handoff not started: %s", xo_last_error());
+			not_started++;
 		}
 		if (cfg.host && strcmp(r.path, "/_xo/stats"))
 			served_locally++;
@@ -882,7 +886,7 @@ static void connect_target(struct control *k)
 	/* A blocking connect in the lab is quick; a target that is not up
 	 * yet refuses at once, and we retry a second later. */
 	if (connect(fd, (struct sockaddr *)&ss, len) < 0 ||
-	    xo_ctl_sock_setup(fd, 0) ||
+	    xo_ctl_sock_setup(fd, cfg.knobs.peer_timeout_ms) ||
 	    xo_proto_peer_add(machine, &o, now_ns(), &k->peer)) {
 		close(fd);
 		k->retry_at = now_ns() + 1000000000ull;
@@ -918,7 +922,7 @@ static void accept_control(int lfd)
 			k = &controls[i];
 	if (!k && n_controls < (int)(sizeof(controls) / sizeof(controls[0])))
 		k = &controls[n_controls++];
-	if (!k || xo_ctl_sock_setup(fd, 0) ||
+	if (!k || xo_ctl_sock_setup(fd, cfg.knobs.peer_timeout_ms) ||
 	    xo_proto_peer_add(machine, &o, now_ns(), &k->peer)) {
 		logf_("control connection refused: %s", xo_last_error());
 		close(fd);
@@ -1122,6 +1126,7 @@ static void setup(void)
 		die("%s", xo_last_error());
 	so.obj_path = cfg.obj;
 	so.pin_dir = cfg.pin_dir;
+	so.park_ring_bytes = cfg.park_ring_bytes;
 	if (xo_steer_open(&so, &steer))
 		die("steering: %s", xo_last_error());
 	/* A restarted instance takes over: what its predecessor left goes. */

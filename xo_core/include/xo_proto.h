@@ -113,7 +113,9 @@ extern "C" {
 					     * FIN/ACKs this long */
 #define XO_PROTO_LOAD_INTERVAL_MS 500
 #define XO_PROTO_DOWN_AFTER 3               /* failures in a row */
-#define XO_PROTO_DOWN_MS 1000               /* first back-off; doubles */
+#define XO_PROTO_DOWN_MS 1000               /* first back-off; doubles up
+					     * to 30 s; a target that
+					     * reconnects starts afresh */
 #define XO_PROTO_MAX_HANDSHAKES 64
 #define XO_PROTO_MAX_HOSTS 16
 
@@ -129,9 +131,9 @@ struct xo_proto_config {
 				   * of redirected frames); zero: looked up */
 	uint8_t reserved[2];
 	/* target: its own address per family (port ignored; family 0 =
-	 * none), and the hosts it takes connections from (addresses only). A
-	 * state must name one of them as its local end, and a control peer
-	 * must come from one of them. */
+	 * none), and the hosts it takes connections from (addresses only; at
+	 * least one). A state must name one of them as its local end, and a
+	 * control peer must come from one of them. */
 	struct xo_endpoint local4;
 	struct xo_endpoint local6;
 	struct xo_endpoint hosts[XO_PROTO_MAX_HOSTS];
@@ -251,7 +253,9 @@ int xo_proto_tick(struct xo_proto *p, uint64_t now);
 uint64_t xo_proto_next_deadline(struct xo_proto *p);
 
 #define XO_EV_PEER_UP 1       /* HELLO exchanged */
-#define XO_EV_PEER_CLOSED 2   /* close the peer's socket (text: why) */
+#define XO_EV_PEER_CLOSED 2   /* close the peer's socket (text: why), after
+			       * sending what xo_proto_peer_output() still
+			       * holds, then call xo_proto_peer_closed() */
 #define XO_EV_OFFLOADED 3     /* host: the target owns it; fd is gone */
 #define XO_EV_ROLLED_BACK 4   /* host: fd is live again, serve data here */
 #define XO_EV_RETURNED 5      /* host: fd taken back; serve data */
@@ -354,7 +358,9 @@ int xo_probe_client(const struct xo_endpoint *local,
 int xo_key_load(const char *path, uint8_t *out, uint32_t cap);
 /* Set up a control connection's socket: TCP_NODELAY (request/response
  * messages), TCP_USER_TIMEOUT and keep-alive (a peer that vanishes is
- * noticed by the kernel too). */
+ * noticed by the kernel too, also when it stops reading: drivers that
+ * cannot see their send queue rely on it). Pass the peer timeout; 0 =
+ * XO_PROTO_PEER_TIMEOUT_MS. */
 int xo_ctl_sock_setup(int fd, uint32_t user_timeout_ms);
 
 /* XO_CDEF_END */

@@ -79,7 +79,11 @@ struct xo_steer_opts {
 				* mounted there if none is */
 	uint32_t max_flows;    /* 0 = as compiled (XO_STEER_MAX_FLOWS); must
 				* match a map already pinned */
-	uint32_t reserved;
+	uint32_t park_ring_bytes; /* 0 = XO_PARK_RING_BYTES; a power of two
+				   * of at least a page. Each parked frame
+				   * takes a 64 KiB record: a ring smaller
+				   * than that parks nothing (every frame is
+				   * an overflow; tests use it) */
 };
 
 struct xo_steer;

@@ -37,7 +37,8 @@
 #define XO_IPPROTO_TCP 6
 
 /* What a matching packet gets. */
-#define XO_STEER_BLOCK 1       /* ingress: drop (tc SHOT / XDP_DROP) */
+#define XO_STEER_BLOCK 1       /* drop (tc SHOT / XDP_DROP): ingress, and
+				* egress for what a frozen socket sends */
 #define XO_STEER_REDIRECT 2    /* ingress: new dst ip/port/MACs, out again */
 #define XO_STEER_SRC_REWRITE 3 /* egress on the target: new src ip/port */
 #define XO_STEER_PARK 4        /* ingress: drop, keeping a copy of the frame
@@ -107,11 +108,13 @@ struct xo_steer_action {
 
 /*
  * A parked frame, as it sits in the "xo_parked" BPF ring buffer: this
- * header, then len bytes of the frame from its Ethernet header on. Frames
- * longer than XO_PARK_MAX_FRAME (large GRO aggregates) are not parked.
+ * header, then len bytes of the frame from its Ethernet header on (each
+ * record has room for XO_PARK_MAX_FRAME bytes: a 64 KiB GSO skb of a local
+ * sender, with its Ethernet header). Longer frames (BIG TCP) are not
+ * parked.
  */
-#define XO_PARK_MAX_FRAME 32704  /* header + frame fit a per-CPU slot */
-#define XO_PARK_RING_BYTES 1048576
+#define XO_PARK_MAX_FRAME 65560
+#define XO_PARK_RING_BYTES 8388608 /* 127 records */
 
 struct xo_parked_hdr {
 	struct xo_flow_key key;

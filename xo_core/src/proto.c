@@ -68,6 +68,14 @@ struct conn {
 	struct xo_endpoint client, local, at; /* at: where the target has it */
 	uint32_t snd_una, rcv_nxt;  /* host: for the client probe */
 	uint64_t deadline, renew_at;
+	/* The new owner holds its ingress parked until the old owner's
+	 * PARKED came (or park_until passed), so the client's older frames
+	 * reach the socket before newer ones: a reordering would make the
+	 * client resend. held: PARKED frames that came while frozen again. */
+	uint64_t park_until;
+	uint8_t *held;
+	uint32_t held_len;
+	uint64_t superseded_by; /* host, H_RETURNED: offloaded again since */
 	struct lap lap;
 };
 
@@ -535,6 +543,7 @@ static void conn_free(struct xo_proto *p, struct conn *c)
 		c->next->prev = c->prev;
 	xo_state_release(&c->st);
 	free(c->app);
+	free(c->held);
 	free(c);
 	p->stats.active--;
 }
@@ -609,20 +618,33 @@ static void send_abort(struct peer *pe, uint64_t conn,
 
 static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now);
 
-/* Send the frames parked for a flow to its new owner (or the host). */
+/* Send the frames parked for a flow to its new owner (or the host),
+ * after `prefix` (older frames held for it). Always sent, empty or not:
+ * the receiver holds its own ingress until it has them. */
 static void ship_parked(struct xo_proto *p, struct peer *pe, uint64_t conn,
-			const struct xo_flow_key *key, uint64_t now)
+			const struct xo_flow_key *key, const uint8_t *prefix,
+			uint32_t prefix_len, uint64_t now)
 {
-	uint8_t *blob;
-	uint32_t len;
+	uint8_t *blob = NULL, *all;
+	uint32_t len = 0;
 	int64_t n = xo_park_take(p->cfg.steer, key, &blob, &len);
 
 	if (n < 0) {
 		fprintf(stderr, "xo: parked frames: %s\n", xo_last_error());
-		return;
+		n = 0;
 	}
-	if (n && !send_msg(pe, XO_MSG_PARKED, 0, conn, blob, len, now))
+	all = malloc((size_t)prefix_len + len + 1);
+	if (!all) {
+		free(blob);
+		return; /* the receiver's park_until releases it */
+	}
+	if (prefix_len)
+		memcpy(all, prefix, prefix_len);
+	if (len)
+		memcpy(all + prefix_len, blob, len);
+	if (!send_msg(pe, XO_MSG_PARKED, 0, conn, all, prefix_len + len, now))
 		p->stats.parked_shipped += (uint64_t)n;
+	free(all);
 	free(blob);
 }
 
@@ -651,6 +673,59 @@ static void replay_parked(struct xo_proto *p, const struct xo_flow_key *key,
 	if (n > 0)
 		replay_blob(p, blob, len, to);
 	free(blob);
+}
+
+/* The old owner's frames are in (or will never come): replay them, stop
+ * parking, and replay what we parked meanwhile, in that order. */
+static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len);
+
+static void release_park(struct xo_proto *p, struct conn *c,
+			 const uint8_t *older, uint32_t older_len,
+			 const struct xo_endpoint *to)
+{
+	if (c->superseded_by) {
+		/* The host handed this flow off again before the last
+		 * target's frames came: they belong to the new handoff, and
+		 * so do the rule and the frames parked here since. */
+		struct conn *next = conn_by_id(p, c->superseded_by);
+		struct peer *pe = next ? peer_get(p, next->peer) : NULL;
+
+		if (next && (next->state == H_WAIT_READY ||
+			     next->state == H_RETURNED))
+			hold_frames(next, older, older_len);
+		else if (next && next->state == H_OFFLOADED && pe && older_len)
+			send_msg(pe, XO_MSG_PARKED, 0, next->wire_id, older,
+				 older_len, clock_ns());
+		else if (!next && older_len)
+			replay_blob(p, older, older_len, to); /* rolled back */
+		c->park_until = 0;
+		return;
+	}
+	if (older_len)
+		replay_blob(p, older, older_len, to);
+	if (c->held_len)
+		replay_blob(p, c->held, c->held_len, to);
+	free(c->held);
+	c->held = NULL;
+	c->held_len = 0;
+	remove_rule(p, &c->in_key);
+	replay_parked(p, &c->in_key, to);
+	c->park_until = 0;
+}
+
+/* Keep PARKED frames that came while the connection is frozen again. */
+static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len)
+{
+	uint8_t *n;
+
+	if (!len)
+		return;
+	n = realloc(c->held, (size_t)c->held_len + len);
+	if (!n)
+		return; /* lost: the client resends them */
+	memcpy(n + c->held_len, blob, len);
+	c->held = n;
+	c->held_len += len;
 }
 
 static void drop_parked(struct xo_proto *p, const struct xo_flow_key *key)
@@ -745,6 +820,8 @@ static void host_rollback(struct xo_proto *p, struct conn *c, int code,
 	}
 	remove_rule(p, &c->in_key);
 	remove_rule(p, &c->out_key);
+	if (c->held_len)
+		replay_blob(p, c->held, c->held_len, &c->local);
 	replay_parked(p, &c->in_key, &c->local);
 	if (tell_target && pe)
 		send_abort(pe, c->wire_id, XO_ABORT_HOST, why, now);
@@ -875,6 +952,14 @@ int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 		ret = XO_E_NOMEM;
 		goto resume;
 	}
+	{
+		struct conn *o;
+
+		for (o = p->all; o; o = o->next)
+			if (o->state == H_RETURNED && !o->superseded_by &&
+			    !memcmp(&o->in_key, &in_key, sizeof(in_key)))
+				o->superseded_by = c->id;
+	}
 	ret = send_msg(pe, XO_MSG_BEGIN_OFFLOAD, 0, c->wire_id, payload,
 		       payload_len, now);
 	free(payload);
@@ -964,7 +1049,7 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	c->fd = -1;
 	remove_rule(p, &c->out_key);
 	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
-	ship_parked(p, pe, c->wire_id, &c->in_key, now);
+	ship_parked(p, pe, c->wire_id, &c->in_key, c->held, c->held_len, now);
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
 	c->state = H_OFFLOADED;
@@ -1174,8 +1259,11 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		goto refuse;
 	}
 	lap(p, &l, IH_RESTORE);
-	/* Step 10: the redirect goes, synchronously in both tiers. */
-	remove_rule(p, &c->in_key);
+	/* Step 10: the redirect goes, synchronously in both tiers; a park
+	 * takes its place in the same write, until the target's parked
+	 * frames are in (they are older than anything that comes now). */
+	if (insert_park(p, &c->in_key, now))
+		remove_rule(p, &c->in_key);
 	lap(p, &l, IH_REMOVE);
 	ret = xo_tcp_resume(fd, &st);
 	if (ret) {
@@ -1203,6 +1291,7 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 	c->state = H_RETURNED;
 	c->deadline = now + CFG(p, confirm_timeout_ms,
 				XO_PROTO_CONFIRM_TIMEOUT_MS);
+	c->park_until = c->deadline;
 	c->renew_at = 0;
 	return;
 
@@ -1290,9 +1379,14 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 			move_finish(p, c, NULL, "the new target refused", now);
 			return;
 		}
-		if (c->peer != pe->id)
+		if (c->peer != pe->id) {
+			/* The answer of a move's destination after we gave up
+			 * on it (it had our ABORT already): nothing to do. */
+			if (c->move_peer == pe->id)
+				return;
 			return violation(p, pe, now, "%s for a connection of another target",
 					 m->type == XO_MSG_ABORT ? "ABORT" : "TARGET_READY");
+		}
 		if (c->state != H_WAIT_READY) {
 			if (m->type == XO_MSG_ABORT)
 				return; /* a late answer to something settled */
@@ -1330,7 +1424,7 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 		return;
 	case XO_MSG_PARKED:
 		if (c && c->state == H_RETURNED && c->peer == pe->id) {
-			replay_blob(p, m->payload, m->payload_len, &c->local);
+			release_park(p, c, m->payload, m->payload_len, &c->local);
 			conn_free(p, c);
 		} else if (c && c->state == H_OFFLOADED && c->peer != pe->id) {
 			/* Moved on: the frames follow the connection. */
@@ -1460,9 +1554,16 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 	c->at = here;
 	flow_key(&c->in_key, &st.remote, &here);
 	flow_key(&c->out_key, &here, &st.remote);
-	/* Ours now: a PARK left from this flow's last hand-back must not keep
-	 * the client's packets from the restored socket. */
-	remove_rule(p, &c->in_key);
+	/* Park the client's frames from now on: until the host's parked
+	 * frames (older) are in, newer ones must not reach the socket. This
+	 * also replaces a park left from this flow's last hand-back. */
+	ret = insert_park(p, &c->in_key, now);
+	if (ret) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why), "%s", xo_last_error());
+		conn_free(p, c);
+		goto refuse;
+	}
 	/* Step 4: the source rewrite exists before anything can leave. */
 	action(p, &a, XO_STEER_SRC_REWRITE, now,
 	       CFG(p, redirect_ttl_ms, XO_PROTO_REDIRECT_TTL_MS));
@@ -1510,8 +1611,7 @@ static void target_keep(struct xo_proto *p, struct conn *c, const char *why)
 	if (xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule))
 		fprintf(stderr, "xo: conn %llx: rewrite back: %s\n",
 			(unsigned long long)c->id, xo_last_error());
-	remove_rule(p, &c->in_key);
-	replay_parked(p, &c->in_key, &c->at);
+	release_park(p, c, NULL, 0, &c->at);
 	c->state = T_SERVING;
 	c->deadline = 0;
 	p->stats.kept++;
@@ -1557,8 +1657,12 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		return target_begin(p, pe, m, now);
 	if (m->type == XO_MSG_PARKED) {
 		c = conn_by_wire(p, pe->id, m->conn_id);
-		if (c && c->state == T_SERVING)
+		if (c && c->state == T_SERVING && c->park_until)
+			release_park(p, c, m->payload, m->payload_len, &c->at);
+		else if (c && c->state == T_SERVING)
 			replay_blob(p, m->payload, m->payload_len, &c->at);
+		else if (c && c->state == T_WAIT_END)
+			hold_frames(c, m->payload, m->payload_len);
 		return;
 	}
 	if (m->type != XO_MSG_HOST_READY && m->type != XO_MSG_END_OFFLOAD &&
@@ -1588,6 +1692,10 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 				(unsigned long long)c->id, xo_last_error());
 			xo_tcp_discard(c->fd);
 			c->fd = -1;
+			c->rule.expires_ns = now + CFG(p, closed_ttl_ms,
+						       XO_PROTO_CLOSED_TTL_MS);
+			if (!xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule))
+				linger(p, &c->out_key, &c->rule);
 			send_msg(pe, XO_MSG_TARGET_DONE, XO_DONE_FLAG_CLOSED,
 				 c->wire_id, NULL, 0, now);
 			c->state = T_WAIT_CLOSED;
@@ -1597,6 +1705,8 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		}
 		c->state = T_SERVING;
 		c->deadline = 0;
+		c->park_until = now + CFG(p, confirm_timeout_ms,
+					  XO_PROTO_CONFIRM_TIMEOUT_MS);
 		c->renew_at = now + CFG(p, redirect_ttl_ms,
 					XO_PROTO_REDIRECT_TTL_MS) / 3;
 		p->stats.adopted++;
@@ -1630,7 +1740,8 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		if (m->type != XO_MSG_END_OFFLOAD)
 			break;
 		lap(p, &l, IT_END);
-		ship_parked(p, pe, c->wire_id, &c->in_key, now);
+		ship_parked(p, pe, c->wire_id, &c->in_key, c->held,
+			    c->held_len, now);
 		{
 			struct xo_flow_key k = c->in_key;
 			struct xo_steer_action a;
@@ -1720,6 +1831,7 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 	lap(p, &l, IT_SERIALIZE);
 	c->lap = l;
 	c->state = T_WAIT_END;
+	c->park_until = 0; /* parked frames now go back with it */
 	c->deadline = now + CFG(p, confirm_timeout_ms,
 				XO_PROTO_CONFIRM_TIMEOUT_MS);
 	free(c->app);
@@ -1743,8 +1855,7 @@ unblock:
 
 		snprintf(why, sizeof(why), "%s", xo_last_error());
 		xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule);
-		remove_rule(p, &c->in_key);
-		replay_parked(p, &c->in_key, &c->at);
+		release_park(p, c, NULL, 0, &c->at);
 		xo_fail(ret, "%s", why);
 	}
 	xo_state_release(&st);
@@ -1845,6 +1956,7 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 				continue;
 			}
 			if (c->state == H_RETURNED) {
+				release_park(p, c, NULL, 0, &c->local);
 				conn_free(p, c);
 				continue;
 			}
@@ -2014,8 +2126,7 @@ int xo_proto_peer_add(struct xo_proto *p, const struct xo_proto_peer_opts *o,
 			       pending);
 	/* A target takes connections from its hosts only: no key holder can
 	 * play the host to it from anywhere else. */
-	if (p->cfg.role == XO_ROLE_TARGET && p->cfg.n_hosts &&
-	    !is_host_addr(p, &o->addr)) {
+	if (p->cfg.role == XO_ROLE_TARGET && !is_host_addr(p, &o->addr)) {
 		char a[64];
 
 		return xo_fail(XO_E_REFUSED, "peer: %s is not one of our hosts",
@@ -2194,7 +2305,8 @@ uint64_t xo_proto_next_deadline(struct xo_proto *p)
 	for (pe = p->peers; pe; pe = pe->next)
 		d = earliest(d, peer_deadline(p, pe));
 	for (c = p->all; c; c = c->next)
-		d = earliest(earliest(d, c->deadline), c->renew_at);
+		d = earliest(earliest(earliest(d, c->deadline), c->renew_at),
+			     c->state == T_SERVING ? c->park_until : 0);
 	return d;
 }
 
@@ -2257,6 +2369,8 @@ static void tick_conn(struct xo_proto *p, struct conn *c, uint64_t now)
 		}
 		c->renew_at = now + ttl / 3;
 	}
+	if (c->state == T_SERVING && c->park_until && now >= c->park_until)
+		release_park(p, c, NULL, 0, &c->at); /* no PARKED came */
 	if (!c->deadline || now < c->deadline)
 		return;
 	if (c->state != H_RETURNED && c->state != T_WAIT_CLOSED)
@@ -2271,12 +2385,9 @@ static void tick_conn(struct xo_proto *p, struct conn *c, uint64_t now)
 	case H_MOVING: {
 		struct peer *to = peer_get(p, c->move_peer);
 
-		if (to) {
+		if (to)
 			send_abort(to, c->wire_id, XO_ABORT_TIMEOUT,
 				   "no TARGET_READY in time", now);
-			peer_fail(to, now);
-		}
-		c->move_peer = 0;
 		move_finish(p, c, NULL, "the new target did not answer", now);
 		return;
 	}
@@ -2287,8 +2398,11 @@ static void tick_conn(struct xo_proto *p, struct conn *c, uint64_t now)
 		if (pe)
 			close_peer(p, pe, now, "host did not answer in time");
 		return;
-	case T_WAIT_CLOSED:
 	case H_RETURNED:
+		release_park(p, c, NULL, 0, &c->local);
+		conn_free(p, c);
+		return;
+	case T_WAIT_CLOSED:
 		conn_free(p, c);
 		return;
 	default:
@@ -2364,6 +2478,9 @@ int xo_proto_create(const struct xo_proto_config *cfg, struct xo_proto **out)
 	if (cfg->role == XO_ROLE_TARGET && !cfg->local4.family &&
 	    !cfg->local6.family)
 		return xo_fail(XO_E_INVAL, "proto: a target needs its own address");
+	if (cfg->role == XO_ROLE_TARGET && !cfg->n_hosts)
+		return xo_fail(XO_E_INVAL,
+			       "proto: a target needs the addresses of its hosts (only they may connect)");
 	p = calloc(1, sizeof(*p));
 	if (!p)
 		return xo_fail(XO_E_NOMEM, "proto: out of memory");

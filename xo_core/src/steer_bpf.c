@@ -81,6 +81,7 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 {
 	struct xo_steer_opts o;
 	struct xo_steer *s;
+	struct bpf_map *ring;
 	const char *pin;
 	int ret, i;
 
@@ -167,6 +168,20 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 		bpf_map__set_pin_path(s->stats, NULL);
 		bpf_map__set_pin_path(s->pairs, NULL);
 	}
+	ring = bpf_object__find_map_by_name(s->obj, "xo_parked");
+	if (!ring) {
+		ret = xo_fail(XO_E_VERSION, "%s has no xo_parked ring: rebuild bpf/",
+			      o.obj_path);
+		goto fail;
+	}
+	if (o.park_ring_bytes) {
+		ret = bpf_map__set_max_entries(ring, o.park_ring_bytes);
+		if (ret) {
+			ret = xo_fail_bpf(ret, "set the park ring to %u bytes",
+					  o.park_ring_bytes);
+			goto fail;
+		}
+	}
 	ret = bpf_object__load(s->obj);
 	if (ret) {
 		ret = xo_fail_bpf(ret, "load BPF object %s", o.obj_path);
@@ -185,19 +200,9 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 		}
 		s->prog_fd[i] = bpf_program__fd(p);
 	}
-	{
-		struct bpf_map *ring =
-			bpf_object__find_map_by_name(s->obj, "xo_parked");
-
-		if (!ring) {
-			ret = xo_fail(XO_E_VERSION, "%s has no xo_parked ring: "
-				      "rebuild bpf/", o.obj_path);
-			goto fail;
-		}
-		ret = xo_park_setup(s, bpf_map__fd(ring));
-		if (ret)
-			goto fail;
-	}
+	ret = xo_park_setup(s, bpf_map__fd(ring));
+	if (ret)
+		goto fail;
 	*out = s;
 	return 0;
 

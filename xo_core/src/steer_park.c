@@ -29,7 +29,7 @@
 #include "steer_internal.h"
 #include "wire.h"
 
-#define STASH_MAX_BYTES (4u << 20) /* beyond this, parked frames are lost */
+#define STASH_MAX_BYTES (16u << 20) /* beyond this, parked frames are lost */
 #define STASH_MAX_AGE_NS 10000000000ull /* nobody took them: gone */
 #define SEGMENT_MAX 1400 /* payload per replayed frame: fits any XDP frame */
 

@@ -74,6 +74,7 @@ class RefAppCluster:
     # Host: reach a target's control port elsewhere, e.g. through a test relay.
     control_via: dict[str, tuple[str, int]] = field(default_factory=dict)
     move_policy: str = "none"  # targets: "path" moves connections between targets
+    park_ring_bytes: int = 0  # the parked-frame ring (0: the core's default)
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -125,6 +126,8 @@ class RefAppCluster:
         if member in self.crash_at:
             lines.append(f"crash_at {self.crash_at[member]}")
         lines += [f"timeout {name} {round(sec * 1000)}" for name, sec in self.timeouts.items()]
+        if self.park_ring_bytes:
+            lines.append(f"park_ring_bytes {self.park_ring_bytes}")
         path = self.workdir / f"{member}.conf"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -153,6 +156,8 @@ class RefAppCluster:
         argv += [f"--timeout={name}={sec}" for name, sec in self.timeouts.items()]
         if role == "target" and self.move_policy != "none":
             argv += ["--move-policy", self.move_policy]
+        if self.park_ring_bytes:
+            argv += ["--park-ring-bytes", str(self.park_ring_bytes)]
         if role == "host":
             argv += [f"--control-via={m}=[{ip}]:{port}"
                      for m, (ip, port) in self.control_via.items()]

@@ -86,7 +86,8 @@ class Steering:
 
     @classmethod
     def open(cls, ifindex: int, pin_dir: str, *, egress: bool, backend: str = "none",
-             owner: int | None = None, ingress: str = "tc") -> Steering:
+             owner: int | None = None, ingress: str = "tc",
+             park_ring_bytes: int = 0) -> Steering:
         """Load the programs and attach them to ``ifindex``.
 
         ``ingress`` picks the program that blocks and redirects the client's
@@ -100,7 +101,7 @@ class Steering:
         """
         if ingress not in INGRESS_PATHS:
             raise ValueError(f"ingress {ingress!r}: one of {', '.join(INGRESS_PATHS)}")
-        steer = Steer(pin_dir=pin_dir)
+        steer = Steer(pin_dir=pin_dir, park_ring_bytes=park_ring_bytes)
         # The owner id names the role instance (its pin directory), not the
         # process: a restarted agent purges what its crashed predecessor left.
         owner = owner if owner is not None else zlib.crc32(pin_dir.encode()) & 0x7FFFFFFF
@@ -158,7 +159,7 @@ class _Control(asyncio.Protocol):
         self.peername = transport.get_extra_info("peername")
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            proto.ctl_sock_setup(sock.fileno())
+            proto.ctl_sock_setup(sock.fileno(), self.driver.peer_timeout_s)
         self.driver._control_made(self)
 
     def data_received(self, data: bytes) -> None:
@@ -183,8 +184,12 @@ class _Control(asyncio.Protocol):
 class _Driver:
     """What both roles share: the machine, its connections, its clock."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, timeouts: Timeouts) -> None:
         self.machine = machine
+        # The kernel's limit on unacknowledged control bytes: this driver
+        # hands everything to the transport at once, so the machine's send
+        # deadline never sees a stuck peer; TCP_USER_TIMEOUT does.
+        self.peer_timeout_s = timeouts.peer or 0.0
         self.times = StepTimes(machine)
         self._controls: dict[int, _Control] = {}
         self._timer: asyncio.TimerHandle | None = None
@@ -322,7 +327,8 @@ class HostEngine(_Driver):
     def __init__(self, key: bytes, steering: Steering, host_mac: str,
                  on_return: ReturnCallback, *, timeouts: Timeouts = DEFAULTS) -> None:
         super().__init__(Machine(Role.HOST, key, steering.rules, steering.steer,
-                                 steering.owner, host_mac=host_mac, timeouts=timeouts))
+                                 steering.owner, host_mac=host_mac, timeouts=timeouts),
+                         timeouts)
         self.steering = steering
         self.on_return = on_return
         self.targets: dict[str, TargetLink] = {}
@@ -497,7 +503,7 @@ class TargetAgent(_Driver):
             raise ValueError("a target needs the addresses of its hosts (host_ips)")
         super().__init__(Machine(Role.TARGET, key, steering.rules, steering.steer,
                                  steering.owner, local4=my_ip, local6=my_ip6, hosts=hosts,
-                                 timeouts=timeouts))
+                                 timeouts=timeouts), timeouts)
         self.steering = steering
         self.my_ip = my_ip
         self.serve = serve

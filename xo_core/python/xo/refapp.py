@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import signal
@@ -61,6 +62,8 @@ class Request:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
+        self.body_len = 0
+        self.body = b""
         head, _, _ = raw.partition(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         try:
@@ -97,25 +100,46 @@ def _body_length(head: bytes, response: bool = False) -> int:
     return 0
 
 
-async def read_request(sock: socket.socket, buf: bytearray) -> Request | None:
-    """The next whole request from buf + the socket; None at a clean EOF."""
-    loop = asyncio.get_running_loop()
+async def _recv_into(sock: socket.socket, buf: bytearray) -> bool:
+    chunk = await asyncio.get_running_loop().sock_recv(sock, 262144)
+    buf += chunk
+    return bool(chunk)
+
+
+async def read_head(sock: socket.socket, buf: bytearray) -> Request | None:
+    """The next request's head from buf + the socket (its body, if any, is
+    what follows in buf and on the socket); None at a clean EOF."""
     while True:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
-            total = end + 4 + _body_length(bytes(buf[:end]))
-            if len(buf) >= total:
-                raw = bytes(buf[:total])
-                del buf[:total]
-                return Request(raw)
-        elif len(buf) > MAX_HEADER_BYTES:
+            req = Request(bytes(buf[:end + 4]))
+            req.body_len = _body_length(bytes(buf[:end]))
+            del buf[:end + 4]
+            return req
+        if len(buf) > MAX_HEADER_BYTES:
             raise BadRequest("request head too large")
-        chunk = await loop.sock_recv(sock, 65536)
-        if not chunk:
+        if not await _recv_into(sock, buf):
             if buf:
                 raise BadRequest("connection closed inside a request")
             return None
-        buf += chunk
+
+
+async def read_body(sock: socket.socket, buf: bytearray, req: Request) -> None:
+    """The rest of req's body: req.body, and req.raw becomes head + body."""
+    while len(buf) < req.body_len:
+        if not await _recv_into(sock, buf):
+            raise BadRequest("connection closed inside a request body")
+    req.body = bytes(buf[:req.body_len])
+    del buf[:req.body_len]
+    req.raw += req.body
+
+
+async def read_request(sock: socket.socket, buf: bytearray) -> Request | None:
+    """The next whole request from buf + the socket; None at a clean EOF."""
+    req = await read_head(sock, buf)
+    if req is not None:
+        await read_body(sock, buf, req)
+    return req
 
 
 def resolve(docroot: Path, path: str) -> Path | None:
@@ -136,6 +160,15 @@ async def respond(sock: socket.socket, req: Request, docroot: Path, served_by: s
                 f"Connection: {conn_hdr}\r\n\r\n")
         await loop.sock_sendall(sock, head.encode() + extra)
         return len(extra)
+    if req.method in ("PUT", "POST"):
+        # The reference app keeps no uploads: it answers with what it got,
+        # so a client can check every byte arrived (X-Body-SHA256).
+        digest = hashlib.sha256(req.body).hexdigest()
+        head = (f"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nX-Served-By: {served_by}\r\n"
+                f"X-Body-Length: {len(req.body)}\r\nX-Body-SHA256: {digest}\r\n"
+                f"Connection: {conn_hdr}\r\n\r\n")
+        await loop.sock_sendall(sock, head.encode())
+        return 0
     file = resolve(docroot, req.path) if req.method in ("GET", "HEAD") else None
     if file is None:
         status = "405 Method Not Allowed" if req.method not in ("GET", "HEAD") else "404 Not Found"
@@ -246,7 +279,8 @@ class Host:
             # (A thread: pyroute2's netlink calls run an event loop of their own.)
             await asyncio.to_thread(prepare_xdp_tx, self.lab, self.me)
         steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-host",
-                                 egress=True, ingress=self.ingress)
+                                 egress=True, ingress=self.ingress,
+                                 park_ring_bytes=PARK_RING_BYTES)
         self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return,
                                  timeouts=timeouts())
         try:
@@ -304,20 +338,25 @@ class Host:
         sock.setblocking(False)
         try:
             while True:
-                req = await read_request(sock, buf)
+                req = await read_head(sock, buf)
                 if req is None:
                     sock.close()
                     return
                 self.requests += 1
                 if req.path == "/_xo/stats":
+                    await read_body(sock, buf, req)
                     await respond(sock, req, self.docroot, "host", self.stats_json())
                 elif self.mode == "proxy":
+                    await read_body(sock, buf, req)
                     await self.proxy(sock, req, upstreams)
                 else:
+                    # Hand off as soon as the head is here: a request body still
+                    # on its way follows the connection to the target.
                     link = self.pick(req) if self.mode == "xo" else None
                     if link is not None and await self.engine.offload(sock, req.raw + bytes(buf),
                                                                      link):
                         return  # the target owns the connection now
+                    await read_body(sock, buf, req)
                     self.served_locally += 1
                     await respond(sock, req, self.docroot, "host")
                 if not req.keep_alive:
@@ -383,7 +422,7 @@ class Target:
 
     async def run(self, ready: asyncio.Event) -> None:
         steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-{self.me.name}",
-                                 egress=True)
+                                 egress=True, park_ring_bytes=PARK_RING_BYTES)
         host = self.lab.host
         self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at,
                                  my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6),
@@ -479,6 +518,7 @@ REDIRECT_TTL_S: float | None = None  # --redirect-ttl: the engines' default othe
 DRAIN_TIMEOUT_S = 2.0  # --drain-timeout
 TIMEOUTS: dict[str, float] = {}  # --timeout NAME=SECONDS
 MOVE_POLICY = "none"  # --move-policy
+PARK_RING_BYTES = 0  # --park-ring-bytes: the core's default
 CONTROL_VIA: dict[str, tuple[str, int]] = {}  # --control-via MEMBER=IP:PORT
 
 
@@ -574,14 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--move-policy", default="none", choices=["none", "path"],
                         help="target: keep connections and move each straight to the target "
                              "its next request belongs to (path: as the host's path policy)")
+    parser.add_argument("--park-ring-bytes", type=int, default=0,
+                        help="size of the ring that keeps client frames during a handoff "
+                             "(0: the default; smaller than a 64 KiB record: nothing is kept)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
         filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {args.role}{'' if args.role == 'host' else ':' + args.member} "
                "%(name)s %(levelname)s %(message)s")
-    global TIMINGS_PATH, REDIRECT_TTL_S, DRAIN_TIMEOUT_S, MOVE_POLICY
+    global TIMINGS_PATH, REDIRECT_TTL_S, DRAIN_TIMEOUT_S, MOVE_POLICY, PARK_RING_BYTES
     MOVE_POLICY = args.move_policy
+    PARK_RING_BYTES = args.park_ring_bytes
     for item in args.timeout:
         name, _, value = item.partition("=")
         if name not in Timeouts.__dataclass_fields__:

@@ -60,6 +60,11 @@ class Kind(enum.IntEnum):
     PARK = lib.XO_STEER_PARK
 
 
+# The kinds a hardware tier can carry; PARK keeps a copy of each frame in a
+# BPF ring buffer, which only the software tier can do.
+HW_KINDS = frozenset({Kind.BLOCK, Kind.REDIRECT, Kind.SRC_REWRITE})
+
+
 class Prog(enum.IntEnum):
     """The programs of ``xo_steer.bpf.o`` (``XO_PROG_*``)."""
 
@@ -338,7 +343,7 @@ class Steer:
     """
 
     def __init__(self, obj_path: str | Path | None = None, pin_dir: str | None = None,
-                 *, pin: bool = True, max_flows: int = 0) -> None:
+                 *, pin: bool = True, max_flows: int = 0, park_ring_bytes: int = 0) -> None:
         path = Path(obj_path) if obj_path else default_object_path()
         if not path.exists():
             raise FileNotFoundError(
@@ -352,6 +357,7 @@ class Steer:
         opts.obj_path = c_path
         opts.pin_dir = c_pin
         opts.max_flows = max_flows
+        opts.park_ring_bytes = park_ring_bytes
         out = ffi.new("struct xo_steer **")
         _check(lib.xo_steer_open(opts, out))
         self._s: Any = out[0]
@@ -633,6 +639,9 @@ class RuleManager:
         opts.size = ffi.sizeof("struct xo_rules_opts")
         opts.queue_capacity = queue_capacity
         # Which kinds also go to hardware; None = redirect only (the paper).
+        if hw_kinds and not hw_kinds <= HW_KINDS:
+            raise ValueError(f"hw_kinds: {', '.join(k.name for k in hw_kinds - HW_KINDS)} "
+                             "cannot go to hardware (software tier only)")
         opts.hw_kinds = sum(1 << int(k) for k in hw_kinds) if hw_kinds else 0
         out = ffi.new("struct xo_rules **")
         try:
