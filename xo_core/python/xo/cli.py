@@ -78,6 +78,13 @@ def _bench_lab(args: argparse.Namespace) -> int:
     return bench_lab.main(args.targets, args.rate, args.connections, args.seconds, args.json)
 
 
+def _bench_latency(args: argparse.Namespace) -> int:
+    require_bench_extra("latency")
+    from xo import bench_latency
+
+    return bench_latency.main(args.requests, args.rate, args.driver, args.json)
+
+
 def _bench_rules(args: argparse.Namespace) -> int:
     from xo import bench_rules, results
 
@@ -121,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     blab.add_argument("--seconds", type=float, default=5.0)
     blab.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
     blab.set_defaults(func=_bench_lab)
+    lat = bench_sub.add_parser("latency",
+                               help="keep-alive request latency, XO vs proxy, resends counted")
+    lat.add_argument("--requests", type=int, default=1000, help="per mode and object size")
+    lat.add_argument("--rate", default=None, help="host and target link rate (default: none)")
+    lat.add_argument("--driver", default="py", choices=["py", "c"], help="XO's driver")
+    lat.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    lat.set_defaults(func=_bench_latency)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
     rules.add_argument("--flower-count", type=int, default=1000,
