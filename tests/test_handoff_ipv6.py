@@ -266,14 +266,19 @@ def test_agent_adopts_host_ipv6_state_only(tmp_path: Path) -> None:
             ready = decode_ready(reply.payload)
             ip, port = ready.ip, ready.port
             assert ip == t0.ipv6
-            entries = map_entries(apps, "t0")
-            assert len(entries) == 1, entries
-            flow, rule = entries[0]
+            # Two IPv6-keyed entries: the source rewrite of the restored
+            # socket, and the park that holds the client's frames until the
+            # host's parked frames are in (docs/architecture.md).
+            entries = {rule.kind.name: (flow, rule) for flow, rule in map_entries(apps, "t0")}
+            assert sorted(entries) == ["PARK", "SRC_REWRITE"], entries
+            flow, rule = entries["SRC_REWRITE"]
             assert (str(flow.src), flow.src_port) == (t0.ipv6, port), flow
             assert (str(flow.dst), flow.dst_port) == (testbed.client.ipv6, state.remote.port)
-            assert rule.kind.name == "SRC_REWRITE", rule
             assert (str(rule.new_src), rule.new_src_port) == (testbed.host.ipv6,
                                                               state.local.port), rule
+            flow, rule = entries["PARK"]
+            assert (str(flow.src), flow.src_port) == (testbed.client.ipv6, state.remote.port)
+            assert (str(flow.dst), flow.dst_port) == (t0.ipv6, port), flow
 
             # The host withdraws: t0 drops its copy and the rewrite.
             sock.sendall(channel.seal(MsgType.ABORT, 6, encode_abort(ABORT_HOST, "test")))

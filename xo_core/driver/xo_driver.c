@@ -384,24 +384,6 @@ static int parse_ep(const char *ip, int port, struct xo_endpoint *ep)
 	return -1;
 }
 
-static socklen_t sockaddr_of(const struct xo_endpoint *ep,
-			     struct sockaddr_storage *ss)
-{
-	memset(ss, 0, sizeof(*ss));
-	if (ep->family == AF_INET6) {
-		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)ss;
-
-		s6->sin6_family = AF_INET6;
-		s6->sin6_port = htons(ep->port);
-		memcpy(&s6->sin6_addr, ep->addr, 16);
-		return sizeof(*s6);
-	}
-	((struct sockaddr_in *)ss)->sin_family = AF_INET;
-	((struct sockaddr_in *)ss)->sin_port = htons(ep->port);
-	memcpy(&((struct sockaddr_in *)ss)->sin_addr, ep->addr, 4);
-	return sizeof(struct sockaddr_in);
-}
-
 static int listen_on(const char *ip, int port)
 {
 	struct sockaddr_storage ss;
@@ -411,7 +393,7 @@ static int listen_on(const char *ip, int port)
 
 	if (parse_ep(ip, port, &ep))
 		die("bad address %s", ip);
-	len = sockaddr_of(&ep, &ss);
+	len = (socklen_t)xo_endpoint_to_sockaddr(&ep, &ss, sizeof(ss));
 	fd = socket(ep.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		die("socket: %s", strerror(errno));
@@ -879,7 +861,7 @@ static void connect_target(struct control *k)
 		die("bad target address %s", t->ip);
 	memcpy(o.mac, t->mac, 6);
 	snprintf(o.name, sizeof(o.name), "%s", t->name);
-	len = sockaddr_of(&o.addr, &ss);
+	len = (socklen_t)xo_endpoint_to_sockaddr(&o.addr, &ss, sizeof(ss));
 	fd = socket(o.addr.family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		die("socket: %s", strerror(errno));
@@ -907,15 +889,9 @@ static void accept_control(int lfd)
 	fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
 	if (fd < 0)
 		return;
-	memset(&o.addr, 0, sizeof(o.addr));
-	if (ss.ss_family == AF_INET6) {
-		o.addr.family = AF_INET6;
-		o.addr.port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
-		memcpy(o.addr.addr, &((struct sockaddr_in6 *)&ss)->sin6_addr, 16);
-	} else {
-		o.addr.family = AF_INET;
-		o.addr.port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
-		memcpy(o.addr.addr, &((struct sockaddr_in *)&ss)->sin_addr, 4);
+	if (xo_endpoint_from_sockaddr(&ss, len, &o.addr)) {
+		close(fd);
+		return;
 	}
 	for (k = NULL, i = 0; i < n_controls; i++)
 		if (controls[i].fd < 0)

@@ -132,6 +132,15 @@ struct xo_restore_opts {
 	struct xo_endpoint local;   /* port 0 = keep the captured port */
 };
 
+/* Endpoints and the socket API: the local (peer 0) or remote (peer 1) end
+ * of a connected socket; a struct sockaddr_in/_in6 of at most cap bytes
+ * filled from ep (returns its length); and back. */
+int xo_endpoint_of_fd(int fd, int peer, struct xo_endpoint *ep);
+int xo_endpoint_to_sockaddr(const struct xo_endpoint *ep, void *sa,
+			    uint32_t cap);
+int xo_endpoint_from_sockaddr(const void *sa, uint32_t len,
+			      struct xo_endpoint *ep);
+
 /* Enter repair mode: the socket stops sending; data and ACKs may still be
  * accepted, so block the flow first. */
 int xo_tcp_freeze(int fd);

@@ -187,38 +187,6 @@ static const char *ep_str(const struct xo_endpoint *ep, char *buf, size_t cap)
 	return buf;
 }
 
-static int sock_endpoint(int fd, bool peer, struct xo_endpoint *ep)
-{
-	struct sockaddr_storage ss;
-	socklen_t len = sizeof(ss);
-	int ret = peer ? getpeername(fd, (struct sockaddr *)&ss, &len) :
-			 getsockname(fd, (struct sockaddr *)&ss, &len);
-
-	if (ret < 0)
-		return xo_fail_sys("offload: %s", peer ? "getpeername" :
-							 "getsockname");
-	memset(ep, 0, sizeof(*ep));
-	if (ss.ss_family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
-
-		ep->family = AF_INET;
-		ep->port = ntohs(sin->sin_port);
-		memcpy(ep->addr, &sin->sin_addr, 4);
-	} else if (ss.ss_family == AF_INET6) {
-		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
-
-		ep->family = AF_INET6;
-		ep->port = ntohs(sin6->sin6_port);
-		ep->scope_id = sin6->sin6_scope_id;
-		memcpy(ep->addr, &sin6->sin6_addr, 16);
-	} else {
-		return xo_fail(XO_E_NOT_ESTABLISHED,
-			       "offload: socket of family %d is not TCP/IP",
-			       ss.ss_family);
-	}
-	return 0;
-}
-
 /* The flow key of packets from src to dst. */
 static void flow_key(struct xo_flow_key *k, const struct xo_endpoint *src,
 		     const struct xo_endpoint *dst)
@@ -921,9 +889,9 @@ int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 		return xo_fail(XO_E_TOO_LARGE, "offload: %u request bytes",
 			       app_len);
 	lap_start(&l, XO_T_OUT_HOST);
-	ret = sock_endpoint(fd, false, &local);
+	ret = xo_endpoint_of_fd(fd, 0, &local);
 	if (!ret)
-		ret = sock_endpoint(fd, true, &client);
+		ret = xo_endpoint_of_fd(fd, 1, &client);
 	if (ret)
 		return ret;
 	flow_key(&in_key, &client, &local);
@@ -1111,30 +1079,26 @@ int xo_probe_client(const struct xo_endpoint *local,
 	fd = socket(client->family, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_TCP);
 	if (fd < 0)
 		return xo_fail_sys("probe: socket(SOCK_RAW)");
-	if (client->family == AF_INET6) {
-		struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&ss;
+	{
+		struct xo_endpoint from = *local;
 
-		s6->sin6_family = AF_INET6;
-		memcpy(&s6->sin6_addr, local->addr, 16);
-		s6->sin6_scope_id = local->scope_id;
-		sl = sizeof(*s6);
-	} else {
-		struct sockaddr_in *s4 = (struct sockaddr_in *)&ss;
-
-		s4->sin_family = AF_INET;
-		memcpy(&s4->sin_addr, local->addr, 4);
-		sl = sizeof(*s4);
+		from.port = 0; /* a raw socket's "port" is its protocol */
+		ret = xo_endpoint_to_sockaddr(&from, &ss, sizeof(ss));
 	}
-	if (bind(fd, (struct sockaddr *)&ss, sl) < 0) {
+	if (ret >= 0 && bind(fd, (struct sockaddr *)&ss, (socklen_t)ret) < 0)
 		ret = xo_fail_sys("probe: bind");
+	if (ret < 0)
 		goto out;
+	{
+		struct xo_endpoint to = *client;
+
+		to.port = 0;
+		ret = xo_endpoint_to_sockaddr(&to, &ss, sizeof(ss));
 	}
-	if (client->family == AF_INET6)
-		memcpy(&((struct sockaddr_in6 *)&ss)->sin6_addr,
-		       client->addr, 16);
-	else
-		memcpy(&((struct sockaddr_in *)&ss)->sin_addr, client->addr,
-		       4);
+	if (ret < 0)
+		goto out;
+	sl = (socklen_t)ret;
+	ret = 0;
 	if (sendto(fd, pkt, sizeof(pkt), 0, (struct sockaddr *)&ss, sl) < 0)
 		ret = xo_fail_sys("probe: sendto");
 out:

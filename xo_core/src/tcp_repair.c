@@ -107,62 +107,6 @@ int xo_tcp_freeze(int fd)
 	return ret;
 }
 
-static int get_endpoint(int fd, bool peer, struct xo_endpoint *ep)
-{
-	struct sockaddr_storage ss;
-	socklen_t len = sizeof(ss);
-	int ret;
-
-	if (peer)
-		ret = XO_SYSCALL(getpeername(fd, (struct sockaddr *)&ss, &len));
-	else
-		ret = XO_SYSCALL(getsockname(fd, (struct sockaddr *)&ss, &len));
-	if (ret < 0)
-		return xo_fail_sys("capture: %s", peer ? "getpeername" :
-							 "getsockname");
-	memset(ep, 0, sizeof(*ep));
-	if (ss.ss_family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
-
-		ep->family = AF_INET;
-		ep->port = ntohs(sin->sin_port);
-		memcpy(ep->addr, &sin->sin_addr, 4);
-	} else if (ss.ss_family == AF_INET6) {
-		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
-
-		ep->family = AF_INET6;
-		ep->port = ntohs(sin6->sin6_port);
-		ep->scope_id = sin6->sin6_scope_id;
-		memcpy(ep->addr, &sin6->sin6_addr, 16);
-	} else {
-		return xo_fail(XO_E_NOT_ESTABLISHED,
-			       "capture: address family %d is not IPv4/IPv6",
-			       ss.ss_family);
-	}
-	return 0;
-}
-
-static socklen_t to_sockaddr(const struct xo_endpoint *ep,
-			     struct sockaddr_storage *ss)
-{
-	memset(ss, 0, sizeof(*ss));
-	if (ep->family == AF_INET) {
-		struct sockaddr_in *sin = (struct sockaddr_in *)ss;
-
-		sin->sin_family = AF_INET;
-		sin->sin_port = htons(ep->port);
-		memcpy(&sin->sin_addr, ep->addr, 4);
-		return sizeof(*sin);
-	}
-	struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)ss;
-
-	sin6->sin6_family = AF_INET6;
-	sin6->sin6_port = htons(ep->port);
-	sin6->sin6_scope_id = ep->scope_id;
-	memcpy(&sin6->sin6_addr, ep->addr, 16);
-	return sizeof(*sin6);
-}
-
 /* Select a repair queue and read its sequence number. */
 static int queue_seq(int fd, int queue, uint32_t *seq, const char *name)
 {
@@ -418,9 +362,9 @@ static int capture_once(int fd, const struct xo_tcp_info *ti,
 	uint32_t outq, got, val;
 	int ret;
 
-	ret = get_endpoint(fd, false, &st->local);
+	ret = xo_endpoint_of_fd(fd, 0, &st->local);
 	if (!ret)
-		ret = get_endpoint(fd, true, &st->remote);
+		ret = xo_endpoint_of_fd(fd, 1, &st->remote);
 	if (ret)
 		return ret;
 
@@ -751,7 +695,10 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	if (ret)
 		return ret;
 
-	sl = to_sockaddr(&local, &ss);
+	ret = xo_endpoint_to_sockaddr(&local, &ss, sizeof(ss));
+	if (ret < 0)
+		return ret;
+	sl = (socklen_t)ret;
 	if (XO_SYSCALL(bind(fd, (struct sockaddr *)&ss, sl)) < 0) {
 		char txt[INET6_ADDRSTRLEN] = "?";
 
@@ -761,7 +708,10 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	}
 	/* In repair mode connect() sends no SYN: the socket becomes
 	 * ESTABLISHED with the sequence numbers set above. */
-	sl = to_sockaddr(&st->remote, &ss);
+	ret = xo_endpoint_to_sockaddr(&st->remote, &ss, sizeof(ss));
+	if (ret < 0)
+		return ret;
+	sl = (socklen_t)ret;
 	if (XO_SYSCALL(connect(fd, (struct sockaddr *)&ss, sl)) < 0)
 		return xo_fail_sys("restore: connect (repair)");
 

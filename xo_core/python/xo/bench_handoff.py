@@ -12,7 +12,6 @@ poll() driver (xo-driver) and the Python asyncio engine.
 from __future__ import annotations
 
 import json
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import Any
 from xo import lab as xolab
 from xo import results
 from xo.demo import cluster
-from xo.refapp import HTTP_PORT
 
 # (row label, process, step name, paper APNet'25 µs, NSDI'26 µs)
 OUTBOUND = [
@@ -58,31 +56,12 @@ def _request_loop(testbed: xolab.Lab, count: int, path: str) -> dict[str, float]
     """count keep-alive GETs from the client namespace; returns client timings."""
     from rich.progress import Progress
 
-    with xolab.in_netns(testbed.client.netns):
-        sock = socket.create_connection((testbed.host.ipv4, HTTP_PORT), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    request = f"GET {path} HTTP/1.1\r\nHost: xo\r\n\r\n".encode()
-    latencies: list[float] = []
-    buf = b""
+    from xo.bench_latency import timed_gets
+
     with Progress(transient=True) as progress:
         task = progress.add_task("handoffs", total=count)
-        for _ in range(count):
-            t0 = time.perf_counter()
-            sock.sendall(request)
-            while b"\r\n\r\n" not in buf:
-                buf += sock.recv(65536)
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            while len(buf) < length:
-                buf += sock.recv(65536)
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"unexpected response: {head[:80]!r}")
-            buf = buf[length:]
-            latencies.append((time.perf_counter() - t0) * 1e6)
-            progress.advance(task)
-    sock.close()
-    return _summary(latencies)
+        millis = timed_gets(testbed, path, count, progress, task)
+    return _summary([ms * 1000 for ms in millis])
 
 
 def _summary(samples: list[float]) -> dict[str, float]:

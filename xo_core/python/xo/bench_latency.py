@@ -43,7 +43,10 @@ def _netstat(ns: str) -> dict[str, int]:
             "TCPTimeouts": ext["TCPTimeouts"]}
 
 
-def _series(testbed: xolab.Lab, path: str, count: int, progress: Any, task: Any) -> list[float]:
+def timed_gets(testbed: xolab.Lab, path: str, count: int, progress: Any,
+               task: Any) -> list[float]:
+    """count GETs of path on one keep-alive connection from the client
+    namespace; each one's milliseconds from send to its last body byte."""
     with xolab.in_netns(testbed.client.netns):
         sock = socket.create_connection((testbed.host.ipv4, HTTP_PORT), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -60,6 +63,8 @@ def _series(testbed: xolab.Lab, path: str, count: int, progress: Any, task: Any)
                               if line.lower().startswith(b"content-length")))
             while len(buf) < length:
                 buf += sock.recv(262144)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response: {head[:80]!r}")
             buf = buf[length:]
             samples.append((time.perf_counter() - start) * 1000)
             progress.advance(task)
@@ -87,7 +92,7 @@ def run(count: int = 1000, rate: str | None = None, driver: str = "py") -> dict[
                 for label, path in OBJECTS.items():
                     task = progress.add_task(f"{mode} {label}", total=count)
                     before = _netstat(ns)
-                    samples = _series(apps.testbed, path, count, progress, task)
+                    samples = timed_gets(apps.testbed, path, count, progress, task)
                     after = _netstat(ns)
                     result["modes"].setdefault(mode, {})[label] = {
                         **_summary(samples),
