@@ -831,7 +831,7 @@ def test_malformed_total_is_asserted() -> None:
 
 FUZZ_SECONDS = int(os.environ.get("XO_FUZZ_SECONDS", "10"))
 # The codec's sources only: the harness needs no libbpf/libmnl.
-FUZZ_SOURCES = ["state_codec.c", "tcp_repair.c", "error.c"]
+FUZZ_SOURCES = ["state_codec.c", "tcp_repair.c", "endpoint.c", "error.c"]
 
 
 def build_fuzzer(harness: str, sources: list[str], libs: list[str], out: Path) -> Path:

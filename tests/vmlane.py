@@ -170,14 +170,16 @@ R=/newroot
 mkdir -p $R
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro xoroot $R ||
 	fail "mount the host root"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose xoproj "$R$xo_proj" ||
-	fail "mount the project directory $xo_proj"
 mount -t proc proc $R/proc
 mount -t sysfs sys $R/sys
 mount -t devtmpfs dev $R/dev
 mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 for d in /run /tmp /var/tmp /dev/shm /root; do mount -t tmpfs tmpfs "$R$d"; done
+# After the tmpfs mounts: a project under /tmp (a CI clone) stays visible.
+mkdir -p "$R$xo_proj" 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose xoproj "$R$xo_proj" ||
+	fail "mount the project directory $xo_proj"
 mount -t bpf bpf $R/sys/fs/bpf
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
 # Module requests from the kernel (tc loading cls_flower, ...) run this

@@ -102,11 +102,19 @@ extern "C" {
 
 /* Defaults of the timing knobs (milliseconds). */
 #define XO_PROTO_READY_TIMEOUT_MS 2000      /* host: BEGIN -> TARGET_READY */
-#define XO_PROTO_CONFIRM_TIMEOUT_MS 4000    /* target: READY/DONE -> answer */
+#define XO_PROTO_CONFIRM_TIMEOUT_MS 30000   /* target: READY/DONE -> answer;
+					     * a TARGET_DONE with megabytes
+					     * of queue may cross a slow
+					     * link first; a dead host is
+					     * found by the peer timeout */
 #define XO_PROTO_HANDSHAKE_TIMEOUT_MS 5000
 #define XO_PROTO_PING_INTERVAL_MS 1000      /* when nothing else was sent */
-#define XO_PROTO_PEER_TIMEOUT_MS 5000       /* silence that means "dead" */
-#define XO_PROTO_SEND_TIMEOUT_MS 5000       /* output stuck that long */
+#define XO_PROTO_PEER_TIMEOUT_MS 15000      /* silence that means "dead":
+					     * long enough for a control
+					     * connection that shares a
+					     * saturated link (its segments
+					     * dropped, its RTO backing off) */
+#define XO_PROTO_SEND_TIMEOUT_MS 15000      /* output stuck that long */
 #define XO_PROTO_BLOCK_TTL_MS 10000
 #define XO_PROTO_REDIRECT_TTL_MS 600000     /* renewed every third */
 #define XO_PROTO_CLOSED_TTL_MS 30000        /* steer a closed flow's last

@@ -1253,8 +1253,9 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 	xo_state_release(&st);
 	/* Kept a moment: what the target parked meanwhile comes next. */
 	c->state = H_RETURNED;
-	c->deadline = now + CFG(p, confirm_timeout_ms,
-				XO_PROTO_CONFIRM_TIMEOUT_MS);
+	/* The target's PARKED follows END_OFFLOAD at once: hold the flow's
+	 * frames no longer than an answer may take. */
+	c->deadline = now + CFG(p, ready_timeout_ms, XO_PROTO_READY_TIMEOUT_MS);
 	c->park_until = c->deadline;
 	c->renew_at = 0;
 	return;
@@ -1669,8 +1670,8 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		}
 		c->state = T_SERVING;
 		c->deadline = 0;
-		c->park_until = now + CFG(p, confirm_timeout_ms,
-					  XO_PROTO_CONFIRM_TIMEOUT_MS);
+		c->park_until = now + CFG(p, ready_timeout_ms,
+					  XO_PROTO_READY_TIMEOUT_MS);
 		c->renew_at = now + CFG(p, redirect_ttl_ms,
 					XO_PROTO_REDIRECT_TTL_MS) / 3;
 		p->stats.adopted++;
