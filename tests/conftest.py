@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import vmlane
+from netns_tools import FAMILIES
 
 MARK = "fullkernel"
 IN_GUEST = os.environ.get("XO_VMLANE_GUEST") == "1"
@@ -174,3 +175,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
         f"full-kernel lane: {len(outcomes)} tests in the guest "
         f"({outcomes.count('passed')} passed, {outcomes.count('failed')} failed, "
         f"{outcomes.count('skipped')} skipped), boot + run {lane.seconds:.1f} s")
+
+
+@pytest.fixture(params=list(FAMILIES), ids=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> int:
+    """Each test that takes it runs for IPv4 and for IPv6."""
+    return FAMILIES[request.param]

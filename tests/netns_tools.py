@@ -9,6 +9,7 @@ named ``xo-t<random>-*`` and removed in ``close()``.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import secrets
@@ -17,7 +18,7 @@ import struct
 import subprocess
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from xo.lab import in_netns
@@ -218,3 +219,16 @@ def client_loss_counters(ns: str) -> dict[str, int]:
     return {"TcpRetransSegs": tcp["RetransSegs"], "TCPLossProbes": ext["TCPLossProbes"],
             "TCPTimeouts": ext["TCPTimeouts"], "TcpOutRsts": tcp["OutRsts"],
             "TcpEstabResets": tcp["EstabResets"]}
+
+
+FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
+
+
+@contextlib.contextmanager
+def veth_pair(family: int, sysctls: dict[str, str] | None = None) -> Iterator[VethPair]:
+    """An open VethPair of the family, closed (namespaces removed) after."""
+    pair = VethPair(family, sysctls or {})
+    try:
+        yield pair.open()
+    finally:
+        pair.close()

@@ -9,7 +9,6 @@ refused and the original socket still serves exactly that stream.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -17,31 +16,27 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from netns_tools import SO_RCVBUFFORCE, VethPair, connect, queue_sizes, snmp_tcp, wait_for
+from netns_tools import (
+    SO_RCVBUFFORCE,
+    VethPair,
+    connect,
+    queue_sizes,
+    snmp_tcp,
+    veth_pair,
+    wait_for,
+)
 from xo import core
 from xo._xo_cffi import lib
 from xo.lab import in_netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namespaces")
 
-FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
 
-@contextlib.contextmanager
-def veth_pair(family: int) -> Iterator[VethPair]:
-    pair = VethPair(family)
-    try:
-        yield pair.open()
-    finally:
-        pair.close()
 
 
-@pytest.fixture(params=list(FAMILIES), ids=list(FAMILIES))
-def family(request: pytest.FixtureRequest) -> int:
-    return FAMILIES[request.param]
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:

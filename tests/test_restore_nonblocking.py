@@ -16,7 +16,6 @@ Real connections between network namespaces (tests/netns_tools.py) with
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 import os
@@ -24,7 +23,6 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from netns_tools import (
@@ -33,6 +31,7 @@ from netns_tools import (
     connect,
     queue_sizes,
     snmp_tcp,
+    veth_pair,
     wait_for,
 )
 from xo import core
@@ -50,13 +49,6 @@ RESTORE_FIXED = 15
 RESUME_FIXED = 2
 
 
-@contextlib.contextmanager
-def veth_pair(family: int) -> Iterator[VethPair]:
-    pair = VethPair(family)
-    try:
-        yield pair.open()
-    finally:
-        pair.close()
 
 
 def counters(pair: VethPair) -> dict[str, int]:

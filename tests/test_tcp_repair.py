@@ -7,7 +7,6 @@ that no RST was sent or received (the namespaces' /proc/net/snmp).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
@@ -16,10 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from netns_tools import VethPair, connect, queue_sizes, snmp_tcp, wait_for
+from netns_tools import VethPair, connect, queue_sizes, snmp_tcp, veth_pair, wait_for
 from xo import core
 from xo.lab import in_netns
 
@@ -36,21 +34,10 @@ OPTION_SETS = {
     "sack-ws-off": ({"net.ipv4.tcp_timestamps": "1", "net.ipv4.tcp_sack": "0",
                      "net.ipv4.tcp_window_scaling": "0"}, core.OPT_TIMESTAMPS),
 }
-FAMILIES = {"ipv4": socket.AF_INET, "ipv6": socket.AF_INET6}
 
 
-@contextlib.contextmanager
-def veth_pair(family: int, sysctls: dict[str, str] | None = None) -> Iterator[VethPair]:
-    pair = VethPair(family, sysctls or {})
-    try:
-        yield pair.open()
-    finally:
-        pair.close()
 
 
-@pytest.fixture(params=list(FAMILIES), ids=list(FAMILIES))
-def family(request: pytest.FixtureRequest) -> int:
-    return FAMILIES[request.param]
 
 
 class Reader(threading.Thread):

@@ -63,12 +63,7 @@ int xo_hw_bench(struct xo_hw_backend *hw, uint32_t count,
 	xo_clear_error();
 	if (!hw || !insert_ns || !remove_ns)
 		return xo_fail(XO_E_INVAL, "xo_hw_bench: bad argument");
-	memset(&k, 0, sizeof(k));
-	k.family = XO_AF_INET;
-	k.proto = XO_IPPROTO_TCP;
-	memcpy(k.src_addr, (uint8_t[]){ 198, 19, 255, 254 }, 4);
-	memcpy(k.dst_addr, (uint8_t[]){ 198, 19, 255, 253 }, 4);
-	k.dst_port = __builtin_bswap16(9);
+	xo_bench_flow_key(&k);
 	memset(&a, 0, sizeof(a));
 	a.kind = XO_STEER_REDIRECT;
 	memcpy(a.new_dst_addr, (uint8_t[]){ 198, 19, 255, 252 }, 4);

@@ -70,6 +70,8 @@ int xo_fail_bpf(int ret, const char *step, ...) XO_PRINTF(2, 3);
 /* ---- steer_map.c ---- */
 
 int xo_steer_check_key(const struct xo_flow_key *key);
+/* The flow the rule benchmarks insert and remove (src port varies). */
+void xo_bench_flow_key(struct xo_flow_key *k);
 int xo_steer_check_action(const struct xo_steer_action *act);
 
 /* ---- steer_hw.c ---- */

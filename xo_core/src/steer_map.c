@@ -359,14 +359,7 @@ int xo_steer_bench(struct xo_steer *s, uint32_t count, uint64_t *insert_ns,
 	xo_clear_error();
 	if (!s || !insert_ns || !remove_ns)
 		return xo_fail(XO_E_INVAL, "xo_steer_bench: bad argument");
-	/* A flow in the benchmarking range (198.18.0.0/15) that no lab uses:
-	 * 198.19.255.254:port -> 198.19.255.253:9. */
-	memset(&k, 0, sizeof(k));
-	k.family = XO_AF_INET;
-	k.proto = XO_IPPROTO_TCP;
-	memcpy(k.src_addr, (uint8_t[]){ 198, 19, 255, 254 }, 4);
-	memcpy(k.dst_addr, (uint8_t[]){ 198, 19, 255, 253 }, 4);
-	k.dst_port = __builtin_bswap16(9);
+	xo_bench_flow_key(&k);
 	memset(&a, 0, sizeof(a));
 	a.kind = XO_STEER_BLOCK;
 	a.expires_ns = xo_steer_now_ns() + 60ull * 1000000000ull;

@@ -252,3 +252,15 @@ int xo_fail_bpf(int ret, const char *step, ...)
 	}
 	return code;
 }
+
+void xo_bench_flow_key(struct xo_flow_key *k)
+{
+	/* A flow in the benchmarking range (198.18.0.0/15) that no lab uses:
+	 * 198.19.255.254:port -> 198.19.255.253:9. */
+	memset(k, 0, sizeof(*k));
+	k->family = XO_AF_INET;
+	k->proto = XO_IPPROTO_TCP;
+	memcpy(k->src_addr, (uint8_t[]){ 198, 19, 255, 254 }, 4);
+	memcpy(k->dst_addr, (uint8_t[]){ 198, 19, 255, 253 }, 4);
+	k->dst_port = __builtin_bswap16(9);
+}
