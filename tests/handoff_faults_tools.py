@@ -24,8 +24,8 @@ from xo import core
 from xo.core import Channel, Endpoint, Message, MsgType, TcpState
 from xo.demo import RefAppCluster, cluster
 from xo.engine import DEFAULT_CONTROL_PORT
-from xo.lab import in_netns, netns_exists
-from xo.refapp import HTTP_PORT, PIN_ROOT
+from xo.lab import PIN_ROOT, in_netns, netns_exists
+from xo.refapp import HTTP_PORT
 from xo.steer import FlowKey, Rule
 
 IO_TIMEOUT = 5.0

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from netns_tools import sha256, snmp_tcp
 from xo.demo import RefAppCluster
-from xo.lab import Lab, in_netns
-from xo.refapp import HTTP_PORT, PIN_ROOT
+from xo.lab import PIN_ROOT, Lab, in_netns
+from xo.refapp import HTTP_PORT
 from xo.steer import Steer
 
 IO_TIMEOUT = 20.0

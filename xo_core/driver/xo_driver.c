@@ -216,6 +216,16 @@ static void load_config(const char *path, struct config *c)
 				die("config %s:%d: bad MAC", path, lineno);
 			t->port = n == 5 ? atoi(v4) : 0;
 			c->n_targets++;
+		} else if (!strcmp(k, "mode") || !strcmp(k, "ingress") ||
+			   !strcmp(k, "move_policy")) {
+			/* Settings of the Python app: only their defaults are
+			 * what this driver does. */
+			if (strcmp(v1, !strcmp(k, "mode") ? "xo" :
+				   !strcmp(k, "ingress") ? "tc" : "none"))
+				die("config %s:%d: %s %s: this driver offloads every request "
+				    "(mode xo), steers in tc, makes no moves", path, lineno, k, v1);
+		} else if (!strcmp(k, "lab")) {
+			/* for the Python app's XDP preparation; nothing here */
 		} else if (!strcmp(k, "timeout")) {
 			if (n < 3 || set_timeout(c, v1, (uint32_t)atoi(v2)))
 				die("config %s:%d: timeout NAME MILLISECONDS", path,

@@ -25,8 +25,10 @@ from typing import Any
 
 from xo import lab as xolab
 from xo import results
+from xo.appconfig import AppConfig, TargetEntry
 from xo.engine import DEFAULT_CONTROL_PORT, write_key
-from xo.refapp import HTTP_PORT, PIN_ROOT
+from xo.lab import PIN_ROOT
+from xo.refapp import HTTP_PORT
 from xo.steer import default_object_path
 
 # The C driver of the protocol machine (xo_core/driver/xo_driver.c), built by
@@ -98,70 +100,42 @@ class RefAppCluster:
     def driver(self, member: str) -> str:
         return self.drivers.get(member, self.drivers.get("*", "py"))
 
-    def _c_config(self, role: str, member: str) -> Path:
-        """The C driver's config file: one "name value" per line."""
+    def config(self, role: str, member: str) -> AppConfig:
+        """The member's configuration, as both drivers read it."""
         me = self.testbed.member(member)
         pin_dir = f"{PIN_ROOT}/{self.testbed.name}-{member}"
-        lines = [f"role {role}", f"name {member}", f"ip4 {me.ipv4}", f"ip6 {me.ipv6}",
-                 f"http_port {HTTP_PORT}", f"control_port {DEFAULT_CONTROL_PORT}",
-                 f"ifindex {me.ifindex}", f"mac {me.mac}",
-                 f"owner {zlib.crc32(pin_dir.encode()) & 0x7FFFFFFF}",
-                 f"key {self.key_path}", f"docroot {self.docroot}", f"pin_dir {pin_dir}",
-                 f"bpf_object {default_object_path()}"]
-        if self.policy in ("least_loaded", "round_robin"):
-            lines.append(f"policy {self.policy}")
-        if role == "host":
-            for t in self.testbed.targets:
-                ip, port = self.control_via.get(t.name, (t.ipv4, DEFAULT_CONTROL_PORT))
-                lines.append(f"target {t.name} {ip} {t.mac} {port}")
-        else:
-            host = self.testbed.host
-            lines += [f"host {host.ipv4}", f"host {host.ipv6}"]
-        if self.timings:
-            lines.append(f"timings {self.timings_path(member)}")
-        if self.redirect_ttl is not None:
-            lines.append(f"redirect_ttl_ms {round(self.redirect_ttl * 1000)}")
-        if self.drain_timeout is not None:
-            lines.append(f"drain_timeout_ms {round(self.drain_timeout * 1000)}")
-        if member in self.crash_at:
-            lines.append(f"crash_at {self.crash_at[member]}")
-        lines += [f"timeout {name} {round(sec * 1000)}" for name, sec in self.timeouts.items()]
-        if self.park_ring_bytes:
-            lines.append(f"park_ring_bytes {self.park_ring_bytes}")
-        path = self.workdir / f"{member}.conf"
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        host = self.testbed.host
+        targets = []
+        for t in self.testbed.targets:
+            ip, port = self.control_via.get(t.name, (t.ipv4, DEFAULT_CONTROL_PORT))
+            targets.append(TargetEntry(t.name, ip, t.mac, port))
+        return AppConfig(
+            role=role, name=member, ip4=me.ipv4, ip6=me.ipv6, ifindex=me.ifindex, mac=me.mac,
+            key=str(self.key_path), docroot=str(self.docroot), pin_dir=pin_dir,
+            bpf_object=str(default_object_path()), http_port=HTTP_PORT,
+            control_port=DEFAULT_CONTROL_PORT,
+            owner=zlib.crc32(pin_dir.encode()) & 0x7FFFFFFF, policy=self.policy,
+            timings=str(self.timings_path(member)) if self.timings else "",
+            crash_at=self.crash_at.get(member, ""),
+            redirect_ttl_ms=round(self.redirect_ttl * 1000) if self.redirect_ttl else 0,
+            drain_timeout_ms=round(self.drain_timeout * 1000)
+            if self.drain_timeout is not None else 2000,
+            park_ring_bytes=self.park_ring_bytes, targets=targets,
+            hosts=[host.ipv4, host.ipv6] if role == "target" else [],
+            timeouts={name: round(sec * 1000) for name, sec in self.timeouts.items()},
+            mode=self.mode, ingress=self.ingress, move_policy=self.move_policy,
+            lab=self.testbed.name if self.ingress == "xdp" else "")
 
     def _argv(self, role: str, member: str) -> list[str]:
+        path = self.config(role, member).write(self.workdir / f"{member}.conf")
         if self.driver(member) == "c":
             if role == "host" and (self.mode != "xo" or self.ingress != "tc"):
                 raise ValueError("the C driver runs the xo mode with tc ingress only")
             if self.move_policy != "none" or self.policy == "path":
                 raise ValueError("the C driver has no path policy and makes no moves")
-            return [str(c_driver_binary()), str(self._c_config(role, member))]
-        argv = [sys.executable, "-m", "xo.refapp", role, "--lab", self.testbed.name,
-                "--member", member, "--docroot", str(self.docroot), "--key",
-                str(self.key_path), "--log", str(self.log_path(member)),
-                "--policy", self.policy]
-        if role == "host":
-            argv += ["--mode", self.mode, "--ingress", self.ingress]
-        if self.timings:
-            argv += ["--timings", str(self.timings_path(member))]
-        if self.redirect_ttl is not None:
-            argv += ["--redirect-ttl", str(self.redirect_ttl)]
-        if self.drain_timeout is not None:
-            argv += ["--drain-timeout", str(self.drain_timeout)]
-        if member in self.crash_at:
-            argv += ["--crash-at", self.crash_at[member]]
-        argv += [f"--timeout={name}={sec}" for name, sec in self.timeouts.items()]
-        if role == "target" and self.move_policy != "none":
-            argv += ["--move-policy", self.move_policy]
-        if self.park_ring_bytes:
-            argv += ["--park-ring-bytes", str(self.park_ring_bytes)]
-        if role == "host":
-            argv += [f"--control-via={m}=[{ip}]:{port}"
-                     for m, (ip, port) in self.control_via.items()]
-        return argv
+            return [str(c_driver_binary()), str(path)]
+        return [sys.executable, "-m", "xo.refapp", "--config", str(path),
+                "--log", str(self.log_path(member))]
 
     def start_member(self, member: str, timeout: float = 20.0) -> None:
         role = "host" if member == "host" else "target"

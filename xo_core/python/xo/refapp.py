@@ -7,8 +7,12 @@ the target serves the file from disk straight to the client, then hands the
 connection back at the end of the response, so the next request on the same
 keep-alive connection may go to another target.
 
-    python -m xo.refapp target --lab demo --member t0 --docroot DIR --key KEY
-    python -m xo.refapp host   --lab demo --docroot DIR --key KEY
+    python -m xo.refapp --config t0.conf [--log FILE]
+    python -m xo.refapp --config host.conf
+
+The config file (xo.appconfig) names the role, the member's addresses,
+interface, key, docroot, pin directory and peers; xo-driver reads the same
+file. The lab writes them (xo.demo.RefAppCluster); so can anyone else.
 
 ``GET /_xo/stats`` on the host answers its counters as JSON (served locally).
 """
@@ -29,8 +33,8 @@ import urllib.parse
 import zlib
 from pathlib import Path
 
+from xo.appconfig import AppConfig
 from xo.engine import (
-    DEFAULT_CONTROL_PORT,
     HostEngine,
     Steering,
     TargetAgent,
@@ -39,18 +43,12 @@ from xo.engine import (
     Timeouts,
     load_key,
 )
-from xo.lab import PIN_ROOT as LAB_PIN_ROOT
-from xo.lab import Lab, prepare_xdp_tx
 
 log = logging.getLogger("xo.refapp")
 
 MAX_HEADER_BYTES = 65536
 HTTP_PORT = 8080
 TARGET_HTTP_PORT = 8081  # targets' own plain HTTP, the proxy baseline's upstream
-# Under /run rather than /sys/fs/bpf: `ip netns exec` remounts /sys, hiding
-# pins there (docs/lab.md); each instance mounts its own bpffs here, and
-# `xo lab down` removes the lab's.
-PIN_ROOT = str(LAB_PIN_ROOT)
 
 
 class BadRequest(Exception):
@@ -254,11 +252,9 @@ class Upstream:
 
 
 class Host:
-    def __init__(self, testbed: Lab, docroot: Path, key: bytes, policy: str,
-                 mode: str, ingress: str = "tc") -> None:
-        self.lab, self.docroot, self.key = testbed, docroot, key
-        self.policy, self.mode, self.ingress = policy, mode, ingress
-        self.me = testbed.host
+    def __init__(self, cfg: AppConfig, key: bytes) -> None:
+        self.cfg, self.key, self.docroot = cfg, key, Path(cfg.docroot)
+        self.policy, self.mode, self.ingress = cfg.policy, cfg.mode, cfg.ingress
         self.served_locally = 0
         self.proxied = 0
         self.proxy_busy: dict[str, int] = {}   # requests being relayed, per target
@@ -273,32 +269,37 @@ class Host:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self, ready: asyncio.Event) -> None:
+        cfg = self.cfg
         if self.ingress == "xdp":
             # The lab's veth is no NIC: its bridge-side peer must run XDP itself
             # for XDP_TX frames to arrive, and must hand over full checksums.
             # (A thread: pyroute2's netlink calls run an event loop of their own.)
-            await asyncio.to_thread(prepare_xdp_tx, self.lab, self.me)
-        steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-host",
-                                 egress=True, ingress=self.ingress,
-                                 park_ring_bytes=PARK_RING_BYTES)
-        self.engine = HostEngine(self.key, steering, self.me.mac, self._on_return,
-                                 timeouts=timeouts())
+            from xo.lab import Lab, prepare_xdp_tx
+
+            testbed = Lab.load(cfg.lab)
+            await asyncio.to_thread(prepare_xdp_tx, testbed, testbed.member(cfg.name))
+        steering = Steering.open(cfg.ifindex, cfg.pin_dir, egress=True, ingress=self.ingress,
+                                 owner=cfg.owner or None,
+                                 park_ring_bytes=cfg.park_ring_bytes)
+        self.engine = HostEngine(self.key, steering, cfg.mac, self._on_return,
+                                 timeouts=timeouts(cfg))
         try:
-            for target in self.lab.targets:
-                ip, port = CONTROL_VIA.get(target.name, (target.ipv4, DEFAULT_CONTROL_PORT))
+            for target in cfg.targets:
+                ip, port = cfg.control_address(target)
                 await self._connect_with_retry(target.name, ip, target.mac, port)
             # The same port on the host's IPv4 and IPv6 addresses; one engine
             # offloads connections of either family.
-            listeners = [self._listen(family) for family in (socket.AF_INET, socket.AF_INET6)]
+            families = [socket.AF_INET] + ([socket.AF_INET6] if cfg.ip6 else [])
+            listeners = [self._listen(family) for family in families]
             ready.set()
             await asyncio.gather(*(self._accept_loop(listener) for listener in listeners))
         finally:
-            dump_times(self.engine.times.samples)
+            dump_times(cfg, self.engine.times.samples)
             await self.engine.close()
             steering.close()
 
     def _listen(self, family: int) -> socket.socket:
-        return _listen(family, self.me.address(family), HTTP_PORT)
+        return _listen(family, self.cfg.address(family == socket.AF_INET6), self.cfg.http_port)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -413,30 +414,27 @@ class Host:
 
 
 class Target:
-    def __init__(self, testbed: Lab, member: str, docroot: Path, key: bytes,
-                 crash_at: str | None) -> None:
-        self.lab, self.docroot, self.key = testbed, docroot, key
-        self.me = testbed.member(member)
-        self.crash_at = crash_at
+    def __init__(self, cfg: AppConfig, key: bytes) -> None:
+        self.cfg, self.key, self.docroot = cfg, key, Path(cfg.docroot)
         self.agent: TargetAgent | None = None
 
     async def run(self, ready: asyncio.Event) -> None:
-        steering = Steering.open(self.me.ifindex, f"{PIN_ROOT}/{self.lab.name}-{self.me.name}",
-                                 egress=True, park_ring_bytes=PARK_RING_BYTES)
-        host = self.lab.host
-        self.agent = TargetAgent(self.key, steering, self.me.ipv4, self.serve, self.crash_at,
-                                 my_ip6=self.me.ipv6, host_ips=(host.ipv4, host.ipv6),
-                                 timeouts=timeouts())
-        listener = _listen(socket.AF_INET, self.me.ipv4, TARGET_HTTP_PORT)
+        cfg = self.cfg
+        steering = Steering.open(cfg.ifindex, cfg.pin_dir, egress=True,
+                                 owner=cfg.owner or None,
+                                 park_ring_bytes=cfg.park_ring_bytes)
+        self.agent = TargetAgent(self.key, steering, cfg.ip4, self.serve, cfg.crash_at or None,
+                                 my_ip6=cfg.ip6 or None, host_ips=cfg.hosts,
+                                 timeouts=timeouts(cfg))
+        listener = _listen(socket.AF_INET, cfg.ip4, TARGET_HTTP_PORT)
         try:
-            await self.agent.start(DEFAULT_CONTROL_PORT)
+            await self.agent.start(cfg.control_port)
             ready.set()
-            log.info("target %s ready on %s:%d", self.me.name, self.me.ipv4,
-                     DEFAULT_CONTROL_PORT)
+            log.info("target %s ready on %s:%d", cfg.name, cfg.ip4, cfg.control_port)
             await self._serve_plain_http(listener)
         finally:
             listener.close()
-            dump_times(self.agent.times.samples)
+            dump_times(cfg, self.agent.times.samples)
             await self.agent.close()
             steering.close()
 
@@ -457,7 +455,7 @@ class Target:
         buf = bytearray()
         try:
             while (req := await read_request(sock, buf)) is not None:
-                self.agent.bytes_served += await respond(sock, req, self.docroot, self.me.name)
+                self.agent.bytes_served += await respond(sock, req, self.docroot, self.cfg.name)
                 if not req.keep_alive:
                     break
         except (BadRequest, OSError) as exc:
@@ -468,7 +466,7 @@ class Target:
     def owner_of(self, req: Request) -> str:
         """The target a request belongs to under the "path" policy (the host's
         rule: the same path always goes to the same target)."""
-        names = sorted(t.name for t in self.lab.targets)
+        names = sorted(t.name for t in self.cfg.targets)
         return names[zlib.crc32(req.path.encode()) % len(names)]
 
     async def serve(self, conn: TargetConn) -> None:
@@ -483,25 +481,25 @@ class Target:
                 if req is None:
                     await conn.closed_by_client()
                     return
-                if MOVE_POLICY == "path":
+                if self.cfg.move_policy == "path":
                     if req.path == "/_xo/stats":  # the host's business
                         if await conn.hand_back(req.raw + bytes(buf)):
                             return
-                    elif (owner := self.owner_of(req)) != self.me.name:
-                        dest = self.lab.member(owner).ipv4
+                    elif (owner := self.owner_of(req)) != self.cfg.name:
+                        dest = next(t.ip for t in self.cfg.targets if t.name == owner)
                         if await conn.move(dest, req.raw + bytes(buf)):
                             log.info("conn %x moved to %s", conn.conn_id, owner)
                             return
-                sent = await respond(conn.sock, req, self.docroot, self.me.name)
+                sent = await respond(conn.sock, req, self.docroot, self.cfg.name)
                 self.agent.bytes_served += sent
                 log.info("served %s %s bytes=%d conn=%x client=%s", req.method, req.path, sent,
                          conn.conn_id, conn.client)
                 if not req.keep_alive:
                     await conn.closed_by_client()
                     return
-                if MOVE_POLICY == "path":
+                if self.cfg.move_policy == "path":
                     continue  # keep it; the next request decides
-                await drain_send_queue(conn.sock, DRAIN_TIMEOUT_S)
+                await drain_send_queue(conn.sock, self.cfg.drain_timeout_ms / 1000)
                 if await conn.hand_back(bytes(buf)):
                     return
                 # The host did not take it back: keep serving here.
@@ -513,23 +511,18 @@ class Target:
             await conn.closed_by_client()
 
 
-TIMINGS_PATH: Path | None = None
-REDIRECT_TTL_S: float | None = None  # --redirect-ttl: the engines' default otherwise
-DRAIN_TIMEOUT_S = 2.0  # --drain-timeout
-TIMEOUTS: dict[str, float] = {}  # --timeout NAME=SECONDS
-MOVE_POLICY = "none"  # --move-policy
-PARK_RING_BYTES = 0  # --park-ring-bytes: the core's default
-CONTROL_VIA: dict[str, tuple[str, int]] = {}  # --control-via MEMBER=IP:PORT
+def timeouts(cfg: AppConfig) -> Timeouts:
+    """The protocol's timing knobs from the config (milliseconds there)."""
+    knobs: dict[str, float] = {name: ms / 1000 for name, ms in cfg.timeouts.items()}
+    if cfg.redirect_ttl_ms:
+        knobs["redirect_ttl"] = cfg.redirect_ttl_ms / 1000
+    return Timeouts(**knobs)
 
 
-def timeouts() -> Timeouts:
-    return Timeouts(**{"redirect_ttl": REDIRECT_TTL_S, **TIMEOUTS})
-
-
-def dump_times(samples: dict[str, list[float]]) -> None:
-    """Write the per-step handoff timings where --timings asked (for the bench)."""
-    if TIMINGS_PATH is not None:
-        TIMINGS_PATH.write_text(json.dumps(samples))
+def dump_times(cfg: AppConfig, samples: dict[str, list[float]]) -> None:
+    """Write the per-step handoff timings where the config asks (for the bench)."""
+    if cfg.timings:
+        Path(cfg.timings).write_text(json.dumps(samples))
 
 
 async def drain_send_queue(sock: socket.socket, timeout: float = 2.0) -> None:
@@ -551,16 +544,10 @@ async def drain_send_queue(sock: socket.socket, timeout: float = 2.0) -> None:
 # ---- entry point ------------------------------------------------------------
 
 
-async def _main(args: argparse.Namespace) -> int:
-    testbed = Lab.load(args.lab)
-    key = load_key(args.key)
-    docroot = Path(args.docroot)
+async def _main(cfg: AppConfig) -> int:
+    key = load_key(cfg.key)
     ready = asyncio.Event()
-    app: Host | Target
-    if args.role == "host":
-        app = Host(testbed, docroot, key, args.policy, args.mode, args.ingress)
-    else:
-        app = Target(testbed, args.member, docroot, key, args.crash_at)
+    app: Host | Target = Host(cfg, key) if cfg.role == "host" else Target(cfg, key)
     loop = asyncio.get_running_loop()
     main_task = asyncio.ensure_future(app.run(ready))
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -582,67 +569,25 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xo.refapp", description=__doc__.split("\n")[0])
-    parser.add_argument("role", choices=["host", "target"])
-    parser.add_argument("--lab", required=True, help="lab name (xo lab up)")
-    parser.add_argument("--member", default="host", help="target member, e.g. t0")
-    parser.add_argument("--docroot", required=True)
-    parser.add_argument("--key", required=True, help="cluster key file")
-    parser.add_argument("--policy", default="least_loaded",
-                        choices=["least_loaded", "round_robin", "path"])
-    parser.add_argument("--mode", default="xo", choices=["xo", "proxy", "local"],
-                        help="host: hand connections off (xo), relay to the targets like a "
-                             "reverse proxy (proxy), or serve everything itself (local)")
-    parser.add_argument("--ingress", default="tc", choices=["tc", "xdp"],
-                        help="host: block/redirect the client's packets in tc (default) or XDP")
-    parser.add_argument("--crash-at", choices=["begin", "restored", "ready", "host_ready", "done"],
-                        help="fault injection: SIGKILL ourselves at this protocol step")
+    parser.add_argument("--config", required=True,
+                        help="the member's configuration file (xo.appconfig; the same format "
+                             "xo-driver reads)")
     parser.add_argument("--log", help="log file (default stderr)")
-    parser.add_argument("--timings", help="write per-step handoff timings (JSON) here at exit")
-    parser.add_argument("--drain-timeout", type=float, default=2.0,
-                        help="target: seconds to wait for the response to be acknowledged "
-                             "before handing the connection back (0: hand back at once, "
-                             "the host sends what is left)")
-    parser.add_argument("--redirect-ttl", type=float,
-                        help="seconds a redirect / source rewrite lives unless renewed "
-                             "(renewed every third of it while the flow is offloaded)")
-    parser.add_argument("--timeout", action="append", default=[], metavar="NAME=SECONDS",
-                        help="a protocol timing knob (xo.proto.Timeouts field), repeatable")
-    parser.add_argument("--control-via", action="append", default=[],
-                        metavar="MEMBER=IP:PORT",
-                        help="host: reach this target's control port at another address "
-                             "(e.g. through a relay), repeatable")
-    parser.add_argument("--move-policy", default="none", choices=["none", "path"],
-                        help="target: keep connections and move each straight to the target "
-                             "its next request belongs to (path: as the host's path policy)")
-    parser.add_argument("--park-ring-bytes", type=int, default=0,
-                        help="size of the ring that keeps client frames during a handoff "
-                             "(0: the default; smaller than a 64 KiB record: nothing is kept)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        cfg = AppConfig.load(args.config)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
     logging.basicConfig(
         filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
-        format=f"%(asctime)s {args.role}{'' if args.role == 'host' else ':' + args.member} "
+        format=f"%(asctime)s {cfg.role}{'' if cfg.role == 'host' else ':' + cfg.name} "
                "%(name)s %(levelname)s %(message)s")
-    global TIMINGS_PATH, REDIRECT_TTL_S, DRAIN_TIMEOUT_S, MOVE_POLICY, PARK_RING_BYTES
-    MOVE_POLICY = args.move_policy
-    PARK_RING_BYTES = args.park_ring_bytes
-    for item in args.timeout:
-        name, _, value = item.partition("=")
-        if name not in Timeouts.__dataclass_fields__:
-            parser.error(f"--timeout {item}: no such knob")
-        TIMEOUTS[name] = float(value)
-    for item in args.control_via:
-        member, _, where = item.partition("=")
-        ip, _, port = where.rpartition(":")
-        CONTROL_VIA[member] = (ip.strip("[]"), int(port))
-    TIMINGS_PATH = Path(args.timings) if args.timings else None
-    REDIRECT_TTL_S = args.redirect_ttl
-    DRAIN_TIMEOUT_S = args.drain_timeout
     try:
         import uvloop  # libuv's event loop: about half the per-message overhead
     except ImportError:
-        return asyncio.run(_main(args))
-    return int(uvloop.run(_main(args)))
+        return asyncio.run(_main(cfg))
+    return int(uvloop.run(_main(cfg)))
 
 
 if __name__ == "__main__":
