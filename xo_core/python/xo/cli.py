@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from typing import Any
 
 
 class MissingPartError(Exception):
@@ -32,21 +31,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _lab_demo(args: argparse.Namespace) -> int:
     from xo import demo
 
-    if args.name == "demo":
-        return demo.main(args)
-    # demo.main (being rewritten) still names its lab "demo"; until it reads
-    # args.name, the chosen name is routed into its cluster() call here.
-    original = demo.cluster
-
-    def named_cluster(*cargs: Any, **kwargs: Any) -> Any:
-        kwargs["name"] = args.name
-        return original(*cargs, **kwargs)
-
-    demo.cluster = named_cluster  # type: ignore[assignment]
-    try:
-        return demo.main(args)
-    finally:
-        demo.cluster = original  # type: ignore[assignment]
+    return demo.main(args)
 
 
 def _lab_name(value: str) -> str:

@@ -217,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     console = Console()
-    with cluster(targets=args.targets, name="demo") as apps:
+    with cluster(targets=args.targets, name=getattr(args, "name", "demo")) as apps:
         digests = {name: hashlib.sha256((apps.docroot / name).read_bytes()).hexdigest()
                    for name in DEMO_FILES}
         names = [list(DEMO_FILES)[i % len(DEMO_FILES)] for i in range(args.requests)]
