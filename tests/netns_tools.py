@@ -232,3 +232,13 @@ def veth_pair(family: int, sysctls: dict[str, str] | None = None) -> Iterator[Ve
         yield pair.open()
     finally:
         pair.close()
+
+
+def csum(data: bytes) -> int:
+    """Internet checksum (RFC 1071) of data, as stored in a header."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from netns_tools import csum
 from xo.steer import FlowKey, Prog, Rule, Steer
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
@@ -32,15 +33,6 @@ V6 = ("2001:2::10", "2001:2::1", "2001:2::2")
 
 # ---- packet crafting and checking -------------------------------------------
 
-
-def csum(data: bytes) -> int:
-    """Internet checksum (RFC 1071) of data, as stored in a header."""
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def mac(text: str) -> bytes:

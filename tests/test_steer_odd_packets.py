@@ -30,7 +30,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from netns_tools import VethPair, connect, queue_sizes, wait_for
+from netns_tools import VethPair, connect, csum, queue_sizes, wait_for
 from xo import core
 from xo.lab import in_netns
 from xo.steer import FlowKey, Prog, Rule, Steer
@@ -40,14 +40,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root for namesp
 DSTOPTS = 60
 PAYLOAD = b"bytes around the rule!!!" * 3  # 72 bytes: 92 with the TCP header
 
-
-def csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def link(ns: str, dev: str) -> dict[str, object]:
