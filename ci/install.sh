@@ -31,7 +31,11 @@ if [ ! -x .venv/bin/python ]; then
 	echo "[xo install] creating .venv"
 	/usr/bin/python3 -m venv --system-site-packages .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+# setuptools imports jaraco.* and more_itertools; Debian's older copies
+# (pulled in by the Ceph packages) would shadow its vendored ones through
+# --system-site-packages and break every build: the venv gets its own.
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi \
+	'jaraco.functools>=4' 'jaraco.text>=3.12' 'jaraco.context>=5' 'more-itertools>=10'
 echo "[xo install] building and installing xo (editable)"
 .venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]'
 echo "[xo install] full-kernel lane: kernel package (cached)"

@@ -586,13 +586,16 @@ static void stats_json(char *buf, size_t cap)
 	xo_proto_get_stats(machine, &st);
 	off = snprintf(buf, cap,
 		       "{\"offloads\": %llu, \"rollbacks\": %llu, \"returns\": %llu, "
-		       "\"withdrawn\": %llu, \"moves\": %llu, \"requests\": %llu, "
+		       "\"withdrawn\": %llu, \"closed_on_target\": %llu, "
+		       "\"stragglers\": %llu, \"moves\": %llu, \"requests\": %llu, "
 		       "\"served_locally\": %llu, \"proxied\": 0, \"offloaded_now\": %u, "
 		       "\"rules\": %lld, \"driver\": \"c\", \"targets\": {",
 		       (unsigned long long)st.offloads,
 		       (unsigned long long)(st.rollbacks + not_started),
 		       (unsigned long long)st.returns,
 		       (unsigned long long)st.withdrawn,
+		       (unsigned long long)st.closed_on_target,
+		       (unsigned long long)st.stragglers,
 		       (unsigned long long)st.moves, (unsigned long long)requests,
 		       (unsigned long long)served_locally, st.active,
 		       (long long)xo_steer_count(steer));
@@ -757,6 +760,26 @@ static void after_response(struct client *c)
 	}
 	c->state = C_READ;
 	serve_requests(c);
+}
+
+/*
+ * How soon to look again at a connection waiting for the client's ACK of
+ * its response. No poll event says "everything acknowledged", so the driver
+ * re-reads SIOCOUTQ on a timer: a quarter of the smoothed RTT (the ACK is
+ * due about one RTT after the last segment left), between 20 us and 1 ms.
+ */
+static uint64_t drain_check_ns(const struct client *c)
+{
+	struct tcp_info ti;
+	socklen_t len = sizeof(ti);
+	uint64_t ns;
+
+	if (getsockopt(c->fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
+		return 1000000; /* fall back to the slowest check */
+	ns = (uint64_t)ti.tcpi_rtt * 1000 / 4;
+	if (ns < 20000)
+		ns = 20000;
+	return ns > 1000000 ? 1000000 : ns;
 }
 
 static void hand_back(struct client *c)
@@ -1198,7 +1221,9 @@ int main(int argc, char **argv)
 	while (!stopping) {
 		uint64_t now = now_ns(), next = xo_proto_next_deadline(machine);
 		struct client *c;
-		int n = 0, i, timeout = 1000;
+		uint64_t wait_ns = 1000000000ull;
+		struct timespec ts;
+		int n = 0, i;
 
 		if (!announced && (!cfg.host || all_targets_up())) {
 			printf("READY\n");
@@ -1206,6 +1231,12 @@ int main(int argc, char **argv)
 			announced = true;
 		} else if (!announced && now > ready_by) {
 			die("targets did not come up");
+		}
+		if (xo_proto_park_fd(machine) >= 0) {
+			/* frames parked here: the tick below sends them on */
+			pfd[n] = (struct pollfd){ xo_proto_park_fd(machine), POLLIN, 0 };
+			kind[n] = 'P';
+			owner[n++] = NULL;
 		}
 		for (i = 0; i < 2; i++)
 			if (listeners[i] >= 0) {
@@ -1242,33 +1273,34 @@ int main(int argc, char **argv)
 				    now >= c->drain_until) {
 					hand_back(c);
 					pump();
-					timeout = 0; /* the list changed: poll the */
+					wait_ns = 0; /* the list changed: poll the */
 					break;       /* rest next round */
 				}
-				timeout = 1;
+				if (drain_check_ns(c) < wait_ns)
+					wait_ns = drain_check_ns(c);
 				continue;
 			}
 			pfd[n] = (struct pollfd){ c->fd, c->state == C_WRITE ? POLLOUT : POLLIN, 0 };
 			kind[n] = 'C';
 			owner[n++] = c;
 		}
-		if (next) {
-			int64_t ms = next > now ? (int64_t)((next - now) / 1000000) + 1 : 0;
-
-			if (ms < timeout)
-				timeout = (int)ms;
-		}
-		if (poll(pfd, (nfds_t)n, timeout) < 0) {
+		if (next && (next > now ? next - now : 0) < wait_ns)
+			wait_ns = next > now ? next - now : 0;
+		ts.tv_sec = (time_t)(wait_ns / 1000000000ull);
+		ts.tv_nsec = (long)(wait_ns % 1000000000ull);
+		if (ppoll(pfd, (nfds_t)n, &ts, NULL) < 0) {
 			if (errno == EINTR)
 				continue;
-			die("poll: %s", strerror(errno));
+			die("ppoll: %s", strerror(errno));
 		}
 		xo_proto_tick(machine, now_ns());
 		pump();
 		for (i = 0; i < n; i++) {
 			if (!pfd[i].revents)
 				continue;
-			if (kind[i] == 'L') {
+			if (kind[i] == 'P') {
+				continue; /* ticked above */
+			} else if (kind[i] == 'L') {
 				if (cfg.host) {
 					int fd = accept4(pfd[i].fd, NULL, NULL,
 							 SOCK_CLOEXEC);

@@ -14,6 +14,7 @@
  *   control bytes in      xo_proto_peer_input(p, peer, buf, len, now)
  *   control bytes out     xo_proto_peer_output() then xo_proto_peer_sent()
  *   clock                 xo_proto_tick(p, now) at xo_proto_next_deadline()
+ *                         and when xo_proto_park_fd() is readable
  *   what happened         xo_proto_next_event() until it returns 0
  *
  * `now` is CLOCK_MONOTONIC in nanoseconds (the clock of the steering
@@ -259,6 +260,12 @@ void xo_proto_add_served(struct xo_proto *p, uint64_t bytes);
 int xo_proto_tick(struct xo_proto *p, uint64_t now);
 /* When xo_proto_tick() is due next (ns), 0 when nothing is pending. */
 uint64_t xo_proto_next_deadline(struct xo_proto *p);
+/* A descriptor that becomes readable when client frames were parked here
+ * (the steering handle's park ring); call xo_proto_tick() then. Frames
+ * still on their way to an old owner after a handoff are sent on this
+ * way rather than waiting for the client to resend them. -1 without a
+ * park ring. */
+int xo_proto_park_fd(struct xo_proto *p);
 
 #define XO_EV_PEER_UP 1       /* HELLO exchanged */
 #define XO_EV_PEER_CLOSED 2   /* close the peer's socket (text: why), after
@@ -307,6 +314,8 @@ struct xo_proto_stats {
 	uint64_t returns;         /* host: inbound transfers completed */
 	uint64_t moves;           /* host: target-to-target moves completed */
 	uint64_t withdrawn;       /* host: flows of a lost target */
+	uint64_t closed_on_target; /* host: flows whose client closed while a
+				    * target served them (no return) */
 	uint64_t adopted;         /* target */
 	uint64_t handed_back;     /* target: inbound transfers and moves */
 	uint64_t kept;            /* target: hand-backs refused */
@@ -318,6 +327,8 @@ struct xo_proto_stats {
 	uint64_t parked_shipped;  /* client frames parked here, sent on */
 	uint64_t parked_replayed; /* client frames parked elsewhere (or here
 				   * before a rollback), given to our stack */
+	uint64_t stragglers;      /* of parked_shipped: frames that reached
+				   * us after the new owner took over */
 	uint32_t active;          /* connections the machine tracks now */
 	uint32_t peers;
 };

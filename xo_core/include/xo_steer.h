@@ -197,6 +197,8 @@ int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
 		       const uint8_t *dst_mac);
 /* Frames the stash could not keep (full, or nobody took them in time). */
 uint64_t xo_park_lost(const struct xo_steer *s);
+/* An epoll descriptor, readable when the ring holds frames (-1: no ring). */
+int xo_park_fd(const struct xo_steer *s);
 
 /* ---- hardware backends ---------------------------------------------- */
 

@@ -108,6 +108,32 @@ struct lingering {
 	uint32_t kind;
 };
 
+/*
+ * Stragglers: client frames already on their way to the old owner when the
+ * new one took over (redirected just before the host re-pointed its rule,
+ * crossing the control message on another CPU's backlog) meet the old
+ * owner's lingering PARK entry. The old owner sends them on in another
+ * PARKED ("ship"); the host, whose connection record is gone after a
+ * hand-back, remembers where such late frames go ("expect").
+ */
+#define STRAGGLER_MS 1000 /* as long as the old owner's lingering PARK */
+
+enum straggler_kind {
+	SG_SHIP,   /* old owner: frames of key go on to peer (PARKED wire) */
+	SG_EXPECT, /* host: late PARKED for wire from peer replay to `to` */
+	SG_REPLAY, /* new owner after its hold: frames of key that a racing
+		    * datapath parked after the hold ended replay to `to` */
+};
+
+struct straggler {
+	struct xo_flow_key key;
+	struct xo_endpoint to;
+	uint64_t wire;
+	uint64_t until;
+	uint32_t peer;
+	enum straggler_kind kind;
+};
+
 struct event {
 	struct event *next;
 	struct xo_proto_event ev;
@@ -128,6 +154,8 @@ struct xo_proto {
 	struct lingering *linger;
 	uint32_t n_linger, cap_linger;
 	uint64_t linger_min;
+	struct straggler *strag;
+	uint32_t n_strag, cap_strag;
 	struct xo_proto_step *steps;
 	uint32_t step_head, step_len;
 	struct xo_proto_stats stats;
@@ -223,10 +251,16 @@ static int insert_block(struct xo_proto *p, const struct xo_flow_key *k,
 
 /* Ingress during a handoff: drop the client's frames but keep them for
  * whoever owns the connection next. */
+static void unwatch_stragglers(struct xo_proto *p,
+			       const struct xo_flow_key *k);
+
 static int insert_park(struct xo_proto *p, const struct xo_flow_key *k,
 		       uint64_t now)
 {
 	struct xo_steer_action a;
+
+	/* Frames parked on this flow from now on are ours again. */
+	unwatch_stragglers(p, k);
 
 	action(p, &a, XO_STEER_PARK, now, CFG(p, block_ttl_ms,
 					      XO_PROTO_BLOCK_TTL_MS));
@@ -616,6 +650,130 @@ static void ship_parked(struct xo_proto *p, struct peer *pe, uint64_t conn,
 	free(blob);
 }
 
+static void straggler_add(struct xo_proto *p, const struct straggler *sg)
+{
+	if (p->n_strag == p->cap_strag) {
+		uint32_t cap = p->cap_strag ? 2 * p->cap_strag : 32;
+		struct straggler *n = realloc(p->strag, cap * sizeof(*n));
+
+		if (!n)
+			return; /* a straggler then costs the client a resend */
+		p->strag = n;
+		p->cap_strag = cap;
+	}
+	p->strag[p->n_strag++] = *sg;
+}
+
+/* We were the old owner of `key`: frames parked here from now on go to pe. */
+static void watch_stragglers(struct xo_proto *p, const struct peer *pe,
+			     uint64_t wire, const struct xo_flow_key *key,
+			     uint64_t now)
+{
+	struct straggler sg = { .key = *key, .wire = wire, .peer = pe->id,
+				.until = now + STRAGGLER_MS * MS,
+				.kind = SG_SHIP };
+
+	straggler_add(p, &sg);
+}
+
+/* Our hold on key ended: a frame the datapath was parking at that very
+ * moment lands in the ring after we emptied it; replay it too. */
+static void watch_own_stragglers(struct xo_proto *p,
+				 const struct xo_flow_key *key,
+				 const struct xo_endpoint *to, uint64_t now)
+{
+	struct straggler sg = { .key = *key, .to = *to,
+				.until = now + STRAGGLER_MS * MS,
+				.kind = SG_REPLAY };
+
+	straggler_add(p, &sg);
+}
+
+static void unwatch_stragglers(struct xo_proto *p,
+			       const struct xo_flow_key *k)
+{
+	uint32_t i = 0;
+
+	while (i < p->n_strag) {
+		if (p->strag[i].kind != SG_EXPECT &&
+		    !memcmp(&p->strag[i].key, k, sizeof(*k)))
+			p->strag[i] = p->strag[--p->n_strag];
+		else
+			i++;
+	}
+}
+
+/* A returned connection's record goes: late PARKED for it still land. */
+static void expect_stragglers(struct xo_proto *p, const struct conn *c,
+			      uint64_t now)
+{
+	struct straggler sg = { .to = c->local, .wire = c->wire_id,
+				.peer = c->peer,
+				.until = now + 2 * STRAGGLER_MS * MS,
+				.kind = SG_EXPECT };
+
+	straggler_add(p, &sg);
+}
+
+static void replay_blob(struct xo_proto *p, const uint8_t *blob, uint32_t len,
+			const struct xo_endpoint *to);
+
+/* Late PARKED for a connection we no longer track: replay what we expect. */
+static bool late_parked(struct xo_proto *p, const struct peer *pe,
+			const struct xo_msg *m)
+{
+	uint32_t i;
+
+	for (i = 0; i < p->n_strag; i++) {
+		struct straggler *sg = &p->strag[i];
+
+		if (sg->kind == SG_EXPECT && sg->peer == pe->id &&
+		    sg->wire == m->conn_id) {
+			if (m->payload_len)
+				replay_blob(p, m->payload, m->payload_len,
+					    &sg->to);
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Read the park ring; send on what stragglers brought; forget old ones. */
+static void ship_stragglers(struct xo_proto *p, uint64_t now)
+{
+	uint32_t i = 0;
+
+	if (xo_park_collect(p->cfg.steer) < 0)
+		fprintf(stderr, "xo: parked frames: %s\n", xo_last_error());
+	while (i < p->n_strag) {
+		struct straggler *sg = &p->strag[i];
+
+		if (sg->kind != SG_EXPECT) {
+			struct peer *pe = peer_get(p, sg->peer);
+			uint8_t *blob = NULL;
+			uint32_t len = 0;
+			int64_t n = xo_park_take(p->cfg.steer, &sg->key, &blob,
+						 &len);
+
+			if (n > 0 && sg->kind == SG_REPLAY) {
+				replay_blob(p, blob, len, &sg->to);
+				p->stats.stragglers += (uint64_t)n;
+			} else if (n > 0 && pe && pe->state == XO_PEER_UP &&
+				   !send_msg(pe, XO_MSG_PARKED, 0, sg->wire,
+					     blob, len, now)) {
+				p->stats.parked_shipped += (uint64_t)n;
+				p->stats.stragglers += (uint64_t)n;
+			}
+			free(blob);
+		}
+		if (now >= sg->until) {
+			*sg = p->strag[--p->n_strag];
+			continue;
+		}
+		i++;
+	}
+}
+
 /* Give frames parked here or sent to us to our own stack, addressed to the
  * connection's endpoint here. */
 static void replay_blob(struct xo_proto *p, const uint8_t *blob, uint32_t len,
@@ -678,6 +836,7 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	c->held_len = 0;
 	remove_rule(p, &c->in_key);
 	replay_parked(p, &c->in_key, to);
+	watch_own_stragglers(p, &c->in_key, to, clock_ns());
 	c->park_until = 0;
 }
 
@@ -1018,6 +1177,7 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	remove_rule(p, &c->out_key);
 	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
 	ship_parked(p, pe, c->wire_id, &c->in_key, c->held, c->held_len, now);
+	watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
 	c->state = H_OFFLOADED;
@@ -1147,6 +1307,7 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		if (!xo_rules_insert(p->cfg.rules, &c->in_key, &c->rule))
 			linger(p, &c->in_key, &c->rule);
 		pe->offloaded--;
+		p->stats.closed_on_target++;
 		send_msg(pe, XO_MSG_END_OFFLOAD, 0, m->conn_id, NULL, 0, now);
 		conn_free(p, c);
 		return;
@@ -1390,7 +1551,10 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 	case XO_MSG_PARKED:
 		if (c && c->state == H_RETURNED && c->peer == pe->id) {
 			release_park(p, c, m->payload, m->payload_len, &c->local);
+			expect_stragglers(p, c, now);
 			conn_free(p, c);
+		} else if (!c) {
+			late_parked(p, pe, m);
 		} else if (c && c->state == H_OFFLOADED && c->peer != pe->id) {
 			/* Moved on: the frames follow the connection. */
 			struct peer *to = peer_get(p, c->peer);
@@ -1707,16 +1871,16 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		lap(p, &l, IT_END);
 		ship_parked(p, pe, c->wire_id, &c->in_key, c->held,
 			    c->held_len, now);
+		watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
 		{
 			struct xo_flow_key k = c->in_key;
 			struct xo_steer_action a;
 
 			target_drop(p, c, XO_EV_HANDED_BACK);
 			/* A straggler still on its way here must meet no
-			 * socket (our kernel would reset the client): drop
-			 * it quietly a little longer; the client resends
-			 * it to its new owner. */
-			action(p, &a, XO_STEER_PARK, now, 1000 * MS);
+			 * socket (our kernel would reset the client): park
+			 * it a little longer and send it on (stragglers). */
+			action(p, &a, XO_STEER_PARK, now, STRAGGLER_MS * MS);
 			if (!xo_rules_insert(p->cfg.rules, &k, &a))
 				linger(p, &k, &a);
 		}
@@ -2261,11 +2425,20 @@ static uint64_t peer_deadline(struct xo_proto *p, struct peer *pe)
 	return d;
 }
 
+int xo_proto_park_fd(struct xo_proto *p)
+{
+	return xo_park_fd(p->cfg.steer);
+}
+
 uint64_t xo_proto_next_deadline(struct xo_proto *p)
 {
 	uint64_t d = p->linger_min;
 	struct peer *pe;
 	struct conn *c;
+	uint32_t i;
+
+	for (i = 0; i < p->n_strag; i++)
+		d = earliest(d, p->strag[i].until);
 
 	for (pe = p->peers; pe; pe = pe->next)
 		d = earliest(d, peer_deadline(p, pe));
@@ -2397,6 +2570,7 @@ restart:
 		if (!pe->dead)
 			tick_peer(p, pe, now);
 	sweep_lingering(p, now);
+	ship_stragglers(p, now);
 	return 0;
 }
 
@@ -2497,6 +2671,7 @@ void xo_proto_destroy(struct xo_proto *p)
 	}
 	free(p->ev_data);
 	free(p->linger);
+	free(p->strag);
 	free(p->steps);
 	OPENSSL_cleanse(p->key, sizeof(p->key));
 	free(p);

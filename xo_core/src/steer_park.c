@@ -113,6 +113,11 @@ void xo_park_cleanup(struct xo_steer *s)
 	s->pass_prog_fd = -1;
 }
 
+int xo_park_fd(const struct xo_steer *s)
+{
+	return s && s->park_rb ? ring_buffer__epoll_fd(s->park_rb) : -1;
+}
+
 int64_t xo_park_collect(struct xo_steer *s)
 {
 	struct park_rec **pp = &s->park_head, *r;

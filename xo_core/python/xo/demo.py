@@ -178,10 +178,20 @@ class RefAppCluster:
         for member in list(self.procs):
             self.stop_member(member)
 
-    def host_stats(self) -> dict[str, Any]:
-        out = self.testbed.run("client", ["curl", "-s", "-m", "5", f"{self.url}/_xo/stats"],
-                               capture_output=True, text=True, check=True)
-        return dict(json.loads(out.stdout))
+    def host_stats(self, settled: bool = False) -> dict[str, Any]:
+        """The host's counters. settled: first wait (up to 10 s) until every
+        connection handed off has come back or was closed by its client on
+        the target - a target hands back once the client acknowledged its
+        last response, which may trail the client's last read."""
+        for _ in range(100):
+            out = self.testbed.run("client", ["curl", "-s", "-m", "5", f"{self.url}/_xo/stats"],
+                                   capture_output=True, text=True, check=True)
+            stats = dict(json.loads(out.stdout))
+            if not settled or stats["offloads"] <= (stats["returns"] + stats["withdrawn"]
+                                                    + stats["closed_on_target"]):
+                return stats
+            time.sleep(0.1)
+        return stats
 
 
 @contextmanager

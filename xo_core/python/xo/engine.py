@@ -196,6 +196,7 @@ class _Driver:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pumping = False
         self._closed = False
+        self._park_fd = -1
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -239,14 +240,21 @@ class _Driver:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        loop = asyncio.get_running_loop()
+        if self._park_fd < 0 and not self._closed:
+            # Frames parked here after a handoff are sent on at once.
+            self._park_fd = self.machine.park_fd()
+            if self._park_fd >= 0:
+                loop.add_reader(self._park_fd, self._tick)
         deadline = self.machine.next_deadline()
         if deadline and not self._closed:
-            loop = asyncio.get_running_loop()
             delay = max(0.0, (deadline - proto.now_ns()) / 1e9)
             self._timer = loop.call_later(delay, self._tick)
 
     def _tick(self) -> None:
-        self._timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.machine.tick()
         self._pump()
 
@@ -275,6 +283,9 @@ class _Driver:
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
+        if self._park_fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._park_fd)
+            self._park_fd = -1
         for control in list(self._controls.values()):
             if control.transport is not None:
                 control.transport.close()
@@ -341,6 +352,7 @@ class HostEngine(_Driver):
         st = self.machine.stats()
         return {"offloads": st["offloads"], "rollbacks": st["rollbacks"] + self._refused_here,
                 "returns": st["returns"], "withdrawn": st["withdrawn"], "moves": st["moves"],
+                "closed_on_target": st["closed_on_target"], "stragglers": st["stragglers"],
                 "violations": st["violations"], "timeouts": st["timeouts"]}
 
     @property

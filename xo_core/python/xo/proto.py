@@ -230,6 +230,10 @@ class Machine:
     def next_deadline(self) -> int:
         return int(lib.xo_proto_next_deadline(self._p))
 
+    def park_fd(self) -> int:
+        """Readable when client frames were parked here: tick() then."""
+        return int(lib.xo_proto_park_fd(self._p))
+
     def events(self) -> list[Event]:
         out = []
         ev = self._ev
