@@ -580,8 +580,9 @@ def stop(workdir: str | Path, timeout: float = 10.0) -> list[str]:
         grace = 0.5 if kind == "osd" and state.objectstore == "memstore" else timeout
         killed += stop_all(group, grace) if group else []
     killed = [k for k in killed if not k.startswith("osd.") or state.objectstore != "memstore"]
-    for pin in state.pin_dirs:
-        shutil.rmtree(pin, ignore_errors=True)
+    from xo.ceph.service import remove_pins
+
+    remove_pins(state.pin_dirs)
     state.save()
     return killed
 
