@@ -87,6 +87,7 @@ class ClusterState:
     front_port: int = FRONT_PORT
     started_at: float = 0.0
     pin_dirs: list[str] = field(default_factory=list)
+    threshold: int = 1 << 20       # the front's offload threshold
 
     # ---- files
     @property
@@ -347,7 +348,7 @@ def _layout_members(state: ClusterState, osds: int, rgws: int) -> None:
 
 def vstart(workdir: str | Path, *, osds: int = 3, layout: str = "loopback", lab: str = "",
            rgws: int = 1, objectstore: str = "memstore", xo: bool = False,
-           memstore_bytes: int = 4 << 30, force: bool = False,
+           memstore_bytes: int = 4 << 30, force: bool = False, threshold: int = 1 << 20,
            progress: Callable[[str], None] = lambda s: None) -> ClusterState:
     """Bring a cluster up in workdir; on any failure stop what was started."""
     if layout not in ("loopback", "lab"):
@@ -367,6 +368,8 @@ def vstart(workdir: str | Path, *, osds: int = 3, layout: str = "loopback", lab:
             raise CephError(f"{tool} not found: run ci/install.sh (it installs Debian's "
                             f"Ceph packages)")
     w = Path(workdir).resolve()
+    probe = ClusterState(str(w), "", layout, lab)
+    _layout_members(probe, osds, rgws)  # a missing or small lab fails here, before any change
     if (w / STATE_FILE).exists():
         old = ClusterState.load(w)
         if any(p.alive() for p in old.procs):
@@ -379,7 +382,7 @@ def vstart(workdir: str | Path, *, osds: int = 3, layout: str = "loopback", lab:
     (w / "log").mkdir(parents=True)
     (w / "run").mkdir()
     state = ClusterState(str(w), str(uuid.uuid4()), layout, lab, objectstore, xo=xo,
-                         started_at=time.time())
+                         started_at=time.time(), threshold=threshold)
     _layout_members(state, osds, rgws if layout == "loopback" else 1)
     state.conf.write_text(render_conf(state, memstore_bytes))
     state.save()
@@ -444,7 +447,7 @@ def _bring_up(state: ClusterState, progress: Callable[[str], None]) -> None:
         progress("XO front and agents")
         from xo.ceph import service
 
-        service.start_xo(state)
+        service.start_xo(state, state.threshold)
     state.save()
     progress(f"up in {time.monotonic() - t0:.1f} s")
 

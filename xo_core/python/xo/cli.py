@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lab name (namespaces xo-NAME-*); default demo")
     demo.set_defaults(func=_lab_demo)
 
+    try:
+        from xo.ceph.cli import add_ceph_commands
+    except ImportError:  # the Ceph plugin is not installed with this package
+        pass
+    else:
+        add_ceph_commands(sub)
+
     bench = sub.add_parser("bench", help="benchmarks that print numbers (and JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     core = bench_sub.add_parser("core", help="capture/restore cost of one connection")
@@ -139,13 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     from xo.core import XoError
     from xo.lab import LabError
 
+    try:
+        from xo.ceph.cluster import CephError
+        from xo.ceph.config import ConfigError
+    except ImportError:
+        CephError = ConfigError = XoError  # type: ignore[misc,assignment]  # noqa: N806
+
     args = build_parser().parse_args(argv)
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so labs and the
     # processes started in them are torn down by their context managers.
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
-    except (XoError, LabError) as exc:
+    except (XoError, LabError, CephError, ConfigError) as exc:
         print(f"xo: {exc}", file=sys.stderr)
         return 1
     except MissingPartError as exc:
