@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,11 @@ def s3_client(endpoint: str, user: cluster.S3User | None, *, secret: str | None 
     return boto3.client("s3", endpoint_url=endpoint, region_name="default", config=cfg, **kw)
 
 
-def front_stats(state: cluster.ClusterState) -> dict[str, Any]:
+def front_stats(state: cluster.ClusterState, settled: bool = True) -> dict[str, Any]:
+    """The front's counters; settled: after its next rewrite (every 0.5 s), so
+    they include every request already answered."""
+    if settled:
+        time.sleep(1.1)
     return dict(json.loads((state.path / "front-stats.json").read_text()))
 
 
