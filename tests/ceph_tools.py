@@ -15,34 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import boto3
-from botocore import UNSIGNED
-from botocore.config import Config
 from xo import lab as xolab
 from xo.ceph import cluster
 from xo.ceph.procs import start_ticks
-
-# Ceph 16.2's radosgw predates the trailing-checksum uploads newer botocore
-# sends by default; ask for checksums only where S3 requires them.
-S3_CONFIG = dict(s3={"addressing_style": "path"}, request_checksum_calculation="when_required",
-                 response_checksum_validation="when_required", connect_timeout=10,
-                 read_timeout=30)
-
-
-def have_ceph() -> bool:
-    return all(shutil.which(t) for t in ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin"))
-
-
-def s3_client(endpoint: str, user: cluster.S3User | None, *, secret: str | None = None,
-              retries: int = 1, pool: int = 10) -> Any:
-    cfg = Config(**S3_CONFIG, retries={"max_attempts": retries, "mode": "standard"},
-                 max_pool_connections=pool,
-                 **({"signature_version": UNSIGNED} if user is None else {}))
-    kw: dict[str, Any] = {}
-    if user is not None:
-        kw = {"aws_access_key_id": user.access_key,
-              "aws_secret_access_key": secret or user.secret_key}
-    return boto3.client("s3", endpoint_url=endpoint, region_name="default", config=cfg, **kw)
+from xo.ceph.s3client import s3_client
 
 
 def front_stats(state: cluster.ClusterState, settled: bool = True) -> dict[str, Any]:

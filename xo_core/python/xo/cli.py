@@ -70,6 +70,13 @@ def _bench_latency(args: argparse.Namespace) -> int:
     return bench_latency.main(args.requests, args.rate, args.driver, args.json)
 
 
+def _bench_s3(args: argparse.Namespace) -> int:
+    require_bench_extra("s3")
+    from xo.ceph import bench
+
+    return bench.main(args)
+
+
 def _bench_rules(args: argparse.Namespace) -> int:
     from xo import bench_rules, results
 
@@ -127,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--driver", default="py", choices=["py", "c"], help="XO's driver")
     lat.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
     lat.set_defaults(func=_bench_latency)
+    s3 = bench_sub.add_parser("s3", help="S3 GETs: stock radosgw vs the XO front (Ceph, lab)")
+    s3.add_argument("--osds", type=int, default=3, help="OSD hosts (one OSD each)")
+    s3.add_argument("--rate", default="500mbit", help="front and OSD host link rate")
+    s3.add_argument("--sizes", default="4k,256k,1m,4m,16m,64m",
+                    help="object sizes, comma-separated (k, m suffixes)")
+    s3.add_argument("--objects", type=int, default=8, help="objects per size")
+    s3.add_argument("--concurrency", type=int, default=4, help="client connections")
+    s3.add_argument("--seconds", type=float, default=5.0, help="per size and mode")
+    s3.add_argument("--dist", choices=["uniform", "zipf"], default="uniform")
+    s3.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent")
+    s3.add_argument("--threshold", type=int, default=1 << 20,
+                    help="XO front: offload GETs of objects at least this big")
+    s3.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    s3.set_defaults(func=_bench_s3)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
     rules.add_argument("--flower-count", type=int, default=1000,
