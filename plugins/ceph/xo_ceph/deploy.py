@@ -63,11 +63,16 @@ WantedBy=multi-user.target
 
 def write(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     roles = {"front", "agent"} if args.role == "both" else {args.role}
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
     if "agent" in roles and not hosts:
         raise ConfigError("an agent needs --hosts: the fronts' addresses")
+    osds = [o.strip() for o in args.osds.split(",") if o.strip()]
+    for osd in osds:
+        if not osd.isdigit():
+            raise ConfigError(f"--osds: {osd!r} is not an OSD id")
+    if args.threshold < 0:
+        raise ConfigError("--threshold must be >= 0")
     rgw = _hostport(args.rgw, "--rgw")
     cfg = XoCephConfig(ceph_conf=args.ceph_conf, key=args.key)
     if "front" in roles:
@@ -75,6 +80,7 @@ def write(args: argparse.Namespace) -> list[Path]:
                                 args.threshold, "/run/xo/ceph-front.json")
     if "agent" in roles:
         cfg.agent = AgentConfig(args.interface, rgw, hosts)
+    out.mkdir(parents=True, exist_ok=True)  # only once the input is known good
     config_path = out / "xo-ceph.toml"
     config_path.write_text(render(cfg))
     written = [config_path]
@@ -93,10 +99,6 @@ def write(args: argparse.Namespace) -> list[Path]:
         path = out / "xo-ceph-agent@.service"
         path.write_text(AGENT_UNIT.format(**fields))
         written.append(path)
-        osds = [o.strip() for o in args.osds.split(",") if o.strip()]
-        for osd in osds:
-            if not osd.isdigit():
-                raise ConfigError(f"--osds: {osd!r} is not an OSD id")
         readme = out / "INSTALL.txt"
         lines = ["# install (as root):",
                  "install -D -m 0644 xo-ceph.toml /etc/xo/xo-ceph.toml",

@@ -1,0 +1,67 @@
+"""`xo ceph deploy`: the config file it writes loads back as the front and the
+agents read it, the units name the entry points, and bad input is refused."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+from xo.ceph.config import ConfigError, XoCephConfig, control_port
+
+XO = [sys.executable, "-m", "xo.cli", "ceph", "deploy"]
+
+
+def test_deploy_writes_config_units_and_key(tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    res = subprocess.run([*XO, "--out", str(out), "--interface", "eth1", "--hosts",
+                          "198.18.0.2,198.18.0.3", "--osds", "0,3", "--threshold", "2097152",
+                          "--new-key"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    cfg = XoCephConfig.load(out / "xo-ceph.toml")
+    assert cfg.front is not None and cfg.agent is not None
+    assert cfg.front.interface == cfg.agent.interface == "eth1"
+    assert cfg.front.listen == ("0.0.0.0", 8080) and cfg.front.threshold == 2097152
+    assert cfg.agent.hosts == ["198.18.0.2", "198.18.0.3"]
+    assert cfg.control_port_offset == 1000 and control_port(6800) == 7800
+    key = out / "cluster.key"
+    assert key.stat().st_mode & 0o077 == 0 and 16 <= key.stat().st_size <= 64
+    for unit, entry in (("xo-ceph-front.service", "-m xo.ceph.front"),
+                        ("xo-ceph-agent@.service", "-m xo.ceph.agent")):
+        parser = configparser.ConfigParser(interpolation=None, strict=False)
+        parser.read(out / unit)
+        exec_start = parser["Service"]["ExecStart"]
+        assert exec_start.startswith(sys.executable) and entry in exec_start
+        assert "CAP_NET_ADMIN" in parser["Service"]["AmbientCapabilities"]
+    install = (out / "INSTALL.txt").read_text()
+    assert "xo-ceph-agent@0.service" in install and "xo-ceph-agent@3.service" in install
+
+
+def test_deploy_and_config_refuse_bad_input(tmp_path: Path) -> None:
+    res = subprocess.run([*XO, "--out", str(tmp_path / "a"), "--interface", "eth0",
+                          "--role", "agent"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "--hosts" in res.stderr
+    res = subprocess.run([*XO, "--out", str(tmp_path / "b"), "--interface", "eth0",
+                          "--role", "front", "--listen", "nohostport"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "HOST:PORT" in res.stderr
+    res = subprocess.run([*XO, "--out", str(tmp_path / "c"), "--interface", "eth0",
+                          "--hosts", "198.18.0.2", "--osds", "0,x"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "not an OSD id" in res.stderr
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[cluster]\nceph_conf = "/x"\n')
+    try:
+        XoCephConfig.load(bad)
+    except ConfigError as exc:
+        assert "key" in str(exc)
+    else:
+        raise AssertionError("a config without a key loaded")
+    try:
+        control_port(65000)
+    except ConfigError as exc:
+        assert "out of range" in str(exc)
+    else:
+        raise AssertionError("control port over 65535 accepted")
