@@ -304,6 +304,12 @@ class Front:
     async def _try_offload(self, sock: socket.socket, buf: bytearray, req: Message,
                            bucket: str, key: str) -> bool:
         assert self.engine is not None
+        cached = self._stat_cache.get((bucket, key))
+        if cached is not None and cached[0] > time.monotonic() and (
+                cached[1] is None or 0 < cached[1] < self.fcfg.threshold):
+            # known small or missing: no thread hop, straight to radosgw
+            self.counters.small_or_unplaced += 1
+            return False
         try:
             decision = await asyncio.to_thread(self._decide, bucket, key)
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
