@@ -14,6 +14,10 @@ APT_PACKAGES=(
 	# initramfs, cpio to pack it, kmod for depmod/modprobe on the unpacked
 	# kernel package
 	qemu-system-x86 busybox-static cpio kmod
+	# the Ceph plugin (plugins/ceph): Debian's Ceph 16.2.15 daemons, the
+	# ceph/radosgw-admin tools and librados for Python (on /usr/bin/python3,
+	# which .venv is built on)
+	ceph-mon ceph-mgr ceph-osd radosgw ceph-common python3-rados
 )
 
 missing=()
@@ -31,11 +35,12 @@ if [ ! -x .venv/bin/python ]; then
 	echo "[xo install] creating .venv"
 	/usr/bin/python3 -m venv --system-site-packages .venv
 fi
-# setuptools imports jaraco.* and more_itertools; Debian's older copies
-# (pulled in by the Ceph packages) would shadow its vendored ones through
-# --system-site-packages and break every build: the venv gets its own.
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi \
-	'jaraco.functools>=4' 'jaraco.text>=3.12' 'jaraco.context>=5' 'more-itertools>=10'
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+# setuptools prefers installed copies of the libraries it vendors; Debian's
+# older ones (pulled in by ceph-mgr) are seen through --system-site-packages
+# and break its build backend, so the venv gets current ones.
+.venv/bin/python -m pip install -q --upgrade 'jaraco.functools>=4' 'jaraco.text>=3.12' \
+	'jaraco.context>=5' 'more_itertools>=10' 'inflect>=7' 'autocommand>=2.2.2'
 echo "[xo install] building and installing xo (editable)"
 .venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]'
 echo "[xo install] full-kernel lane: kernel package (cached)"

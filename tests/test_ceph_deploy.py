@@ -43,8 +43,14 @@ def test_deploy_and_config_refuse_bad_input(tmp_path: Path) -> None:
                           "--role", "agent"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "--hosts" in res.stderr
     res = subprocess.run([*XO, "--out", str(tmp_path / "b"), "--interface", "eth0",
-                          "--listen", "nohostport"], capture_output=True, text=True, timeout=60)
+                          "--role", "front", "--listen", "nohostport"],
+                         capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "HOST:PORT" in res.stderr
+    res = subprocess.run([*XO, "--out", str(tmp_path / "c"), "--interface", "eth0",
+                          "--hosts", "198.18.0.2", "--osds", "0,x"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "not an OSD id" in res.stderr
+    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
     bad = tmp_path / "bad.toml"
     bad.write_text('[cluster]\nceph_conf = "/x"\n')
     try:

@@ -70,6 +70,13 @@ def _bench_latency(args: argparse.Namespace) -> int:
     return bench_latency.main(args.requests, args.rate, args.driver, args.json)
 
 
+def _bench_s3(args: argparse.Namespace) -> int:
+    require_bench_extra("s3")
+    from xo.ceph import bench
+
+    return bench.main(args)
+
+
 def _bench_rules(args: argparse.Namespace) -> int:
     from xo import bench_rules, results
 
@@ -96,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lab name (namespaces xo-NAME-*); default demo")
     demo.set_defaults(func=_lab_demo)
 
+    try:
+        from xo.ceph.cli import add_ceph_commands
+    except ImportError:  # the Ceph plugin is not installed with this package
+        pass
+    else:
+        add_ceph_commands(sub)
+
     bench = sub.add_parser("bench", help="benchmarks that print numbers (and JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     core = bench_sub.add_parser("core", help="capture/restore cost of one connection")
@@ -120,6 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--driver", default="py", choices=["py", "c"], help="XO's driver")
     lat.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
     lat.set_defaults(func=_bench_latency)
+    s3 = bench_sub.add_parser("s3", help="S3 GETs: stock radosgw vs the XO front (Ceph, lab)")
+    s3.add_argument("--osds", type=int, default=3, help="OSD hosts (one OSD each)")
+    s3.add_argument("--rate", default="500mbit", help="front and OSD host link rate")
+    s3.add_argument("--sizes", default="4k,256k,1m,4m,16m,64m",
+                    help="object sizes, comma-separated (k, m suffixes)")
+    s3.add_argument("--objects", type=int, default=8, help="objects per size")
+    s3.add_argument("--concurrency", type=int, default=4, help="client connections")
+    s3.add_argument("--seconds", type=float, default=5.0, help="per size and mode")
+    s3.add_argument("--dist", choices=["uniform", "zipf"], default="uniform")
+    s3.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent")
+    s3.add_argument("--threshold", type=int, default=1 << 20,
+                    help="XO front: offload GETs of objects at least this big")
+    s3.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    s3.set_defaults(func=_bench_s3)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
     rules.add_argument("--flower-count", type=int, default=1000,
@@ -139,13 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     from xo.core import XoError
     from xo.lab import LabError
 
+    try:
+        from xo.ceph.cluster import CephError
+        from xo.ceph.config import ConfigError
+    except ImportError:
+        CephError = ConfigError = XoError  # type: ignore[misc,assignment]  # noqa: N806
+
     args = build_parser().parse_args(argv)
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so labs and the
     # processes started in them are torn down by their context managers.
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
-    except (XoError, LabError) as exc:
+    except (XoError, LabError, CephError, ConfigError) as exc:
         print(f"xo: {exc}", file=sys.stderr)
         return 1
     except MissingPartError as exc:

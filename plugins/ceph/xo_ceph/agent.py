@@ -1,0 +1,204 @@
+"""The XO agent beside an OSD (target role): adopts client connections the
+front hands over and has each request answered by the radosgw on this host,
+then hands the connection back at the request boundary.
+
+    python -m xo.ceph.agent --config xo-ceph.toml --osd N [--interface IF]
+
+It listens on its OSD's public address, on the port derived from the OSD's
+msgr2 port (``xo.ceph.config.control_port``), both read from the osdmap, so
+the front finds it with no inventory. The protocol is the core's machine,
+driven by ``xo.engine.TargetAgent``; this module only moves bytes: the
+request up to radosgw (TCP_NODELAY), the response head back through user
+space, the response body socket -> pipe -> socket with splice(2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from xo.ceph.config import ConfigError, XoCephConfig, control_port
+from xo.ceph.relay import HttpError, Splicer, connect, exchange, read_head
+from xo.engine import Steering, TargetAgent, TargetConn, load_key
+from xo.refapp import drain_send_queue
+
+log = logging.getLogger("xo.ceph.agent")
+
+OSD_WAIT_S = 60.0
+ADDR_POLL_S = 2.0
+
+
+def osd_address(command: object, osd: int) -> tuple[str, int] | None:
+    from xo.ceph.placement import OsdMap
+
+    dump = command("osd dump")  # type: ignore[operator]
+    info = OsdMap.from_dump(dump).osds.get(osd)
+    if info is None or not info.up or not info.ip:
+        return None
+    return info.ip, info.port
+
+
+def open_mon(ceph_conf: str, timeout: float = 10.0) -> object:
+    import rados
+
+    handle = rados.Rados(conffile=ceph_conf, conf={"client_mount_timeout": str(int(timeout)),
+                                                   "rados_mon_op_timeout": str(int(timeout))})
+    handle.connect(timeout=int(timeout))
+    return handle
+
+
+def mon_command(handle: object):  # type: ignore[no-untyped-def]
+    def command(prefix: str, **args: object) -> object:
+        ret, out, err = handle.mon_command(  # type: ignore[attr-defined]
+            json.dumps({"prefix": prefix, "format": "json", **args}), b"", timeout=10)
+        if ret != 0:
+            raise RuntimeError(f"{prefix}: {err} ({ret})")
+        return json.loads(out)
+    return command
+
+
+class Agent:
+    def __init__(self, cfg: XoCephConfig, osd: int, interface: str, name: str) -> None:
+        assert cfg.agent is not None
+        self.cfg, self.osd, self.interface, self.name = cfg, osd, interface, name
+        self.rgw = cfg.agent.rgw
+        self.served = 0
+        self.agent: TargetAgent | None = None
+
+    async def run(self, ready: asyncio.Event) -> None:
+        handle = await asyncio.to_thread(open_mon, self.cfg.ceph_conf)
+        command = mon_command(handle)
+        try:
+            addr = None
+            deadline = time.monotonic() + OSD_WAIT_S
+            while addr is None:
+                addr = await asyncio.to_thread(osd_address, command, self.osd)
+                if addr is None:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"osd.{self.osd} not up in the osdmap after "
+                                           f"{OSD_WAIT_S:.0f} s")
+                    await asyncio.sleep(0.5)
+            ip, msgr2 = addr
+            port = control_port(msgr2, self.cfg.control_port_offset)
+            ifindex = socket.if_nametoindex(self.interface)
+            pin_dir = f"{self.cfg.pin_root}/{self.name}"
+            steering = Steering.open(ifindex, pin_dir, egress=True)
+            assert self.cfg.agent is not None
+            self.agent = TargetAgent(load_key(self.cfg.key), steering, ip, self.serve,
+                                     host_ips=self.cfg.agent.hosts)
+            try:
+                await self.agent.start(port)
+                log.info("agent for osd.%d on %s:%d (msgr2 port %d), radosgw %s:%d",
+                         self.osd, ip, port, msgr2, *self.rgw)
+                ready.set()
+                while True:  # follow the OSD: a restarted OSD may have a new port
+                    await asyncio.sleep(ADDR_POLL_S)
+                    with contextlib.suppress(RuntimeError, OSError):
+                        now = await asyncio.to_thread(osd_address, command, self.osd)
+                        if now is not None and now != (ip, msgr2):
+                            raise RuntimeError(f"osd.{self.osd} moved to {now[0]}:{now[1]}; "
+                                               f"restart the agent to follow it")
+            finally:
+                await self.agent.close()
+                steering.close()
+        finally:
+            handle.shutdown()  # type: ignore[attr-defined]
+
+    async def serve(self, conn: TargetConn) -> None:
+        """Answer the handed-over request(s) through the local radosgw, then
+        give the connection back."""
+        assert self.agent is not None
+        buf = bytearray(conn.app_data)
+        upstream: socket.socket | None = None
+        splicer = Splicer()
+        try:
+            while True:
+                req = await read_head(conn.sock, buf)
+                if req is None:
+                    await conn.closed_by_client()
+                    return
+                if upstream is None:
+                    upstream = await connect(*self.rgw)
+                resp, sent = await exchange(conn.sock, buf, req, upstream, splicer=splicer)
+                self.agent.bytes_served += sent
+                log.info("served %s %s status=%d bytes=%d conn=%x client=%s", req.method,
+                         req.target, resp.status, sent, conn.conn_id, conn.client)
+                if req.connection_close or resp.connection_close:
+                    await conn.closed_by_client()
+                    return
+                await drain_send_queue(conn.sock, 2.0)
+                if await conn.hand_back(bytes(buf)):
+                    return
+                # the front did not take it back: keep serving here
+        except (HttpError, OSError) as exc:
+            log.info("conn %x ended on the agent: %s", conn.conn_id, exc)
+            await conn.closed_by_client()
+        finally:
+            splicer.close()
+            if upstream is not None:
+                upstream.close()
+
+
+async def _main(agent: Agent) -> int:
+    ready = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(agent.run(ready))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+
+    async def announce() -> None:
+        await ready.wait()
+        print("READY", flush=True)
+
+    announcer = asyncio.ensure_future(announce())
+    try:
+        await task
+    except asyncio.CancelledError:
+        return 0
+    except (RuntimeError, OSError, ConfigError) as exc:
+        log.error("agent stopped: %s", exc)
+        return 1
+    finally:
+        announcer.cancel()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xo.ceph.agent", description=__doc__.split(
+        "\n")[0])
+    parser.add_argument("--config", required=True, help="the XO for Ceph config file")
+    parser.add_argument("--osd", type=int, required=True, help="the OSD id this agent serves")
+    parser.add_argument("--interface", help="override [agent] interface")
+    parser.add_argument("--name", help="pin directory name (default osd.N)")
+    parser.add_argument("--log", help="log file (default stderr)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = XoCephConfig.load(args.config)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if cfg.agent is None:
+        parser.error(f"{args.config}: no [agent] section")
+    logging.basicConfig(filename=args.log, level=logging.INFO,
+                        format=f"%(asctime)s agent:osd.{args.osd} %(name)s %(levelname)s "
+                               "%(message)s")
+    agent = Agent(cfg, args.osd, args.interface or cfg.agent.interface,
+                  args.name or f"osd.{args.osd}")
+    if args.log:
+        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(_main(agent))
+    return int(uvloop.run(_main(agent)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

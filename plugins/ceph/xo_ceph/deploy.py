@@ -1,0 +1,113 @@
+"""``xo ceph deploy``: what an operator installs on real hosts to run XO for
+Ceph: one config file (xo-ceph.toml), the cluster key, and systemd units for
+the front (on the RGW host) and one agent per OSD (on each OSD host).
+
+The units run the same entry points ``xo ceph vstart`` starts in the lab:
+``python -m xo.ceph.front`` and ``python -m xo.ceph.agent --osd N``. Both need
+CAP_NET_ADMIN and CAP_BPF (TCP_REPAIR, steering programs) and CAP_SYS_ADMIN
+for the bpffs they pin their maps in; the units run them as root with those
+capabilities bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from xo.ceph.config import AgentConfig, ConfigError, FrontConfig, XoCephConfig, _hostport, render
+from xo.engine import write_key
+
+CAPS = "CAP_NET_ADMIN CAP_NET_RAW CAP_BPF CAP_PERFMON CAP_SYS_ADMIN CAP_SYS_RESOURCE"
+
+FRONT_UNIT = """[Unit]
+Description=XO front for Ceph RGW (hands S3 GETs to the OSD hosts)
+Documentation=file://{docs}
+After=network-online.target ceph-radosgw.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart={python} -m xo.ceph.front --config {config}
+Restart=on-failure
+RestartSec=1
+CapabilityBoundingSet={caps}
+AmbientCapabilities={caps}
+LimitMEMLOCK=infinity
+LimitNOFILE=1048576
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+AGENT_UNIT = """[Unit]
+Description=XO agent beside Ceph OSD %i (serves handed-over S3 GETs)
+Documentation=file://{docs}
+After=network-online.target ceph-osd@%i.service ceph-radosgw.target
+Wants=network-online.target
+BindsTo=ceph-osd@%i.service
+
+[Service]
+Type=simple
+ExecStart={python} -m xo.ceph.agent --config {config} --osd %i
+Restart=on-failure
+RestartSec=1
+CapabilityBoundingSet={caps}
+AmbientCapabilities={caps}
+LimitMEMLOCK=infinity
+LimitNOFILE=1048576
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def write(args: argparse.Namespace) -> list[Path]:
+    out = Path(args.out)
+    roles = {"front", "agent"} if args.role == "both" else {args.role}
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if "agent" in roles and not hosts:
+        raise ConfigError("an agent needs --hosts: the fronts' addresses")
+    osds = [o.strip() for o in args.osds.split(",") if o.strip()]
+    for osd in osds:
+        if not osd.isdigit():
+            raise ConfigError(f"--osds: {osd!r} is not an OSD id")
+    if args.threshold < 0:
+        raise ConfigError("--threshold must be >= 0")
+    rgw = _hostport(args.rgw, "--rgw")
+    cfg = XoCephConfig(ceph_conf=args.ceph_conf, key=args.key)
+    if "front" in roles:
+        cfg.front = FrontConfig(args.interface, _hostport(args.listen, "--listen"), rgw,
+                                args.threshold, "/run/xo/ceph-front.json")
+    if "agent" in roles:
+        cfg.agent = AgentConfig(args.interface, rgw, hosts)
+    out.mkdir(parents=True, exist_ok=True)  # only once the input is known good
+    config_path = out / "xo-ceph.toml"
+    config_path.write_text(render(cfg))
+    written = [config_path]
+    installed_config = "/etc/xo/xo-ceph.toml"
+    docs = "/usr/share/doc/xo/ceph.md"
+    if args.new_key:
+        key = out / "cluster.key"
+        write_key(key)
+        written.append(key)
+    fields = {"python": args.python, "config": installed_config, "caps": CAPS, "docs": docs}
+    if "front" in roles:
+        path = out / "xo-ceph-front.service"
+        path.write_text(FRONT_UNIT.format(**fields))
+        written.append(path)
+    if "agent" in roles:
+        path = out / "xo-ceph-agent@.service"
+        path.write_text(AGENT_UNIT.format(**fields))
+        written.append(path)
+        readme = out / "INSTALL.txt"
+        lines = ["# install (as root):",
+                 "install -D -m 0644 xo-ceph.toml /etc/xo/xo-ceph.toml",
+                 f"install -D -m 0600 cluster.key {args.key}  # the same key on every host",
+                 "install -m 0644 xo-ceph-*.service /etc/systemd/system/",
+                 "systemctl daemon-reload"]
+        if "front" in roles:
+            lines.append("systemctl enable --now xo-ceph-front.service")
+        lines += [f"systemctl enable --now xo-ceph-agent@{o}.service" for o in osds]
+        readme.write_text("\n".join(lines) + "\n")
+        written.append(readme)
+    return written
