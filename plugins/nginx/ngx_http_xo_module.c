@@ -36,6 +36,7 @@
 #include <linux/capability.h>
 #include <linux/sockios.h>
 #include <net/if.h>
+#include <net/if_arp.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
@@ -220,6 +221,7 @@ static ngx_cycle_t *xo_cycle;
 /* master: the steering handle, kept across reloads while its settings stay */
 static struct xo_steer *xo_steer;
 static int xo_steer_ifindex;
+static uint8_t xo_if_mac[6];  /* the source MAC of redirected frames */
 static char xo_steer_key[PATH_MAX * 3];
 /* master: the cluster key, read as root (the file is the owner's only) */
 static uint8_t xo_key_buf[XO_KEY_MAX_LEN];
@@ -705,6 +707,22 @@ static ngx_int_t ngx_http_xo_init_module(ngx_cycle_t *cycle)
 		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo_key: %s",
 			      xo_last_error());
 		return NGX_ERROR;
+	}
+	{
+		struct ifreq ifr;
+		int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+		ngx_memzero(&ifr, sizeof(ifr));
+		ngx_cpystrn((u_char *)ifr.ifr_name, (u_char *)ifname, IF_NAMESIZE);
+		if (s < 0 || ioctl(s, SIOCGIFHWADDR, &ifr) < 0) {
+			ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+				      "xo_interface \"%s\": no MAC address", ifname);
+			if (s >= 0)
+				close(s);
+			return NGX_ERROR;
+		}
+		close(s);
+		ngx_memcpy(xo_if_mac, ifr.ifr_hwaddr.sa_data, 6);
 	}
 	ngx_snprintf((u_char *)key, sizeof(key), "%s|%s|%s|%d%Z", obj, pin, ifname,
 		     ifindex);
@@ -1709,6 +1727,7 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 		   ((uint32_t)ngx_pid << 8);
 	pc.rules = xo_rules;
 	pc.steer = xo_steer;
+	ngx_memcpy(pc.host_mac, xo_if_mac, 6);
 	if (mcf->has_control) {
 		if (xo_endpoint_from_sockaddr((struct sockaddr_storage *)
 					      mcf->control.addrs[0].sockaddr,
