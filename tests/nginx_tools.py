@@ -142,7 +142,7 @@ worker_rlimit_core 500m;
 working_directory {prefix};
 daemon off;
 pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
+error_log {prefix}/error.log {os.environ.get("XO_NGINX_LOG", "info")};
 events {{ worker_connections 1024; }}
 http {{
     access_log {prefix}/access.log;
@@ -196,6 +196,9 @@ http {{
     def start(self, member: str, conf_text: str, ready: str | None = None) -> NginxProc:
         prefix = self.root / member
         prefix.mkdir(mode=0o755, exist_ok=True)
+        put = prefix / "put"  # WebDAV PUTs land here; workers run as nobody
+        put.mkdir(exist_ok=True)
+        put.chmod(0o777)
         conf = prefix / "nginx.conf"
         conf.write_text(conf_text)
         ns = self.testbed.member(member).netns

@@ -1193,9 +1193,23 @@ static void xo_handback_check(ngx_event_t *ev)
 	xo_conn_t *xc = xo_conn_of(c);
 	int queued = 0;
 
-	if (!xc || xc->state != XC_SERVING || c->destroyed || !c->idle ||
-	    c->close || xc->replay)
+	if (!xc || xc->state != XC_SERVING || !c->idle ||
+	    c->close || xc->replay) {
+		ngx_log_debug6(NGX_LOG_DEBUG_HTTP, xo_cycle->log, 0,
+			       "xo: no hand-back: %p %ui %ui %ui %ui %p", xc,
+			       xc ? xc->state : 0, c->destroyed, c->idle,
+			       c->close, xc ? xc->replay : NULL);
 		return;
+	}
+	/* Read nothing more here: what the client sends next goes along
+	 * in the socket's receive queue. */
+	if (c->read->posted) {
+		ngx_delete_posted_event(c->read);
+	}
+	if (c->read->active && ngx_del_event(c->read, NGX_READ_EVENT, 0) != NGX_OK) {
+		ngx_http_close_connection(c);
+		return;
+	}
 	if (ioctl(c->fd, SIOCOUTQ, &queued) < 0)
 		queued = 0;
 	if (queued && ngx_current_msec - xc->drain_start < xo_mcf->drain_timeout) {
@@ -1215,8 +1229,12 @@ static void xo_handback_check(ngx_event_t *ev)
 		c->idle = 1;
 		ngx_reusable_connection(c, 1);
 		ngx_add_timer(c->read, xc->ka_left);
-		if (ngx_handle_read_event(c->read, 0) != NGX_OK)
+		if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
 			ngx_http_close_connection(c);
+			return;
+		}
+		c->read->ready = 1;
+		ngx_post_event(c->read, &ngx_posted_events);
 		return;
 	}
 	xc->state = XC_MACHINE;
@@ -1481,8 +1499,10 @@ static void xo_event(const struct xo_proto_event *ev)
 		 * nothing; no lingering close, no keep-alive. */
 		r->keepalive = 0;
 		r->lingering_close = 0;
-		r->connection->timedout = 0;
+		c = r->connection;
+		c->timedout = 0;
 		ngx_http_finalize_request(r, NGX_HTTP_CLOSE);
+		ngx_http_run_posted_requests(c); /* the close happens there */
 		break;
 	case XO_EV_ROLLED_BACK:
 		if (ev->fd >= 0)
@@ -1559,6 +1579,11 @@ static void xo_event(const struct xo_proto_event *ev)
 		c->idle = 1;
 		ngx_reusable_connection(c, 1);
 		ngx_add_timer(c->read, xc->ka_left);
+		if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+			xo_conn_cleanup(c);
+			ngx_http_close_connection(c);
+			break;
+		}
 		c->read->ready = 1;
 		ngx_post_event(c->read, &ngx_posted_events);
 		break;
