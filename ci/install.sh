@@ -14,6 +14,9 @@ APT_PACKAGES=(
 	# initramfs, cpio to pack it, kmod for depmod/modprobe on the unpacked
 	# kernel package
 	qemu-system-x86 busybox-static cpio kmod
+	# the nginx module (ci/build-nginx.sh): Debian's nginx and its module
+	# build tree; wrk for the HTTP benchmark
+	nginx nginx-dev wrk
 )
 
 missing=()
@@ -37,3 +40,5 @@ echo "[xo install] building and installing xo (editable)"
 echo "[xo install] full-kernel lane: kernel package (cached)"
 .venv/bin/python tests/vmlane.py prepare >/dev/null ||
 	echo "[xo install] WARNING: the full-kernel lane could not be prepared; its tests will fail" >&2
+echo "[xo install] nginx module (dynamic, for Debian's nginx)"
+bash ci/build-nginx.sh
