@@ -1678,6 +1678,61 @@ static void xo_post_pump(void)
 	}
 }
 
+/* Client frames parked for this machine (a flow frozen here, or frames
+ * another owner sent on): the machine gives a descriptor that becomes
+ * readable when there are some, and takes them on xo_proto_tick().
+ *
+ * XO_HAVE_PARK_FD is set by plugins/nginx/config when the core's
+ * xo_proto.h declares xo_proto_park_fd(); a core without it takes parked
+ * frames on its own timer ticks only. */
+#ifdef XO_HAVE_PARK_FD
+static ngx_connection_t *xo_park_c;
+
+static void xo_park_read(ngx_event_t *rev)
+{
+	(void)rev;
+	if (!xo_machine)
+		return;
+	xo_proto_tick(xo_machine, xo_now());
+	xo_pump();
+}
+
+static ngx_int_t xo_park_watch(ngx_cycle_t *cycle)
+{
+	int fd = xo_proto_park_fd(xo_machine);
+
+	if (fd < 0) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+			      "xo: no descriptor for parked frames: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	xo_park_c = ngx_get_connection(fd, cycle->log);
+	if (!xo_park_c)
+		return NGX_ERROR;
+	xo_park_c->read->handler = xo_park_read;
+	xo_park_c->read->log = cycle->log;
+	/* level-triggered: readable until the machine took every frame */
+	if (ngx_add_event(xo_park_c->read, NGX_READ_EVENT, 0) != NGX_OK) {
+		ngx_free_connection(xo_park_c);
+		xo_park_c = NULL;
+		return NGX_ERROR;
+	}
+	return NGX_OK;
+}
+
+static void xo_park_unwatch(void)
+{
+	if (!xo_park_c)
+		return;
+	/* the machine owns the descriptor: leave epoll, do not close it */
+	if (xo_park_c->read->active)
+		ngx_del_event(xo_park_c->read, NGX_READ_EVENT, 0);
+	ngx_free_connection(xo_park_c);
+	xo_park_c = NULL;
+}
+#endif
+
 static void xo_tick_handler(ngx_event_t *ev)
 {
 	ngx_uint_t i;
@@ -1775,6 +1830,10 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 			      xo_last_error());
 		return NGX_ERROR;
 	}
+#ifdef XO_HAVE_PARK_FD
+	if (xo_park_watch(cycle) != NGX_OK)
+		return NGX_ERROR;
+#endif
 	xo_nconns = cycle->connection_n;
 	xo_conns = ngx_calloc(sizeof(xo_conn_t) * xo_nconns, cycle->log);
 	if (!xo_conns)
@@ -1810,6 +1869,9 @@ static void ngx_http_xo_exit_process(ngx_cycle_t *cycle)
 	(void)cycle;
 	if (!xo_machine)
 		return;
+#ifdef XO_HAVE_PARK_FD
+	xo_park_unwatch();
+#endif
 	xo_proto_destroy(xo_machine);
 	xo_machine = NULL;
 	xo_rules_destroy(xo_rules);
