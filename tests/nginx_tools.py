@@ -9,11 +9,14 @@ from a patched source tree); `NginxBuild` names one of them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ DYNAMIC_SO = REPO / "plugins/nginx/build/ngx_http_xo_module.so"
 STATIC_BIN = REPO / "plugins/nginx/build/static/sbin/nginx"
 PIN_ROOT = Path("/run/xo/bpf")
 HTTP_PORT = 8080
+BODY_APP_PORT = 9000  # tests/body_app.py behind each target (location /post)
+BODY_APP = Path(__file__).resolve().parent / "body_app.py"
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class NginxCluster:
     root: Path
     key: Path
     procs: dict[str, NginxProc] = field(default_factory=dict)
+    apps: list[subprocess.Popen[bytes]] = field(default_factory=list)
     docroot: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -172,7 +178,8 @@ http {{
         add_header X-Served-By {member} always;
         location /private/ {{ deny all; }}
         location /put/ {{ dav_methods PUT; create_full_put_path on; root {self.root}/{member}; }}
-        location /post {{ proxy_pass http://127.0.0.1:9000; }}
+        location /post {{ proxy_pass http://127.0.0.1:{BODY_APP_PORT}; }}
+        location = /xo_status {{ xo_status; }}
         {extra_server}
     }}
 }}
@@ -186,6 +193,7 @@ http {{
         listen {self.testbed.host.ipv4}:{HTTP_PORT};
         root {self.docroot};
         add_header X-Served-By host always;
+        location = /xo_status {{ xo_status; }}
         location / {{
             {location}
         }}
@@ -217,17 +225,56 @@ http {{
             assert proc.poll() is None, p.log_text()[-3000:]
         return p
 
+    def start_body_app(self, member: str) -> None:
+        """tests/body_app.py on 127.0.0.1 in the member's namespace."""
+        ns = self.testbed.member(member).netns
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(BODY_APP),
+                                 "127.0.0.1", str(BODY_APP_PORT)], stdout=subprocess.PIPE)
+        self.apps.append(proc)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"READY", f"body app in {member}"
+
     def start_all(self, front_location: str = "xo_pass;", target_http: str = "",
                   front_http: str = "") -> None:
         for t in self.testbed.targets:
+            self.start_body_app(t.name)
             self.start(t.name, self.target_conf(t.name, extra_http=target_http))
-        front = self.start("host", self.front_conf(front_location, front_http))
-        n = len(self.testbed.targets)
-        wait_for(lambda: front.log_text().count("control connection") >= n
-                 and front.log_text().count(" up") >= n, "control connections up")
-        # every target up
-        wait_for(lambda: all(f"control connection {t.name} up" in front.log_text()
-                             for t in self.testbed.targets), "targets up")
+        self.start("host", self.front_conf(front_location, front_http))
+        self.wait_targets_up()
+
+    def wait_targets_up(self, names: list[str] | None = None) -> None:
+        """Every (named) target's control connection up in the front's
+        current worker (its xo_status)."""
+        want = set(names or [t.name for t in self.testbed.targets])
+
+        def up() -> bool:
+            try:
+                peers = self.status("host")["peers"]
+            except (AssertionError, ValueError, KeyError):
+                return False
+            return want <= {p["name"] for p in peers if p["up"]}
+
+        wait_for(up, f"targets {sorted(want)} up")
+
+    def status(self, member: str) -> dict[str, object]:
+        """The member nginx's xo_status (its worker's counters), asked from
+        inside its own namespace."""
+        m = self.testbed.member(member)
+        res = subprocess.run(["ip", "netns", "exec", m.netns, "curl", "-sS", "-m", "5",
+                              f"http://{m.ipv4}:{HTTP_PORT}/xo_status"],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        return dict(json.loads(res.stdout))
+
+    def wrk(self, path: str, connections: int = 8, seconds: float = 3,
+            threads: int = 2) -> WrkResult:
+        res = subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "wrk",
+                              "-t", str(threads), "-c", str(connections),
+                              "-d", f"{seconds}s", "--latency", self.url + path],
+                             capture_output=True, text=True, timeout=seconds + 60)
+        assert res.returncode == 0, res.stderr
+        return WrkResult.parse(res.stdout)
 
     def curl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "curl", "-sS",
@@ -236,6 +283,61 @@ http {{
     def stop(self) -> None:
         for p in self.procs.values():
             p.stop()
+        for app in self.apps:
+            app.terminate()
+            try:
+                app.wait(10)
+            except subprocess.TimeoutExpired:
+                app.kill()
+                app.wait()
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+_SIZE = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+
+
+@dataclass
+class WrkResult:
+    """What wrk printed: requests done, errors, non-2xx/3xx answers, the
+    latency distribution."""
+
+    requests: int
+    seconds: float
+    bytes_read: float
+    non_2xx: int
+    socket_errors: dict[str, int]
+    latency_ms: dict[str, float]
+    text: str
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @classmethod
+    def parse(cls, out: str) -> WrkResult:
+        m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m), ([\d.]+)(B|KB|MB|GB) read",
+                      out)
+        assert m, out
+        secs = float(m.group(2)) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[m.group(3)]
+        errors = {}
+        e = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                      r"timeout (\d+)", out)
+        if e:
+            errors = dict(zip(("connect", "read", "write", "timeout"),
+                              map(int, e.groups()), strict=True))
+        non = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        lat = {f"p{p}": _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out,
+                                                      re.M)}
+        return cls(int(m.group(1)), secs, float(m.group(4)) * _SIZE[m.group(5)],
+                   int(non.group(1)) if non else 0, errors, lat, out)
 
 
 @contextlib.contextmanager

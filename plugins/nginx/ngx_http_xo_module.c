@@ -137,6 +137,8 @@ static void ngx_http_xo_exit_process(ngx_cycle_t *cycle);
 static char *ngx_http_xo_target(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_xo_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_xo_policy(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_xo_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_xo_status_handler(ngx_http_request_t *r);
 static char *ngx_http_xo_control(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_xo_hosts(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static void xo_ctl_accept(ngx_connection_t *c);
@@ -177,6 +179,8 @@ static ngx_command_t ngx_http_xo_commands[] = {
 	  NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, ngx_conf_set_off_slot,
 	  NGX_HTTP_LOC_CONF_OFFSET, offsetof(ngx_http_xo_loc_conf_t, threshold),
 	  NULL },
+	{ ngx_string("xo_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+	  ngx_http_xo_status, NGX_HTTP_LOC_CONF_OFFSET, 0, NULL },
 	ngx_null_command
 };
 
@@ -587,6 +591,180 @@ static char *ngx_http_xo_policy(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 	}
 	(void)cmd;
 	return NGX_CONF_OK;
+}
+
+/* ---- xo_status: the worker's counters and step timings as JSON ---------- */
+
+#define XO_STEP_TRANSFERS 4
+#define XO_STEP_KINDS 7
+#define XO_STEP_KEEP 16384 /* samples kept per step (newest) */
+
+typedef struct {
+	uint32_t *ns;
+	ngx_uint_t len, head;
+	uint64_t seen;
+} xo_step_ring_t;
+
+static xo_step_ring_t xo_step_rings[XO_STEP_TRANSFERS][XO_STEP_KINDS];
+
+/* Move the machine's recorded steps into the per-step rings. */
+static void xo_steps_collect(void)
+{
+	struct xo_proto_step st[256];
+	xo_step_ring_t *ring;
+	int n, i;
+
+	if (!xo_machine)
+		return;
+	while ((n = xo_proto_take_steps(xo_machine, st, 256)) > 0) {
+		for (i = 0; i < n; i++) {
+			if (st[i].transfer >= XO_STEP_TRANSFERS ||
+			    st[i].step >= XO_STEP_KINDS)
+				continue;
+			ring = &xo_step_rings[st[i].transfer][st[i].step];
+			if (!ring->ns) {
+				ring->ns = ngx_alloc(XO_STEP_KEEP * sizeof(uint32_t),
+						     xo_cycle->log);
+				if (!ring->ns)
+					return;
+			}
+			ring->ns[(ring->head + ring->len) % XO_STEP_KEEP] = st[i].ns;
+			if (ring->len == XO_STEP_KEEP)
+				ring->head = (ring->head + 1) % XO_STEP_KEEP;
+			else
+				ring->len++;
+			ring->seen++;
+		}
+		if (n < 256)
+			break;
+	}
+}
+
+static int xo_cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static char *ngx_http_xo_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_core_loc_conf_t *clcf;
+	clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+	clcf->handler = ngx_http_xo_status_handler;
+	(void)cmd;
+	(void)conf;
+	return NGX_CONF_OK;
+}
+
+/* GET: {"pid", "role", "stats": {...}, "rules", "peers": [...],
+ * "steps": {"out.block": {"n", "p50_us", "p99_us", "mean_us"}, ...}};
+ * ?reset clears the step samples after the answer. */
+static ngx_int_t ngx_http_xo_status_handler(ngx_http_request_t *r)
+{
+	struct xo_proto_peer_info info;
+	struct xo_proto_stats st;
+	uint32_t ids[XO_MAX_CTLS], *tmp;
+	ngx_uint_t t, k, i, first = 1;
+	xo_step_ring_t *ring;
+	ngx_chain_t out;
+	ngx_buf_t *b;
+	const char *name;
+	uint64_t sum;
+	size_t cap = 16384;
+	int npeers, reset;
+	u_char *p, *end;
+
+	if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD)))
+		return NGX_HTTP_NOT_ALLOWED;
+	if (ngx_http_discard_request_body(r) != NGX_OK)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	reset = r->args.len >= 5 && ngx_strnstr(r->args.data, "reset", r->args.len);
+	b = ngx_create_temp_buf(r->pool, cap);
+	if (!b)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	p = b->pos;
+	end = b->end;
+	if (!xo_machine) {
+		p = ngx_slprintf(p, end, "{\"pid\": %P, \"role\": null}\n", ngx_pid);
+		goto send;
+	}
+	xo_steps_collect();
+	xo_proto_get_stats(xo_machine, &st);
+	p = ngx_slprintf(p, end, "{\"pid\": %P, \"role\": \"%s\", \"stats\": {"
+			 "\"offloads\": %uL, \"rollbacks\": %uL, \"returns\": %uL, "
+			 "\"moves\": %uL, \"withdrawn\": %uL, \"adopted\": %uL, "
+			 "\"handed_back\": %uL, \"kept\": %uL, \"lost\": %uL, "
+			 "\"refused\": %uL, \"violations\": %uL, \"timeouts\": %uL, "
+			 "\"rules_expired\": %uL, \"parked_shipped\": %uL, "
+			 "\"parked_replayed\": %uL, \"active\": %uD, \"peers\": %uD}, "
+			 "\"rules\": %L, \"peers\": [",
+			 ngx_pid, xo_mcf->has_control ? "target" : "host",
+			 st.offloads, st.rollbacks, st.returns, st.moves, st.withdrawn,
+			 st.adopted, st.handed_back, st.kept, st.lost, st.refused,
+			 st.violations, st.timeouts, st.rules_expired,
+			 st.parked_shipped, st.parked_replayed, st.active, st.peers,
+			 (int64_t)xo_steer_count(xo_steer));
+	npeers = xo_proto_peers(xo_machine, ids, XO_MAX_CTLS);
+	for (i = 0; npeers > 0 && i < (ngx_uint_t)ngx_min(npeers, XO_MAX_CTLS); i++) {
+		if (xo_proto_peer_info(xo_machine, ids[i], &info) < 0 || !info.state)
+			continue;
+		info.name[sizeof(info.name) - 1] = '\0';
+		p = ngx_slprintf(p, end, "%s{\"name\": \"%s\", \"up\": %s, "
+				 "\"failures\": %uD, \"offloaded\": %uD, \"handed\": %uD}",
+				 first ? "" : ", ", info.name,
+				 info.state == XO_PEER_UP ? "true" : "false",
+				 info.failures, info.offloaded, info.handed);
+		first = 0;
+	}
+	p = ngx_slprintf(p, end, "], \"steps\": {");
+	first = 1;
+	tmp = ngx_palloc(r->pool, XO_STEP_KEEP * sizeof(uint32_t));
+	if (!tmp)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	for (t = 0; t < XO_STEP_TRANSFERS; t++) {
+		for (k = 0; k < XO_STEP_KINDS; k++) {
+			ring = &xo_step_rings[t][k];
+			name = xo_proto_step_name((uint32_t)t, (uint32_t)k);
+			if (!name || !ring->len)
+				continue;
+			sum = 0;
+			for (i = 0; i < ring->len; i++) {
+				tmp[i] = ring->ns[(ring->head + i) % XO_STEP_KEEP];
+				sum += tmp[i];
+			}
+			ngx_qsort(tmp, ring->len, sizeof(uint32_t), xo_cmp_u32);
+			p = ngx_slprintf(p, end, "%s\"%s\": {\"n\": %uL, \"kept\": %ui, "
+					 "\"p50_us\": %.3f, \"p99_us\": %.3f, "
+					 "\"mean_us\": %.3f}", first ? "" : ", ", name,
+					 ring->seen, ring->len,
+					 (double)tmp[ring->len / 2] / 1000.0,
+					 (double)tmp[ngx_min(ring->len - 1,
+							     ring->len * 99 / 100)] / 1000.0,
+					 (double)sum / (double)ring->len / 1000.0);
+			first = 0;
+			if (reset) {
+				ring->len = ring->head = 0;
+				ring->seen = 0;
+			}
+		}
+	}
+	p = ngx_slprintf(p, end, "}}\n");
+send:
+	if (p == end)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR; /* did not fit */
+	b->last = p;
+	b->last_buf = (r == r->main);
+	b->last_in_chain = 1;
+	r->headers_out.status = NGX_HTTP_OK;
+	r->headers_out.content_length_n = b->last - b->pos;
+	ngx_str_set(&r->headers_out.content_type, "application/json");
+	r->headers_out.content_type_len = r->headers_out.content_type.len;
+	if (ngx_http_send_header(r) == NGX_ERROR || r->header_only)
+		return NGX_OK;
+	out.buf = b;
+	out.next = NULL;
+	return ngx_http_output_filter(r, &out);
 }
 
 /* ---- capabilities ------------------------------------------------------------ */
@@ -1739,6 +1917,7 @@ static void xo_tick_handler(ngx_event_t *ev)
 
 	(void)ev;
 	xo_proto_tick(xo_machine, xo_now());
+	xo_steps_collect();
 	if (!ngx_exiting && !xo_mcf->has_control)
 		for (i = 0; i < xo_mcf->targets->nelts; i++)
 			if (!xo_ctls[i].c &&
