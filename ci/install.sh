@@ -18,6 +18,9 @@ APT_PACKAGES=(
 	# ceph/radosgw-admin tools and librados for Python (on /usr/bin/python3,
 	# which .venv is built on)
 	ceph-mon ceph-mgr ceph-osd radosgw ceph-common python3-rados
+	# the nginx module (ci/build-nginx.sh): Debian's nginx and its module
+	# build tree; wrk for the HTTP benchmark
+	nginx nginx-dev wrk
 )
 
 missing=()
@@ -46,3 +49,5 @@ echo "[xo install] building and installing xo (editable)"
 echo "[xo install] full-kernel lane: kernel package (cached)"
 .venv/bin/python tests/vmlane.py prepare >/dev/null ||
 	echo "[xo install] WARNING: the full-kernel lane could not be prepared; its tests will fail" >&2
+echo "[xo install] nginx module (dynamic, for Debian's nginx)"
+bash ci/build-nginx.sh

@@ -1,0 +1,2085 @@
+// SPDX-License-Identifier: MIT
+/*
+ * ngx_http_xo_module: XO connection offload for nginx.
+ *
+ * nginx glue around the core's protocol machine (xo_core/include/xo_proto.h),
+ * which holds every protocol rule; this file only moves bytes, sockets and
+ * timers between nginx's event loop and the machine, like the C poll()
+ * driver (xo_core/driver/xo_driver.c) does for its own loop.
+ *
+ * Front (host role), per request in the precontent phase of a location with
+ * xo_pass: decide (threshold, policy), give the machine a duplicate of the
+ * connection's socket with the request bytes nginx already read (rebuilt
+ * from the parsed request line and headers, plus the unparsed rest of the
+ * buffer) and park the request. XO_EV_OFFLOADED: the machine discarded its
+ * duplicate in repair mode, so closing nginx's descriptor sends nothing to
+ * the client; the request is closed (444 in the access log).
+ * XO_EV_ROLLED_BACK: the phases go on (static files or proxy_pass serve it
+ * here). XO_EV_RETURNED: the socket becomes a new connection of the HTTP
+ * listener it was accepted on.
+ *
+ * Target: a control listener (xo_control) takes the hosts' control
+ * connections. XO_EV_ADOPTED: a duplicate of the restored socket becomes an
+ * accepted connection of the server's HTTP listener; the request bytes are
+ * replayed through a one-shot c->recv. At the response boundary (the
+ * connection idle in keep-alive, its send queue acknowledged) it is handed
+ * back; when nginx closes it instead, the machine closes its own
+ * descriptor, which sends the FIN through the source rewrite.
+ *
+ * One machine per worker process; docs/nginx.md explains roles, directives,
+ * privileges, reload and the limits.
+ */
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_http.h>
+
+#include <linux/capability.h>
+#include <linux/sockios.h>
+#include <net/if.h>
+#include <net/if_arp.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+
+#include "xo.h"
+#include "xo_proto.h"
+#include "xo_steer.h"
+
+#define XO_MAX_CTLS 128
+#define XO_MAX_TARGETS 64
+
+#define XO_POLICY_RR 0
+#define XO_POLICY_LEAST 1
+#define XO_POLICY_HASH 2
+
+typedef struct {
+	ngx_str_t name;
+	ngx_url_t url;
+	u_char mac[6];
+	ngx_flag_t has_mac;
+} ngx_http_xo_target_t;
+
+typedef struct {
+	ngx_str_t key_file;
+	ngx_str_t ifname;
+	ngx_str_t bpf_object;
+	ngx_str_t pin_dir;
+	ngx_array_t *targets;          /* ngx_http_xo_target_t */
+	/* target role */
+	ngx_url_t control;
+	ngx_flag_t has_control;
+	ngx_http_core_srv_conf_t *control_srv;
+	ngx_array_t *hosts;            /* ngx_url_t */
+	ngx_flag_t hand_back;
+	ngx_msec_t drain_timeout;
+	ngx_uint_t used;               /* xo_pass anywhere */
+	ngx_str_t conf_file;
+	ngx_uint_t conf_line;
+} ngx_http_xo_main_conf_t;
+
+typedef struct {
+	ngx_flag_t pass;
+	ngx_array_t *names;            /* ngx_str_t; resolved to indexes */
+	ngx_array_t *index;            /* ngx_uint_t */
+	ngx_uint_t policy;
+	ngx_http_complex_value_t *hash;
+	off_t threshold;
+	ngx_uint_t rr;
+	ngx_str_t file;                /* where xo_pass is, for messages */
+	ngx_uint_t line;
+} ngx_http_xo_loc_conf_t;
+
+typedef struct {
+	unsigned decided:1;
+	unsigned offloaded:1;
+	ngx_str_t target;
+} ngx_http_xo_ctx_t;
+
+enum {
+	XC_NONE,
+	XC_HOST_WAIT,   /* host: the machine holds a duplicate, r parked */
+	XC_SERVING,     /* target: adopted, nginx serves it */
+	XC_MACHINE,     /* target: hand-back under way */
+};
+
+typedef struct {
+	ngx_uint_t state;
+	uint64_t conn;
+	uint32_t peer;
+	ngx_http_request_t *r;
+	ngx_connection_t *c;
+	u_char *replay;
+	size_t replay_len, replay_off;
+	ngx_event_t ev;                /* target: hand-back check */
+	ngx_msec_t drain_start;
+	ngx_msec_t ka_left;
+} xo_conn_t;
+
+typedef struct {
+	ngx_connection_t *c;
+	uint32_t peer;
+	ngx_int_t target;              /* host: index into targets; -1 accepted */
+	ngx_uint_t adopted;            /* target: connections being served */
+	ngx_msec_t retry_at;
+	unsigned connecting:1;
+	unsigned up:1;
+} xo_ctl_t;
+
+static ngx_int_t ngx_http_xo_init(ngx_conf_t *cf);
+static void *ngx_http_xo_create_main_conf(ngx_conf_t *cf);
+static char *ngx_http_xo_init_main_conf(ngx_conf_t *cf, void *conf);
+static void *ngx_http_xo_create_loc_conf(ngx_conf_t *cf);
+static char *ngx_http_xo_merge_loc_conf(ngx_conf_t *cf, void *parent,
+					void *child);
+static ngx_int_t ngx_http_xo_init_module(ngx_cycle_t *cycle);
+static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle);
+static void ngx_http_xo_exit_process(ngx_cycle_t *cycle);
+static char *ngx_http_xo_target(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_xo_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_xo_policy(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_xo_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static ngx_int_t ngx_http_xo_status_handler(ngx_http_request_t *r);
+static char *ngx_http_xo_control(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *ngx_http_xo_hosts(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static void xo_ctl_accept(ngx_connection_t *c);
+static void xo_pump(void);
+static void xo_post_pump(void);
+
+static ngx_command_t ngx_http_xo_commands[] = {
+	{ ngx_string("xo_key"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+	  ngx_conf_set_str_slot, NGX_HTTP_MAIN_CONF_OFFSET,
+	  offsetof(ngx_http_xo_main_conf_t, key_file), NULL },
+	{ ngx_string("xo_interface"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+	  ngx_conf_set_str_slot, NGX_HTTP_MAIN_CONF_OFFSET,
+	  offsetof(ngx_http_xo_main_conf_t, ifname), NULL },
+	{ ngx_string("xo_bpf_object"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+	  ngx_conf_set_str_slot, NGX_HTTP_MAIN_CONF_OFFSET,
+	  offsetof(ngx_http_xo_main_conf_t, bpf_object), NULL },
+	{ ngx_string("xo_pin_dir"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+	  ngx_conf_set_str_slot, NGX_HTTP_MAIN_CONF_OFFSET,
+	  offsetof(ngx_http_xo_main_conf_t, pin_dir), NULL },
+	{ ngx_string("xo_target"), NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE23,
+	  ngx_http_xo_target, NGX_HTTP_MAIN_CONF_OFFSET, 0, NULL },
+	{ ngx_string("xo_control"), NGX_HTTP_SRV_CONF | NGX_CONF_TAKE1,
+	  ngx_http_xo_control, NGX_HTTP_MAIN_CONF_OFFSET, 0, NULL },
+	{ ngx_string("xo_hosts"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
+	  NGX_CONF_1MORE, ngx_http_xo_hosts, NGX_HTTP_MAIN_CONF_OFFSET, 0, NULL },
+	{ ngx_string("xo_hand_back"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
+	  NGX_CONF_FLAG, ngx_conf_set_flag_slot, NGX_HTTP_MAIN_CONF_OFFSET,
+	  offsetof(ngx_http_xo_main_conf_t, hand_back), NULL },
+	{ ngx_string("xo_drain_timeout"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
+	  NGX_CONF_TAKE1, ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET,
+	  offsetof(ngx_http_xo_main_conf_t, drain_timeout), NULL },
+	{ ngx_string("xo_pass"), NGX_HTTP_LOC_CONF | NGX_CONF_ANY,
+	  ngx_http_xo_pass, NGX_HTTP_LOC_CONF_OFFSET, 0, NULL },
+	{ ngx_string("xo_policy"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
+	  NGX_HTTP_LOC_CONF | NGX_CONF_TAKE12, ngx_http_xo_policy,
+	  NGX_HTTP_LOC_CONF_OFFSET, 0, NULL },
+	{ ngx_string("xo_threshold"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
+	  NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1, ngx_conf_set_off_slot,
+	  NGX_HTTP_LOC_CONF_OFFSET, offsetof(ngx_http_xo_loc_conf_t, threshold),
+	  NULL },
+	{ ngx_string("xo_status"), NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS,
+	  ngx_http_xo_status, NGX_HTTP_LOC_CONF_OFFSET, 0, NULL },
+	ngx_null_command
+};
+
+static ngx_http_module_t ngx_http_xo_module_ctx = {
+	NULL,                           /* preconfiguration */
+	ngx_http_xo_init,               /* postconfiguration */
+	ngx_http_xo_create_main_conf,
+	ngx_http_xo_init_main_conf,
+	NULL, NULL,                     /* server */
+	ngx_http_xo_create_loc_conf,
+	ngx_http_xo_merge_loc_conf,
+};
+
+ngx_module_t ngx_http_xo_module = {
+	NGX_MODULE_V1,
+	&ngx_http_xo_module_ctx,
+	ngx_http_xo_commands,
+	NGX_HTTP_MODULE,
+	NULL,                           /* init master */
+	ngx_http_xo_init_module,
+	ngx_http_xo_init_process,
+	NULL,                           /* init thread */
+	NULL,                           /* exit thread */
+	ngx_http_xo_exit_process,
+	NULL,                           /* exit master */
+	NGX_MODULE_V1_PADDING
+};
+
+/* ---- per-worker state ---------------------------------------------------- */
+
+static ngx_http_xo_main_conf_t *xo_mcf;
+static struct xo_proto *xo_machine;
+static struct xo_rules *xo_rules;
+static xo_conn_t *xo_conns;
+static ngx_uint_t xo_nconns;
+static xo_ctl_t xo_ctls[XO_MAX_CTLS];
+static ngx_listening_t *xo_adopt_ls;    /* target: where adopted ones join */
+static ngx_event_t xo_tick_ev, xo_pump_ev;
+static ngx_uint_t xo_pumping, xo_pump_again;
+static ngx_cycle_t *xo_cycle;
+
+/* master: the steering handle, kept across reloads while its settings stay */
+static struct xo_steer *xo_steer;
+static int xo_steer_ifindex;
+static uint8_t xo_if_mac[6];  /* the source MAC of redirected frames */
+static char xo_steer_key[PATH_MAX * 3];
+/* master: the cluster key, read as root (the file is the owner's only) */
+static uint8_t xo_key_buf[XO_KEY_MAX_LEN];
+static int xo_key_len;
+
+static uint64_t xo_now(void)
+{
+	return xo_steer_now_ns();
+}
+
+static xo_conn_t *xo_conn_of(ngx_connection_t *c)
+{
+	ngx_uint_t i = (ngx_uint_t)(c - xo_cycle->connections);
+
+	return i < xo_nconns ? &xo_conns[i] : NULL;
+}
+
+/* ---- configuration --------------------------------------------------------- */
+
+static void *ngx_http_xo_create_main_conf(ngx_conf_t *cf)
+{
+	ngx_http_xo_main_conf_t *mcf = ngx_pcalloc(cf->pool, sizeof(*mcf));
+
+	if (!mcf)
+		return NULL;
+	mcf->hand_back = NGX_CONF_UNSET;
+	mcf->drain_timeout = NGX_CONF_UNSET_MSEC;
+	return mcf;
+}
+
+static char *ngx_http_xo_init_main_conf(ngx_conf_t *cf, void *conf)
+{
+	ngx_http_xo_main_conf_t *mcf = conf;
+	ngx_uint_t role_host = mcf->targets && mcf->targets->nelts;
+
+	ngx_conf_init_value(mcf->hand_back, 1);
+	ngx_conf_init_msec_value(mcf->drain_timeout, 2000);
+	if (!role_host && !mcf->has_control) {
+		if (mcf->used) {
+			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+					   "xo_pass needs at least one xo_target");
+			return NGX_CONF_ERROR;
+		}
+		return NGX_CONF_OK;
+	}
+	if (role_host && mcf->has_control) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo: one nginx is either a front (xo_target) or a "
+				   "target (xo_control), not both");
+		return NGX_CONF_ERROR;
+	}
+	if (!mcf->key_file.len || !mcf->ifname.len || !mcf->bpf_object.len ||
+	    !mcf->pin_dir.len) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo: xo_key, xo_interface, xo_bpf_object and "
+				   "xo_pin_dir are required where xo_target or "
+				   "xo_control is used");
+		return NGX_CONF_ERROR;
+	}
+	if (mcf->has_control && (!mcf->hosts || !mcf->hosts->nelts)) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo_control needs xo_hosts (the fronts allowed "
+				   "to hand connections over)");
+		return NGX_CONF_ERROR;
+	}
+	if (ngx_conf_full_name(cf->cycle, &mcf->key_file, 1) != NGX_OK ||
+	    ngx_conf_full_name(cf->cycle, &mcf->bpf_object, 1) != NGX_OK)
+		return NGX_CONF_ERROR;
+	return NGX_CONF_OK;
+}
+
+static int xo_parse_mac(const u_char *s, size_t len, u_char *mac)
+{
+	unsigned int b[6];
+	char buf[32];
+	int i;
+
+	if (len >= sizeof(buf))
+		return -1;
+	ngx_memcpy(buf, s, len);
+	buf[len] = '\0';
+	if (sscanf(buf, "%x:%x:%x:%x:%x:%x", &b[0], &b[1], &b[2], &b[3], &b[4],
+		   &b[5]) != 6)
+		return -1;
+	for (i = 0; i < 6; i++) {
+		if (b[i] > 255)
+			return -1;
+		mac[i] = (u_char)b[i];
+	}
+	return 0;
+}
+
+/* xo_target NAME ADDRESS[:PORT] [mac=MAC]; */
+static char *ngx_http_xo_target(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_xo_main_conf_t *mcf = conf;
+	ngx_str_t *value = cf->args->elts;
+	ngx_http_xo_target_t *t;
+	ngx_uint_t i;
+
+	if (!mcf->targets) {
+		mcf->targets = ngx_array_create(cf->pool, 4, sizeof(*t));
+		if (!mcf->targets)
+			return NGX_CONF_ERROR;
+	}
+	if (value[1].len == 0 || value[1].len >= 32) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo_target: name \"%V\" must have 1 to 31 characters",
+				   &value[1]);
+		return NGX_CONF_ERROR;
+	}
+	t = mcf->targets->elts;
+	for (i = 0; i < mcf->targets->nelts; i++)
+		if (t[i].name.len == value[1].len &&
+		    !ngx_strncmp(t[i].name.data, value[1].data, value[1].len)) {
+			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+					   "xo_target \"%V\" defined twice", &value[1]);
+			return NGX_CONF_ERROR;
+		}
+	if (mcf->targets->nelts == XO_MAX_TARGETS) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "xo_target: at most %d",
+				   XO_MAX_TARGETS);
+		return NGX_CONF_ERROR;
+	}
+	t = ngx_array_push(mcf->targets);
+	if (!t)
+		return NGX_CONF_ERROR;
+	ngx_memzero(t, sizeof(*t));
+	t->name = value[1];
+	t->url.url = value[2];
+	t->url.default_port = XO_DEFAULT_CONTROL_PORT;
+	t->url.no_resolve = 1;
+	if (ngx_parse_url(cf->pool, &t->url) != NGX_OK || !t->url.naddrs) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo_target %V: bad address \"%V\"%s%s", &value[1],
+				   &value[2], t->url.err ? ": " : "",
+				   t->url.err ? t->url.err : "");
+		return NGX_CONF_ERROR;
+	}
+	if (cf->args->nelts == 4) {
+		if (value[3].len < 4 || ngx_strncmp(value[3].data, "mac=", 4) ||
+		    xo_parse_mac(value[3].data + 4, value[3].len - 4, t->mac)) {
+			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+					   "xo_target %V: \"%V\" is not mac=XX:XX:XX:XX:XX:XX",
+					   &value[1], &value[3]);
+			return NGX_CONF_ERROR;
+		}
+		t->has_mac = 1;
+	}
+	(void)cmd;
+	return NGX_CONF_OK;
+}
+
+/* xo_control ADDRESS[:PORT]; in the server whose listener adopted
+ * connections join. */
+static char *ngx_http_xo_control(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_xo_main_conf_t *mcf = conf;
+	ngx_str_t *value = cf->args->elts;
+	ngx_listening_t *ls;
+
+	if (mcf->has_control) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo_control is set already (one per nginx)");
+		return NGX_CONF_ERROR;
+	}
+	mcf->control.url = value[1];
+	mcf->control.default_port = XO_DEFAULT_CONTROL_PORT;
+	mcf->control.no_resolve = 1;
+	if (ngx_parse_url(cf->pool, &mcf->control) != NGX_OK ||
+	    !mcf->control.naddrs || mcf->control.wildcard) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo_control: \"%V\" is not an address (the target's "
+				   "own, not a wildcard)%s%s", &value[1],
+				   mcf->control.err ? ": " : "",
+				   mcf->control.err ? mcf->control.err : "");
+		return NGX_CONF_ERROR;
+	}
+	if (mcf->control.addrs[0].sockaddr->sa_family != AF_INET) {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo_control: \"%V\": an IPv4 address", &value[1]);
+		return NGX_CONF_ERROR;
+	}
+	ls = ngx_create_listening(cf, mcf->control.addrs[0].sockaddr,
+				  mcf->control.addrs[0].socklen);
+	if (!ls)
+		return NGX_CONF_ERROR;
+	ls->addr_ntop = 1;
+	ls->handler = xo_ctl_accept;
+	ls->pool_size = 256;
+	ls->logp = &cf->cycle->new_log;
+	ls->log.data = &ls->addr_text;
+	ls->log.handler = ngx_accept_log_error;
+	mcf->has_control = 1;
+	mcf->control_srv = ngx_http_conf_get_module_srv_conf(cf,
+							     ngx_http_core_module);
+	mcf->conf_file = cf->conf_file->file.name;
+	mcf->conf_line = cf->conf_file->line;
+	(void)cmd;
+	return NGX_CONF_OK;
+}
+
+static char *ngx_http_xo_hosts(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_xo_main_conf_t *mcf = conf;
+	ngx_str_t *value = cf->args->elts;
+	ngx_uint_t i;
+	ngx_url_t *u;
+
+	if (!mcf->hosts) {
+		mcf->hosts = ngx_array_create(cf->pool, 2, sizeof(ngx_url_t));
+		if (!mcf->hosts)
+			return NGX_CONF_ERROR;
+	}
+	for (i = 1; i < cf->args->nelts; i++) {
+		if (mcf->hosts->nelts == XO_PROTO_MAX_HOSTS) {
+			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+					   "xo_hosts: at most %d", XO_PROTO_MAX_HOSTS);
+			return NGX_CONF_ERROR;
+		}
+		u = ngx_array_push(mcf->hosts);
+		if (!u)
+			return NGX_CONF_ERROR;
+		ngx_memzero(u, sizeof(*u));
+		u->url = value[i];
+		u->default_port = 1;
+		u->no_resolve = 1;
+		if (ngx_parse_url(cf->pool, u) != NGX_OK || !u->naddrs ||
+		    u->wildcard) {
+			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+					   "xo_hosts: \"%V\" is not an address", &value[i]);
+			return NGX_CONF_ERROR;
+		}
+	}
+	(void)cmd;
+	return NGX_CONF_OK;
+}
+
+static void *ngx_http_xo_create_loc_conf(ngx_conf_t *cf)
+{
+	ngx_http_xo_loc_conf_t *lcf = ngx_pcalloc(cf->pool, sizeof(*lcf));
+
+	if (!lcf)
+		return NULL;
+	lcf->pass = NGX_CONF_UNSET;
+	lcf->policy = NGX_CONF_UNSET_UINT;
+	lcf->threshold = NGX_CONF_UNSET;
+	return lcf;
+}
+
+static char *ngx_http_xo_merge_loc_conf(ngx_conf_t *cf, void *parent,
+					void *child)
+{
+	ngx_http_xo_loc_conf_t *prev = parent, *conf = child;
+
+	ngx_conf_merge_value(conf->pass, prev->pass, 0);
+	if (conf->policy == NGX_CONF_UNSET_UINT) {
+		conf->policy = prev->policy == NGX_CONF_UNSET_UINT ?
+				       XO_POLICY_RR : prev->policy;
+		conf->hash = prev->hash;
+	}
+	ngx_conf_merge_off_value(conf->threshold, prev->threshold, 0);
+	if (!conf->names) {
+		conf->names = prev->names;
+		conf->index = prev->index;
+	}
+	if (conf->names && !conf->index) {
+		ngx_http_xo_main_conf_t *mcf =
+			ngx_http_conf_get_module_main_conf(cf, ngx_http_xo_module);
+		ngx_http_xo_target_t *t = mcf->targets ? mcf->targets->elts : NULL;
+		ngx_str_t *n = conf->names->elts;
+		ngx_uint_t i, j, *idx;
+
+		conf->index = ngx_array_create(cf->pool, conf->names->nelts,
+					       sizeof(ngx_uint_t));
+		if (!conf->index)
+			return NGX_CONF_ERROR;
+		for (i = 0; i < conf->names->nelts; i++) {
+			for (j = 0; t && j < mcf->targets->nelts; j++)
+				if (t[j].name.len == n[i].len &&
+				    !ngx_strncmp(t[j].name.data, n[i].data, n[i].len))
+					break;
+			if (!t || j == mcf->targets->nelts) {
+				ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+					      "xo_pass: no xo_target \"%V\" in %V:%ui",
+					      &n[i], &conf->file, conf->line);
+				return NGX_CONF_ERROR;
+			}
+			idx = ngx_array_push(conf->index);
+			if (!idx)
+				return NGX_CONF_ERROR;
+			*idx = j;
+		}
+	}
+	return NGX_CONF_OK;
+}
+
+/* xo_pass [NAME ...]; the targets (all xo_target ones when none named). */
+static char *ngx_http_xo_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_xo_loc_conf_t *lcf = conf;
+	ngx_http_xo_main_conf_t *mcf;
+	ngx_str_t *value = cf->args->elts, *n;
+	ngx_uint_t i;
+
+	if (lcf->pass != NGX_CONF_UNSET)
+		return "is duplicate";
+	lcf->pass = 1;
+	lcf->file = cf->conf_file->file.name;
+	lcf->line = cf->conf_file->line;
+	mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_xo_module);
+	mcf->used = 1;
+	if (!mcf->conf_line) {
+		mcf->conf_file = cf->conf_file->file.name;
+		mcf->conf_line = cf->conf_file->line;
+	}
+	if (cf->args->nelts > 1) {
+		lcf->names = ngx_array_create(cf->pool, cf->args->nelts - 1,
+					      sizeof(ngx_str_t));
+		if (!lcf->names)
+			return NGX_CONF_ERROR;
+		for (i = 1; i < cf->args->nelts; i++) {
+			n = ngx_array_push(lcf->names);
+			if (!n)
+				return NGX_CONF_ERROR;
+			*n = value[i];
+		}
+	}
+	(void)cmd;
+	return NGX_CONF_OK;
+}
+
+/* xo_policy round_robin | least_loaded | hash VALUE; */
+static char *ngx_http_xo_policy(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_xo_loc_conf_t *lcf = conf;
+	ngx_str_t *value = cf->args->elts;
+	ngx_http_compile_complex_value_t ccv;
+
+	if (lcf->policy != NGX_CONF_UNSET_UINT)
+		return "is duplicate";
+	if (cf->args->nelts == 2 && !ngx_strcmp(value[1].data, "round_robin")) {
+		lcf->policy = XO_POLICY_RR;
+	} else if (cf->args->nelts == 2 &&
+		   !ngx_strcmp(value[1].data, "least_loaded")) {
+		lcf->policy = XO_POLICY_LEAST;
+	} else if (cf->args->nelts == 3 && !ngx_strcmp(value[1].data, "hash")) {
+		lcf->policy = XO_POLICY_HASH;
+		lcf->hash = ngx_palloc(cf->pool, sizeof(*lcf->hash));
+		if (!lcf->hash)
+			return NGX_CONF_ERROR;
+		ngx_memzero(&ccv, sizeof(ccv));
+		ccv.cf = cf;
+		ccv.value = &value[2];
+		ccv.complex_value = lcf->hash;
+		if (ngx_http_compile_complex_value(&ccv) != NGX_OK)
+			return NGX_CONF_ERROR;
+	} else {
+		ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+				   "xo_policy: \"%V\": want round_robin, least_loaded "
+				   "or hash VALUE", &value[1]);
+		return NGX_CONF_ERROR;
+	}
+	(void)cmd;
+	return NGX_CONF_OK;
+}
+
+/* ---- xo_status: the worker's counters and step timings as JSON ---------- */
+
+#define XO_STEP_TRANSFERS 4
+#define XO_STEP_KINDS 7
+#define XO_STEP_KEEP 16384 /* samples kept per step (newest) */
+
+typedef struct {
+	uint32_t *ns;
+	ngx_uint_t len, head;
+	uint64_t seen;
+} xo_step_ring_t;
+
+static xo_step_ring_t xo_step_rings[XO_STEP_TRANSFERS][XO_STEP_KINDS];
+
+/* Move the machine's recorded steps into the per-step rings. */
+static void xo_steps_collect(void)
+{
+	struct xo_proto_step st[256];
+	xo_step_ring_t *ring;
+	int n, i;
+
+	if (!xo_machine)
+		return;
+	while ((n = xo_proto_take_steps(xo_machine, st, 256)) > 0) {
+		for (i = 0; i < n; i++) {
+			if (st[i].transfer >= XO_STEP_TRANSFERS ||
+			    st[i].step >= XO_STEP_KINDS)
+				continue;
+			ring = &xo_step_rings[st[i].transfer][st[i].step];
+			if (!ring->ns) {
+				ring->ns = ngx_alloc(XO_STEP_KEEP * sizeof(uint32_t),
+						     xo_cycle->log);
+				if (!ring->ns)
+					return;
+			}
+			ring->ns[(ring->head + ring->len) % XO_STEP_KEEP] = st[i].ns;
+			if (ring->len == XO_STEP_KEEP)
+				ring->head = (ring->head + 1) % XO_STEP_KEEP;
+			else
+				ring->len++;
+			ring->seen++;
+		}
+		if (n < 256)
+			break;
+	}
+}
+
+static int xo_cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static char *ngx_http_xo_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+	ngx_http_core_loc_conf_t *clcf;
+	clcf = ngx_http_conf_get_module_loc_conf(cf, ngx_http_core_module);
+	clcf->handler = ngx_http_xo_status_handler;
+	(void)cmd;
+	(void)conf;
+	return NGX_CONF_OK;
+}
+
+/* GET: {"pid", "role", "stats": {...}, "rules", "peers": [...],
+ * "steps": {"out.block": {"n", "p50_us", "p99_us", "mean_us"}, ...}};
+ * ?reset clears the step samples after the answer. */
+static ngx_int_t ngx_http_xo_status_handler(ngx_http_request_t *r)
+{
+	struct xo_proto_peer_info info;
+	struct xo_proto_stats st;
+	uint32_t ids[XO_MAX_CTLS], *tmp;
+	ngx_uint_t t, k, i, first = 1;
+	xo_step_ring_t *ring;
+	ngx_chain_t out;
+	ngx_buf_t *b;
+	const char *name;
+	uint64_t sum;
+	size_t cap = 16384;
+	int npeers, reset;
+	u_char *p, *end;
+
+	if (!(r->method & (NGX_HTTP_GET | NGX_HTTP_HEAD)))
+		return NGX_HTTP_NOT_ALLOWED;
+	if (ngx_http_discard_request_body(r) != NGX_OK)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	reset = r->args.len >= 5 && ngx_strnstr(r->args.data, "reset", r->args.len);
+	b = ngx_create_temp_buf(r->pool, cap);
+	if (!b)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	p = b->pos;
+	end = b->end;
+	if (!xo_machine) {
+		p = ngx_slprintf(p, end, "{\"pid\": %P, \"role\": null}\n", ngx_pid);
+		goto send;
+	}
+	xo_steps_collect();
+	xo_proto_get_stats(xo_machine, &st);
+	p = ngx_slprintf(p, end, "{\"pid\": %P, \"role\": \"%s\", \"stats\": {"
+			 "\"offloads\": %uL, \"rollbacks\": %uL, \"returns\": %uL, "
+			 "\"moves\": %uL, \"withdrawn\": %uL, \"adopted\": %uL, "
+			 "\"handed_back\": %uL, \"kept\": %uL, \"lost\": %uL, "
+			 "\"refused\": %uL, \"violations\": %uL, \"timeouts\": %uL, "
+			 "\"rules_expired\": %uL, \"parked_shipped\": %uL, "
+			 "\"parked_replayed\": %uL, \"active\": %uD, \"peers\": %uD}, "
+			 "\"rules\": %L, \"peers\": [",
+			 ngx_pid, xo_mcf->has_control ? "target" : "host",
+			 st.offloads, st.rollbacks, st.returns, st.moves, st.withdrawn,
+			 st.adopted, st.handed_back, st.kept, st.lost, st.refused,
+			 st.violations, st.timeouts, st.rules_expired,
+			 st.parked_shipped, st.parked_replayed, st.active, st.peers,
+			 (int64_t)xo_steer_count(xo_steer));
+	npeers = xo_proto_peers(xo_machine, ids, XO_MAX_CTLS);
+	for (i = 0; npeers > 0 && i < (ngx_uint_t)ngx_min(npeers, XO_MAX_CTLS); i++) {
+		if (xo_proto_peer_info(xo_machine, ids[i], &info) < 0 || !info.state)
+			continue;
+		info.name[sizeof(info.name) - 1] = '\0';
+		p = ngx_slprintf(p, end, "%s{\"name\": \"%s\", \"up\": %s, "
+				 "\"failures\": %uD, \"offloaded\": %uD, \"handed\": %uD}",
+				 first ? "" : ", ", info.name,
+				 info.state == XO_PEER_UP ? "true" : "false",
+				 info.failures, info.offloaded, info.handed);
+		first = 0;
+	}
+	p = ngx_slprintf(p, end, "], \"steps\": {");
+	first = 1;
+	tmp = ngx_palloc(r->pool, XO_STEP_KEEP * sizeof(uint32_t));
+	if (!tmp)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR;
+	for (t = 0; t < XO_STEP_TRANSFERS; t++) {
+		for (k = 0; k < XO_STEP_KINDS; k++) {
+			ring = &xo_step_rings[t][k];
+			name = xo_proto_step_name((uint32_t)t, (uint32_t)k);
+			if (!name || !ring->len)
+				continue;
+			sum = 0;
+			for (i = 0; i < ring->len; i++) {
+				tmp[i] = ring->ns[(ring->head + i) % XO_STEP_KEEP];
+				sum += tmp[i];
+			}
+			ngx_qsort(tmp, ring->len, sizeof(uint32_t), xo_cmp_u32);
+			p = ngx_slprintf(p, end, "%s\"%s\": {\"n\": %uL, \"kept\": %ui, "
+					 "\"p50_us\": %.3f, \"p99_us\": %.3f, "
+					 "\"mean_us\": %.3f}", first ? "" : ", ", name,
+					 ring->seen, ring->len,
+					 (double)tmp[ring->len / 2] / 1000.0,
+					 (double)tmp[ngx_min(ring->len - 1,
+							     ring->len * 99 / 100)] / 1000.0,
+					 (double)sum / (double)ring->len / 1000.0);
+			first = 0;
+			if (reset) {
+				ring->len = ring->head = 0;
+				ring->seen = 0;
+			}
+		}
+	}
+	p = ngx_slprintf(p, end, "}}\n");
+send:
+	if (p == end)
+		return NGX_HTTP_INTERNAL_SERVER_ERROR; /* did not fit */
+	b->last = p;
+	b->last_buf = (r == r->main);
+	b->last_in_chain = 1;
+	r->headers_out.status = NGX_HTTP_OK;
+	r->headers_out.content_length_n = b->last - b->pos;
+	ngx_str_set(&r->headers_out.content_type, "application/json");
+	r->headers_out.content_type_len = r->headers_out.content_type.len;
+	if (ngx_http_send_header(r) == NGX_ERROR || r->header_only)
+		return NGX_OK;
+	out.buf = b;
+	out.next = NULL;
+	return ngx_http_output_filter(r, &out);
+}
+
+/* ---- capabilities ------------------------------------------------------------ */
+
+#ifndef CAP_BPF
+#define CAP_BPF 39
+#endif
+
+static const int xo_caps[] = { CAP_NET_ADMIN, CAP_NET_RAW, CAP_BPF };
+
+static int xo_capget(struct __user_cap_data_struct d[2])
+{
+	struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+
+	return (int)syscall(SYS_capget, &h, d);
+}
+
+static int xo_has(const struct __user_cap_data_struct d[2], int cap, int eff)
+{
+	uint32_t set = eff ? d[cap / 32].effective : d[cap / 32].permitted;
+
+	return (set >> (cap % 32)) & 1;
+}
+
+/* Workers keep only what the machine needs: TCP_REPAIR (CAP_NET_ADMIN),
+ * the steering maps and the replay of parked frames (CAP_BPF,
+ * CAP_NET_ADMIN), the client probe's raw socket (CAP_NET_RAW). */
+static ngx_int_t xo_worker_caps(ngx_log_t *log)
+{
+	struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+	struct __user_cap_data_struct d[2];
+	ngx_uint_t i;
+
+	if (xo_capget(d) < 0) {
+		ngx_log_error(NGX_LOG_EMERG, log, ngx_errno, "xo: capget() failed");
+		return NGX_ERROR;
+	}
+	for (i = 0; i < 2; i++) {
+		if (xo_has(d, xo_caps[i == 0 ? 0 : 2], 0))
+			continue;
+		ngx_log_error(NGX_LOG_EMERG, log, 0,
+			      "xo: the worker process lacks %s (TCP_REPAIR and the "
+			      "steering maps need CAP_NET_ADMIN and CAP_BPF): start "
+			      "nginx as root (workers keep these two through their "
+			      "setuid) or give the binary these capabilities",
+			      i == 0 ? "CAP_NET_ADMIN" : "CAP_BPF");
+		return NGX_ERROR;
+	}
+	if (geteuid() == 0)
+		return NGX_OK;
+	{
+		uint32_t keep[2] = { 0, 0 };
+
+		for (i = 0; i < sizeof(xo_caps) / sizeof(xo_caps[0]); i++)
+			if (xo_has(d, xo_caps[i], 0))
+				keep[xo_caps[i] / 32] |= 1u << (xo_caps[i] % 32);
+		for (i = 0; i < 2; i++) {
+			d[i].effective = keep[i];
+			d[i].permitted = keep[i];
+			d[i].inheritable = 0;
+		}
+	}
+	if (syscall(SYS_capset, &h, d) < 0) {
+		ngx_log_error(NGX_LOG_EMERG, log, ngx_errno, "xo: capset() failed");
+		return NGX_ERROR;
+	}
+	return NGX_OK;
+}
+
+/* ---- module start (master) ------------------------------------------------------ */
+
+static ngx_int_t ngx_http_xo_init_module(ngx_cycle_t *cycle)
+{
+	ngx_http_xo_main_conf_t *mcf;
+	struct __user_cap_data_struct d[2];
+	struct xo_steer_opts so = { .size = sizeof(so) };
+	char obj[PATH_MAX], pin[PATH_MAX], ifname[IF_NAMESIZE], key[sizeof(xo_steer_key)];
+	int ifindex;
+
+	mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_xo_module);
+	if (!mcf || (!mcf->has_control && !(mcf->targets && mcf->targets->nelts)))
+		return NGX_OK;
+	if (ngx_test_config)
+		return NGX_OK;
+	if (xo_capget(d) < 0 || !xo_has(d, CAP_NET_ADMIN, 1) || !xo_has(d, CAP_BPF, 1)) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+			      "xo (%V:%ui): nginx needs CAP_NET_ADMIN and CAP_BPF "
+			      "(TCP_REPAIR, the steering maps): start it as root",
+			      &mcf->conf_file, mcf->conf_line);
+		return NGX_ERROR;
+	}
+	/* Workers keep their permitted capabilities through setuid; each
+	 * drops all but three of them at once (xo_worker_caps). */
+	if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+			      "xo: prctl(PR_SET_KEEPCAPS) failed");
+		return NGX_ERROR;
+	}
+	if (mcf->ifname.len >= IF_NAMESIZE || mcf->bpf_object.len >= PATH_MAX ||
+	    mcf->pin_dir.len >= PATH_MAX) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo: a path is too long");
+		return NGX_ERROR;
+	}
+	ngx_cpystrn((u_char *)ifname, mcf->ifname.data, mcf->ifname.len + 1);
+	ngx_cpystrn((u_char *)obj, mcf->bpf_object.data, mcf->bpf_object.len + 1);
+	ngx_cpystrn((u_char *)pin, mcf->pin_dir.data, mcf->pin_dir.len + 1);
+	ifindex = (int)if_nametoindex(ifname);
+	if (!ifindex) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+			      "xo_interface \"%s\": no such interface", ifname);
+		return NGX_ERROR;
+	}
+	if (mcf->key_file.len >= sizeof(key))
+		return NGX_ERROR;
+	ngx_cpystrn((u_char *)key, mcf->key_file.data, mcf->key_file.len + 1);
+	xo_key_len = xo_key_load(key, xo_key_buf, sizeof(xo_key_buf));
+	if (xo_key_len < 0) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo_key: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	{
+		struct ifreq ifr;
+		int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+
+		ngx_memzero(&ifr, sizeof(ifr));
+		ngx_cpystrn((u_char *)ifr.ifr_name, (u_char *)ifname, IF_NAMESIZE);
+		if (s < 0 || ioctl(s, SIOCGIFHWADDR, &ifr) < 0) {
+			ngx_log_error(NGX_LOG_EMERG, cycle->log, ngx_errno,
+				      "xo_interface \"%s\": no MAC address", ifname);
+			if (s >= 0)
+				close(s);
+			return NGX_ERROR;
+		}
+		close(s);
+		ngx_memcpy(xo_if_mac, ifr.ifr_hwaddr.sa_data, 6);
+	}
+	ngx_snprintf((u_char *)key, sizeof(key), "%s|%s|%s|%d%Z", obj, pin, ifname,
+		     ifindex);
+	if (xo_steer && !ngx_strcmp(key, xo_steer_key))
+		return NGX_OK; /* reload: same steering, workers inherit it */
+	so.obj_path = obj;
+	so.pin_dir = pin;
+	if (xo_steer) {
+		/* The maps stay pinned; old workers keep their copies. */
+		xo_steer_close(xo_steer, XO_STEER_CLOSE_KEEP_ATTACHED);
+		xo_steer = NULL;
+	}
+	if (xo_steer_open(&so, &xo_steer)) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo: steering (%s, %s): %s",
+			      obj, pin, xo_last_error());
+		xo_steer = NULL;
+		return NGX_ERROR;
+	}
+	if (xo_steer_attach(xo_steer, ifindex, XO_PROG_TC_INGRESS, NULL) ||
+	    xo_steer_attach(xo_steer, ifindex, XO_PROG_TC_EGRESS, NULL)) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+			      "xo: attach to %s: %s", ifname, xo_last_error());
+		xo_steer_close(xo_steer, 0);
+		xo_steer = NULL;
+		return NGX_ERROR;
+	}
+	xo_steer_ifindex = ifindex;
+	ngx_cpystrn((u_char *)xo_steer_key, (u_char *)key, sizeof(xo_steer_key));
+	return NGX_OK;
+}
+
+/* ---- control connections -------------------------------------------------------- */
+
+static xo_ctl_t *xo_ctl_by_peer(uint32_t peer)
+{
+	ngx_uint_t i;
+
+	for (i = 0; i < XO_MAX_CTLS; i++)
+		if (xo_ctls[i].c && xo_ctls[i].peer == peer && peer)
+			return &xo_ctls[i];
+	return NULL;
+}
+
+static void xo_ctl_drop(xo_ctl_t *k)
+{
+	ngx_pool_t *pool;
+
+	if (k->c) {
+		pool = k->c->pool;
+		ngx_close_connection(k->c);
+		if (pool)
+			ngx_destroy_pool(pool);
+	}
+	k->c = NULL;
+	k->peer = 0;
+	k->up = 0;
+	k->connecting = 0;
+	k->adopted = 0;
+	k->retry_at = ngx_current_msec + 1000;
+}
+
+static void xo_ctl_flush(xo_ctl_t *k)
+{
+	const uint8_t *buf;
+	size_t len;
+	ssize_t n;
+
+	while (k->c && k->peer && !k->connecting &&
+	       !xo_proto_peer_output(xo_machine, k->peer, &buf, &len) && len) {
+		n = send(k->c->fd, buf, len, MSG_NOSIGNAL);
+		if (n <= 0)
+			return; /* EAGAIN: the next EPOLLOUT edge; errors show on read */
+		xo_proto_peer_sent(xo_machine, k->peer, (size_t)n, xo_now());
+	}
+}
+
+static void xo_ctl_read(ngx_event_t *rev)
+{
+	ngx_connection_t *c = rev->data;
+	xo_ctl_t *k = c->data;
+	uint8_t buf[65536];
+	uint32_t peer;
+	ssize_t n;
+
+	if (k->connecting || !k->peer)
+		return;
+	peer = k->peer;
+	for (;;) {
+		n = recv(c->fd, buf, sizeof(buf), 0);
+		if (n < 0 && (ngx_socket_errno == NGX_EAGAIN ||
+			      ngx_socket_errno == NGX_EINTR))
+			break;
+		if (n <= 0) {
+			ngx_log_error(NGX_LOG_INFO, c->log, n < 0 ? ngx_socket_errno : 0,
+				      "xo: control connection closed");
+			xo_proto_peer_closed(xo_machine, peer, xo_now());
+			xo_ctl_drop(k);
+			break;
+		}
+		xo_proto_peer_input(xo_machine, peer, buf, (size_t)n, xo_now());
+		if (k->peer != peer || !k->c)
+			break;
+	}
+	xo_pump();
+}
+
+static int xo_arp_mac(const ngx_url_t *u, u_char *mac)
+{
+	char line[256], ip[64], hw[64], want[64];
+	struct sockaddr_in *sin = (struct sockaddr_in *)u->addrs[0].sockaddr;
+	FILE *f;
+	int found = -1;
+
+	if (sin->sin_family != AF_INET ||
+	    !inet_ntop(AF_INET, &sin->sin_addr, want, sizeof(want)))
+		return -1;
+	f = fopen("/proc/net/arp", "r");
+	if (!f)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "%63s %*s %*s %63s", ip, hw) == 2 &&
+		    !strcmp(ip, want) &&
+		    !xo_parse_mac((u_char *)hw, strlen(hw), mac) &&
+		    strcmp(hw, "00:00:00:00:00:00")) {
+			found = 0;
+			break;
+		}
+	fclose(f);
+	return found;
+}
+
+static void xo_ctl_connected(xo_ctl_t *k)
+{
+	ngx_http_xo_target_t *t = (ngx_http_xo_target_t *)xo_mcf->targets->elts +
+				  k->target;
+	struct xo_proto_peer_opts o = { .size = sizeof(o) };
+	int err = 0;
+	socklen_t len = sizeof(err);
+
+	if (getsockopt(k->c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+		err = ngx_socket_errno;
+	if (err) {
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, err,
+			      "xo: connect to target %V (%V)", &t->name, &t->url.url);
+		xo_ctl_drop(k);
+		return;
+	}
+	k->connecting = 0;
+	if (t->has_mac)
+		ngx_memcpy(o.mac, t->mac, 6);
+	else if (xo_arp_mac(&t->url, o.mac)) {
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, 0,
+			      "xo: target %V: no MAC address in the neighbour "
+			      "table; give mac= in xo_target", &t->name);
+		xo_ctl_drop(k);
+		return;
+	}
+	if (xo_endpoint_from_sockaddr((struct sockaddr_storage *)t->url.addrs[0].sockaddr,
+				      t->url.addrs[0].socklen, &o.addr)) {
+		xo_ctl_drop(k);
+		return;
+	}
+	ngx_memcpy(o.name, t->name.data, t->name.len);
+	if (xo_ctl_sock_setup(k->c->fd, 0) ||
+	    xo_proto_peer_add(xo_machine, &o, xo_now(), &k->peer)) {
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, 0,
+			      "xo: target %V: %s", &t->name, xo_last_error());
+		k->peer = 0;
+		xo_ctl_drop(k);
+		return;
+	}
+}
+
+static void xo_ctl_write(ngx_event_t *wev)
+{
+	ngx_connection_t *c = wev->data;
+	xo_ctl_t *k = c->data;
+
+	if (k->connecting) {
+		xo_ctl_connected(k);
+		if (k->c && k->peer)
+			xo_ctl_read(k->c->read); /* bytes may have come already */
+		else
+			xo_pump();
+		return;
+	}
+	xo_ctl_flush(k);
+	xo_pump();
+}
+
+static void xo_ctl_connect(xo_ctl_t *k)
+{
+	ngx_http_xo_target_t *t = (ngx_http_xo_target_t *)xo_mcf->targets->elts +
+				  k->target;
+	ngx_connection_t *c;
+	ngx_socket_t fd;
+
+	fd = ngx_socket(t->url.addrs[0].sockaddr->sa_family, SOCK_STREAM, 0);
+	if (fd == (ngx_socket_t)-1) {
+		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
+			      "xo: socket() for target %V", &t->name);
+		k->retry_at = ngx_current_msec + 1000;
+		return;
+	}
+	if (ngx_nonblocking(fd) == -1 || fcntl(fd, F_SETFD, FD_CLOEXEC) == -1) {
+		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
+			      "xo: nonblocking/cloexec for target %V", &t->name);
+		ngx_close_socket(fd);
+		k->retry_at = ngx_current_msec + 1000;
+		return;
+	}
+	c = ngx_get_connection(fd, xo_cycle->log);
+	if (!c) {
+		ngx_close_socket(fd);
+		k->retry_at = ngx_current_msec + 1000;
+		return;
+	}
+	c->data = k;
+	c->read->handler = xo_ctl_read;
+	c->write->handler = xo_ctl_write;
+	c->read->log = c->write->log = c->log;
+	k->c = c;
+	k->connecting = 1;
+	if (ngx_add_conn(c) != NGX_OK) {
+		xo_ctl_drop(k);
+		return;
+	}
+	if (connect(fd, t->url.addrs[0].sockaddr, t->url.addrs[0].socklen) == 0) {
+		xo_ctl_write(c->write);
+		return;
+	}
+	if (ngx_socket_errno != NGX_EINPROGRESS) {
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, ngx_socket_errno,
+			      "xo: connect to target %V (%V)", &t->name, &t->url.url);
+		xo_ctl_drop(k);
+	}
+}
+
+/* Target: a host's control connection arrived on the xo_control listener. */
+static void xo_ctl_accept(ngx_connection_t *c)
+{
+	struct xo_proto_peer_opts o = { .size = sizeof(o) };
+	xo_ctl_t *k = NULL;
+	uint32_t peer = 0;
+	ngx_uint_t i;
+
+	for (i = 0; i < XO_MAX_CTLS; i++)
+		if (!xo_ctls[i].c) {
+			k = &xo_ctls[i];
+			break;
+		}
+	if (!xo_machine || !k || ngx_exiting ||
+	    xo_endpoint_from_sockaddr((struct sockaddr_storage *)c->sockaddr,
+				      c->socklen, &o.addr) ||
+	    xo_ctl_sock_setup(c->fd, 0) ||
+	    xo_proto_peer_add(xo_machine, &o, xo_now(), &peer)) {
+		ngx_log_error(NGX_LOG_WARN, c->log, 0,
+			      "xo: control connection from %V refused: %s",
+			      &c->addr_text, xo_machine ? xo_last_error() :
+							  "no protocol machine");
+		ngx_close_connection(c);
+		ngx_destroy_pool(c->pool);
+		return;
+	}
+	ngx_memzero(k, sizeof(*k));
+	k->c = c;
+	k->peer = peer;
+	k->target = -1;
+	c->data = k;
+	c->read->handler = xo_ctl_read;
+	c->write->handler = xo_ctl_write;
+	if (ngx_add_conn(c) != NGX_OK) {
+		xo_proto_peer_closed(xo_machine, k->peer, xo_now());
+		xo_ctl_drop(k);
+		return;
+	}
+	xo_ctl_read(c->read);
+}
+
+/* ---- adopting a socket as an HTTP connection -------------------------------------------- */
+
+static ssize_t xo_replay_recv(ngx_connection_t *c, u_char *buf, size_t size)
+{
+	xo_conn_t *xc = xo_conn_of(c);
+	size_t n;
+
+	if (!xc || xc->replay_off >= xc->replay_len) {
+		c->recv = ngx_recv;
+		return ngx_recv(c, buf, size);
+	}
+	n = ngx_min(size, xc->replay_len - xc->replay_off);
+	ngx_memcpy(buf, xc->replay + xc->replay_off, n);
+	xc->replay_off += n;
+	if (xc->replay_off == xc->replay_len) {
+		c->recv = ngx_recv;
+		ngx_free(xc->replay);
+		xc->replay = NULL;
+		xc->replay_len = xc->replay_off = 0;
+	}
+	c->read->ready = 1; /* the socket may hold more */
+	return (ssize_t)n;
+}
+
+static void xo_conn_cleanup(void *data);
+
+/* What ngx_event_accept() does for a new socket, then the listener's
+ * handler: the HTTP request phases take it from there. */
+static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *data,
+				  size_t len, ngx_uint_t target)
+{
+	struct sockaddr_storage ss;
+	socklen_t slen = sizeof(ss);
+	ngx_connection_t *c;
+	ngx_pool_cleanup_t *cln;
+	ngx_log_t *log;
+	xo_conn_t *xc;
+
+	if (getpeername(fd, (struct sockaddr *)&ss, &slen) < 0) {
+		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
+			      "xo: getpeername() of an adopted socket");
+		return NULL;
+	}
+	if (ngx_nonblocking(fd) == -1) {
+		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
+			      "xo: nonblocking an adopted socket");
+		return NULL;
+	}
+	c = ngx_get_connection(fd, xo_cycle->log);
+	if (!c)
+		return NULL;
+	c->type = SOCK_STREAM;
+	c->pool = ngx_create_pool(ls->pool_size, xo_cycle->log);
+	if (!c->pool)
+		goto fail;
+	c->sockaddr = ngx_palloc(c->pool, slen);
+	log = ngx_palloc(c->pool, sizeof(ngx_log_t));
+	cln = ngx_pool_cleanup_add(c->pool, 0);
+	if (!c->sockaddr || !log || !cln)
+		goto fail;
+	ngx_memcpy(c->sockaddr, &ss, slen);
+	c->socklen = slen;
+	*log = ls->log;
+	c->log = log;
+	c->recv = ngx_recv;
+	c->send = ngx_send;
+	c->recv_chain = ngx_recv_chain;
+	c->send_chain = ngx_send_chain;
+	c->log_error = NGX_ERROR_INFO;
+	c->listening = ls;
+	c->local_sockaddr = ls->sockaddr;
+	c->local_socklen = ls->socklen;
+	c->read->log = log;
+	c->write->log = log;
+	c->write->ready = 1;
+	c->read->ready = 1;
+	c->start_time = ngx_current_msec;
+	c->number = ngx_atomic_fetch_add(ngx_connection_counter, 1);
+	if (ls->addr_ntop) {
+		c->addr_text.data = ngx_pnalloc(c->pool, ls->addr_text_max_len);
+		if (!c->addr_text.data)
+			goto fail;
+		c->addr_text.len = ngx_sock_ntop(c->sockaddr, c->socklen,
+						 c->addr_text.data,
+						 ls->addr_text_max_len, 0);
+	}
+	xc = xo_conn_of(c);
+	ngx_memzero(xc, sizeof(*xc));
+	xc->c = c;
+	cln->handler = xo_conn_cleanup;
+	cln->data = c;
+	if (len) {
+		xc->replay = ngx_alloc(len, xo_cycle->log);
+		if (!xc->replay)
+			goto fail;
+		ngx_memcpy(xc->replay, data, len);
+		xc->replay_len = len;
+		c->recv = xo_replay_recv;
+	}
+	if (target)
+		xc->state = XC_SERVING;
+	ls->handler(c);
+	return c;
+fail:
+	if (c->pool)
+		ngx_destroy_pool(c->pool);
+	c->pool = NULL;
+	ngx_free_connection(c);
+	return NULL;
+}
+
+/* The HTTP listener a returned socket was accepted on. */
+static ngx_listening_t *xo_listener_of(int fd)
+{
+	struct sockaddr_storage ss;
+	socklen_t slen = sizeof(ss);
+	ngx_listening_t *ls = xo_cycle->listening.elts, *any = NULL;
+	ngx_uint_t i;
+
+	if (getsockname(fd, (struct sockaddr *)&ss, &slen) < 0)
+		return NULL;
+	for (i = 0; i < xo_cycle->listening.nelts; i++) {
+		if (ls[i].handler != ngx_http_init_connection ||
+		    ls[i].sockaddr->sa_family != ss.ss_family ||
+		    ngx_inet_get_port(ls[i].sockaddr) !=
+			    ngx_inet_get_port((struct sockaddr *)&ss))
+			continue;
+		if (ngx_cmp_sockaddr(ls[i].sockaddr, ls[i].socklen,
+				     (struct sockaddr *)&ss, slen, 0) == NGX_OK)
+			return &ls[i];
+		if (ls[i].wildcard)
+			any = &ls[i];
+	}
+	return any;
+}
+
+/* The target's HTTP listener: the one of the server that has xo_control. */
+static ngx_listening_t *xo_target_listener(void)
+{
+	ngx_listening_t *ls = xo_cycle->listening.elts, *first = NULL;
+	ngx_http_port_t *port;
+	ngx_uint_t i, j;
+
+	for (i = 0; i < xo_cycle->listening.nelts; i++) {
+		if (ls[i].handler != ngx_http_init_connection)
+			continue;
+		if (!first)
+			first = &ls[i];
+		port = ls[i].servers;
+		for (j = 0; port && j < port->naddrs; j++) {
+			ngx_http_addr_conf_t *ac;
+
+			if (ls[i].sockaddr->sa_family == AF_INET)
+				ac = &((ngx_http_in_addr_t *)port->addrs)[j].conf;
+#if (NGX_HAVE_INET6)
+			else if (ls[i].sockaddr->sa_family == AF_INET6)
+				ac = &((ngx_http_in6_addr_t *)port->addrs)[j].conf;
+#endif
+			else
+				continue;
+			if (ac->default_server == xo_mcf->control_srv)
+				return &ls[i];
+		}
+	}
+	return first;
+}
+
+/* ---- target: hand-back at the response boundary ------------------------------------------ */
+
+static void xo_detach_events(ngx_connection_t *c)
+{
+	if (c->read->timer_set)
+		ngx_del_timer(c->read);
+	if (c->write->timer_set)
+		ngx_del_timer(c->write);
+	if (c->read->posted) {
+		ngx_delete_posted_event(c->read);
+	}
+	if (c->write->posted) {
+		ngx_delete_posted_event(c->write);
+	}
+	if (c->read->active || c->write->active)
+		ngx_del_conn(c, 0);
+}
+
+static void xo_handback_check(ngx_event_t *ev)
+{
+	ngx_connection_t *c = ev->data;
+	xo_conn_t *xc = xo_conn_of(c);
+	int queued = 0;
+
+	if (!xc || xc->state != XC_SERVING || !c->idle ||
+	    c->close || xc->replay) {
+		ngx_log_debug6(NGX_LOG_DEBUG_HTTP, xo_cycle->log, 0,
+			       "xo: no hand-back: %p %ui %ui %ui %ui %p", xc,
+			       xc ? xc->state : 0, c->destroyed, c->idle,
+			       c->close, xc ? xc->replay : NULL);
+		return;
+	}
+	/* Read nothing more here: what the client sends next goes along
+	 * in the socket's receive queue. */
+	if (c->read->posted) {
+		ngx_delete_posted_event(c->read);
+	}
+	if (c->read->active && ngx_del_event(c->read, NGX_READ_EVENT, 0) != NGX_OK) {
+		ngx_http_close_connection(c);
+		return;
+	}
+	if (ioctl(c->fd, SIOCOUTQ, &queued) < 0)
+		queued = 0;
+	if (queued && ngx_current_msec - xc->drain_start < xo_mcf->drain_timeout) {
+		ngx_add_timer(ev, 1);
+		return;
+	}
+	xc->ka_left = c->read->timer_set ?
+			      (ngx_msec_t)(c->read->timer.key - ngx_current_msec) : 75000;
+	if ((ngx_msec_int_t)xc->ka_left <= 0)
+		xc->ka_left = 1;
+	xo_detach_events(c);
+	ngx_reusable_connection(c, 0);
+	c->idle = 0;
+	if (xo_proto_hand_back(xo_machine, xc->conn, NULL, 0, xo_now()) < 0) {
+		ngx_log_error(NGX_LOG_INFO, c->log, 0, "xo: not handing back: %s",
+			      xo_last_error());
+		c->idle = 1;
+		ngx_reusable_connection(c, 1);
+		ngx_add_timer(c->read, xc->ka_left);
+		if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+			ngx_http_close_connection(c);
+			return;
+		}
+		c->read->ready = 1;
+		ngx_post_event(c->read, &ngx_posted_events);
+		return;
+	}
+	xc->state = XC_MACHINE;
+	xo_pump();
+}
+
+static void xo_conn_cleanup(void *data)
+{
+	ngx_connection_t *c = data;
+	xo_conn_t *xc = xo_conn_of(c);
+	xo_ctl_t *k;
+
+	if (!xc)
+		return;
+	if (xc->ev.timer_set)
+		ngx_del_timer(&xc->ev);
+	if (xc->ev.posted) {
+		ngx_delete_posted_event(&xc->ev);
+	}
+	if (xc->replay)
+		ngx_free(xc->replay);
+	xc->replay = NULL;
+	if (xc->state == XC_SERVING && xo_machine) {
+		/* nginx closed its duplicate; the machine's copy sends the FIN
+		 * through the source rewrite and tells the host. */
+		if (xo_proto_close_conn(xo_machine, xc->conn, xo_now()) < 0)
+			ngx_log_error(NGX_LOG_WARN, xo_cycle->log, 0,
+				      "xo: close_conn: %s", xo_last_error());
+		k = xo_ctl_by_peer(xc->peer);
+		if (k && k->adopted)
+			k->adopted--;
+		xo_post_pump();
+	}
+	xc->state = XC_NONE;
+	xc->c = NULL;
+}
+
+static ngx_int_t ngx_http_xo_log_handler(ngx_http_request_t *r)
+{
+	xo_conn_t *xc;
+
+	if (!xo_machine || !xo_mcf->has_control || !xo_mcf->hand_back ||
+	    r != r->main)
+		return NGX_OK;
+	xc = xo_conn_of(r->connection);
+	if (!xc || xc->state != XC_SERVING)
+		return NGX_OK;
+	/* After this request is finalized and nginx went idle (keep-alive). */
+	xc->ev.handler = xo_handback_check;
+	xc->ev.data = r->connection;
+	xc->ev.log = xo_cycle->log;
+	xc->drain_start = ngx_current_msec;
+	if (!xc->ev.posted && !xc->ev.timer_set) {
+		ngx_post_event(&xc->ev, &ngx_posted_events);
+	}
+	return NGX_OK;
+}
+
+/* ---- front: the offload decision -------------------------------------------------------- */
+
+static ngx_int_t xo_pick(ngx_http_request_t *r, ngx_http_xo_loc_conf_t *lcf,
+			 uint32_t *peer, ngx_uint_t *target)
+{
+	ngx_uint_t cand[XO_MAX_TARGETS], n = 0, i, idx, ntargets;
+	ngx_uint_t *names = lcf->index ? lcf->index->elts : NULL;
+	uint64_t now = xo_now();
+	ngx_str_t v;
+
+	ntargets = names ? lcf->index->nelts : xo_mcf->targets->nelts;
+	for (i = 0; i < ntargets; i++) {
+		idx = names ? names[i] : i;
+		if (xo_ctls[idx].up && xo_ctls[idx].peer &&
+		    xo_proto_usable(xo_machine, xo_ctls[idx].peer, now) == 1)
+			cand[n++] = idx;
+	}
+	if (!n)
+		return NGX_DECLINED;
+	if (lcf->policy == XO_POLICY_HASH) {
+		if (ngx_http_complex_value(r, lcf->hash, &v) != NGX_OK)
+			return NGX_ERROR;
+		idx = cand[ngx_crc32_short(v.data, v.len) % n];
+	} else if (lcf->policy == XO_POLICY_LEAST || !names) {
+		if (xo_proto_pick(xo_machine, lcf->policy == XO_POLICY_LEAST ?
+					      XO_PICK_LEAST_LOADED :
+					      XO_PICK_ROUND_ROBIN, now, peer) < 0)
+			return NGX_DECLINED;
+		for (i = 0; i < n; i++)
+			if (xo_ctls[cand[i]].peer == *peer)
+				break;
+		if (i == n) /* not one of this location's */
+			i = lcf->rr++ % n;
+		idx = cand[i];
+	} else {
+		idx = cand[lcf->rr++ % n];
+	}
+	*peer = xo_ctls[idx].peer;
+	*target = idx;
+	return NGX_OK;
+}
+
+/* The request as the client sent it (nginx wrote NULs into its buffer):
+ * request line, headers, then every byte read but not parsed yet. */
+static u_char *xo_request_bytes(ngx_http_request_t *r, size_t *len)
+{
+	ngx_list_part_t *part = &r->headers_in.headers.part;
+	ngx_table_elt_t *h;
+	ngx_buf_t *b = r->header_in;
+	size_t n, rest = b ? (size_t)(b->last - b->pos) : 0;
+	u_char *buf, *p;
+	ngx_uint_t i;
+
+	n = r->request_line.len + 2 + 2 + rest;
+	for (; part; part = part->next) {
+		h = part->elts;
+		for (i = 0; i < part->nelts; i++)
+			n += h[i].key.len + 2 + h[i].value.len + 2;
+	}
+	buf = ngx_pnalloc(r->pool, n);
+	if (!buf)
+		return NULL;
+	p = ngx_cpymem(buf, r->request_line.data, r->request_line.len);
+	*p++ = '\r';
+	*p++ = '\n';
+	for (part = &r->headers_in.headers.part; part; part = part->next) {
+		h = part->elts;
+		for (i = 0; i < part->nelts; i++) {
+			p = ngx_cpymem(p, h[i].key.data, h[i].key.len);
+			*p++ = ':';
+			*p++ = ' ';
+			p = ngx_cpymem(p, h[i].value.data, h[i].value.len);
+			*p++ = '\r';
+			*p++ = '\n';
+		}
+	}
+	*p++ = '\r';
+	*p++ = '\n';
+	if (rest)
+		p = ngx_cpymem(p, b->pos, rest);
+	*len = (size_t)(p - buf);
+	return buf;
+}
+
+static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
+{
+	ngx_http_xo_loc_conf_t *lcf;
+	ngx_http_xo_ctx_t *ctx;
+	ngx_http_xo_target_t *t;
+	ngx_connection_t *c = r->connection;
+	ngx_file_info_t fi;
+	ngx_str_t path;
+	size_t root, len;
+	ngx_uint_t target;
+	xo_conn_t *xc;
+	uint32_t peer;
+	uint64_t conn;
+	u_char *app;
+	int dfd;
+
+	lcf = ngx_http_get_module_loc_conf(r, ngx_http_xo_module);
+	if (!lcf->pass || r != r->main || !xo_machine || xo_mcf->has_control)
+		return NGX_DECLINED;
+	ctx = ngx_http_get_module_ctx(r, ngx_http_xo_module);
+	if (ctx)
+		return NGX_DECLINED;
+	ctx = ngx_pcalloc(r->pool, sizeof(*ctx));
+	if (!ctx)
+		return NGX_ERROR;
+	ngx_http_set_ctx(r, ctx, ngx_http_xo_module);
+	ctx->decided = 1;
+	if (c->ssl || r->request_body || r->http_version < NGX_HTTP_VERSION_10 ||
+	    c->buffered || ngx_exiting || ngx_terminate)
+		return NGX_DECLINED;
+#if (NGX_HTTP_V2)
+	if (r->stream)
+		return NGX_DECLINED;
+#endif
+	if (lcf->threshold > 0 && ngx_http_map_uri_to_path(r, &path, &root, 0) &&
+	    ngx_file_info(path.data, &fi) != NGX_FILE_ERROR && ngx_is_file(&fi) &&
+	    ngx_file_size(&fi) < lcf->threshold)
+		return NGX_DECLINED; /* small: served here */
+	if (xo_pick(r, lcf, &peer, &target) != NGX_OK)
+		return NGX_DECLINED;
+	app = xo_request_bytes(r, &len);
+	if (!app)
+		return NGX_DECLINED;
+	dfd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0);
+	if (dfd < 0) {
+		ngx_log_error(NGX_LOG_ALERT, c->log, ngx_errno, "xo: dup()");
+		return NGX_DECLINED;
+	}
+	xo_detach_events(c);
+	if (xo_proto_offload(xo_machine, peer, dfd, app, (uint32_t)len, xo_now(),
+			     &conn) < 0) {
+		ngx_log_error(NGX_LOG_WARN, c->log, 0, "xo: handoff not started: %s",
+			      xo_last_error());
+		close(dfd);
+		return NGX_DECLINED;
+	}
+	t = (ngx_http_xo_target_t *)xo_mcf->targets->elts + target;
+	ctx->target = t->name;
+	xc = xo_conn_of(c);
+	ngx_memzero(xc, sizeof(*xc));
+	xc->state = XC_HOST_WAIT;
+	xc->conn = conn;
+	xc->peer = peer;
+	xc->r = r;
+	xc->c = c;
+	xo_post_pump();
+	return NGX_DONE;
+}
+
+static xo_conn_t *xo_conn_by_id(uint64_t conn, ngx_uint_t state)
+{
+	ngx_uint_t i;
+
+	for (i = 0; i < xo_nconns; i++)
+		if (xo_conns[i].state == state && xo_conns[i].conn == conn)
+			return &xo_conns[i];
+	return NULL;
+}
+
+/* ---- events --------------------------------------------------------------------- */
+
+static void xo_event(const struct xo_proto_event *ev)
+{
+	ngx_http_request_t *r;
+	ngx_connection_t *c;
+	ngx_listening_t *ls;
+	ngx_http_xo_ctx_t *ctx;
+	xo_conn_t *xc;
+	xo_ctl_t *k;
+	int dfd;
+
+	switch (ev->type) {
+	case XO_EV_PEER_UP:
+		k = xo_ctl_by_peer(ev->peer);
+		if (k)
+			k->up = 1;
+		ngx_log_error(NGX_LOG_INFO, xo_cycle->log, 0,
+			      "xo: control connection %s up", ev->text);
+		break;
+	case XO_EV_PEER_CLOSED:
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, 0,
+			      "xo: control connection closed: %s", ev->text);
+		k = xo_ctl_by_peer(ev->peer);
+		if (k) {
+			xo_ctl_flush(k); /* its last words */
+			xo_proto_peer_closed(xo_machine, ev->peer, xo_now());
+			xo_ctl_drop(k);
+		}
+		break;
+	case XO_EV_OFFLOADED:
+		xc = xo_conn_by_id(ev->conn, XC_HOST_WAIT);
+		if (!xc)
+			break;
+		r = xc->r;
+		ctx = ngx_http_get_module_ctx(r, ngx_http_xo_module);
+		if (ctx)
+			ctx->offloaded = 1;
+		xc->state = XC_NONE;
+		/* The socket is frozen: closing nginx's descriptor sends
+		 * nothing; no lingering close, no keep-alive. */
+		r->keepalive = 0;
+		r->lingering_close = 0;
+		c = r->connection;
+		c->timedout = 0;
+		ngx_http_finalize_request(r, NGX_HTTP_CLOSE);
+		ngx_http_run_posted_requests(c); /* the close happens there */
+		break;
+	case XO_EV_ROLLED_BACK:
+		if (ev->fd >= 0)
+			close(ev->fd); /* our duplicate; nginx still has it */
+		xc = xo_conn_by_id(ev->conn, XC_HOST_WAIT);
+		if (!xc)
+			break;
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, 0,
+			      "xo: served here: %s", ev->text);
+		r = xc->r;
+		c = r->connection;
+		xc->state = XC_NONE;
+		c->read->ready = 1;
+		ngx_http_core_run_phases(r);
+		ngx_http_run_posted_requests(c);
+		break;
+	case XO_EV_RETURNED:
+		ls = xo_listener_of(ev->fd);
+		if (!ls || !xo_adopt(ls, ev->fd, ev->data, ev->data_len, 0)) {
+			ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, 0,
+				      "xo: a returned connection has no listener");
+			close(ev->fd);
+		}
+		break;
+	case XO_EV_WITHDRAWN:
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, 0,
+			      "xo: conn %uL: target lost; client probed", ev->conn);
+		break;
+	case XO_EV_REFUSED:
+		ngx_log_error(NGX_LOG_WARN, xo_cycle->log, 0,
+			      "xo: conn %uL refused: %s", ev->conn, ev->text);
+		break;
+	case XO_EV_ADOPTED:
+		dfd = xo_adopt_ls ? fcntl(ev->fd, F_DUPFD_CLOEXEC, 0) : -1;
+		k = xo_ctl_by_peer(ev->peer);
+		if (dfd >= 0 && k)
+			k->adopted++;
+		if (dfd < 0 || !(c = xo_adopt(xo_adopt_ls, dfd, ev->data,
+					      ev->data_len, 1))) {
+			ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_errno,
+				      "xo: cannot adopt conn %uL", ev->conn);
+			if (dfd >= 0) {
+				close(dfd);
+				if (k && k->adopted)
+					k->adopted--;
+			}
+			xo_proto_close_conn(xo_machine, ev->conn, xo_now());
+			break;
+		}
+		/* c may be closed already (a short request, Connection: close):
+		 * then its cleanup told the machine. */
+		xc = xo_conn_of(c);
+		if (xc->c == c && xc->state == XC_SERVING) {
+			xc->conn = ev->conn;
+			xc->peer = ev->peer;
+		}
+		break;
+	case XO_EV_HANDED_BACK:
+		xc = xo_conn_by_id(ev->conn, XC_MACHINE);
+		if (!xc)
+			break;
+		k = xo_ctl_by_peer(xc->peer);
+		if (k && k->adopted)
+			k->adopted--;
+		xc->state = XC_NONE;
+		ngx_http_close_connection(xc->c); /* frozen: silent */
+		break;
+	case XO_EV_KEPT:
+		xc = xo_conn_by_id(ev->conn, XC_MACHINE);
+		if (!xc)
+			break;
+		c = xc->c;
+		xc->state = XC_SERVING;
+		c->idle = 1;
+		ngx_reusable_connection(c, 1);
+		ngx_add_timer(c->read, xc->ka_left);
+		if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+			xo_conn_cleanup(c);
+			ngx_http_close_connection(c);
+			break;
+		}
+		c->read->ready = 1;
+		ngx_post_event(c->read, &ngx_posted_events);
+		break;
+	case XO_EV_LOST:
+		if (ev->fd >= 0)
+			close(ev->fd);
+		xc = xo_conn_by_id(ev->conn, XC_SERVING);
+		if (!xc)
+			xc = xo_conn_by_id(ev->conn, XC_MACHINE);
+		if (!xc)
+			break;
+		k = xo_ctl_by_peer(xc->peer);
+		if (k && k->adopted)
+			k->adopted--;
+		c = xc->c;
+		if (xc->state == XC_MACHINE || c->idle) {
+			xc->state = XC_NONE;
+			ngx_http_close_connection(c);
+		} else {
+			xc->state = XC_NONE;
+			c->close = 1;
+		}
+		break;
+	default:
+		break;
+	}
+}
+
+static void xo_arm(void)
+{
+	uint64_t now = xo_now(), next = xo_proto_next_deadline(xo_machine);
+	ngx_msec_t ms = 1000;
+	struct xo_proto_stats st;
+	ngx_uint_t i, hold = 0;
+
+	if (next)
+		ms = next > now ? (ngx_msec_t)((next - now) / 1000000) + 1 : 1;
+	if (ms > 1000)
+		ms = 1000;
+	if (ngx_exiting) {
+		/* Stay while connections handed off from here may come back
+		 * or while adopted ones are served. */
+		xo_proto_get_stats(xo_machine, &st);
+		for (i = 0; i < XO_MAX_CTLS; i++)
+			if (xo_ctls[i].c && xo_ctls[i].adopted)
+				hold = 1;
+		if (!xo_mcf->has_control && st.active)
+			hold = 1;
+	}
+	xo_tick_ev.cancelable = !hold;
+	ngx_add_timer(&xo_tick_ev, ms);
+}
+
+static void xo_pump(void)
+{
+	struct xo_proto_event ev;
+	ngx_uint_t rounds, i, any;
+
+	if (!xo_machine)
+		return;
+	if (xo_pumping) {
+		xo_pump_again = 1;
+		return;
+	}
+	xo_pumping = 1;
+	for (rounds = 0; rounds < 1000; rounds++) {
+		any = 0;
+		xo_pump_again = 0;
+		for (i = 0; i < XO_MAX_CTLS; i++)
+			xo_ctl_flush(&xo_ctls[i]);
+		while (xo_proto_next_event(xo_machine, &ev) == 1) {
+			xo_event(&ev);
+			any = 1;
+		}
+		if (!any && !xo_pump_again)
+			break;
+	}
+	xo_pumping = 0;
+	xo_arm();
+}
+
+static void xo_pump_handler(ngx_event_t *ev)
+{
+	(void)ev;
+	xo_pump();
+}
+
+static void xo_post_pump(void)
+{
+	if (!xo_pump_ev.posted) {
+		ngx_post_event(&xo_pump_ev, &ngx_posted_events);
+	}
+}
+
+/* Client frames parked for this machine (a flow frozen here, or frames
+ * another owner sent on): the machine gives a descriptor that becomes
+ * readable when there are some, and takes them on xo_proto_tick().
+ *
+ * XO_HAVE_PARK_FD is set by plugins/nginx/config when the core's
+ * xo_proto.h declares xo_proto_park_fd(); a core without it takes parked
+ * frames on its own timer ticks only. */
+#ifdef XO_HAVE_PARK_FD
+static ngx_connection_t *xo_park_c;
+
+static void xo_park_read(ngx_event_t *rev)
+{
+	(void)rev;
+	if (!xo_machine)
+		return;
+	xo_proto_tick(xo_machine, xo_now());
+	xo_pump();
+}
+
+static ngx_int_t xo_park_watch(ngx_cycle_t *cycle)
+{
+	int fd = xo_proto_park_fd(xo_machine);
+
+	if (fd < 0) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+			      "xo: no descriptor for parked frames: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	xo_park_c = ngx_get_connection(fd, cycle->log);
+	if (!xo_park_c)
+		return NGX_ERROR;
+	xo_park_c->read->handler = xo_park_read;
+	xo_park_c->read->log = cycle->log;
+	/* level-triggered: readable until the machine took every frame */
+	if (ngx_add_event(xo_park_c->read, NGX_READ_EVENT, 0) != NGX_OK) {
+		ngx_free_connection(xo_park_c);
+		xo_park_c = NULL;
+		return NGX_ERROR;
+	}
+	return NGX_OK;
+}
+
+static void xo_park_unwatch(void)
+{
+	if (!xo_park_c)
+		return;
+	/* the machine owns the descriptor: leave epoll, do not close it */
+	if (xo_park_c->read->active)
+		ngx_del_event(xo_park_c->read, NGX_READ_EVENT, 0);
+	ngx_free_connection(xo_park_c);
+	xo_park_c = NULL;
+}
+#endif
+
+static void xo_tick_handler(ngx_event_t *ev)
+{
+	ngx_uint_t i;
+
+	(void)ev;
+	xo_proto_tick(xo_machine, xo_now());
+	xo_steps_collect();
+	if (!ngx_exiting && !xo_mcf->has_control)
+		for (i = 0; i < xo_mcf->targets->nelts; i++)
+			if (!xo_ctls[i].c &&
+			    (ngx_msec_int_t)(ngx_current_msec - xo_ctls[i].retry_at) >= 0)
+				xo_ctl_connect(&xo_ctls[i]);
+	if (ngx_exiting && xo_mcf->has_control)
+		/* A target that stops: let each host go once nothing of its
+		 * is served here (it rolls back what is under way and
+		 * reconnects to the new workers). */
+		for (i = 0; i < XO_MAX_CTLS; i++)
+			if (xo_ctls[i].c && !xo_ctls[i].adopted) {
+				xo_proto_peer_closed(xo_machine, xo_ctls[i].peer,
+						     xo_now());
+				xo_ctl_drop(&xo_ctls[i]);
+			}
+	xo_pump();
+}
+
+/* ---- worker start and stop ------------------------------------------------------- */
+
+static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
+{
+	ngx_http_xo_main_conf_t *mcf;
+	struct xo_proto_config pc = { .size = sizeof(pc) };
+	uint8_t key[XO_KEY_MAX_LEN];
+	ngx_uint_t i;
+	ngx_url_t *h;
+	int key_len, ret;
+
+	mcf = ngx_http_cycle_get_module_main_conf(cycle, ngx_http_xo_module);
+	if (!mcf || (!mcf->has_control && !(mcf->targets && mcf->targets->nelts)))
+		return NGX_OK;
+	if (ngx_process != NGX_PROCESS_WORKER && ngx_process != NGX_PROCESS_SINGLE)
+		return NGX_OK;
+	xo_cycle = cycle;
+	xo_mcf = mcf;
+	if (!ngx_add_conn || !(ngx_event_flags & NGX_USE_EPOLL_EVENT)) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+			      "xo: needs the epoll event method");
+		return NGX_ERROR;
+	}
+	if (xo_worker_caps(cycle->log) != NGX_OK)
+		return NGX_ERROR;
+	if (!xo_steer) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo: no steering handle");
+		return NGX_ERROR;
+	}
+	if (xo_key_len <= 0) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo: no cluster key");
+		return NGX_ERROR;
+	}
+	key_len = xo_key_len;
+	ngx_memcpy(key, xo_key_buf, (size_t)key_len);
+	ngx_memzero(xo_key_buf, sizeof(xo_key_buf)); /* the worker's copy */
+	if (xo_rules_create(xo_steer, xo_steer_ifindex, NULL, NULL, &xo_rules)) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo: rules: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	pc.role = mcf->has_control ? XO_ROLE_TARGET : XO_ROLE_HOST;
+	pc.key = key;
+	pc.key_len = (uint32_t)key_len;
+	/* One owner id per worker: a worker's restart must not purge what
+	 * another one (or an old one finishing after a reload) holds. */
+	pc.owner = ngx_crc32_short(mcf->pin_dir.data, mcf->pin_dir.len) ^
+		   ((uint32_t)ngx_pid << 8);
+	pc.rules = xo_rules;
+	pc.steer = xo_steer;
+	ngx_memcpy(pc.host_mac, xo_if_mac, 6);
+	if (mcf->has_control) {
+		if (xo_endpoint_from_sockaddr((struct sockaddr_storage *)
+					      mcf->control.addrs[0].sockaddr,
+					      mcf->control.addrs[0].socklen, &pc.local4))
+			return NGX_ERROR;
+		pc.local4.port = 0;
+		h = mcf->hosts->elts;
+		for (i = 0; i < mcf->hosts->nelts; i++)
+			if (xo_endpoint_from_sockaddr((struct sockaddr_storage *)
+						      h[i].addrs[0].sockaddr,
+						      h[i].addrs[0].socklen,
+						      &pc.hosts[i]))
+				return NGX_ERROR;
+		pc.n_hosts = (uint32_t)mcf->hosts->nelts;
+	}
+	ret = xo_proto_create(&pc, &xo_machine);
+	ngx_memzero(key, sizeof(key));
+	if (ret) {
+		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0, "xo: protocol: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+#ifdef XO_HAVE_PARK_FD
+	if (xo_park_watch(cycle) != NGX_OK)
+		return NGX_ERROR;
+#endif
+	xo_nconns = cycle->connection_n;
+	xo_conns = ngx_calloc(sizeof(xo_conn_t) * xo_nconns, cycle->log);
+	if (!xo_conns)
+		return NGX_ERROR;
+	xo_tick_ev.handler = xo_tick_handler;
+	xo_tick_ev.log = cycle->log;
+	xo_tick_ev.data = cycle;
+	xo_tick_ev.cancelable = 1;
+	xo_pump_ev.handler = xo_pump_handler;
+	xo_pump_ev.log = cycle->log;
+	xo_pump_ev.data = cycle;
+	if (mcf->has_control) {
+		xo_adopt_ls = xo_target_listener();
+		if (!xo_adopt_ls) {
+			ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
+				      "xo_control (%V:%ui): the server has no HTTP "
+				      "listener for adopted connections",
+				      &mcf->conf_file, mcf->conf_line);
+			return NGX_ERROR;
+		}
+	} else {
+		for (i = 0; i < mcf->targets->nelts; i++) {
+			xo_ctls[i].target = (ngx_int_t)i;
+			xo_ctl_connect(&xo_ctls[i]);
+		}
+	}
+	xo_arm();
+	return NGX_OK;
+}
+
+static void ngx_http_xo_exit_process(ngx_cycle_t *cycle)
+{
+	(void)cycle;
+	if (!xo_machine)
+		return;
+#ifdef XO_HAVE_PARK_FD
+	xo_park_unwatch();
+#endif
+	xo_proto_destroy(xo_machine);
+	xo_machine = NULL;
+	xo_rules_destroy(xo_rules);
+	xo_rules = NULL;
+}
+
+/* ---- phase handlers ------------------------------------------------------------------ */
+
+static ngx_int_t ngx_http_xo_init(ngx_conf_t *cf)
+{
+	ngx_http_core_main_conf_t *cmcf;
+	ngx_http_xo_main_conf_t *mcf;
+	ngx_http_handler_pt *h;
+
+	mcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_xo_module);
+	if (!mcf->used && !mcf->has_control)
+		return NGX_OK; /* not used: nothing changes */
+	cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+	if (mcf->used) {
+		h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
+		if (!h)
+			return NGX_ERROR;
+		*h = ngx_http_xo_handler;
+	}
+	if (mcf->has_control) {
+		h = ngx_array_push(&cmcf->phases[NGX_HTTP_LOG_PHASE].handlers);
+		if (!h)
+			return NGX_ERROR;
+		*h = ngx_http_xo_log_handler;
+	}
+	return NGX_OK;
+}
