@@ -44,6 +44,19 @@ struct {
 	__uint(max_entries, XO_PARK_RING_BYTES);
 } xo_parked SEC(".maps");
 
+/* Record sizes: a ring record's size must be a constant, so a frame takes
+ * the smallest of three that holds it (an MTU-sized frame does not tie up
+ * 64 KiB of ring). */
+struct xo_park_slot_mtu {
+	struct xo_parked_hdr hdr;
+	__u8 frame[XO_PARK_MTU_FRAME];
+};
+
+struct xo_park_slot_jumbo {
+	struct xo_parked_hdr hdr;
+	__u8 frame[XO_PARK_JUMBO_FRAME];
+};
+
 struct xo_park_slot {
 	struct xo_parked_hdr hdr;
 	__u8 frame[XO_PARK_MAX_FRAME];

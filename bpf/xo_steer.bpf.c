@@ -235,38 +235,54 @@ static __always_inline int xo_skb_flow(struct __sk_buff *skb, struct xo_pkt *p,
 
 /* Keep a copy of a frame of a PARK flow for its next owner (then the
  * caller drops it). Returns the stat to count. A ring record's size must
- * be a constant, so each takes room for the largest frame (a GSO skb of a
- * local sender: 64 KiB); parking lasts a few hundred microseconds, so the
- * ring (XO_PARK_RING_BYTES) holds what a handoff meets. */
+ * be a constant: the frame goes into the smallest of three record sizes
+ * that holds it (xo_steer_abi.h). n is the frame's length minus one. */
+#define XO_PARK_INTO(slot_type, key, n, ifindex, skb, xdp)                    \
+	({                                                                    \
+		slot_type *slot = bpf_ringbuf_reserve(&xo_parked,            \
+						      sizeof(*slot), 0);      \
+		__u32 stat = XO_STAT_PARK_OVERFLOW;                           \
+		long err;                                                     \
+									      \
+		if (slot) {                                                   \
+			err = skb ? bpf_skb_load_bytes(skb, 0, slot->frame,   \
+						       (n) + 1) :             \
+				    bpf_xdp_load_bytes(xdp, 0, slot->frame,   \
+						       (n) + 1);              \
+			if (err) {                                            \
+				bpf_ringbuf_discard(slot, 0);                 \
+			} else {                                              \
+				slot->hdr.key = *(key);                       \
+				slot->hdr.len = (n) + 1;                      \
+				slot->hdr.ifindex = (ifindex);                \
+				bpf_ringbuf_submit(slot, 0);                  \
+				stat = XO_STAT_PARKED;                        \
+			}                                                     \
+		}                                                             \
+		stat;                                                         \
+	})
+
 static __always_inline __u32 xo_park_frame(const struct xo_flow_key *key,
 					   __u32 len, __u32 ifindex,
 					   struct __sk_buff *skb,
 					   struct xdp_md *xdp)
 {
-	struct xo_park_slot *slot;
 	__u32 n = len - 1;
-	long err;
 
 	/* Written as n = len - 1 < max, and hidden from the compiler, so
 	 * that older verifiers (6.1) see a length of at least 1: they learn
 	 * nothing from "len != 0", and clang would fold n + 1 back into len. */
 	asm volatile("" : "+r"(n));
-	if (n >= XO_PARK_MAX_FRAME)
-		return XO_STAT_PARK_OVERFLOW;
-	slot = bpf_ringbuf_reserve(&xo_parked, sizeof(*slot), 0);
-	if (!slot)
-		return XO_STAT_PARK_OVERFLOW;
-	err = skb ? bpf_skb_load_bytes(skb, 0, slot->frame, n + 1) :
-		    bpf_xdp_load_bytes(xdp, 0, slot->frame, n + 1);
-	if (err) {
-		bpf_ringbuf_discard(slot, 0);
-		return XO_STAT_PARK_OVERFLOW;
-	}
-	slot->hdr.key = *key;
-	slot->hdr.len = n + 1;
-	slot->hdr.ifindex = ifindex;
-	bpf_ringbuf_submit(slot, 0);
-	return XO_STAT_PARKED;
+	if (n < XO_PARK_MTU_FRAME)
+		return XO_PARK_INTO(struct xo_park_slot_mtu, key, n, ifindex,
+				    skb, xdp);
+	if (n < XO_PARK_JUMBO_FRAME)
+		return XO_PARK_INTO(struct xo_park_slot_jumbo, key, n, ifindex,
+				    skb, xdp);
+	if (n < XO_PARK_MAX_FRAME)
+		return XO_PARK_INTO(struct xo_park_slot, key, n, ifindex, skb,
+				    xdp);
+	return XO_STAT_PARK_OVERFLOW;
 }
 
 SEC("tc")

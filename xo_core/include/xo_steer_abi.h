@@ -108,13 +108,16 @@ struct xo_steer_action {
 
 /*
  * A parked frame, as it sits in the "xo_parked" BPF ring buffer: this
- * header, then len bytes of the frame from its Ethernet header on (each
- * record has room for XO_PARK_MAX_FRAME bytes: a 64 KiB GSO skb of a local
- * sender, with its Ethernet header). Longer frames (BIG TCP) are not
- * parked.
+ * header, then len bytes of the frame from its Ethernet header on. A
+ * record has room for XO_PARK_MTU_FRAME, XO_PARK_JUMBO_FRAME or
+ * XO_PARK_MAX_FRAME bytes (a 64 KiB GSO skb of a local sender, with its
+ * Ethernet header), the smallest that holds the frame; the record may be
+ * longer than header + len. Longer frames (BIG TCP) are not parked.
  */
+#define XO_PARK_MTU_FRAME 1536
+#define XO_PARK_JUMBO_FRAME 9232
 #define XO_PARK_MAX_FRAME 65560
-#define XO_PARK_RING_BYTES 8388608 /* 127 records */
+#define XO_PARK_RING_BYTES 8388608 /* ~3,900 MTU frames, 127 of 64 KiB */
 
 struct xo_parked_hdr {
 	struct xo_flow_key key;

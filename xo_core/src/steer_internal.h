@@ -36,6 +36,8 @@ struct xo_steer {
 	/* steer_park.c: the parked-frame ring, its stash, the replayer */
 	struct ring_buffer *park_rb;
 	struct park_rec *park_head;
+	struct park_rec **park_tail; /* where the next record goes (NULL:
+				      * &park_head) */
 	uint64_t park_bytes, park_lost;
 	int pass_prog_fd;
 };

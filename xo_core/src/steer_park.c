@@ -71,9 +71,9 @@ static int on_parked(void *ctx, void *data, size_t size)
 	r->at = mono_ns();
 	r->len = h->len;
 	memcpy(r->frame, (const uint8_t *)data + sizeof(*h), h->len);
-	for (tail = &s->park_head; *tail; tail = &(*tail)->next)
-		;
+	tail = s->park_tail ? s->park_tail : &s->park_head;
 	*tail = r;
+	s->park_tail = &r->next;
 	s->park_bytes += h->len;
 	return 0;
 }
@@ -108,6 +108,7 @@ void xo_park_cleanup(struct xo_steer *s)
 		s->park_head = r->next;
 		free(r);
 	}
+	s->park_tail = NULL;
 	if (s->pass_prog_fd >= 0)
 		close(s->pass_prog_fd);
 	s->pass_prog_fd = -1;
@@ -141,6 +142,7 @@ int64_t xo_park_collect(struct xo_steer *s)
 			pp = &r->next;
 		}
 	}
+	s->park_tail = pp;
 	return n;
 }
 
@@ -179,6 +181,7 @@ int64_t xo_park_take(struct xo_steer *s, const struct xo_flow_key *key,
 		free(r);
 		n++;
 	}
+	s->park_tail = pp;
 	*out = blob;
 	*out_len = (uint32_t)size;
 	return n;
