@@ -212,6 +212,34 @@ static uint16_t fold(uint32_t sum)
 	return (uint16_t)~sum;
 }
 
+/*
+ * Replace a TCP timestamp option with NOPs. A replayed frame is older than
+ * what its new owner may have seen already (the probe a client sent while
+ * the flow was frozen, frames that came straight to it): PAWS would drop
+ * it for its older TSval, and the client would have to resend it. Without
+ * the option the segment skips PAWS and leaves the RTT estimate alone.
+ */
+static void strip_timestamp(uint8_t *opt, uint32_t len)
+{
+	uint32_t i = 0;
+
+	while (i < len) {
+		uint8_t kind = opt[i];
+
+		if (kind == 0) /* end of options */
+			return;
+		if (kind == 1) { /* NOP */
+			i++;
+			continue;
+		}
+		if (i + 1 >= len || opt[i + 1] < 2 || i + opt[i + 1] > len)
+			return; /* malformed: leave it to the stack */
+		if (kind == 8 && opt[i + 1] == 10)
+			memset(opt + i, 1, 10);
+		i += opt[i + 1];
+	}
+}
+
 static int pass_prog(struct xo_steer *s)
 {
 	/* r0 = XDP_PASS; exit */
@@ -293,6 +321,7 @@ static int replay_frame(struct xo_steer *s, int ifindex, const uint8_t *f,
 
 		memcpy(out, f, l4 + hlen);
 		memcpy(out + l4 + hlen, f + l4 + hlen + off, chunk);
+		strip_timestamp(out + l4 + 20, hlen - 20);
 		if (dst_mac)
 			memcpy(out, dst_mac, 6);
 		xo_put32(out + l4 + 4, seq + off);
