@@ -84,7 +84,8 @@ def test_keepalive_handoffs_cost_the_client_no_retransmission(tmp_path: Path, dr
         assert stats["returns"] + stats["closed_on_target"] == len(names), stats
         assert stats["rollbacks"] == 0, stats
         parks = park_counts(apps)
-        assert parks["parked"] > 0, "no client frame met a handoff: the test proves nothing"
+        if drain == 0.0:  # handing back before the ACK: frames meet nearly every handoff
+            assert parks["parked"] > 0, "no client frame met a handoff: the test proves nothing"
         assert parks["park_overflow"] == 0, parks
         # curl too: every byte, and again not one resend.
         rows = curl_many(apps.testbed, apps.url, [f"/{n}" for n in names], tmp_path / "curl")

@@ -789,8 +789,9 @@ static void replay_blob(struct xo_proto *p, const uint8_t *blob, uint32_t len,
 		p->stats.parked_replayed += (uint64_t)n;
 }
 
-static void replay_parked(struct xo_proto *p, const struct xo_flow_key *key,
-			  const struct xo_endpoint *to)
+static int64_t replay_parked(struct xo_proto *p,
+			     const struct xo_flow_key *key,
+			     const struct xo_endpoint *to)
 {
 	uint8_t *blob;
 	uint32_t len;
@@ -799,6 +800,7 @@ static void replay_parked(struct xo_proto *p, const struct xo_flow_key *key,
 	if (n > 0)
 		replay_blob(p, blob, len, to);
 	free(blob);
+	return n;
 }
 
 /* The old owner's frames are in (or will never come): replay them, stop
@@ -834,6 +836,9 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	free(c->held);
 	c->held = NULL;
 	c->held_len = 0;
+	/* Replay what was parked here while the rule still parks: a frame let
+	 * through now would overtake the ones still being replayed. */
+	replay_parked(p, &c->in_key, to);
 	remove_rule(p, &c->in_key);
 	replay_parked(p, &c->in_key, to);
 	watch_own_stragglers(p, &c->in_key, to, clock_ns());
