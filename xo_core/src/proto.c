@@ -1161,7 +1161,7 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	memcpy(a.new_dst_addr, at->addr, 16);
 	a.new_dst_port = htons(at->port);
 	memcpy(a.dst_mac, pe->o.mac, 6);
-	memcpy(a.src_mac, p->cfg.host_mac, 6);
+	memcpy(a.src_mac, p->mac, 6);
 	ret = xo_rules_insert(p->cfg.rules, &c->in_key, &a);
 	if (ret) {
 		char why[XO_EV_TEXT_LEN];
