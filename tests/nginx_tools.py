@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -363,3 +364,94 @@ def nginx_cluster(build: NginxBuild, targets: int = 2,
                 subprocess.run(["umount", "-l", str(pins)], capture_output=True)
                 shutil.rmtree(pins, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@dataclass
+class Fetch:
+    """One request of a Traffic client."""
+
+    path: str
+    rc: int           # curl's exit code for its whole run
+    status: str
+    served_by: str
+    digest: str       # sha256 of the body received
+    keepalive: bool
+    size: int
+
+
+class Traffic:
+    """Clients in the client namespace fetching from the front until stopped:
+    curl processes, some fetching several paths over one keep-alive
+    connection (curl retries a request on a reused connection that the
+    server closed before answering, as HTTP clients do), some one path per
+    connection. Every request's status, server and body digest are kept."""
+
+    def __init__(self, c: NginxCluster, paths: list[str], workdir: Path,
+                 clients: int = 4, per_run: int = 6, timeout: float = 30) -> None:
+        self.c, self.paths, self.workdir = c, paths, workdir
+        self.clients, self.per_run, self.timeout = clients, per_run, timeout
+        self.fetches: list[Fetch] = []
+        self.retries = 0  # reused connections curl found closed and retried
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
+                         for i in range(clients)]
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def wait_for_requests(self, n: int) -> None:
+        start = len(self.fetches)
+        wait_for(lambda: len(self.fetches) >= start + n or bool(self.errors),
+                 f"{n} more requests")
+
+    def _client(self, i: int) -> None:
+        import hashlib
+
+        keepalive = i % 2 == 0
+        run = 0
+        while not self._stop.is_set():
+            run += 1
+            count = self.per_run if keepalive else 1
+            paths = [self.paths[(run * count + k + i) % len(self.paths)] for k in range(count)]
+            outs = [self.workdir / f"c{i}-{k}" for k in range(count)]
+            args: list[str] = []
+            for path, out in zip(paths, outs, strict=True):
+                args += ["-o", str(out), self.c.url + path]
+            res = subprocess.run(["ip", "netns", "exec", self.c.testbed.client.netns, "curl",
+                                  "-sS", "-v", "-m", str(int(self.timeout)), "-w",
+                                  "%{http_code} %header{x-served-by}\\n", *args],
+                                 capture_output=True, text=True)
+            lines = res.stdout.splitlines()
+            got = []
+            for k, path in enumerate(paths):
+                status, _, by = (lines[k] if k < len(lines) else "000 ").partition(" ")
+                try:
+                    data = outs[k].read_bytes()
+                except FileNotFoundError:
+                    data = b""
+                digest = hashlib.sha256(data).hexdigest()
+                got.append(Fetch(path, res.returncode, status, by, digest, keepalive, len(data)))
+            with self._lock:
+                self.fetches += got
+                self.retries += res.stderr.count("retrying a fresh connect")
+                # curl's exit code is its last transfer's; earlier ones that
+                # failed say so on stderr
+                if res.returncode != 0 or "curl: (" in res.stderr:
+                    self.errors.append(f"{time.strftime('%H:%M:%S')} rc {res.returncode} "
+                                       + "\n".join(ln for ln in res.stderr.splitlines()
+                                                   if ln.startswith(("curl:", "* ", "< HTTP",
+                                                                     "< X-Served"))))
+            for out in outs:
+                out.unlink(missing_ok=True)

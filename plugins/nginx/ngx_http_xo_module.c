@@ -1801,18 +1801,49 @@ static void xo_arm(void)
 		ms = next > now ? (ngx_msec_t)((next - now) / 1000000) + 1 : 1;
 	if (ms > 1000)
 		ms = 1000;
-	if (ngx_exiting) {
-		/* Stay while connections handed off from here may come back
-		 * or while adopted ones are served. */
-		xo_proto_get_stats(xo_machine, &st);
-		for (i = 0; i < XO_MAX_CTLS; i++)
-			if (xo_ctls[i].c && xo_ctls[i].adopted)
-				hold = 1;
-		if (!xo_mcf->has_control && st.active)
+	/* A worker told to stop stays while the machine tracks a connection
+	 * (handed off from here and may come back; adopted and served here;
+	 * closed here with the host's confirmation pending) and while a
+	 * control connection is open: xo_exit_drop() closes them once nothing
+	 * is tracked. The timer is not cancelable then, which is what keeps
+	 * nginx from exiting; it is set so before the stop is known, as
+	 * nginx may decide to exit before any of our handlers runs again. */
+	xo_proto_get_stats(xo_machine, &st);
+	for (i = 0; i < XO_MAX_CTLS; i++)
+		if (xo_ctls[i].c)
 			hold = 1;
-	}
+	if (st.active)
+		hold = 1;
+	if (ngx_exiting && ms > 50)
+		ms = 50;
 	xo_tick_ev.cancelable = !hold;
 	ngx_add_timer(&xo_tick_ev, ms);
+}
+
+/* A worker that stops: once its machine tracks no connection, close the
+ * control connections (the peers see nothing of theirs lost; a front
+ * reconnects to the new workers). Closing one earlier would make the
+ * host withdraw what this worker serves or is closing (its client would
+ * see a reset). 1 if something was closed. */
+static ngx_uint_t xo_exit_drop(void)
+{
+	struct xo_proto_stats st;
+	ngx_uint_t i, any = 0;
+
+	if (!ngx_exiting)
+		return 0;
+	xo_proto_get_stats(xo_machine, &st);
+	if (st.active)
+		return 0;
+	for (i = 0; i < XO_MAX_CTLS; i++)
+		if (xo_ctls[i].c) {
+			if (xo_ctls[i].peer)
+				xo_proto_peer_closed(xo_machine, xo_ctls[i].peer,
+						     xo_now());
+			xo_ctl_drop(&xo_ctls[i]);
+			any = 1;
+		}
+	return any;
 }
 
 static void xo_pump(void)
@@ -1840,6 +1871,10 @@ static void xo_pump(void)
 			break;
 	}
 	xo_pumping = 0;
+	if (xo_exit_drop()) {
+		xo_pump(); /* their PEER_CLOSED events */
+		return;
+	}
 	xo_arm();
 }
 
@@ -1923,16 +1958,6 @@ static void xo_tick_handler(ngx_event_t *ev)
 			if (!xo_ctls[i].c &&
 			    (ngx_msec_int_t)(ngx_current_msec - xo_ctls[i].retry_at) >= 0)
 				xo_ctl_connect(&xo_ctls[i]);
-	if (ngx_exiting && xo_mcf->has_control)
-		/* A target that stops: let each host go once nothing of its
-		 * is served here (it rolls back what is under way and
-		 * reconnects to the new workers). */
-		for (i = 0; i < XO_MAX_CTLS; i++)
-			if (xo_ctls[i].c && !xo_ctls[i].adopted) {
-				xo_proto_peer_closed(xo_machine, xo_ctls[i].peer,
-						     xo_now());
-				xo_ctl_drop(&xo_ctls[i]);
-			}
 	xo_pump();
 }
 
