@@ -212,10 +212,14 @@ http {{
         conf.write_text(conf_text)
         ns = self.testbed.member(member).netns
         log = (prefix / "stderr.log").open("ab")
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, str(self.build.binary), "-p",
+        # nsenter, not `ip netns exec`: only the network namespace changes,
+        # so the bpffs nginx mounts for its pins is the test's too (and
+        # outlives a killed nginx, as on a real machine).
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", str(self.build.binary),
+                                 "-p",
                                  str(prefix), "-c", str(conf)], stdout=log, stderr=log)
         log.close()
-        # ip netns exec execs nginx: the PID is the master's.
+        # nsenter execs nginx: the PID is the master's.
         p = NginxProc(member, ns, conf, prefix, proc)
         self.procs[member] = p
         wait_for(lambda: proc.poll() is not None or p.workers(), f"{member} workers")

@@ -9,12 +9,16 @@ and the steering maps left behind."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns_tools import client_loss_counters, sha256
+from netns_tools import client_loss_counters, sha256, snmp_tcp
 from nginx_tools import DYNAMIC, NginxCluster, Traffic, nginx_cluster, wait_for
+from xo.lab import in_netns
 from xo.steer import Steer
 
 pytestmark = [
@@ -90,3 +94,81 @@ def test_reload_front_and_targets_during_traffic(
     # The new front worker hands requests over again.
     stats = c.status("host")["stats"]
     assert stats["offloads"] > 0, stats  # type: ignore[index]
+
+
+def test_target_killed_mid_traffic(cluster: tuple[NginxCluster, dict[str, str]]) -> None:
+    """t0's nginx is SIGKILLed (master and worker) while one client is in the
+    middle of a 64 MiB download t0 serves and three requests wait for t0's
+    TARGET_READY (t0 stopped first, so they wait). The waiting requests are
+    rolled back and served by the front; the downloading client gets a reset,
+    promptly; nothing hangs; no steering entry is left on the front; t0's
+    restarted nginx removes the dead worker's entries and serves again."""
+    c, digests = cluster
+    body = os.urandom(64 << 20)
+    (c.docroot / "64m.bin").write_bytes(body)
+    (c.docroot / "64m.bin").chmod(0o644)
+    ns = c.testbed.client.netns
+    # The front hands everything to t0 for this test.
+    c.procs["host"].stop()
+    front = c.start("host", c.front_conf("xo_pass t0;"))
+    c.wait_targets_up(["t0"])
+    t0 = c.procs["t0"]
+    before = snmp_tcp(ns)
+    # 1. A download t0 serves, stalled: the client reads 1 MiB and waits.
+    with in_netns(ns):
+        a = socket.create_connection((c.testbed.host.ipv4, 8080), timeout=20)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    a.sendall(b"GET /64m.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    while len(got) < 1 << 20:
+        got += a.recv(65536)
+    assert b"X-Served-By: t0" in got.split(b"\r\n\r\n")[0], got[:300]
+    assert flow_entries(c, "t0"), "t0 steers the download's packets"
+    # 2. t0 stopped: three requests wait for its TARGET_READY.
+    pids = [t0.proc.pid, *t0.workers()]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    waiting: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(3):
+            waiting.append(subprocess.Popen(
+                ["ip", "netns", "exec", ns, "curl", "-sS", "-m", "20", "-o", "/dev/null",
+                 "-w", "%{http_code} %header{x-served-by}", c.url + "/1m.bin"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        wait_for(lambda: c.status("host")["stats"]["active"] >= 4,  # type: ignore[index]
+                 "three handoffs waiting for t0")
+    finally:
+        # 3. Killed (a stopped process dies on SIGKILL).
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    t0.proc.wait()
+    for w in waiting:
+        out, err = w.communicate(timeout=60)
+        assert (w.returncode, out) == (0, "200 host"), (w.returncode, out, err)
+    # The stalled download: what was sent arrives, then a reset (not a hang:
+    # the socket timeout would fail this).
+    with pytest.raises(ConnectionResetError):
+        while a.recv(1 << 20):
+            pass
+    a.close()
+    after = snmp_tcp(ns)
+    assert after["EstabResets"] - before["EstabResets"] == 1, (before, after)
+    stats = c.status("host")["stats"]
+    print("front after the kill:", stats)
+    assert stats["rollbacks"] == 3 and stats["withdrawn"] == 1, stats  # type: ignore[index]
+    assert stats["active"] == 0, stats  # type: ignore[index]
+    wait_for(lambda: flow_entries(c, "host") == [], "the front's steering entries gone")
+    # The front serves on its own while t0 is down.
+    res = c.curl("-o", "/dev/null", "-w", "%{http_code} %header{x-served-by}",
+                 c.url + "/8k.bin")
+    assert res.stdout == "200 host", res
+    # 4. t0 restarted: the dead worker's entries are removed; t0 serves again.
+    assert flow_entries(c, "t0"), "the killed worker left its entries"
+    t0 = c.start("t0", c.target_conf("t0"))
+    wait_for(lambda: flow_entries(c, "t0") == [], "t0's stale entries removed")
+    c.wait_targets_up(["t0"])
+    res = c.curl("-o", "/dev/null", "-w", "%{http_code} %header{x-served-by}",
+                 c.url + "/8k.bin")
+    assert res.stdout == "200 t0", res
+    assert "steering entries of worker" in t0.log_text()
+    assert front.proc.poll() is None

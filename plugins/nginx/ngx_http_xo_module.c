@@ -1228,6 +1228,14 @@ static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *da
 			      "xo: nonblocking an adopted socket");
 		return NULL;
 	}
+	/* Leaving TCP_REPAIR cleared the socket's SO_REUSEADDR: without it,
+	 * while the connection lives on (also orphaned after this nginx
+	 * died), a new nginx could not bind its listener to the address. */
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &(int){ 1 }, sizeof(int)) < 0) {
+		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
+			      "xo: setsockopt(SO_REUSEADDR) of an adopted socket");
+		return NULL;
+	}
 	c = ngx_get_connection(fd, xo_cycle->log);
 	if (!c)
 		return NULL;
@@ -1963,6 +1971,77 @@ static void xo_tick_handler(ngx_event_t *ev)
 
 /* ---- worker start and stop ------------------------------------------------------- */
 
+/* Owner id of a worker's steering entries: the pin directory's checksum
+ * with the worker's PID in the upper 24 bits. */
+static uint32_t xo_owner_of(ngx_http_xo_main_conf_t *mcf, ngx_pid_t pid)
+{
+	return ngx_crc32_short(mcf->pin_dir.data, mcf->pin_dir.len) ^
+	       ((uint32_t)pid << 8);
+}
+
+/* Does the process exist (a zombie does not count: a worker whose master
+ * was killed too may wait a while to be reaped)? */
+static ngx_uint_t xo_pid_alive(ngx_pid_t pid)
+{
+	char path[64], buf[256], *p;
+	ssize_t n;
+	int fd;
+
+	if (kill(pid, 0) < 0 && ngx_errno == ESRCH)
+		return 0;
+	ngx_snprintf((u_char *)path, sizeof(path), "/proc/%P/stat%Z", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return ngx_errno != ENOENT;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 1;
+	buf[n] = '\0';
+	p = strrchr(buf, ')'); /* "pid (comm) state ..." */
+	return !(p && p[1] == ' ' && p[2] == 'Z');
+}
+
+/* Entries of workers of this configuration that died without removing
+ * them (killed, crashed): purge them, so nothing of theirs steers a flow
+ * that has no socket any more. A live worker's (an old one finishing after
+ * a reload) are left alone. */
+static void xo_purge_dead_owners(ngx_http_xo_main_conf_t *mcf, ngx_log_t *log)
+{
+	struct xo_steer_action *acts;
+	uint32_t base = xo_owner_of(mcf, 0), done[64], o;
+	int64_t n, i, purged;
+	ngx_uint_t ndone = 0, j;
+	ngx_pid_t pid;
+
+	n = xo_steer_list(xo_steer, NULL, NULL, 0);
+	if (n <= 0)
+		return;
+	acts = ngx_alloc((size_t)n * sizeof(*acts), log);
+	if (!acts)
+		return;
+	n = xo_steer_list(xo_steer, NULL, acts, (uint32_t)n);
+	for (i = 0; i < n; i++) {
+		o = acts[i].owner;
+		if (((o ^ base) & 0xff) || o == xo_owner_of(mcf, ngx_pid))
+			continue;
+		for (j = 0; j < ndone && done[j] != o; j++)
+			;
+		if (j < ndone || ndone == 64)
+			continue;
+		done[ndone++] = o;
+		pid = (ngx_pid_t)((o ^ base) >> 8);
+		if (pid <= 0 || xo_pid_alive(pid))
+			continue;
+		purged = xo_steer_purge_owner(xo_steer, o);
+		if (purged > 0)
+			ngx_log_error(NGX_LOG_NOTICE, log, 0,
+				      "xo: %L steering entries of worker %P (gone) "
+				      "removed", purged, pid);
+	}
+	ngx_free(acts);
+}
+
 static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 {
 	ngx_http_xo_main_conf_t *mcf;
@@ -2007,8 +2086,8 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 	pc.key_len = (uint32_t)key_len;
 	/* One owner id per worker: a worker's restart must not purge what
 	 * another one (or an old one finishing after a reload) holds. */
-	pc.owner = ngx_crc32_short(mcf->pin_dir.data, mcf->pin_dir.len) ^
-		   ((uint32_t)ngx_pid << 8);
+	pc.owner = xo_owner_of(mcf, ngx_pid);
+	xo_purge_dead_owners(mcf, cycle->log);
 	pc.rules = xo_rules;
 	pc.steer = xo_steer;
 	ngx_memcpy(pc.host_mac, xo_if_mac, 6);
