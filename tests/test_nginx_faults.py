@@ -85,7 +85,13 @@ def test_reload_front_and_targets_during_traffic(
     bad = [f for f in fetches if (f.rc, f.status) != (0, "200") or f.digest != digests[f.path]]
     assert not bad, bad[:5]
     assert {"t0", "t1"} <= by
-    assert loss["TcpEstabResets"] == 0 and loss["TCPTimeouts"] == 0, loss
+    assert loss["TCPTimeouts"] == 0, loss
+    # A stopping worker closes idle keep-alive connections; a request the
+    # client sends at that moment meets a closed socket (the race of any
+    # server closing an idle keep-alive connection, with or without XO):
+    # the client gets a reset before any answer and sends it again. Each
+    # reset here must be such a retry.
+    assert loss["TcpEstabResets"] <= traffic.retries, (loss, traffic.retries)
     # Old workers left nothing open behind them (nginx says "open socket
     # ... left" when a worker exits with connections it did not close).
     for p in c.procs.values():
