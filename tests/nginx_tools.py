@@ -285,6 +285,34 @@ http {{
         return subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "curl", "-sS",
                                "-m", str(int(timeout)), *args], capture_output=True, text=True)
 
+    def start_refapp(self, member: str, role: str) -> subprocess.Popen[bytes]:
+        """The Python driver (xo.refapp, from a config file) as the member:
+        a host handing requests to the lab's targets, or a target taking
+        them from the lab's host."""
+        from xo.appconfig import AppConfig, TargetEntry
+
+        m = self.testbed.member(member)
+        prefix = self.root / member
+        prefix.mkdir(mode=0o755, exist_ok=True)
+        cfg = AppConfig(role=role, name=member, ip4=m.ipv4, ifindex=m.ifindex, mac=m.mac,
+                        key=str(self.key), docroot=str(self.docroot),
+                        pin_dir=f"{PIN_ROOT}/{self.testbed.name}-{member}",
+                        bpf_object=str(default_object_path()), policy="round_robin")
+        if role == "host":
+            cfg.targets = [TargetEntry(t.name, t.ipv4, t.mac) for t in self.testbed.targets]
+        else:
+            cfg.hosts = [self.testbed.host.ipv4]
+        conf = cfg.write(prefix / "refapp.conf")
+        log = prefix / "refapp.log"
+        proc = subprocess.Popen(["ip", "netns", "exec", m.netns, sys.executable, "-m",
+                                 "xo.refapp", "--config", str(conf), "--log", str(log)],
+                                stdout=subprocess.PIPE)
+        self.apps.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == b"READY", log.read_text()[-2000:] if log.exists() else line
+        return proc
+
     def stop(self) -> None:
         for p in self.procs.values():
             p.stop()
