@@ -53,6 +53,16 @@ class NginxBuild:
 
 DYNAMIC = NginxBuild("dynamic", Path("/usr/sbin/nginx"), DYNAMIC_SO)
 STATIC = NginxBuild("static", STATIC_BIN, None)
+BUILDS = [DYNAMIC, STATIC]
+
+
+def build_params() -> list[object]:
+    """pytest params over both builds, each skipped (with the reason) when
+    it is not built."""
+    import pytest
+
+    return [pytest.param(b, id=b.name, marks=pytest.mark.skipif(
+        b.available() is not None, reason=str(b.available()))) for b in BUILDS]
 
 
 def world_readable_dir(tag: str) -> Path:

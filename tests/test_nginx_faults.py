@@ -17,21 +17,20 @@ from pathlib import Path
 
 import pytest
 from netns_tools import client_loss_counters, sha256, snmp_tcp
-from nginx_tools import DYNAMIC, NginxCluster, Traffic, nginx_cluster, wait_for
+from nginx_tools import NginxCluster, Traffic, build_params, nginx_cluster, wait_for
 from xo.lab import in_netns
 from xo.steer import Steer
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
-    pytest.mark.skipif(DYNAMIC.available() is not None, reason=str(DYNAMIC.available())),
 ]
 
 FILES = {"8k.bin": 8 << 10, "1m.bin": 1 << 20, "4m.bin": 4 << 20}
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[NginxCluster, dict[str, str]]]:
-    with nginx_cluster(DYNAMIC) as c:
+@pytest.fixture(params=build_params())
+def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[NginxCluster, dict[str, str]]]:
+    with nginx_cluster(request.param) as c:
         digests = {}
         for name, size in FILES.items():
             body = os.urandom(size)

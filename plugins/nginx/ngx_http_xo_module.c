@@ -221,6 +221,10 @@ static ngx_listening_t *xo_adopt_ls;    /* target: where adopted ones join */
 static ngx_event_t xo_tick_ev, xo_pump_ev;
 static ngx_uint_t xo_pumping, xo_pump_again;
 static ngx_cycle_t *xo_cycle;
+/* the worker's listening sockets as at its start (a stopping worker's
+ * cycle lists none, yet returned connections must join theirs) */
+static ngx_listening_t *xo_http_ls;
+static ngx_uint_t xo_http_nls;
 
 /* master: the steering handle, kept across reloads while its settings stay */
 static struct xo_steer *xo_steer;
@@ -1304,12 +1308,12 @@ static ngx_listening_t *xo_listener_of(int fd)
 {
 	struct sockaddr_storage ss;
 	socklen_t slen = sizeof(ss);
-	ngx_listening_t *ls = xo_cycle->listening.elts, *any = NULL;
+	ngx_listening_t *ls = xo_http_ls, *any = NULL;
 	ngx_uint_t i;
 
 	if (getsockname(fd, (struct sockaddr *)&ss, &slen) < 0)
 		return NULL;
-	for (i = 0; i < xo_cycle->listening.nelts; i++) {
+	for (i = 0; i < xo_http_nls; i++) {
 		if (ls[i].handler != ngx_http_init_connection ||
 		    ls[i].sockaddr->sa_family != ss.ss_family ||
 		    ngx_inet_get_port(ls[i].sockaddr) !=
@@ -1590,7 +1594,11 @@ static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
 		return NGX_ERROR;
 	ngx_http_set_ctx(r, ctx, ngx_http_xo_module);
 	ctx->decided = 1;
-	if (c->ssl || r->request_body || r->http_version < NGX_HTTP_VERSION_10 ||
+#if (NGX_SSL)
+	if (c->ssl)
+		return NGX_DECLINED;
+#endif
+	if (r->request_body || r->http_version < NGX_HTTP_VERSION_10 ||
 	    c->buffered || ngx_exiting || ngx_terminate)
 		return NGX_DECLINED;
 #if (NGX_HTTP_V2)
@@ -2058,6 +2066,8 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 		return NGX_OK;
 	xo_cycle = cycle;
 	xo_mcf = mcf;
+	xo_http_ls = cycle->listening.elts;
+	xo_http_nls = cycle->listening.nelts;
 	if (!ngx_add_conn || !(ngx_event_flags & NGX_USE_EPOLL_EVENT)) {
 		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
 			      "xo: needs the epoll event method");

@@ -1,4 +1,4 @@
-"""The ``xo`` command: doctor, lab, bench."""
+"""The ``xo`` command: doctor, lab, nginx, bench."""
 
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lab name (namespaces xo-NAME-*); default demo")
     demo.set_defaults(func=_lab_demo)
 
+    from xo import nginx
+
+    nginx.add_commands(sub)
+
     bench = sub.add_parser("bench", help="benchmarks that print numbers (and JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     core = bench_sub.add_parser("core", help="capture/restore cost of one connection")
@@ -138,6 +142,7 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     from xo.core import XoError
     from xo.lab import LabError
+    from xo.nginx import NginxBuildError
 
     args = build_parser().parse_args(argv)
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so labs and the
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
-    except (XoError, LabError) as exc:
+    except (XoError, LabError, NginxBuildError) as exc:
         print(f"xo: {exc}", file=sys.stderr)
         return 1
     except MissingPartError as exc:
