@@ -70,6 +70,14 @@ def _bench_latency(args: argparse.Namespace) -> int:
     return bench_latency.main(args.requests, args.rate, args.driver, args.json)
 
 
+def _bench_http(args: argparse.Namespace) -> int:
+    require_bench_extra("http")
+    from xo import bench_http
+
+    return bench_http.main(args.rate, args.seconds, args.connections, args.threshold,
+                           args.build, args.json, args.sizes.split(",") if args.sizes else None)
+
+
 def _bench_rules(args: argparse.Namespace) -> int:
     from xo import bench_rules, results
 
@@ -124,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--driver", default="py", choices=["py", "c"], help="XO's driver")
     lat.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
     lat.set_defaults(func=_bench_latency)
+    http = bench_sub.add_parser("http", help="nginx: XO vs proxy_pass, wrk, 4 targets")
+    http.add_argument("--rate", default="250mbit",
+                      help="front and target link rate; the client's is 4x (default 250mbit)")
+    http.add_argument("--seconds", type=float, default=5.0, help="wrk run per mode and size")
+    http.add_argument("--connections", type=int, default=16, help="wrk connections")
+    http.add_argument("--threshold", default="256k",
+                      help="xo_threshold of the xo+threshold mode (default 256k)")
+    http.add_argument("--build", default="dynamic", choices=["dynamic", "static"])
+    http.add_argument("--sizes", help="comma-separated subset of 8KiB,64KiB,256KiB,1MiB,4MiB")
+    http.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    http.set_defaults(func=_bench_http)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
     rules.add_argument("--flower-count", type=int, default=1000,

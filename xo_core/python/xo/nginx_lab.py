@@ -280,9 +280,10 @@ http {{
             threads: int = 2) -> WrkResult:
         res = subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "wrk",
                               "-t", str(threads), "-c", str(connections),
-                              "-d", f"{seconds}s", "--latency", self.url + path],
+                              "-d", f"{max(1, round(seconds))}s", "--latency",
+                              self.url + path],
                              capture_output=True, text=True, timeout=seconds + 60)
-        assert res.returncode == 0, res.stderr
+        assert res.returncode == 0, res.stdout + res.stderr
         return WrkResult.parse(res.stdout)
 
     def curl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
