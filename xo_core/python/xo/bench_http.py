@@ -12,7 +12,8 @@ nginx with the XO module serving the same files. Per object size
 - ``xo+threshold``: files smaller than the threshold proxied as above, the
   others handed over (``xo_pass; xo_threshold SIZE; proxy_pass ...``).
 
-For each, wrk (2 threads, N connections, keep-alive) for S seconds gives
+For each, wrk (2 threads, N connections, keep-alive, 30 s request timeout)
+for S seconds gives
 requests/s, throughput and latency p50/p99; the front's CPU seconds (its
 nginx processes' user + system time) per GB served; for the XO modes the
 front's handoff steps (its xo_status: the machine's step timings inside the
@@ -169,6 +170,11 @@ def verdict(result: dict[str, Any]) -> dict[str, bool]:
     if outs:
         v[f"outbound_handoff_p50_<={OUT_P50_US:.0f}us"] = max(outs) <= OUT_P50_US
     v["no_errors"] = all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in result["rows"])
+    local = [sum(st[k]["p50_us"] for k in ("out.block", "out.serialize", "out.redirect",
+                                           "out.discard_and_host_ready") if k in st)
+             for st in result["steps"].get("xo", {}).values()]
+    if local:
+        v[f"front_local_out_steps_p50_sum_<={OUT_P50_US:.0f}us"] = max(local) <= OUT_P50_US
     return v
 
 

@@ -280,7 +280,8 @@ http {{
             threads: int = 2) -> WrkResult:
         res = subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "wrk",
                               "-t", str(threads), "-c", str(connections),
-                              "-d", f"{max(1, round(seconds))}s", "--latency",
+                              "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
+                              "--latency",
                               self.url + path],
                              capture_output=True, text=True, timeout=seconds + 60)
         assert res.returncode == 0, res.stdout + res.stderr
