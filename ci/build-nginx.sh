@@ -1,14 +1,57 @@
 #!/usr/bin/env bash
-# Builds the XO nginx module as a dynamic module for Debian's packaged nginx
-# (nginx-dev's source tree, Debian's configure flags, --with-compat):
-#   plugins/nginx/build/ngx_http_xo_module.so
-# Load it with `load_module /path/ngx_http_xo_module.so;` in Debian's
-# /usr/sbin/nginx. The static build from a patched source tree is
-# `xo nginx build` (docs/nginx.md). Safe to run again: rebuilds only when a
-# source is newer than the module.
+# The XO nginx builds (docs/nginx.md):
+#
+#   bash ci/build-nginx.sh          the dynamic module for Debian's packaged
+#                                   nginx (nginx-dev's tree, Debian's configure
+#                                   flags, --with-compat):
+#                                   plugins/nginx/build/ngx_http_xo_module.so,
+#                                   loaded with `load_module` into /usr/sbin/nginx
+#   bash ci/build-nginx.sh static   nginx built from Debian's source package
+#                                   (the .orig.tar.gz of `apt-get source
+#                                   --download-only nginx`) with the module
+#                                   compiled in by `xo nginx build`:
+#                                   plugins/nginx/build/static/sbin/nginx
+#
+# Safe to run again: each rebuilds only when a source is newer than its output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+if [ "${1:-}" = "static" ]; then
+	BIN=plugins/nginx/build/static/sbin/nginx
+	SRCDIR=plugins/nginx/build/src
+	make -s -C xo_core build/libxo.a
+	if [ -x "$BIN" ] && [ -z "$(find plugins/nginx/ngx_http_xo_module.c \
+		xo_core/build/libxo.a xo_core/include xo_core/python/xo/nginx.py \
+		-newer "$BIN" 2>/dev/null)" ]; then
+		exit 0
+	fi
+	mkdir -p "$SRCDIR"
+	ORIG=$(ls "$SRCDIR"/nginx_*.orig.tar.gz 2>/dev/null | head -1 || true)
+	if [ -z "$ORIG" ]; then
+		# Debian's source package needs a deb-src line.
+		SOURCES=/etc/apt/sources.list.d/xo-deb-src.sources
+		if [ ! -f "$SOURCES" ]; then
+			cat >"$SOURCES" <<-'EOF'
+			Types: deb-src
+			URIs: http://deb.debian.org/debian
+			Suites: bookworm bookworm-updates
+			Components: main
+			Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+			EOF
+			apt-get update -qq
+		fi
+		# Only the upstream tarball is needed (the Debian patches may be
+		# missing from the mirror; apt-get then fails after fetching it).
+		(cd "$SRCDIR" && apt-get source --download-only nginx >/dev/null 2>&1 || true)
+		ORIG=$(ls "$SRCDIR"/nginx_*.orig.tar.gz 2>/dev/null | head -1 || true)
+		if [ -z "$ORIG" ]; then
+			echo "build-nginx: apt-get source --download-only nginx gave no .orig.tar.gz" >&2
+			exit 1
+		fi
+	fi
+	.venv/bin/xo nginx build --source "$ORIG"
+	exit 0
+fi
 OUT=plugins/nginx/build
 SO=$OUT/ngx_http_xo_module.so
 SRC=/usr/share/nginx/src

@@ -19,8 +19,9 @@ APT_PACKAGES=(
 	# which .venv is built on)
 	ceph-mon ceph-mgr ceph-osd radosgw ceph-common python3-rados
 	# the nginx module (ci/build-nginx.sh): Debian's nginx and its module
-	# build tree; wrk for the HTTP benchmark
-	nginx nginx-dev wrk
+	# build tree; the static build's libraries (dpkg-dev for apt-get
+	# source); wrk for the HTTP benchmark
+	nginx nginx-dev libpcre2-dev zlib1g-dev dpkg-dev wrk
 )
 
 missing=()
@@ -51,3 +52,5 @@ echo "[xo install] full-kernel lane: kernel package (cached)"
 	echo "[xo install] WARNING: the full-kernel lane could not be prepared; its tests will fail" >&2
 echo "[xo install] nginx module (dynamic, for Debian's nginx)"
 bash ci/build-nginx.sh
+echo "[xo install] nginx with XO compiled in (static, from Debian's source package; ~1 min)"
+bash ci/build-nginx.sh static

@@ -221,6 +221,10 @@ static ngx_listening_t *xo_adopt_ls;    /* target: where adopted ones join */
 static ngx_event_t xo_tick_ev, xo_pump_ev;
 static ngx_uint_t xo_pumping, xo_pump_again;
 static ngx_cycle_t *xo_cycle;
+/* the worker's listening sockets as at its start (a stopping worker's
+ * cycle lists none, yet returned connections must join theirs) */
+static ngx_listening_t *xo_http_ls;
+static ngx_uint_t xo_http_nls;
 
 /* master: the steering handle, kept across reloads while its settings stay */
 static struct xo_steer *xo_steer;
@@ -1228,6 +1232,14 @@ static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *da
 			      "xo: nonblocking an adopted socket");
 		return NULL;
 	}
+	/* Leaving TCP_REPAIR cleared the socket's SO_REUSEADDR: without it,
+	 * while the connection lives on (also orphaned after this nginx
+	 * died), a new nginx could not bind its listener to the address. */
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &(int){ 1 }, sizeof(int)) < 0) {
+		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
+			      "xo: setsockopt(SO_REUSEADDR) of an adopted socket");
+		return NULL;
+	}
 	c = ngx_get_connection(fd, xo_cycle->log);
 	if (!c)
 		return NULL;
@@ -1296,12 +1308,12 @@ static ngx_listening_t *xo_listener_of(int fd)
 {
 	struct sockaddr_storage ss;
 	socklen_t slen = sizeof(ss);
-	ngx_listening_t *ls = xo_cycle->listening.elts, *any = NULL;
+	ngx_listening_t *ls = xo_http_ls, *any = NULL;
 	ngx_uint_t i;
 
 	if (getsockname(fd, (struct sockaddr *)&ss, &slen) < 0)
 		return NULL;
-	for (i = 0; i < xo_cycle->listening.nelts; i++) {
+	for (i = 0; i < xo_http_nls; i++) {
 		if (ls[i].handler != ngx_http_init_connection ||
 		    ls[i].sockaddr->sa_family != ss.ss_family ||
 		    ngx_inet_get_port(ls[i].sockaddr) !=
@@ -1582,7 +1594,11 @@ static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
 		return NGX_ERROR;
 	ngx_http_set_ctx(r, ctx, ngx_http_xo_module);
 	ctx->decided = 1;
-	if (c->ssl || r->request_body || r->http_version < NGX_HTTP_VERSION_10 ||
+#if (NGX_SSL)
+	if (c->ssl)
+		return NGX_DECLINED;
+#endif
+	if (r->request_body || r->http_version < NGX_HTTP_VERSION_10 ||
 	    c->buffered || ngx_exiting || ngx_terminate)
 		return NGX_DECLINED;
 #if (NGX_HTTP_V2)
@@ -1801,18 +1817,49 @@ static void xo_arm(void)
 		ms = next > now ? (ngx_msec_t)((next - now) / 1000000) + 1 : 1;
 	if (ms > 1000)
 		ms = 1000;
-	if (ngx_exiting) {
-		/* Stay while connections handed off from here may come back
-		 * or while adopted ones are served. */
-		xo_proto_get_stats(xo_machine, &st);
-		for (i = 0; i < XO_MAX_CTLS; i++)
-			if (xo_ctls[i].c && xo_ctls[i].adopted)
-				hold = 1;
-		if (!xo_mcf->has_control && st.active)
+	/* A worker told to stop stays while the machine tracks a connection
+	 * (handed off from here and may come back; adopted and served here;
+	 * closed here with the host's confirmation pending) and while a
+	 * control connection is open: xo_exit_drop() closes them once nothing
+	 * is tracked. The timer is not cancelable then, which is what keeps
+	 * nginx from exiting; it is set so before the stop is known, as
+	 * nginx may decide to exit before any of our handlers runs again. */
+	xo_proto_get_stats(xo_machine, &st);
+	for (i = 0; i < XO_MAX_CTLS; i++)
+		if (xo_ctls[i].c)
 			hold = 1;
-	}
+	if (st.active)
+		hold = 1;
+	if (ngx_exiting && ms > 50)
+		ms = 50;
 	xo_tick_ev.cancelable = !hold;
 	ngx_add_timer(&xo_tick_ev, ms);
+}
+
+/* A worker that stops: once its machine tracks no connection, close the
+ * control connections (the peers see nothing of theirs lost; a front
+ * reconnects to the new workers). Closing one earlier would make the
+ * host withdraw what this worker serves or is closing (its client would
+ * see a reset). 1 if something was closed. */
+static ngx_uint_t xo_exit_drop(void)
+{
+	struct xo_proto_stats st;
+	ngx_uint_t i, any = 0;
+
+	if (!ngx_exiting)
+		return 0;
+	xo_proto_get_stats(xo_machine, &st);
+	if (st.active)
+		return 0;
+	for (i = 0; i < XO_MAX_CTLS; i++)
+		if (xo_ctls[i].c) {
+			if (xo_ctls[i].peer)
+				xo_proto_peer_closed(xo_machine, xo_ctls[i].peer,
+						     xo_now());
+			xo_ctl_drop(&xo_ctls[i]);
+			any = 1;
+		}
+	return any;
 }
 
 static void xo_pump(void)
@@ -1840,6 +1887,10 @@ static void xo_pump(void)
 			break;
 	}
 	xo_pumping = 0;
+	if (xo_exit_drop()) {
+		xo_pump(); /* their PEER_CLOSED events */
+		return;
+	}
 	xo_arm();
 }
 
@@ -1923,20 +1974,81 @@ static void xo_tick_handler(ngx_event_t *ev)
 			if (!xo_ctls[i].c &&
 			    (ngx_msec_int_t)(ngx_current_msec - xo_ctls[i].retry_at) >= 0)
 				xo_ctl_connect(&xo_ctls[i]);
-	if (ngx_exiting && xo_mcf->has_control)
-		/* A target that stops: let each host go once nothing of its
-		 * is served here (it rolls back what is under way and
-		 * reconnects to the new workers). */
-		for (i = 0; i < XO_MAX_CTLS; i++)
-			if (xo_ctls[i].c && !xo_ctls[i].adopted) {
-				xo_proto_peer_closed(xo_machine, xo_ctls[i].peer,
-						     xo_now());
-				xo_ctl_drop(&xo_ctls[i]);
-			}
 	xo_pump();
 }
 
 /* ---- worker start and stop ------------------------------------------------------- */
+
+/* Owner id of a worker's steering entries: the pin directory's checksum
+ * with the worker's PID in the upper 24 bits. */
+static uint32_t xo_owner_of(ngx_http_xo_main_conf_t *mcf, ngx_pid_t pid)
+{
+	return ngx_crc32_short(mcf->pin_dir.data, mcf->pin_dir.len) ^
+	       ((uint32_t)pid << 8);
+}
+
+/* Does the process exist (a zombie does not count: a worker whose master
+ * was killed too may wait a while to be reaped)? */
+static ngx_uint_t xo_pid_alive(ngx_pid_t pid)
+{
+	char path[64], buf[256], *p;
+	ssize_t n;
+	int fd;
+
+	if (kill(pid, 0) < 0 && ngx_errno == ESRCH)
+		return 0;
+	ngx_snprintf((u_char *)path, sizeof(path), "/proc/%P/stat%Z", pid);
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return ngx_errno != ENOENT;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 1;
+	buf[n] = '\0';
+	p = strrchr(buf, ')'); /* "pid (comm) state ..." */
+	return !(p && p[1] == ' ' && p[2] == 'Z');
+}
+
+/* Entries of workers of this configuration that died without removing
+ * them (killed, crashed): purge them, so nothing of theirs steers a flow
+ * that has no socket any more. A live worker's (an old one finishing after
+ * a reload) are left alone. */
+static void xo_purge_dead_owners(ngx_http_xo_main_conf_t *mcf, ngx_log_t *log)
+{
+	struct xo_steer_action *acts;
+	uint32_t base = xo_owner_of(mcf, 0), done[64], o;
+	int64_t n, i, purged;
+	ngx_uint_t ndone = 0, j;
+	ngx_pid_t pid;
+
+	n = xo_steer_list(xo_steer, NULL, NULL, 0);
+	if (n <= 0)
+		return;
+	acts = ngx_alloc((size_t)n * sizeof(*acts), log);
+	if (!acts)
+		return;
+	n = xo_steer_list(xo_steer, NULL, acts, (uint32_t)n);
+	for (i = 0; i < n; i++) {
+		o = acts[i].owner;
+		if (((o ^ base) & 0xff) || o == xo_owner_of(mcf, ngx_pid))
+			continue;
+		for (j = 0; j < ndone && done[j] != o; j++)
+			;
+		if (j < ndone || ndone == 64)
+			continue;
+		done[ndone++] = o;
+		pid = (ngx_pid_t)((o ^ base) >> 8);
+		if (pid <= 0 || xo_pid_alive(pid))
+			continue;
+		purged = xo_steer_purge_owner(xo_steer, o);
+		if (purged > 0)
+			ngx_log_error(NGX_LOG_NOTICE, log, 0,
+				      "xo: %L steering entries of worker %P (gone) "
+				      "removed", purged, pid);
+	}
+	ngx_free(acts);
+}
 
 static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 {
@@ -1954,6 +2066,8 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 		return NGX_OK;
 	xo_cycle = cycle;
 	xo_mcf = mcf;
+	xo_http_ls = cycle->listening.elts;
+	xo_http_nls = cycle->listening.nelts;
 	if (!ngx_add_conn || !(ngx_event_flags & NGX_USE_EPOLL_EVENT)) {
 		ngx_log_error(NGX_LOG_EMERG, cycle->log, 0,
 			      "xo: needs the epoll event method");
@@ -1982,8 +2096,8 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 	pc.key_len = (uint32_t)key_len;
 	/* One owner id per worker: a worker's restart must not purge what
 	 * another one (or an old one finishing after a reload) holds. */
-	pc.owner = ngx_crc32_short(mcf->pin_dir.data, mcf->pin_dir.len) ^
-		   ((uint32_t)ngx_pid << 8);
+	pc.owner = xo_owner_of(mcf, ngx_pid);
+	xo_purge_dead_owners(mcf, cycle->log);
 	pc.rules = xo_rules;
 	pc.steer = xo_steer;
 	ngx_memcpy(pc.host_mac, xo_if_mac, 6);

@@ -1,4 +1,4 @@
-"""The ``xo`` command: doctor, lab, bench."""
+"""The ``xo`` command: doctor, lab, nginx, bench."""
 
 from __future__ import annotations
 
@@ -77,6 +77,14 @@ def _bench_s3(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def _bench_http(args: argparse.Namespace) -> int:
+    require_bench_extra("http")
+    from xo import bench_http
+
+    return bench_http.main(args.rate, args.seconds, args.connections, args.threshold,
+                           args.build, args.json, args.sizes.split(",") if args.sizes else None)
+
+
 def _bench_rules(args: argparse.Namespace) -> int:
     from xo import bench_rules, results
 
@@ -109,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_ceph_commands(sub)
+
+    from xo import nginx
+
+    nginx.add_commands(sub)
 
     bench = sub.add_parser("bench", help="benchmarks that print numbers (and JSON)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -148,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="XO front: offload GETs of objects at least this big")
     s3.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
     s3.set_defaults(func=_bench_s3)
+    http = bench_sub.add_parser("http", help="nginx: XO vs proxy_pass, wrk, 4 targets")
+    http.add_argument("--rate", default="250mbit",
+                      help="front and target link rate; the client's is 4x (default 250mbit)")
+    http.add_argument("--seconds", type=float, default=5.0, help="wrk run per mode and size")
+    http.add_argument("--connections", type=int, default=16, help="wrk connections")
+    http.add_argument("--threshold", default="256k",
+                      help="xo_threshold of the xo+threshold mode (default 256k)")
+    http.add_argument("--build", default="dynamic", choices=["dynamic", "static"])
+    http.add_argument("--sizes", help="comma-separated subset of 8KiB,64KiB,256KiB,1MiB,4MiB")
+    http.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    http.set_defaults(func=_bench_http)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
     rules.add_argument("--count", type=int, default=10000)
     rules.add_argument("--flower-count", type=int, default=1000,
@@ -166,6 +189,7 @@ def _terminate(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     from xo.core import XoError
     from xo.lab import LabError
+    from xo.nginx import NginxBuildError
 
     try:
         from xo.ceph.cluster import CephError
@@ -179,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
-    except (XoError, LabError, CephError, ConfigError) as exc:
+    except (XoError, LabError, CephError, ConfigError, NginxBuildError) as exc:
         print(f"xo: {exc}", file=sys.stderr)
         return 1
     except MissingPartError as exc:
