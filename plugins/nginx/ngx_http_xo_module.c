@@ -1232,14 +1232,8 @@ static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *da
 			      "xo: nonblocking an adopted socket");
 		return NULL;
 	}
-	/* Leaving TCP_REPAIR cleared the socket's SO_REUSEADDR: without it,
-	 * while the connection lives on (also orphaned after this nginx
-	 * died), a new nginx could not bind its listener to the address. */
-	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &(int){ 1 }, sizeof(int)) < 0) {
-		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
-			      "xo: setsockopt(SO_REUSEADDR) of an adopted socket");
-		return NULL;
-	}
+	/* (Leaving TCP_REPAIR cleared SO_REUSEADDR; xo_tcp_resume sets it
+	 * again, so a restarted nginx can bind while this connection lives.) */
 	c = ngx_get_connection(fd, xo_cycle->log);
 	if (!c)
 		return NULL;
@@ -1957,6 +1951,7 @@ static void xo_park_unwatch(void)
 	/* the machine owns the descriptor: leave epoll, do not close it */
 	if (xo_park_c->read->active)
 		ngx_del_event(xo_park_c->read, NGX_READ_EVENT, 0);
+	xo_park_c->fd = (ngx_socket_t)-1; /* or nginx reports it left open */
 	ngx_free_connection(xo_park_c);
 	xo_park_c = NULL;
 }

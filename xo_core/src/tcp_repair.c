@@ -786,6 +786,12 @@ int xo_tcp_resume(int fd, const struct xo_tcp_state *st)
 	}
 	ret = set_int(fd, SOL_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP,
 		      "resume: setsockopt(TCP_REPAIR, off without window probe)");
+	/* Leaving repair mode clears the reuse restore forced; without it a
+	 * server restarted while this connection lives could not bind its
+	 * listening port. */
+	if (!ret)
+		ret = set_int(fd, SOL_SOCKET, SO_REUSEADDR, 1,
+			      "resume: setsockopt(SO_REUSEADDR)");
 	if (ret || !st || !st->unsent_len)
 		return ret;
 	/* The send buffer was sized in restore for the whole queue, so this
