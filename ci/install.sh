@@ -18,6 +18,8 @@ APT_PACKAGES=(
 	# ceph/radosgw-admin tools and librados for Python (on /usr/bin/python3,
 	# which .venv is built on)
 	ceph-mon ceph-mgr ceph-osd radosgw ceph-common python3-rados
+	# `xo bench s3`'s default load generator
+	wrk
 )
 
 missing=()
