@@ -359,7 +359,7 @@ def print_table(result: dict[str, Any]) -> None:
                           f"{cpu.get('front', 0):.2f}", f"{osd_cpu:.2f}",
                           f"{links.get('host', [0.0])[0]:.0f}", osd_links,
                           f"{row['ratio']:.2f}" if mode == "xo" else "")
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 def plot(result: dict[str, Any], png: Path) -> None:
