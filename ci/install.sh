@@ -20,7 +20,8 @@ APT_PACKAGES=(
 	ceph-mon ceph-mgr ceph-osd radosgw ceph-common python3-rados
 	# the nginx module (ci/build-nginx.sh): Debian's nginx and its module
 	# build tree; the static build's libraries (dpkg-dev for apt-get
-	# source); wrk for the HTTP benchmark
+	# source); wrk for the HTTP and S3
+	# benchmarks
 	nginx nginx-dev libpcre2-dev zlib1g-dev dpkg-dev wrk
 )
 

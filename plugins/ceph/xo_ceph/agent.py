@@ -17,23 +17,55 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import signal
 import socket
+import struct
 import sys
+import termios
 import time
 from pathlib import Path
 
 from xo.ceph.config import ConfigError, XoCephConfig, control_port
-from xo.ceph.relay import HttpError, Splicer, connect, exchange, read_head
+from xo.ceph.relay import HttpError, SockIO, Splicer, UpstreamPool, exchange, read_head
 from xo.engine import Steering, TargetAgent, TargetConn, load_key
-from xo.refapp import drain_send_queue
 
 log = logging.getLogger("xo.ceph.agent")
 
 OSD_WAIT_S = 60.0
 ADDR_POLL_S = 2.0
+DRAIN_TIMEOUT_S = 2.0
+DRAIN_TICK_S = 0.0005
+DRAIN_MAX_SLEEP_S = 0.02
+
+
+async def wait_acked(sock: socket.socket, timeout: float = DRAIN_TIMEOUT_S) -> bool:
+    """Wait until the client acknowledged everything sent (the send queue is
+    empty), so the front does not have to carry our unsent bytes; at most
+    timeout. A spliced body sits in the send queue almost whole and drains at
+    the link's pace: the wait sleeps for most of the time the rest needs at
+    the drain rate it observes, then ticks, instead of ticking every half
+    millisecond through a whole transfer."""
+    out = bytearray(4)
+    start = last_t = time.monotonic()
+    deadline = start + timeout
+    last_q = -1
+    while True:
+        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, out)
+        queued = struct.unpack("i", out)[0]
+        now = time.monotonic()
+        if queued == 0:
+            return True
+        if now >= deadline:
+            return False
+        wait = DRAIN_TICK_S
+        if 0 < last_q and queued < last_q:
+            rate = (last_q - queued) / (now - last_t)
+            wait = max(DRAIN_TICK_S, min(0.8 * queued / rate, DRAIN_MAX_SLEEP_S))
+        last_q, last_t = queued, now
+        await asyncio.sleep(min(wait, deadline - now))
 
 
 def osd_address(command: object, osd: int) -> tuple[str, int] | None:
@@ -72,6 +104,8 @@ class Agent:
         self.rgw = cfg.agent.rgw
         self.served = 0
         self.agent: TargetAgent | None = None
+        self.pool = UpstreamPool(*self.rgw)
+        self._splicers: list[Splicer] = []
 
     async def run(self, ready: asyncio.Event) -> None:
         handle = await asyncio.to_thread(open_mon, self.cfg.ceph_conf)
@@ -109,42 +143,63 @@ class Agent:
             finally:
                 await self.agent.close()
                 steering.close()
+                self.pool.close()
+                for splicer in self._splicers:
+                    splicer.close()
         finally:
             handle.shutdown()  # type: ignore[attr-defined]
 
     async def serve(self, conn: TargetConn) -> None:
-        """Answer the handed-over request(s) through the local radosgw, then
-        give the connection back."""
+        """Answer the handed-over request(s) through the local radosgw (a
+        pooled keep-alive connection), then give the connection back."""
         assert self.agent is not None
         buf = bytearray(conn.app_data)
-        upstream: socket.socket | None = None
-        splicer = Splicer()
+        client = SockIO(conn.sock)
+        upstream: SockIO | None = None
+        splicer = self._splicers.pop() if self._splicers else Splicer()
+        clean = False  # upstream and splicer are between messages
         try:
             while True:
-                req = await read_head(conn.sock, buf)
+                req = await read_head(client, buf)
                 if req is None:
+                    clean = True
+                    client.release()
                     await conn.closed_by_client()
                     return
                 if upstream is None:
-                    upstream = await connect(*self.rgw)
-                resp, sent = await exchange(conn.sock, buf, req, upstream, splicer=splicer)
+                    upstream = await self.pool.get()
+                clean = False
+                resp, sent = await exchange(client, buf, req, upstream, splicer=splicer)
                 self.agent.bytes_served += sent
                 log.info("served %s %s status=%d bytes=%d conn=%x client=%s", req.method,
                          req.target, resp.status, sent, conn.conn_id, conn.client)
+                clean = not resp.connection_close
                 if req.connection_close or resp.connection_close:
+                    client.release()
                     await conn.closed_by_client()
                     return
-                await drain_send_queue(conn.sock, 2.0)
+                # the upstream connection is free again: let others use it
+                self.pool.put(upstream)
+                upstream = None
+                await wait_acked(conn.sock)
+                client.release()
                 if await conn.hand_back(bytes(buf)):
                     return
                 # the front did not take it back: keep serving here
         except (HttpError, OSError) as exc:
             log.info("conn %x ended on the agent: %s", conn.conn_id, exc)
+            client.release()
             await conn.closed_by_client()
         finally:
-            splicer.close()
             if upstream is not None:
-                upstream.close()
+                if clean:
+                    self.pool.put(upstream)
+                else:
+                    upstream.close()
+            if clean and len(self._splicers) < 64:
+                self._splicers.append(splicer)
+            else:
+                splicer.close()
 
 
 async def _main(agent: Agent) -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,7 +33,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +40,15 @@ from typing import Any
 
 from xo.ceph.config import ConfigError, XoCephConfig, control_port
 from xo.ceph.placement import Placement, head_object
-from xo.ceph.relay import HttpError, Message, connect, exchange, read_head, split_path
+from xo.ceph.relay import HttpError, Message, SockIO, UpstreamPool, exchange, read_head, split_path
 from xo.engine import HostEngine, ProtocolError, Steering, TargetLink, load_key
 
 log = logging.getLogger("xo.ceph.front")
 
 POLL_S = 0.5
-STAT_CACHE_S = 2.0
+STAT_CACHE_S = 2.0     # a large (or empty) head's size
+SMALL_CACHE_S = 30.0   # a small or missing object's: it is served here either way
+STAT_TIMEOUT_S = 5.0
 ADMIN_TIMEOUT_S = 10.0
 # Sub-resources that make a GET something other than reading object data.
 OBJECT_QUERY_OK = {"x-id", "versionId", "partNumber", "response-content-type",
@@ -64,6 +66,7 @@ class Counters:
     offloaded: int = 0
     offload_failed: int = 0
     small_or_unplaced: int = 0   # below the threshold, or no head / bucket found
+    stats: int = 0               # head objects stat'ed (cache misses)
     unplaced: int = 0            # placed on an OSD whose agent is not up
     returned: int = 0
     per_osd: dict[str, int] = field(default_factory=dict)
@@ -77,7 +80,8 @@ class Front:
         self.engine: HostEngine | None = None
         self.placement: Placement | None = None
         self._rados: Any = None
-        self._local = threading.local()  # per thread: pool -> Ioctx
+        self._ioctxs: dict[str, Any] = {}  # pool -> Ioctx, used on the loop's thread only
+        self.pool: UpstreamPool | None = None
         self._stat_cache: dict[tuple[str, str], tuple[float, int | None]] = {}
         self._links: dict[int, TargetLink] = {}
         self._connecting: set[int] = set()
@@ -113,46 +117,73 @@ class Front:
             raise RuntimeError(f"radosgw-admin {' '.join(args)}: {res.stderr.strip()[-300:]}")
         return res.stdout
 
-    def _head_size(self, pool: str, oid: str, locator: str) -> int | None:
-        import rados
-
-        # An Ioctx keeps the locator as state: one per pool and thread.
-        ioctxs = self._local.__dict__.setdefault("ioctx", {})
-        ioctx = ioctxs.get(pool)
+    async def _head_size(self, pool: str, oid: str, locator: str) -> int | None:
+        """The head object's size (None: no such object) by an asynchronous
+        stat: librados completes it on its own thread, the loop gets the
+        result; no executor thread."""
+        ioctx = self._ioctxs.get(pool)
         if ioctx is None:
-            ioctx = ioctxs[pool] = self._rados.open_ioctx(pool)
+            ioctx = self._ioctxs[pool] = await asyncio.to_thread(self._rados.open_ioctx, pool)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int | None] = loop.create_future()
+
+        def settle(ret: int, size: int | None) -> None:
+            if fut.done():
+                return
+            if ret == -errno.ENOENT:
+                fut.set_result(None)
+            elif ret < 0 or size is None:
+                fut.set_exception(RuntimeError(f"stat {pool}/{oid}: {os.strerror(-ret)}"))
+            else:
+                fut.set_result(int(size))
+
+        def done(completion: Any, size: int | None, _mtime: Any) -> None:
+            loop.call_soon_threadsafe(settle, completion.get_return_value(), size)
+
+        # An Ioctx keeps the locator as state; the operation copies it when
+        # submitted, and only this thread uses these Ioctx objects.
+        ioctx.set_locator_key(locator)
         try:
-            ioctx.set_locator_key(locator)
-            size, _mtime = ioctx.stat(oid)
-        except rados.ObjectNotFound:
-            return None
+            ioctx.aio_stat(oid, done)
         finally:
             ioctx.set_locator_key("")
-        return int(size)
+        return await asyncio.wait_for(fut, STAT_TIMEOUT_S)
 
-    def _decide(self, bucket_name: str, key: str) -> tuple[int, str] | None:
-        """(primary OSD, reason) when the GET is worth handing off, else None
-        (with the reason counted)."""
-        assert self.placement is not None
-        bucket = self.placement.bucket(bucket_name)
+    def _remember_size(self, bucket: str, key: str, size: int | None) -> None:
+        ttl = STAT_CACHE_S if size is not None and (
+            size == 0 or size >= self.fcfg.threshold) else SMALL_CACHE_S
+        if len(self._stat_cache) > 100_000:
+            self._stat_cache.clear()
+        self._stat_cache[(bucket, key)] = (time.monotonic() + ttl, size)
+
+    async def _decide(self, bucket_name: str, key: str) -> tuple[int, str] | None:
+        """(primary OSD, reason) when the GET is worth handing off, else None.
+        Everything is cached (bucket marker, head size, PG primary); only a
+        miss costs a radosgw-admin run or a mon command (on a thread) or an
+        asynchronous stat."""
+        placement = self.placement
+        assert placement is not None
+        bucket = placement.cached_bucket(bucket_name)
         if bucket is None:
-            return None
+            bucket = await asyncio.to_thread(placement.bucket, bucket_name)
+            if bucket is None:
+                return None
         oid, locator = head_object(bucket.marker, key)
-        now = time.monotonic()
         cached = self._stat_cache.get((bucket_name, key))
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             size = cached[1]
         else:
-            size = self._head_size(bucket.data_pool, oid, locator)
-            self._stat_cache[(bucket_name, key)] = (now + STAT_CACHE_S, size)
-            if len(self._stat_cache) > 100_000:
-                self._stat_cache.clear()
+            self.counters.stats += 1
+            size = await self._head_size(bucket.data_pool, oid, locator)
+            self._remember_size(bucket_name, key, size)
         if size is None:
-            self.placement.forget_bucket(bucket_name)  # maybe recreated: new marker
+            placement.forget_bucket(bucket_name)  # maybe recreated: new marker
             return None
         if 0 < size < self.fcfg.threshold:
             return None
-        where = self.placement.primary(bucket.data_pool, oid, locator)
+        where = placement.cached_primary(bucket.data_pool, oid, locator)
+        if where is None:
+            where = await asyncio.to_thread(placement.primary, bucket.data_pool, oid, locator)
         if where is None or where[2] < 0:
             return None
         return where[2], f"pg {where[0]}.{where[1]:x}"
@@ -233,6 +264,7 @@ class Front:
         listener.bind(self.fcfg.listen)
         listener.listen(1024)
         listener.setblocking(False)
+        self.pool = UpstreamPool(*self.fcfg.rgw)
         self._spawn(self._follow_osdmap())
         if self.fcfg.stats:
             self._spawn(self._write_stats())
@@ -256,6 +288,10 @@ class Front:
                 await self.engine.close()
             if steering is not None:
                 steering.close()
+            if self.pool is not None:
+                self.pool.close()
+            for ioctx in self._ioctxs.values():
+                ioctx.close()
             if self._rados is not None:
                 self._rados.shutdown()
 
@@ -275,44 +311,56 @@ class Front:
         return bucket, key
 
     async def handle(self, sock: socket.socket, initial: bytes) -> None:
+        assert self.pool is not None
         buf = bytearray(initial)
-        upstream: socket.socket | None = None
-        sock.setblocking(False)
+        client: SockIO | None = SockIO(sock)
+        upstream: SockIO | None = None
+        reusable = False
         try:
-            while True:
-                req = await read_head(sock, buf)
+            while client is not None:
+                req = await read_head(client, buf)
                 if req is None:
                     return
                 self.counters.requests += 1
                 target = self._offloadable(req)
-                if target is not None and await self._try_offload(sock, buf, req, *target):
-                    return  # the agent owns it (the engine detached our socket)
+                if target is not None and await self._try_offload(client, buf, req, *target):
+                    client = None  # the agent owns it (the engine detached our socket)
+                    return
                 if upstream is None:
-                    upstream = await connect(*self.fcfg.rgw)
-                resp, _ = await exchange(sock, buf, req, upstream)
+                    upstream = await self.pool.get()
+                reusable = False
+                resp, sent = await exchange(client, buf, req, upstream)
                 self.counters.proxied += 1
-                if req.connection_close or resp.connection_close:
+                if target is not None and resp.status == 200 and req.header("range") is None:
+                    self._remember_size(*target, sent)
+                if resp.connection_close:
+                    return
+                reusable = True
+                if req.connection_close:
                     return
         except (HttpError, OSError) as exc:
             log.info("client connection ended: %s", exc)
         finally:
             if upstream is not None:
-                upstream.close()
-            if sock is not None:
-                sock.close()
+                if reusable:
+                    self.pool.put(upstream)
+                else:
+                    upstream.close()
+            if client is not None:
+                client.close()
 
-    async def _try_offload(self, sock: socket.socket, buf: bytearray, req: Message,
+    async def _try_offload(self, client: SockIO, buf: bytearray, req: Message,
                            bucket: str, key: str) -> bool:
         assert self.engine is not None
         cached = self._stat_cache.get((bucket, key))
         if cached is not None and cached[0] > time.monotonic() and (
                 cached[1] is None or 0 < cached[1] < self.fcfg.threshold):
-            # known small or missing: no thread hop, straight to radosgw
+            # known small or missing: straight to radosgw
             self.counters.small_or_unplaced += 1
             return False
         try:
-            decision = await asyncio.to_thread(self._decide, bucket, key)
-        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            decision = await self._decide(bucket, key)
+        except (TimeoutError, RuntimeError, OSError, ValueError, KeyError) as exc:
             log.info("GET %s: not placed: %s", req.target, exc)
             decision = None
         if decision is None:
@@ -323,7 +371,8 @@ class Front:
         if link is None:
             self.counters.unplaced += 1
             return False
-        if await self.engine.offload(sock, req.raw + bytes(buf), link):
+        client.release()
+        if await self.engine.offload(client.sock, req.raw + bytes(buf), link):
             self.counters.offloaded += 1
             self.counters.per_osd[link.name] = self.counters.per_osd.get(link.name, 0) + 1
             log.info("offloaded GET %s to %s (primary of %s)", req.target, link.name, where)
@@ -339,7 +388,8 @@ class Front:
         out: dict[str, Any] = {
             "requests": c.requests, "proxied": c.proxied, "offloaded": c.offloaded,
             "offload_failed": c.offload_failed, "small_or_unplaced": c.small_or_unplaced,
-            "unplaced": c.unplaced,
+            "unplaced": c.unplaced, "stats": c.stats,
+            "upstream_connects": self.pool.connects if self.pool else 0,
             "returned": c.returned, "per_osd": dict(c.per_osd),
             "epoch": self.placement.osdmap.epoch if self.placement and self.placement.osdmap
             else 0,

@@ -186,6 +186,10 @@ class Placement:
             self.osdmap = new
         return changed
 
+    def cached_bucket(self, name: str) -> Bucket | None:
+        with self._lock:
+            return self._buckets.get(name)
+
     def bucket(self, name: str) -> Bucket | None:
         with self._lock:
             got = self._buckets.get(name)
@@ -219,6 +223,18 @@ class Placement:
                 classes = p["val"].get("storage_classes", {})
                 self._zone_pools[p["key"]] = classes.get("STANDARD", {}).get("data_pool", "")
         return self._zone_pools.get(rule, "")
+
+    def cached_primary(self, pool: str, name: str,
+                       locator: str) -> tuple[int, int, int] | None:
+        """As primary(), from the cache only (None on a miss): never blocks."""
+        osdmap = self.osdmap
+        if osdmap is None or pool not in osdmap.pools:
+            return None
+        info = osdmap.pools[pool]
+        seed = pg_of(name, locator, "", info.pg_num)
+        with self._lock:
+            osd = self._primaries.get((info.id, seed))
+        return None if osd is None else (info.id, seed, osd)
 
     def primary(self, pool: str, name: str, locator: str) -> tuple[int, int, int] | None:
         """(pool id, pg seed, acting primary OSD id) of an object, or None."""

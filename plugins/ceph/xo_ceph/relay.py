@@ -28,6 +28,127 @@ class HttpError(Exception):
     """The peer sent something this relay cannot frame."""
 
 
+class SockIO:
+    """A non-blocking socket driven with few system calls: every recv and send
+    is tried first, and only when it would block does the coroutine wait. The
+    read registration stays in the event loop while the connection is busy
+    (it is dropped when it fires with nobody waiting, or by release()), where
+    the loop's sock_recv/sock_sendall register and unregister the descriptor
+    on every call (several epoll_ctl per proxied request)."""
+
+    __slots__ = ("sock", "fd", "loop", "_rfut", "_reading")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = asyncio.get_running_loop()
+        self._rfut: asyncio.Future[None] | None = None
+        self._reading = False
+
+    def _on_readable(self) -> None:
+        fut = self._rfut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        else:  # level-triggered: nobody waits, stop watching
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+
+    async def readable(self) -> None:
+        fut = self._rfut = self.loop.create_future()
+        if not self._reading:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self._reading = True
+        try:
+            await fut
+        finally:
+            self._rfut = None
+
+    async def writable(self) -> None:
+        fut: asyncio.Future[None] = self.loop.create_future()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        self.loop.add_writer(self.fd, ready)
+        try:
+            await fut
+        finally:
+            self.loop.remove_writer(self.fd)
+
+    def release(self) -> None:
+        """Leave the event loop (before the socket is handed over or closed)."""
+        if self._reading:
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+
+    def close(self) -> None:
+        self.release()
+        self.sock.close()
+
+    async def recv(self, size: int) -> bytes:
+        while True:
+            try:
+                return self.sock.recv(size)
+            except (BlockingIOError, InterruptedError):
+                await self.readable()
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while True:
+            try:
+                sent = self.sock.send(view)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            if sent == len(view):
+                return
+            view = view[sent:]
+            await self.writable()
+
+    def idle_alive(self) -> bool:
+        """True if an idle keep-alive connection is still open and silent."""
+        try:
+            got = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        del got  # EOF (b"") or stray bytes: not reusable
+        return False
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one radosgw, shared by all client
+    connections (a handed-back connection or a new client does not pay a
+    TCP handshake and a radosgw accept)."""
+
+    def __init__(self, ip: str, port: int, max_idle: int = 64) -> None:
+        self.ip, self.port, self.max_idle = ip, port, max_idle
+        self._idle: list[SockIO] = []
+        self.connects = 0
+
+    async def get(self) -> SockIO:
+        while self._idle:
+            io = self._idle.pop()
+            if io.idle_alive():
+                return io
+            io.close()
+        self.connects += 1
+        return SockIO(await connect(self.ip, self.port))
+
+    def put(self, io: SockIO) -> None:
+        if len(self._idle) < self.max_idle:
+            self._idle.append(io)
+        else:
+            io.close()
+
+    def close(self) -> None:
+        for io in self._idle:
+            io.close()
+        self._idle.clear()
+
+
 @dataclass
 class Message:
     raw: bytes                  # the head, CRLFCRLF included
@@ -121,20 +242,26 @@ def parse_head(raw: bytes) -> Message:
 
 def split_path(target: str) -> tuple[str, str, str]:
     """(bucket, key, query) of a path-style S3 request target."""
-    parts = urllib.parse.urlsplit(target)
-    path = urllib.parse.unquote(parts.path)
+    if not target.startswith("/"):  # absolute form
+        parts = urllib.parse.urlsplit(target)
+        path, query = parts.path, parts.query
+    else:
+        path, _, query = target.partition("?")
+        query = query.partition("#")[0]
+    if "%" in path:
+        path = urllib.parse.unquote(path)
     bucket, _, key = path.lstrip("/").partition("/")
-    return bucket, key, parts.query
+    return bucket, key, query
 
 
-async def recv_some(sock: socket.socket, buf: bytearray, size: int = CHUNK) -> bool:
-    chunk = await asyncio.get_running_loop().sock_recv(sock, size)
+async def recv_some(io: SockIO, buf: bytearray, size: int = CHUNK) -> bool:
+    chunk = await io.recv(size)
     buf += chunk
     return bool(chunk)
 
 
-async def read_head(sock: socket.socket, buf: bytearray) -> Message | None:
-    """The next message head from buf + sock; None at a clean EOF before it."""
+async def read_head(io: SockIO, buf: bytearray) -> Message | None:
+    """The next message head from buf + io; None at a clean EOF before it."""
     while True:
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
@@ -143,26 +270,21 @@ async def read_head(sock: socket.socket, buf: bytearray) -> Message | None:
             return parse_head(raw)
         if len(buf) > MAX_HEAD:
             raise HttpError("message head too large")
-        if not await recv_some(sock, buf):
+        if not await recv_some(io, buf, MAX_HEAD):
             if buf:
                 raise HttpError("connection closed inside a message head")
             return None
 
 
-async def read_head_exact(sock: socket.socket) -> Message:
+async def read_head_exact(io: SockIO) -> Message:
     """A response head read without taking a byte of its body off the socket
     (peek, then receive exactly the head), so the body can be spliced."""
-    loop = asyncio.get_running_loop()
+    sock = io.sock
     while True:
-        fut: asyncio.Future[None] = loop.create_future()
         try:
             peek = sock.recv(MAX_HEAD, socket.MSG_PEEK)
-        except BlockingIOError:
-            loop.add_reader(sock.fileno(), fut.set_result, None)
-            try:
-                await fut
-            finally:
-                loop.remove_reader(sock.fileno())
+        except (BlockingIOError, InterruptedError):
+            await io.readable()
             continue
         if not peek:
             raise HttpError("upstream closed before a response")
@@ -176,22 +298,24 @@ async def read_head_exact(sock: socket.socket) -> Message:
         await asyncio.sleep(0.0002)
 
 
-async def _pass_exact(src: socket.socket, dst: socket.socket, buf: bytearray, n: int) -> int:
+async def _pass_exact(src: SockIO, dst: SockIO, buf: bytearray, n: int) -> int:
     """Move exactly n bytes (buf first, then src) to dst; returns n."""
-    loop = asyncio.get_running_loop()
     left = n
     while left > 0:
         if not buf and not await recv_some(src, buf, min(CHUNK, left)):
             raise HttpError("connection closed inside a message body")
         take = min(left, len(buf))
-        await loop.sock_sendall(dst, bytes(buf[:take]))
-        del buf[:take]
+        if take == len(buf):
+            await dst.sendall(buf)
+            buf.clear()
+        else:
+            await dst.sendall(memoryview(buf)[:take])
+            del buf[:take]
         left -= take
     return n
 
 
-async def _pass_line(src: socket.socket, dst: socket.socket, buf: bytearray) -> bytes:
-    loop = asyncio.get_running_loop()
+async def _pass_line(src: SockIO, dst: SockIO, buf: bytearray) -> bytes:
     while (end := buf.find(b"\r\n")) < 0:
         if len(buf) > MAX_HEAD:
             raise HttpError("chunk line too long")
@@ -199,11 +323,11 @@ async def _pass_line(src: socket.socket, dst: socket.socket, buf: bytearray) -> 
             raise HttpError("connection closed inside a chunked body")
     line = bytes(buf[:end + 2])
     del buf[:end + 2]
-    await loop.sock_sendall(dst, line)
+    await dst.sendall(line)
     return line
 
 
-async def _pass_chunked(src: socket.socket, dst: socket.socket, buf: bytearray) -> int:
+async def _pass_chunked(src: SockIO, dst: SockIO, buf: bytearray) -> int:
     total = 0
     while True:
         line = await _pass_line(src, dst, buf)
@@ -219,7 +343,7 @@ async def _pass_chunked(src: socket.socket, dst: socket.socket, buf: bytearray) 
         await _pass_exact(src, dst, buf, 2)
 
 
-async def pass_body(src: socket.socket, dst: socket.socket, buf: bytearray,
+async def pass_body(src: SockIO, dst: SockIO, buf: bytearray,
                     framing: tuple[str, int]) -> int:
     """Relay one message body from src (buf holds bytes already read) to dst,
     byte for byte; returns its length (of the payload for chunked)."""
@@ -231,36 +355,14 @@ async def pass_body(src: socket.socket, dst: socket.socket, buf: bytearray,
     if kind == "chunked":
         return await _pass_chunked(src, dst, buf)
     # until close
-    loop = asyncio.get_running_loop()
     total = 0
     while True:
         if buf:
             total += len(buf)
-            await loop.sock_sendall(dst, bytes(buf))
+            await dst.sendall(buf)
             buf.clear()
         if not await recv_some(src, buf):
             return total
-
-
-async def _wait_fd(fd: int, write: bool) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    if write:
-        loop.add_writer(fd, ready)
-    else:
-        loop.add_reader(fd, ready)
-    try:
-        await fut
-    finally:
-        if write:
-            loop.remove_writer(fd)
-        else:
-            loop.remove_reader(fd)
 
 
 class Splicer:
@@ -278,7 +380,7 @@ class Splicer:
         os.close(self.r)
         os.close(self.w)
 
-    async def move(self, src: socket.socket, dst: socket.socket, n: int) -> int:
+    async def move(self, src: SockIO, dst: SockIO, n: int) -> int:
         """Exactly n bytes from src to dst through the kernel."""
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
         left, in_pipe = n, 0
@@ -286,7 +388,7 @@ class Splicer:
             moved = False
             if left > 0 and in_pipe < self.size:
                 try:
-                    k = os.splice(src.fileno(), self.w, min(left, self.size - in_pipe),
+                    k = os.splice(src.fd, self.w, min(left, self.size - in_pipe),
                                   flags=flags)
                 except BlockingIOError:
                     pass
@@ -298,7 +400,7 @@ class Splicer:
                     moved = True
             if in_pipe > 0:
                 try:
-                    k = os.splice(self.r, dst.fileno(), in_pipe, flags=flags)
+                    k = os.splice(self.r, dst.fd, in_pipe, flags=flags)
                 except BlockingIOError:
                     pass
                 else:
@@ -306,29 +408,22 @@ class Splicer:
                     moved = True
             if not moved:
                 if in_pipe > 0 and (left == 0 or in_pipe >= self.size):
-                    await _wait_fd(dst.fileno(), write=True)
+                    await dst.writable()
                 elif in_pipe == 0:
-                    await _wait_fd(src.fileno(), write=False)
+                    await src.readable()
                 else:
-                    await _wait_either(src.fileno(), dst.fileno())
+                    await _wait_either(src, dst)
         return n
 
 
-async def _wait_either(rfd: int, wfd: int) -> None:
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[None] = loop.create_future()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(rfd, ready)
-    loop.add_writer(wfd, ready)
+async def _wait_either(src: SockIO, dst: SockIO) -> None:
+    waits = [asyncio.ensure_future(src.readable()), asyncio.ensure_future(dst.writable())]
     try:
-        await fut
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        loop.remove_reader(rfd)
-        loop.remove_writer(wfd)
+        for w in waits:
+            w.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
 
 
 async def connect(ip: str, port: int) -> socket.socket:
@@ -343,18 +438,19 @@ async def connect(ip: str, port: int) -> socket.socket:
     return sock
 
 
-async def exchange(client: socket.socket, cbuf: bytearray, req: Message,
-                   upstream: socket.socket, *, splicer: Splicer | None = None) -> tuple[
+async def exchange(client: SockIO, cbuf: bytearray, req: Message,
+                   upstream: SockIO, *, splicer: Splicer | None = None) -> tuple[
                        Message, int]:
     """One request/response through upstream: the request head (already read
     from the client) and its body go up, interim (1xx) and final response
     come back. Returns the final response head and its body length. The
     request body is sent concurrently with reading the response, so a
-    client waiting for `100 Continue` is served as radosgw would."""
-    loop = asyncio.get_running_loop()
-    await loop.sock_sendall(upstream, req.raw)
+    client waiting for `100 Continue` is served as radosgw would. A final
+    response head goes to the client together with the body bytes that came
+    with it (one send for a small object)."""
     framing = req.body_framing()
     body_task: asyncio.Task[int] | None = None
+    await upstream.sendall(req.raw)
     if framing[0] != "none":
         body_task = asyncio.ensure_future(pass_body(client, upstream, cbuf, framing))
     ubuf = bytearray()
@@ -367,14 +463,24 @@ async def exchange(client: socket.socket, cbuf: bytearray, req: Message,
                 if got is None:
                     raise HttpError("upstream closed before a response")
                 resp = got
-            await loop.sock_sendall(client, resp.raw)
             if 100 <= resp.status < 200 and resp.status != 101:
+                await client.sendall(resp.raw)
                 continue
             break
         rframing = resp.response_framing(req.method)
         if splicer is not None and rframing[0] == "length":
+            await client.sendall(resp.raw)
             sent = await splicer.move(upstream, client, rframing[1])
+        elif rframing[0] == "length":
+            n = rframing[1]
+            take = min(n, len(ubuf))
+            out = resp.raw + ubuf[:take] if take else resp.raw
+            del ubuf[:take]
+            await client.sendall(out)
+            sent = take + (await _pass_exact(upstream, client, ubuf, n - take)
+                           if n > take else 0)
         else:
+            await client.sendall(resp.raw)
             sent = await pass_body(upstream, client, ubuf, rframing)
         if body_task is not None:
             if not body_task.done():

@@ -72,6 +72,11 @@ def _bench_latency(args: argparse.Namespace) -> int:
 
 def _bench_s3(args: argparse.Namespace) -> int:
     require_bench_extra("s3")
+    import shutil
+
+    if args.client == "wrk" and shutil.which("wrk") is None:
+        raise MissingPartError("`xo bench s3 --client wrk` needs wrk (apt-get install wrk; "
+                               "ci/install.sh does), or use --client boto3")
     from xo.ceph import bench
 
     return bench.main(args)
@@ -151,10 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     s3.add_argument("--rate", default="500mbit", help="front and OSD host link rate")
     s3.add_argument("--sizes", default="4k,256k,1m,4m,16m,64m",
                     help="object sizes, comma-separated (k, m suffixes)")
-    s3.add_argument("--objects", type=int, default=8, help="objects per size")
-    s3.add_argument("--concurrency", type=int, default=4, help="client connections")
+    s3.add_argument("--objects", type=int, default=16, help="objects per size")
+    s3.add_argument("--concurrency", type=int, default=8, help="client connections")
     s3.add_argument("--seconds", type=float, default=5.0, help="per size and mode")
-    s3.add_argument("--dist", choices=["uniform", "zipf"], default="uniform")
+    s3.add_argument("--dist", choices=["uniform", "zipf"], default="uniform",
+                    help="key choice: uniform, or Zipf with exponent --zipf")
+    s3.add_argument("--client", choices=["wrk", "boto3"], default="wrk",
+                    help="load generator: wrk (presigned URLs) or boto3 (sha256 of every body)")
+    s3.add_argument("--pool", choices=["replicated", "ec"], default="replicated",
+                    help="data pool of the bench bucket (ec: k=2, m=1)")
     s3.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent")
     s3.add_argument("--threshold", type=int, default=1 << 20,
                     help="XO front: offload GETs of objects at least this big")
