@@ -31,7 +31,9 @@ if [ ! -x .venv/bin/python ]; then
 	echo "[xo install] creating .venv"
 	/usr/bin/python3 -m venv --system-site-packages .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi
+# jaraco.functools: the venv sees Debian's 3.5 (system site packages), which
+# lacks what current setuptools imports (splat); a newer copy in the venv wins.
+.venv/bin/python -m pip install -q --upgrade pip setuptools wheel cffi "jaraco.functools>=4"
 echo "[xo install] building and installing xo (editable)"
 .venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]'
 echo "[xo install] full-kernel lane: kernel package (cached)"
