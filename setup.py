@@ -47,7 +47,7 @@ setup(
     package_dir={
         "xo": "xo_core/python/xo",
     },
-    packages=["xo", "xo.data"],  # data/: the compiled eBPF objects
+    packages=["xo", "xo.lab", "xo.data"],  # data/: the compiled eBPF objects
     package_data={"xo": ["data/*.bpf.o"]},
     cffi_modules=["xo_core/python/xo/_build_cffi.py:ffibuilder"],
 )
