@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netns_tools import sha256, snmp_tcp
+from xo import http1
 from xo.demo import RefAppCluster
 from xo.lab import PIN_ROOT, Lab, in_netns
 from xo.refapp import HTTP_PORT
@@ -169,6 +170,7 @@ class AsyncHTTPClient:
         self.testbed = testbed
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.rest = bytearray()  # bytes received after the last response
         self.local_port = 0
 
     async def connect(self) -> None:
@@ -181,19 +183,10 @@ class AsyncHTTPClient:
 
     async def get(self, path: str) -> Reply:
         assert self.reader is not None and self.writer is not None
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.testbed.host.ipv4}\r\n"
-                          "\r\n".encode())
+        self.writer.write(http1.get_request(path, self.testbed.host.ipv4))
         await self.writer.drain()
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        return Reply(status, headers, body)
+        response = await http1.recv_response_async(self.reader.read, self.rest)
+        return Reply(response.status, response.headers, response.body)
 
     async def close(self) -> None:
         if self.writer is not None:
