@@ -94,6 +94,7 @@ from xo.lab.namespaces import (
     run,
     scoped_namespaces,
     set_master,
+    set_up,
 )
 
 __all__ = [
@@ -109,5 +110,5 @@ __all__ = [
     "format_rate", "in_netns", "lab", "lab_in_use", "lab_state_path", "lab_status",
     "link_info", "list_labs", "main", "member_ifname", "member_netns", "move_link",
     "netns_exists", "scoped_namespaces", "parse_rate", "popen", "port_ifname", "prepare_xdp_tx",
-    "remove_netns", "run", "set_master", "target_member_name", "up", "validate_lab_name",
+    "remove_netns", "run", "set_master", "set_up", "target_member_name", "up", "validate_lab_name",
 ]

@@ -294,6 +294,14 @@ def set_master(ns: str, ifname: str, bridge: str) -> None:
                  state="up")
 
 
+def set_up(ns: str, ifname: str) -> int:
+    """Set link `ifname` in `ns` up; returns its ifindex."""
+    with iproute_in(ns) as ipr:
+        index = link_index(ipr, ifname)
+        ipr.link("set", index=index, state="up")
+    return index
+
+
 def add_addresses(ns: str, ifname: str, addresses: Iterable[str], *,
                   up: bool = True) -> int:
     """Add "address/prefix" entries to link `ifname` in `ns` (IPv6 without
