@@ -84,7 +84,7 @@ def fault_cluster(name: str, crash_at: dict[str, str] | None = None) -> Iterator
     assert set(left) <= allowed, f"pin directories left by members stopped normally: {left}"
 
 
-def wait_exit(apps: RefAppCluster, member: str, timeout: float = 5.0) -> int:
+def wait_exit(apps: RefAppCluster, member: str, timeout: float = 30.0) -> int:
     proc = apps.procs[member]
     wait_for(lambda: proc.poll() is not None, f"{member} to exit", timeout)
     return int(proc.returncode)
@@ -190,7 +190,7 @@ class LogWatch:
             f.seek(self.offset)
             return f.read().decode(errors="replace")
 
-    def wait_line(self, *needles: str, timeout: float = 5.0) -> str:
+    def wait_line(self, *needles: str, timeout: float = 30.0) -> str:
         """The first new line containing every needle."""
         found: list[str] = []
 

@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from netns_tools import sha256, snmp_tcp
+from netns_tools import sha256, snmp_tcp, wait_for
 from xo import http1
+from xo.core import Endpoint
 from xo.demo import RefAppCluster
 from xo.lab import PIN_ROOT, Lab, in_netns
 from xo.refapp import HTTP_PORT
@@ -112,6 +113,34 @@ def served_lines(apps: RefAppCluster, member: str) -> list[str]:
     if not log.exists():
         return []
     return [line for line in log.read_text().splitlines() if re.search(r" served ", line)]
+
+
+def client_tag(ip: str) -> str:
+    """How a target's "served" log line names a client of this address."""
+    return f"client={Endpoint(ip, 0)}".removesuffix("0")
+
+
+def peer_sockets(testbed: Lab, member: str, ip: str) -> list[str]:
+    """ss lines (state local peer) of the member's TCP sockets whose peer is ip
+    (IPv6 peers are printed as [addr]:port)."""
+    tag = f"[{ip}]" if ":" in ip else ip
+    return [f"{s.state} {s.local} {s.peer}" for s in tcp_sockets(testbed, member)
+            if s.peer.rsplit(":", 1)[0] == tag]
+
+
+def assert_nothing_left(apps: RefAppCluster, targets: list[str]) -> None:
+    """No rule in any steering map, no offloaded connection, and no socket
+    towards the client (either address) on the host or the targets."""
+    testbed = apps.testbed
+    wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty")
+    wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "no offloaded conns")
+    for target in targets:
+        wait_for(lambda t=target: steering_entries(testbed, t) == 0,  # type: ignore[misc]
+                 f"{target} steering map to empty")
+    for member in ["host", *targets]:
+        for ip in (testbed.client.ipv4, testbed.client.ipv6):
+            wait_for(lambda m=member, a=ip: not peer_sockets(testbed, m, a),  # type: ignore[misc]
+                     f"{member}: sockets to the client's {ip} to go")
 
 
 # ---- clients in the client namespace ----------------------------------------

@@ -45,8 +45,10 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0,
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0,
              interval: float = 0.02) -> None:
+    """Poll until cond() holds. The timeout only turns a hang into a failure
+    (generous: the machine is shared), it is never what a test judges by."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:

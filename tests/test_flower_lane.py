@@ -176,7 +176,7 @@ def filter_flow(flt: dict[str, object]) -> tuple[str, int]:
     return str(keys["src_ip"]), int(keys["src_port"])
 
 
-def wait_for(cond: object, what: str, timeout: float = 10.0) -> None:
+def wait_for(cond: object, what: str, timeout: float = 30.0) -> None:
     assert callable(cond)
     deadline = time.monotonic() + timeout
     while not cond():
