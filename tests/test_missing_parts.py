@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Namespaces of the labs `xo bench handoff` and `xo bench lab` bring up
-# (xo.bench_handoff, xo.bench_lab: lab names bh<driver><n>, bl<mode><n>).
-BENCH_LAB_NETNS = re.compile(r"^xo-b[hl][a-z]+\d+-")
+# (xo.bench_handoff, xo.bench_lab: lab names bh<driver><4 hex>, bl<mode><4 hex>).
+BENCH_LAB_NETNS = re.compile(r"^xo-b[hl][a-z]+[0-9a-f]{4}-")
 
 BLOCK_MATPLOTLIB = """
 import sys

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -76,7 +77,7 @@ def run_clients(testbed: xolab.Lab, connections: int, seconds: float, path: str)
 
 def measure(mode: str, targets: int, rate: str, connections: int, seconds: float,
             path: str) -> dict[str, Any]:
-    name = f"bl{mode[0]}{os.getpid() % 10000}"
+    name = f"bl{mode[0]}{secrets.token_hex(2)}"  # unique per run
     with cluster(targets=targets, name=name, rate=rate, mode=mode) as apps:
         pid = apps.procs["host"].pid
         run_clients(apps.testbed, connections, 1.0, path)  # warm-up

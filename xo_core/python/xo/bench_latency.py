@@ -12,6 +12,7 @@ and after each series: a handoff that dropped a client segment shows there
 
 from __future__ import annotations
 
+import secrets
 import socket
 import statistics
 import time
@@ -79,7 +80,7 @@ def run(count: int = 1000, rate: str | None = None, driver: str = "py") -> dict[
                               "modes": {}}
     with Progress(transient=True) as progress:
         for mode in MODES:
-            name = f"bl{mode[0]}{time.time_ns() % 10000}"
+            name = f"bl{mode[0]}{secrets.token_hex(2)}"  # unique per run
             drivers = {"*": driver} if mode == "xo" else {}
             with cluster(targets=2, name=name, rate=rate, mode=mode, drivers=drivers) as apps:
                 ns = apps.testbed.client.netns
