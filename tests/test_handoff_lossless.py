@@ -51,6 +51,11 @@ def http_client_requests(apps: RefAppCluster, names: list[str]) -> Counter[str]:
             assert sha256(body) == digests[name], f"request {i} ({name})"
             served[resp.getheader("X-Served-By") or "?"] += 1
         assert conn.connects == 1
+        # Close only once the connection is back on the host: a client that
+        # closes while a target still serves it (the target may wait for the
+        # last response's ACKs before handing back) ends the flow there.
+        wait_for(lambda: apps.host_stats()["offloaded_now"] == 0,
+                 "the connection to come back to the host")
     finally:
         conn.close()
     return served
@@ -79,15 +84,10 @@ def test_keepalive_handoffs_cost_the_client_no_retransmission(tmp_path: Path, dr
         assert set(served) <= {"t0", "t1"}, served
         after = client_loss_counters(ns)
         assert after == before, f"the client had to resend: {before} -> {after}"
-        # The last hand-back may still be on its way (a target waits for the
-        # response to be acknowledged first): wait for the event, then judge.
-        wait_for(lambda: apps.host_stats()["returns"] == len(names), "the last hand-back")
         stats = apps.host_stats()
         assert stats["offloads"] == stats["returns"] == len(names), stats
         assert stats["rollbacks"] == 0, stats
-        parks = park_counts(apps)
-        assert parks["parked"] > 0, "no client frame met a handoff: the test proves nothing"
-        assert parks["park_overflow"] == 0, parks
+        assert park_counts(apps)["park_overflow"] == 0
         # curl too, every byte and no reset. Known gap (docs/benchmarks.md):
         # curl sometimes shows one tail-loss probe per run, which the
         # http.client runs above never do; its counters are printed, not held.
@@ -98,6 +98,12 @@ def test_keepalive_handoffs_cost_the_client_no_retransmission(tmp_path: Path, dr
         final = client_loss_counters(ns)
         assert final["TcpEstabResets"] == before["TcpEstabResets"]
         print("curl:", {k: final[k] - after[k] for k in final})
+        # Which frames meet a handoff is up to timing (a next request, ACKs,
+        # the closing FIN): over both runs some must have, or the test proved
+        # nothing; none may have overflowed the park.
+        parks = park_counts(apps)
+        assert parks["parked"] > 0, "no client frame met a handoff: the test proves nothing"
+        assert parks["park_overflow"] == 0, parks
 
 
 @pytest.mark.parametrize("rate", [None, "200mbit"], ids=["unlimited", "200mbit"])
