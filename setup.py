@@ -49,7 +49,7 @@ setup(
         # The Ceph plugin's Python side lives with the plugin (plugins/ceph/README.md).
         "xo.ceph": "plugins/ceph/xo_ceph",
     },
-    packages=["xo", "xo.data", "xo.ceph"],  # data/: the compiled eBPF objects
+    packages=["xo", "xo.lab", "xo.data", "xo.ceph"],  # data/: the compiled eBPF objects
     package_data={"xo": ["data/*.bpf.o"]},
     cffi_modules=["xo_core/python/xo/_build_cffi.py:ffibuilder"],
 )

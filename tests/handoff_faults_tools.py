@@ -20,7 +20,7 @@ from pathlib import Path
 
 from handoff_tools import member_steer
 from netns_tools import sha256, wait_for
-from xo import core
+from xo import core, http1
 from xo.core import Channel, Endpoint, Message, MsgType, TcpState
 from xo.demo import RefAppCluster, cluster
 from xo.engine import DEFAULT_CONTROL_PORT
@@ -84,7 +84,7 @@ def fault_cluster(name: str, crash_at: dict[str, str] | None = None) -> Iterator
     assert set(left) <= allowed, f"pin directories left by members stopped normally: {left}"
 
 
-def wait_exit(apps: RefAppCluster, member: str, timeout: float = 5.0) -> int:
+def wait_exit(apps: RefAppCluster, member: str, timeout: float = 30.0) -> int:
     proc = apps.procs[member]
     wait_for(lambda: proc.poll() is not None, f"{member} to exit", timeout)
     return int(proc.returncode)
@@ -132,25 +132,13 @@ def client_connect(apps: RefAppCluster) -> socket.socket:
 
 
 def read_response(sock: socket.socket) -> tuple[dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length: (lower-cased headers, body)."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError(f"connection closed inside a response head: {buf!r}")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip()
-               for k, _, v in (line.partition(":") for line in lines[1:])}
-    headers[":status"] = lines[0].split(" ")[1]
-    length = int(headers["content-length"])
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise AssertionError("connection closed inside a response body")
-        body += chunk
-    return headers, body
+    """One HTTP/1.1 response (xo.http1): lower-cased headers with the status
+    as ":status", and the body."""
+    try:
+        response = http1.recv_response(sock, bytearray())
+    except http1.HTTPError as exc:
+        raise AssertionError(f"bad response: {exc}") from exc
+    return {**response.headers, ":status": str(response.status)}, response.body
 
 
 def get_and_hand_back(apps: RefAppCluster, name: str) -> tuple[dict[str, str], bytes]:
@@ -159,7 +147,7 @@ def get_and_hand_back(apps: RefAppCluster, name: str) -> tuple[dict[str, str], b
     the client's FIN and keeps a closed flow's rewrite for CLOSED_TTL_S)."""
     returns = int(apps.host_stats()["returns"])
     with client_connect(apps) as sock:
-        sock.sendall(f"GET /{name} HTTP/1.1\r\nHost: xo\r\n\r\n".encode())
+        sock.sendall(http1.get_request(f"/{name}"))
         headers, body = read_response(sock)
         if headers.get("x-served-by") != "host":
             wait_for(lambda: int(apps.host_stats()["returns"]) > returns,
@@ -202,7 +190,7 @@ class LogWatch:
             f.seek(self.offset)
             return f.read().decode(errors="replace")
 
-    def wait_line(self, *needles: str, timeout: float = 5.0) -> str:
+    def wait_line(self, *needles: str, timeout: float = 30.0) -> str:
         """The first new line containing every needle."""
         found: list[str] = []
 

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from netns_tools import sha256, snmp_tcp
+from netns_tools import sha256, snmp_tcp, wait_for
+from xo import http1
+from xo.core import Endpoint
 from xo.demo import RefAppCluster
 from xo.lab import PIN_ROOT, Lab, in_netns
 from xo.refapp import HTTP_PORT
@@ -113,6 +115,34 @@ def served_lines(apps: RefAppCluster, member: str) -> list[str]:
     return [line for line in log.read_text().splitlines() if re.search(r" served ", line)]
 
 
+def client_tag(ip: str) -> str:
+    """How a target's "served" log line names a client of this address."""
+    return f"client={Endpoint(ip, 0)}".removesuffix("0")
+
+
+def peer_sockets(testbed: Lab, member: str, ip: str) -> list[str]:
+    """ss lines (state local peer) of the member's TCP sockets whose peer is ip
+    (IPv6 peers are printed as [addr]:port)."""
+    tag = f"[{ip}]" if ":" in ip else ip
+    return [f"{s.state} {s.local} {s.peer}" for s in tcp_sockets(testbed, member)
+            if s.peer.rsplit(":", 1)[0] == tag]
+
+
+def assert_nothing_left(apps: RefAppCluster, targets: list[str]) -> None:
+    """No rule in any steering map, no offloaded connection, and no socket
+    towards the client (either address) on the host or the targets."""
+    testbed = apps.testbed
+    wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty")
+    wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "no offloaded conns")
+    for target in targets:
+        wait_for(lambda t=target: steering_entries(testbed, t) == 0,  # type: ignore[misc]
+                 f"{target} steering map to empty")
+    for member in ["host", *targets]:
+        for ip in (testbed.client.ipv4, testbed.client.ipv6):
+            wait_for(lambda m=member, a=ip: not peer_sockets(testbed, m, a),  # type: ignore[misc]
+                     f"{member}: sockets to the client's {ip} to go")
+
+
 # ---- clients in the client namespace ----------------------------------------
 
 
@@ -169,6 +199,7 @@ class AsyncHTTPClient:
         self.testbed = testbed
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.rest = bytearray()  # bytes received after the last response
         self.local_port = 0
 
     async def connect(self) -> None:
@@ -181,19 +212,10 @@ class AsyncHTTPClient:
 
     async def get(self, path: str) -> Reply:
         assert self.reader is not None and self.writer is not None
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.testbed.host.ipv4}\r\n"
-                          "\r\n".encode())
+        self.writer.write(http1.get_request(path, self.testbed.host.ipv4))
         await self.writer.drain()
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        body = await self.reader.readexactly(int(headers.get("content-length", "0")))
-        return Reply(status, headers, body)
+        response = await http1.recv_response_async(self.reader.read, self.rest)
+        return Reply(response.status, response.headers, response.body)
 
     async def close(self) -> None:
         if self.writer is not None:

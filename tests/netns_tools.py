@@ -3,8 +3,10 @@
 The lab (xo.lab) is the full client/host/targets topology; these tests need
 something narrower: a peer and one or two "host" namespaces joined by a
 single veth that can be moved between the host namespaces, so a restored
-socket can live in another namespace with the same address. Everything is
-named ``xo-t<random>-*`` and removed in ``close()``.
+socket can live in another namespace with the same address. It is made with
+the lab's namespace helpers (xo.lab.namespaces, the one place namespaces and
+links are made). Everything is named ``xo-t<random>-*`` and removed in
+``close()``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from xo.lab import in_netns
+from xo.lab import add_addresses, add_veth, create_netns, in_netns, move_link, remove_netns
 
 PEER_V4, HOST_V4 = "198.18.1.1", "198.18.1.2"
 PEER_V6, HOST_V6 = "2001:2:0:1::1", "2001:2:0:1::2"
@@ -43,8 +45,10 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0,
+def wait_for(cond: Callable[[], bool], what: str, timeout: float = 30.0,
              interval: float = 0.02) -> None:
+    """Poll until cond() holds. The timeout only turns a hang into a failure
+    (generous: the machine is shared), it is never what a test judges by."""
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -111,20 +115,13 @@ class VethPair:
 
     def _build(self) -> None:
         for ns in (self.peer_ns, *self.ns.values()):
-            ip("netns", "add", ns)
-            ip("-n", ns, "link", "set", "lo", "up")
-            for key, value in self.sysctls.items():
-                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"],
-                               check=True)
-        ip("-n", self.peer_ns, "link", "add", self.peer_if, "type", "veth",
-           "peer", "name", self.host_if, "netns", self.ns["a"])
+            create_netns(ns, self.sysctls)
+        add_veth(self.peer_ns, self.peer_if, self.ns["a"], self.host_if, up=False)
         self._configure(self.peer_ns, self.peer_if, PEER_V4, PEER_V6)
         self._configure(self.ns["a"], self.host_if, HOST_V4, HOST_V6)
 
     def _configure(self, ns: str, ifname: str, v4: str, v6: str) -> None:
-        ip("-n", ns, "addr", "add", f"{v4}/24", "dev", ifname)
-        ip("-n", ns, "addr", "add", f"{v6}/64", "dev", ifname, "nodad")
-        ip("-n", ns, "link", "set", ifname, "up")
+        add_addresses(ns, ifname, [f"{v4}/24", f"{v6}/64"])
         # A 10 ms minimum RTO keeps a packet dropped during a handoff from
         # stalling the test for the default 200 ms.
         ip("-n", ns, "route", "replace", "198.18.1.0/24", "dev", ifname, "rto_min", "10ms")
@@ -133,7 +130,7 @@ class VethPair:
 
     def move_host_link(self, to: str) -> None:
         """Move the host end of the veth (with its addresses) to namespace `to`."""
-        ip("-n", self.host_ns, "link", "set", self.host_if, "netns", self.ns[to])
+        move_link(self.host_ns, self.host_if, self.ns[to])
         self.location = to
         self._configure(self.host_ns, self.host_if, HOST_V4, HOST_V6)
 
@@ -160,7 +157,7 @@ class VethPair:
 
     def close(self) -> None:
         for ns in (self.peer_ns, *self.ns.values()):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            remove_netns(ns)
 
 
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # linux/socket.h; Python does not name them

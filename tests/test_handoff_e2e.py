@@ -9,6 +9,9 @@ the host interface's transmitted bytes (DSR: the host relays no response
 bytes), the client namespace's RST counters, and that nothing is left behind
 (steering map entries, fds, sockets).
 
+The curl keep-alive test for every family, ingress path and driver mix is
+test_handoff_keepalive.py.
+
 Every test ends its connections with ``GET /_xo/stats``, which the host serves
 itself: by then the connection has been handed back, so the client's close
 happens on the host. (A client that closes while its connection sits on a
@@ -38,77 +41,17 @@ from handoff_tools import (
     fd_count,
     lab_name,
     rst_counters,
-    served_lines,
     sockets_with_peer,
     steering_entries,
 )
 from netns_tools import sha256, wait_for
-from xo.demo import cluster, iface_tx_bytes
+from xo.demo import cluster
 from xo.lab import Lab, in_netns
 from xo.refapp import HTTP_PORT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 FILES = ["small.bin", "medium.bin", "large.bin"]
-
-
-@pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
-def test_curl_keepalive_connection_moves_between_targets(tmp_path: Path, drivers: str) -> None:
-    """~100 requests on ONE curl keep-alive connection: every response is
-    served by a target directly (DSR), the connection goes host -> t0 -> host
-    -> t1 ..., and the client never sees a reset."""
-    requests = 99  # 33 of each size
-    with cluster(targets=2, name=lab_name("c"),
-                 drivers=DRIVER_MIXES[drivers]) as apps:
-        digests = docroot_digests(apps)
-        names = [FILES[i % len(FILES)] for i in range(requests)]
-        rst_before = rst_counters(apps.testbed)
-        tx_before = iface_tx_bytes(apps.testbed, "host")
-        rows = curl_many(apps.testbed, apps.url, [f"/{n}" for n in names] + ["/_xo/stats"],
-                         tmp_path / "out")
-        tx_after = iface_tx_bytes(apps.testbed, "host")
-        rst_after = rst_counters(apps.testbed)
-
-        # One connection for everything.
-        assert [r["connects"] for r in rows] == ["1"] + ["0"] * requests
-        assert len({r["local_port"] for r in rows}) == 1
-
-        total = 0
-        served_by: Counter[str] = Counter()
-        for i, (name, row) in enumerate(zip(names, rows, strict=False)):
-            body = Path(row["file"]).read_bytes()
-            assert row["status"] == "200", f"request {i} ({name}): {row}"
-            assert sha256(body) == digests[name], f"request {i} ({name}): body differs"
-            total += len(body)
-            served_by[row["served_by"]] += 1
-        assert set(served_by) == {"t0", "t1"}, served_by
-        assert min(served_by.values()) >= requests // 4, served_by
-
-        # The stats request came last, on the same connection, after the last
-        # hand-back: every handoff out came back.
-        stats = json.loads(Path(rows[-1]["file"]).read_bytes())
-        assert rows[-1]["served_by"] == "host"
-        assert stats["offloads"] == requests, stats
-        assert stats["returns"] == requests, stats
-        assert stats["rollbacks"] == 0, stats
-        assert stats["withdrawn"] == 0, stats
-        assert stats["served_locally"] == 0, stats
-        assert stats["requests"] == requests + 1, stats
-
-        # DSR: the host interface sent a tiny fraction of the response bytes.
-        relayed = tx_after - tx_before
-        assert relayed < 0.05 * total, f"host sent {relayed} B for {total} B of responses"
-
-        assert rst_after == rst_before, f"client saw resets: {rst_before} -> {rst_after}"
-
-        for target in ("t0", "t1"):
-            lines = served_lines(apps, target)
-            assert len(lines) == served_by[target], (target, len(lines), served_by)
-
-        wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty", 5)
-        for target in ("t0", "t1"):
-            wait_for(lambda t=target: steering_entries(apps.testbed, t) == 0,  # type: ignore[misc]
-                     f"{target} steering map to empty", 5)
 
 
 @pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
@@ -181,14 +124,14 @@ def test_many_concurrent_keepalive_connections_leave_nothing_behind(tmp_path: Pa
         # Warm up (first handoff to each target), then take the baselines.
         curl_many(testbed, apps.url, ["/small.bin"] * 4 + ["/_xo/stats"], tmp_path / "warm")
         pids = {m: apps.procs[m].pid for m in ("host", "t0", "t1")}
-        wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "warm-up to finish", 5)
+        wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "warm-up to finish")
         fds_before = {m: fd_count(pid) for m, pid in pids.items()}
         stats_before = apps.host_stats()
         rst_before = rst_counters(testbed)
 
         started = time.monotonic()
-        results = asyncio.run(asyncio.wait_for(
-            _hammer(testbed, digests, clients, cycles, ["small.bin", "medium.bin"]), 100))
+        results = asyncio.run(asyncio.wait_for(  # the limit only turns a hang into a failure
+            _hammer(testbed, digests, clients, cycles, ["small.bin", "medium.bin"]), 600))
         elapsed = time.monotonic() - started
         print(f"{clients} x {cycles} handoff cycles in {elapsed:.1f} s "
               f"({clients * cycles / elapsed:.0f} round trips/s)")
@@ -209,18 +152,18 @@ def test_many_concurrent_keepalive_connections_leave_nothing_behind(tmp_path: Pa
         assert rst_counters(testbed) == rst_before, "the client saw resets"
 
         # Nothing left behind once the clients have closed.
-        wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty", 5)
-        wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "no offloaded conns", 5)
+        wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty")
+        wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "no offloaded conns")
         for target in ("t0", "t1"):
             wait_for(lambda t=target: steering_entries(testbed, t) == 0,  # type: ignore[misc]
-                     f"{target} steering map to empty", 5)
+                     f"{target} steering map to empty")
         client_ip = testbed.client.ipv4
         for member in ("host", "t0", "t1"):
             wait_for(lambda m=member: not sockets_with_peer(testbed, m, client_ip),  # type: ignore[misc]
-                     f"{member}: sockets to the client to go", 5)
+                     f"{member}: sockets to the client to go")
         for member, pid in pids.items():
             wait_for(lambda m=member, p=pid: fd_count(p) <= fds_before[m],  # type: ignore[misc]
-                     f"{member} fds back to {fds_before[member]}", 5)
+                     f"{member} fds back to {fds_before[member]}")
         # Only the control connections (and listeners) remain on the targets.
         for target in ("t0", "t1"):
             to_host = sockets_with_peer(testbed, target, testbed.host.ipv4)

@@ -7,7 +7,8 @@ IPv4: a target agent adopts a state whose local address is the host's IPv6
 address because the speaking host (its IPv4 control peer) owns that address
 too, restores it on its own IPv6 address, and keys its source rewrite and
 ingress block by IPv6 4-tuples. A state naming an address that is not the
-host's is still refused.
+host's is still refused. (The curl keep-alive test over IPv6 is one of the
+cases of test_handoff_keepalive.py.)
 
 Like the e2e tests, every connection ends with ``GET /_xo/stats``, which the
 host serves itself (the connection is back on the host when the client
@@ -17,7 +18,6 @@ closes), so nothing may be left behind afterwards.
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import os
 import socket
@@ -35,13 +35,13 @@ from handoff_faults_tools import (
 from handoff_tools import (
     DRIVER_MIXES,
     IO_TIMEOUT,
-    curl_many,
+    assert_nothing_left,
+    client_tag,
     docroot_digests,
     lab_name,
+    peer_sockets,
     rst_counters,
     served_lines,
-    steering_entries,
-    tcp_sockets,
 )
 from netns_tools import sha256, wait_for
 from xo.core import (
@@ -53,48 +53,13 @@ from xo.core import (
     decode_ready,
     encode_abort,
 )
-from xo.demo import RefAppCluster, cluster, iface_tx_bytes
+from xo.demo import cluster
 from xo.lab import Lab, in_netns
 from xo.refapp import HTTP_PORT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 FILES = ["small.bin", "medium.bin", "large.bin"]
-
-
-def url6(testbed: Lab) -> str:
-    return f"http://[{testbed.host.ipv6}]:{HTTP_PORT}"
-
-
-def curl6_many(testbed: Lab, paths: list[str], out_dir: Path) -> list[dict[str, str]]:
-    """curl_many over IPv6, to the host's IPv6 address."""
-    return curl_many(testbed, url6(testbed), paths, out_dir, curl_args=("-g", "-6"))
-
-
-def client_tag(ip: str) -> str:
-    """How a target's "served" log line names a client of this address."""
-    return f"client={Endpoint(ip, 0)}".removesuffix("0")
-
-
-def peer_sockets(testbed: Lab, member: str, ip: str) -> list[str]:
-    """ss lines (state local peer) of the member's TCP sockets whose peer is ip
-    (IPv6 peers are printed as [addr]:port)."""
-    tag = f"[{ip}]" if ":" in ip else ip
-    return [f"{s.state} {s.local} {s.peer}" for s in tcp_sockets(testbed, member)
-            if s.peer.rsplit(":", 1)[0] == tag]
-
-
-def assert_nothing_left(apps: RefAppCluster, targets: list[str]) -> None:
-    testbed = apps.testbed
-    wait_for(lambda: apps.host_stats()["rules"] == 0, "host steering map to empty", 5)
-    wait_for(lambda: apps.host_stats()["offloaded_now"] == 0, "no offloaded conns", 5)
-    for target in targets:
-        wait_for(lambda t=target: steering_entries(testbed, t) == 0,  # type: ignore[misc]
-                 f"{target} steering map to empty", 5)
-    for member in ["host", *targets]:
-        for ip in (testbed.client.ipv4, testbed.client.ipv6):
-            wait_for(lambda m=member, a=ip: not peer_sockets(testbed, m, a),  # type: ignore[misc]
-                     f"{member}: sockets to the client's {ip} to go", 5)
 
 
 class FamilyHTTPConnection(http.client.HTTPConnection):
@@ -114,63 +79,6 @@ class FamilyHTTPConnection(http.client.HTTPConnection):
         sock.connect((self.host, self.port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock = sock
-
-
-@pytest.mark.parametrize("drivers", list(DRIVER_MIXES))
-def test_curl6_keepalive_connection_moves_between_targets(tmp_path: Path, drivers: str) -> None:
-    """~30 requests with curl -6 on ONE keep-alive connection to the host's
-    IPv6 address: each served by a target directly, byte-exact, every
-    handoff out came back, and the client never sees a reset."""
-    requests = 30
-    with cluster(targets=2, name=lab_name("v"),
-                 drivers=DRIVER_MIXES[drivers]) as apps:
-        testbed = apps.testbed
-        assert ipaddress.ip_address(testbed.host.ipv6).version == 6
-        digests = docroot_digests(apps)
-        names = [FILES[i % len(FILES)] for i in range(requests)]
-        rst_before = rst_counters(testbed)
-        tx_before = iface_tx_bytes(testbed, "host")
-        rows = curl6_many(testbed, [f"/{n}" for n in names] + ["/_xo/stats"], tmp_path / "out")
-        tx_after = iface_tx_bytes(testbed, "host")
-        rst_after = rst_counters(testbed)
-
-        # One IPv6 connection for everything.
-        assert [r["connects"] for r in rows] == ["1"] + ["0"] * requests
-        assert len({r["local_port"] for r in rows}) == 1
-        assert {(r["local_ip"], r["remote_ip"]) for r in rows} == {
-            (testbed.client.ipv6, testbed.host.ipv6)}, rows[0]
-
-        total = 0
-        served_by: Counter[str] = Counter()
-        for i, (name, row) in enumerate(zip(names, rows, strict=False)):
-            body = Path(row["file"]).read_bytes()
-            assert row["status"] == "200", f"request {i} ({name}): {row}"
-            assert sha256(body) == digests[name], f"request {i} ({name}): body differs"
-            total += len(body)
-            served_by[row["served_by"]] += 1
-        assert set(served_by) == {"t0", "t1"}, served_by
-
-        stats = json.loads(Path(rows[-1]["file"]).read_bytes())
-        assert rows[-1]["served_by"] == "host"
-        assert stats["offloads"] == requests, stats
-        assert stats["returns"] == requests, stats
-        assert stats["rollbacks"] == 0, stats
-        assert stats["withdrawn"] == 0, stats
-        assert stats["served_locally"] == 0, stats
-
-        # DSR over IPv6: the responses did not go through the host.
-        relayed = tx_after - tx_before
-        assert relayed < 0.05 * total, f"host sent {relayed} B for {total} B of responses"
-        assert rst_after == rst_before, f"client saw resets: {rst_before} -> {rst_after}"
-
-        # The targets served an IPv6 client (restored on their own IPv6 address).
-        for target in ("t0", "t1"):
-            lines = served_lines(apps, target)
-            assert len(lines) == served_by[target], (target, len(lines), served_by)
-            assert all(client_tag(testbed.client.ipv6) in line for line in lines), lines[:2]
-
-        assert_nothing_left(apps, ["t0", "t1"])
-        assert rst_counters(testbed) == rst_before, "resets while closing"
 
 
 @pytest.mark.parametrize("drivers", list(DRIVER_MIXES))

@@ -380,8 +380,8 @@ def test_down_removes_everything_and_twice_is_fine(two_target_lab: Lab) -> None:
 
 def test_down_removes_a_partial_lab(lab_name: str) -> None:
     # What an `up` killed half-way could leave: namespaces, no description.
-    netns.create(xolab.bridge_netns(lab_name))
-    netns.create(xolab.member_netns(lab_name, "host"))
+    xolab.create_netns(xolab.bridge_netns(lab_name))
+    xolab.create_netns(xolab.member_netns(lab_name, "host"))
     assert lab_name in xolab.list_labs()
     assert xolab.lab_status(lab_name)["described"] is False
     with pytest.raises(LabExistsError):

@@ -7,14 +7,14 @@ kernel encrypts is decrypted here with the key given to it.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import struct
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from xo.lab import in_netns
+from xo.lab import in_netns, scoped_namespaces
 
 pytestmark = pytest.mark.fullkernel
 
@@ -27,13 +27,8 @@ TLS_CIPHER_AES_GCM_128 = 51
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"xo-ktls-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    with scoped_namespaces([f"xo-ktls-{secrets.token_hex(3)}"]) as (name,):
         yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def test_lane_runs_debians_6_1_kernel() -> None:

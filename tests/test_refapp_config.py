@@ -1,8 +1,10 @@
 """The reference app on machines of someone else's making: this test builds
-its own namespaces and bridge with ip(8) — no xo.lab — writes one config
-file per member (xo.appconfig, the format xo-driver reads too), starts a
-host and a target from those files alone, and fetches through the host:
-the target answers, every byte checked, and nothing is left behind."""
+its own namespaces, veth pairs and bridge, with its own names and addresses,
+using the namespace helpers alone (xo.lab.namespaces: no Lab, no lab
+description, no pin root of the lab), writes one config file per member
+(xo.appconfig, the format xo-driver reads too), starts a host and a target
+from those files alone, and fetches through the host: the target answers,
+every byte checked, and nothing is left behind."""
 
 from __future__ import annotations
 
@@ -16,22 +18,24 @@ import time
 from pathlib import Path
 
 import pytest
-from netns_tools import ip, sha256
+from netns_tools import sha256
 from xo.appconfig import AppConfig, TargetEntry
 from xo.engine import write_key
+from xo.lab.namespaces import (
+    add_addresses,
+    add_bridge,
+    add_veth,
+    create_netns,
+    link_info,
+    remove_netns,
+    set_master,
+)
 from xo.steer import default_object_path
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 ADDRS = {"client": "198.19.7.1", "host": "198.19.7.2", "t0": "198.19.7.10"}
 PIN_ROOT = Path("/run/xo/bpf")
-
-
-def link_info(ns: str, dev: str) -> tuple[int, str]:
-    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", dev], capture_output=True,
-                         text=True, check=True).stdout
-    link = json.loads(out)[0]
-    return int(link["ifindex"]), str(link["address"])
 
 
 def start(ns: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -56,18 +60,14 @@ def test_refapp_runs_from_config_files_without_the_lab(tmp_path: Path) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name in ns.values():
-            ip("netns", "add", name)
-        ip("-n", ns["br"], "link", "add", f"{tag}br", "type", "bridge")
-        ip("-n", ns["br"], "link", "set", f"{tag}br", "up")
+            create_netns(name)
+        add_bridge(ns["br"], f"{tag}br")
         members: dict[str, tuple[int, str]] = {}
         for m, addr in ADDRS.items():
             dev, port = f"{tag}{m[0]}", f"{tag}p{m[0]}"
-            ip("link", "add", dev, "netns", ns[m], "type", "veth", "peer", "name", port,
-               "netns", ns["br"])
-            ip("-n", ns["br"], "link", "set", port, "master", f"{tag}br", "up")
-            ip("-n", ns[m], "addr", "add", f"{addr}/24", "dev", dev)
-            ip("-n", ns[m], "link", "set", dev, "up")
-            ip("-n", ns[m], "link", "set", "lo", "up")
+            add_veth(ns[m], dev, ns["br"], port)
+            set_master(ns["br"], port, f"{tag}br")
+            add_addresses(ns[m], dev, [f"{addr}/24"])
             members[m] = link_info(ns[m], dev)
         docroot = tmp_path / "docroot"
         docroot.mkdir()
@@ -110,7 +110,7 @@ def test_refapp_runs_from_config_files_without_the_lab(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
         for name in ns.values():
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+            remove_netns(name)
         for member in ("host", "t0"):
             pins = PIN_ROOT / f"{tag}-{member}"
             if pins.exists():  # the apps unpin on exit; a killed one may not have

@@ -1,6 +1,6 @@
 """The reference host's other modes: the proxy baseline the benchmarks compare
 XO against, and serving locally. Both must be correct, or the comparison
-means nothing."""
+means nothing. And what it answers to malformed requests."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+from handoff_faults_tools import client_connect, file_digest, read_response
 from handoff_tools import curl_many, docroot_digests, lab_name
 from netns_tools import sha256
+from xo import http1
 from xo.demo import cluster, iface_tx_bytes
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -39,3 +41,37 @@ def test_host_modes_serve_every_byte(mode: str, tmp_path: Path) -> None:
             assert stats["served_locally"] == len(PATHS)
         # Every response byte crossed the host's link: the cost XO removes.
         assert tx >= body_bytes
+
+
+BAD_REQUESTS = {
+    "request line": (b"GET /small.bin\r\nHost: xo\r\n\r\n", "bad request line"),
+    "header line": (b"GET /small.bin HTTP/1.1\r\nHost xo\r\n\r\n", "bad header line"),
+    "content length": (b"PUT /up HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+                       "bad Content-Length '-5'"),
+    "chunked body": (b"PUT /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                     "chunked request bodies are not supported"),
+}
+
+
+def test_bad_requests_get_a_clear_400_and_change_nothing() -> None:
+    """Malformed requests (xo.http1's errors) are answered 400 with the reason
+    and the connection is closed, before anything is handed off; a good
+    request afterwards is handed off as usual."""
+    with cluster(targets=1, name=lab_name("b")) as apps:
+        before = apps.host_stats()
+        for case, (request, reason) in BAD_REQUESTS.items():
+            with client_connect(apps) as sock:
+                sock.sendall(request)
+                headers, body = read_response(sock)
+                assert headers[":status"] == "400", case
+                assert reason in body.decode(), (case, body)
+                assert headers["connection"] == "close", case
+                assert sock.recv(1) == b"", case  # closed after the answer
+        stats = apps.host_stats()
+        assert stats["offloads"] == before["offloads"] == 0
+        assert stats["requests"] == before["requests"] + 1  # only the stats GET counted
+        with client_connect(apps) as sock:
+            sock.sendall(http1.get_request("/small.bin"))
+            headers, body = read_response(sock)
+        assert headers[":status"] == "200" and headers["x-served-by"] == "t0"
+        assert sha256(body) == file_digest(apps, "small.bin")

@@ -7,7 +7,6 @@ network namespaces.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 from xo._xo_cffi import lib
 from xo.core import XoError, XoUnsupportedError
+from xo.lab import add_addresses, add_veth, in_netns, scoped_namespaces
 from xo.steer import FlowKey, HwBackend, InsertMode, Kind, Prog, Rule, RuleManager, Steer
 
 BPF_FS_MAGIC = 0xCAFE4A11
@@ -415,23 +415,6 @@ def test_concurrent_producers(steer: Steer) -> None:
 
 # ---- network namespaces -------------------------------------------------------------
 
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-CLONE_NEWNET = 0x40000000
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Run the block with this thread in /run/netns/<name> (sockets made
-    inside stay there after we come back)."""
-    with open("/proc/thread-self/ns/net") as home, open(f"/run/netns/{name}") as target:
-        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns {name}")
-        try:
-            yield
-        finally:
-            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back")
-
 
 def ip(*args: str) -> str:
     return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
@@ -450,21 +433,11 @@ def veth_pair() -> Iterator[dict[str, str]]:
     """Two namespaces joined by a veth pair: client xoc0 <-> server xos0."""
     tag = secrets.token_hex(3)  # unique to this run: never another run's namespaces
     names = {"client": f"xo-stc{tag}", "server": f"xo-sts{tag}"}
-    try:
-        for ns in names.values():
-            ip("netns", "add", ns)
-        ip("-n", names["client"], "link", "add", "xoc0", "type", "veth",
-           "peer", "name", "xos0", "netns", names["server"])
-        for ns, dev, v4, v6 in ((names["client"], "xoc0", "198.18.200.1/24", "2001:2:0:200::1/64"),
-                                (names["server"], "xos0", "198.18.200.2/24", "2001:2:0:200::2/64")):
-            ip("-n", ns, "addr", "add", v4, "dev", dev)
-            ip("-n", ns, "addr", "add", v6, "dev", dev, "nodad")
-            ip("-n", ns, "link", "set", dev, "up")
-            ip("-n", ns, "link", "set", "lo", "up")
+    with scoped_namespaces(names.values()):
+        add_veth(names["client"], "xoc0", names["server"], "xos0")
+        add_addresses(names["client"], "xoc0", ["198.18.200.1/24", "2001:2:0:200::1/64"])
+        add_addresses(names["server"], "xos0", ["198.18.200.2/24", "2001:2:0:200::2/64"])
         yield names
-    finally:
-        for ns in names.values():
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])

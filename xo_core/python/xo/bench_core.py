@@ -11,9 +11,9 @@ include the cffi call overhead (well under 1 µs).
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import statistics
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +21,7 @@ from typing import Any
 
 from xo import core, results
 from xo._xo_cffi import ffi, lib
-from xo.lab import in_netns
+from xo.lab import add_addresses, in_netns, scoped_namespaces
 
 HOST_IP, CLIENT_IP = "198.18.2.2", "198.18.2.1"
 PAPER = {"capture_us": "11-15", "restore_us": "39-42", "syscalls": 13}
@@ -30,19 +30,11 @@ TARGET = {"capture_p50_us": 15.0, "capture_syscalls": 13, "restore_p50_us": 40.0
 
 @contextmanager
 def _two_namespaces() -> Iterator[tuple[str, str]]:
-    tag = f"{os.getpid() % 100000}"
-    names = (f"xo-bench{tag}-a", f"xo-bench{tag}-b")
-    try:
-        for ns in names:
-            subprocess.run(["ip", "netns", "add", ns], check=True)
-            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-            for addr in (HOST_IP, CLIENT_IP):
-                subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", "lo"],
-                               check=True)
-        yield names
-    finally:
-        for ns in names:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    tag = secrets.token_hex(3)
+    with scoped_namespaces([f"xo-bench{tag}-a", f"xo-bench{tag}-b"]) as (a, b):
+        for ns in (a, b):
+            add_addresses(ns, "lo", [f"{HOST_IP}/32", f"{CLIENT_IP}/32"])
+        yield a, b
 
 
 def _percentiles(samples_ns: list[int]) -> dict[str, float]:

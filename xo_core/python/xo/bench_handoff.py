@@ -12,8 +12,8 @@ poll() driver (xo-driver) and the Python asyncio engine.
 from __future__ import annotations
 
 import json
+import secrets
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def _summary(samples: list[float]) -> dict[str, float]:
 
 
 def run_driver(driver: str, handoffs: int, path: str) -> dict[str, Any]:
-    name = f"bh{driver}{time.time_ns() % 10000}"
+    name = f"bh{driver}{secrets.token_hex(2)}"  # unique per run
     with cluster(targets=1, name=name, timings=True, drivers={"*": driver}) as apps:
         client = _request_loop(apps.testbed, handoffs, path)
         stats = apps.host_stats()

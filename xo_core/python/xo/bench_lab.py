@@ -18,14 +18,16 @@ softirq context and is not in it).
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
+from xo import http1, results
 from xo import lab as xolab
-from xo import results
 from xo.demo import cluster, iface_tx_bytes
 from xo.refapp import HTTP_PORT
 
@@ -41,25 +43,15 @@ async def _client(sock: socket.socket, request: bytes, deadline: float) -> int:
     """Fetch in a loop on one keep-alive connection; returns body bytes."""
     loop = asyncio.get_running_loop()
     got = 0
-    buf = bytearray()
+    rest = bytearray()
+    recv = functools.partial(loop.sock_recv, sock)
     while time.monotonic() < deadline:
         await loop.sock_sendall(sock, request)
-        while b"\r\n\r\n" not in buf:
-            chunk = await loop.sock_recv(sock, 262144)
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            buf += chunk
-        end = buf.index(b"\r\n\r\n") + 4
-        head = bytes(buf[:end]).lower()
-        length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
-        del buf[:end]
-        while len(buf) < length:
-            chunk = await loop.sock_recv(sock, 262144)
-            if not chunk:
-                raise ConnectionError("server closed mid-body")
-            buf += chunk
-        del buf[:length]
-        got += length
+        try:
+            response = await http1.recv_response_async(recv, rest, keep_body=False)
+        except http1.HTTPError as exc:
+            raise ConnectionError(f"server: {exc}") from exc
+        got += response.body_length
     return got
 
 
@@ -70,7 +62,7 @@ def run_clients(testbed: xolab.Lab, connections: int, seconds: float, path: str)
             socks.append(socket.create_connection((testbed.host.ipv4, HTTP_PORT), timeout=10))
     for sock in socks:
         sock.setblocking(False)
-    request = f"GET {path} HTTP/1.1\r\nHost: xo\r\n\r\n".encode()
+    request = http1.get_request(path)
 
     async def all_clients() -> list[int]:
         deadline = time.monotonic() + seconds
@@ -85,7 +77,7 @@ def run_clients(testbed: xolab.Lab, connections: int, seconds: float, path: str)
 
 def measure(mode: str, targets: int, rate: str, connections: int, seconds: float,
             path: str) -> dict[str, Any]:
-    name = f"bl{mode[0]}{os.getpid() % 10000}"
+    name = f"bl{mode[0]}{secrets.token_hex(2)}"  # unique per run
     with cluster(targets=targets, name=name, rate=rate, mode=mode) as apps:
         pid = apps.procs["host"].pid
         run_clients(apps.testbed, connections, 1.0, path)  # warm-up

@@ -12,14 +12,15 @@ and after each series: a handoff that dropped a client segment shows there
 
 from __future__ import annotations
 
+import secrets
 import socket
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from xo import http1, results
 from xo import lab as xolab
-from xo import results
 from xo.demo import cluster
 from xo.refapp import HTTP_PORT
 
@@ -50,22 +51,16 @@ def timed_gets(testbed: xolab.Lab, path: str, count: int, progress: Any,
     with xolab.in_netns(testbed.client.netns):
         sock = socket.create_connection((testbed.host.ipv4, HTTP_PORT), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    request = f"GET {path} HTTP/1.1\r\nHost: xo\r\n\r\n".encode()
-    samples, buf = [], b""
+    request = http1.get_request(path)
+    samples: list[float] = []
+    rest = bytearray()
     with sock:
         for _ in range(count):
             start = time.perf_counter()
             sock.sendall(request)
-            while b"\r\n\r\n" not in buf:
-                buf += sock.recv(262144)
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length")))
-            while len(buf) < length:
-                buf += sock.recv(262144)
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"unexpected response: {head[:80]!r}")
-            buf = buf[length:]
+            response = http1.recv_response(sock, rest, keep_body=False)
+            if response.status != 200:
+                raise RuntimeError(f"unexpected response: {response.raw[:80]!r}")
             samples.append((time.perf_counter() - start) * 1000)
             progress.advance(task)
     return samples
@@ -85,7 +80,7 @@ def run(count: int = 1000, rate: str | None = None, driver: str = "py") -> dict[
                               "modes": {}}
     with Progress(transient=True) as progress:
         for mode in MODES:
-            name = f"bl{mode[0]}{time.time_ns() % 10000}"
+            name = f"bl{mode[0]}{secrets.token_hex(2)}"  # unique per run
             drivers = {"*": driver} if mode == "xo" else {}
             with cluster(targets=2, name=name, rate=rate, mode=mode, drivers=drivers) as apps:
                 ns = apps.testbed.client.netns

@@ -21,7 +21,6 @@ Needs root (loading BPF programs, namespaces).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import secrets
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from xo.core import XoUnsupportedError
+from xo.lab.namespaces import add_veth, scoped_namespaces, set_up
 from xo.steer import FlowKey, HwBackend, Rule, Steer
 
 # Paper (APNet '25), Table 2: eBPF-tc rule insert / remove, microseconds.
@@ -73,13 +73,6 @@ def _python_loop(steer: Steer, count: int) -> tuple[list[int], list[int]]:
     return ins, rem
 
 
-def _ip(*args: str) -> str:
-    res = subprocess.run(["ip", *args], capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"ip {' '.join(args)}: exit {res.returncode}: {res.stderr.strip()}")
-    return res.stdout
-
-
 def _tc_redirect_argv(ns: str, dev: str, handle: int, sport: int) -> list[str]:
     """tc(8) for the filter xo_hw_bench installs (same match and actions)."""
     return ["tc", "-n", ns, "filter", "add", "dev", dev, "ingress", "protocol", "ip",
@@ -98,11 +91,9 @@ def _flower(count: int, tc_count: int) -> dict[str, Any]:
     """tc-flower insert/remove: the core's netlink path, and tc processes."""
     tag = secrets.token_hex(3)
     ns, dev = f"xo-bench-{tag}", f"xob{tag}"
-    _ip("netns", "add", ns)
-    try:
-        _ip("-n", ns, "link", "add", dev, "type", "veth", "peer", "name", f"{dev}p")
-        _ip("-n", ns, "link", "set", dev, "up")
-        ifindex = int(json.loads(_ip("-n", ns, "-j", "link", "show", "dev", dev))[0]["ifindex"])
+    with scoped_namespaces([ns]):
+        add_veth(ns, dev, ns, f"{dev}p", up=False)
+        ifindex = set_up(ns, dev)
         try:
             hw = HwBackend.flower(ifindex, mode="skip_hw", netns=f"/run/netns/{ns}")
         except XoUnsupportedError as exc:
@@ -126,10 +117,9 @@ def _flower(count: int, tc_count: int) -> dict[str, Any]:
             t2 = clock()
             tc_ins.append(t1 - t0)
             tc_rem.append(t2 - t1)
-    finally:
-        subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
     out: dict[str, Any] = {
         "available": True,
+        "netns": ns,
         "count": count,
         "core": {"insert": _summary(ins), "remove": _summary(rem)},
     }

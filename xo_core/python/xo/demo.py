@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -198,7 +199,7 @@ class RefAppCluster:
 def cluster(targets: int = 2, name: str | None = None, rate: str | None = None,
             workdir: Path | None = None, **kwargs: Any) -> Iterator[RefAppCluster]:
     """A lab with the reference app running in it; everything torn down after."""
-    name = name or f"d{os.getpid() % 100000}"
+    name = name or f"d{secrets.token_hex(3)}"  # unique per run
     with tempfile.TemporaryDirectory(prefix="xo-demo-") as tmp:
         work = workdir or Path(tmp)
         with xolab.lab(name, targets=targets, rate=rate) as testbed:

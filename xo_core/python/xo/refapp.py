@@ -29,10 +29,10 @@ import signal
 import socket
 import sys
 import time
-import urllib.parse
 import zlib
 from pathlib import Path
 
+from xo import http1
 from xo.appconfig import AppConfig
 from xo.engine import (
     HostEngine,
@@ -46,56 +46,47 @@ from xo.engine import (
 
 log = logging.getLogger("xo.refapp")
 
-MAX_HEADER_BYTES = 65536
+MAX_HEADER_BYTES = http1.MAX_HEAD_BYTES
 HTTP_PORT = 8080
 TARGET_HTTP_PORT = 8081  # targets' own plain HTTP, the proxy baseline's upstream
 
-
-class BadRequest(Exception):
-    pass
+BadRequest = http1.HTTPError  # malformed or unsupported input: answered with 400
 
 
 class Request:
-    """One parsed HTTP/1.1 request (head + body bytes)."""
+    """One request: its parsed head (xo.http1) and, once read, its body."""
 
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-        self.body_len = 0
+    def __init__(self, head: http1.Request) -> None:
+        if head.chunked:  # as in xo-driver: the body's end must be known up front
+            raise BadRequest("chunked request bodies are not supported")
+        self.head = head
+        self.raw = head.raw  # head, then head + body once the body is read
         self.body = b""
-        head, _, _ = raw.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            self.method, self.target, self.version = lines[0].split(" ", 2)
-        except ValueError as exc:
-            raise BadRequest(f"bad request line {lines[0]!r}") from exc
-        self.headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise BadRequest(f"bad header line {line!r}")
-            self.headers[name.strip().lower()] = value.strip()
-        self.path = urllib.parse.unquote(urllib.parse.urlsplit(self.target).path)
+        self.body_len = head.content_length
+
+    @property
+    def method(self) -> str:
+        return self.head.method
+
+    @property
+    def target(self) -> str:
+        return self.head.target
+
+    @property
+    def version(self) -> str:
+        return self.head.version
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.head.headers
+
+    @property
+    def path(self) -> str:
+        return self.head.path
 
     @property
     def keep_alive(self) -> bool:
-        conn = self.headers.get("connection", "").lower()
-        if self.version == "HTTP/1.0":
-            return conn == "keep-alive"
-        return conn != "close"
-
-
-def _body_length(head: bytes, response: bool = False) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            try:
-                return int(value.strip())
-            except ValueError as exc:
-                raise BadRequest("bad Content-Length") from exc
-        if name.strip().lower() == b"transfer-encoding":
-            what = "response" if response else "request"
-            raise BadRequest(f"chunked {what} bodies are not supported")
-    return 0
+        return self.head.keep_alive
 
 
 async def _recv_into(sock: socket.socket, buf: bytearray) -> bool:
@@ -108,14 +99,11 @@ async def read_head(sock: socket.socket, buf: bytearray) -> Request | None:
     """The next request's head from buf + the socket (its body, if any, is
     what follows in buf and on the socket); None at a clean EOF."""
     while True:
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            req = Request(bytes(buf[:end + 4]))
-            req.body_len = _body_length(bytes(buf[:end]))
-            del buf[:end + 4]
+        end = http1.head_end(buf, what="request")
+        if end:
+            req = Request(http1.parse_request(bytes(buf[:end])))
+            del buf[:end]
             return req
-        if len(buf) > MAX_HEADER_BYTES:
-            raise BadRequest("request head too large")
         if not await _recv_into(sock, buf):
             if buf:
                 raise BadRequest("connection closed inside a request")
@@ -225,17 +213,21 @@ class Upstream:
         await asyncio.get_running_loop().sock_connect(sock, (ip, TARGET_HTTP_PORT))
         return cls(sock)
 
-    async def relay(self, request: bytes, client: socket.socket) -> None:
+    async def relay(self, request: bytes, client: socket.socket, method: str = "GET") -> None:
         """Send one request, stream its response to the client."""
         loop = asyncio.get_running_loop()
         await loop.sock_sendall(self.sock, request)
-        while b"\r\n\r\n" not in self.buf:
+        while not (end := http1.head_end(self.buf, what="response")):
             chunk = await loop.sock_recv(self.sock, 65536)
             if not chunk:
                 raise OSError("upstream closed")
             self.buf += chunk
-        end = self.buf.index(b"\r\n\r\n") + 4
-        remaining = end + _body_length(bytes(self.buf[:end]), response=True)
+        head = http1.parse_response(bytes(self.buf[:end]), method=method)
+        if head.framing.chunked:
+            raise BadRequest("chunked response bodies are not supported")
+        if head.framing.until_close:
+            raise BadRequest("the upstream's response has no Content-Length")
+        remaining = end + (head.framing.content_length or 0)
         while remaining > 0:
             if not self.buf:
                 chunk = await loop.sock_recv(self.sock, 262144)
@@ -390,7 +382,7 @@ class Host:
             upstream = upstreams.get(link.name)
             if upstream is None:
                 upstream = upstreams[link.name] = await Upstream.connect(link.ip)
-            await upstream.relay(req.raw, sock)
+            await upstream.relay(req.raw, sock, req.method)
         finally:
             self.proxy_busy[link.name] -= 1
         self.proxied += 1
