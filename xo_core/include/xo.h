@@ -200,25 +200,36 @@ int xo_state_decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st);
 #define XO_MSG_PARKED 11 /* client frames a PARK entry kept, for the new owner */
 #define XO_MSG_MAX 11
 
+#define XO_ENV_VERSION 2
 #define XO_ENV_HEADER_LEN 40
-#define XO_ENV_MAC_LEN 32
+#define XO_ENV_MAC_LEN 16 /* the trailer: AES-256-GCM tag (HELLO: HMAC) */
 #define XO_ENV_MAX_PAYLOAD 83886080 /* a state with full queues fits */
 #define XO_KEY_MIN_LEN 16
 #define XO_KEY_MAX_LEN 64
 
 /*
- * One authenticated, ordered channel between two peers (one control
- * connection). Both ends share the cluster key and the channel id (agreed
- * in the HELLO exchange); each end has its own role (0 or 1) so a message
- * cannot be reflected back to its sender. Sequence numbers start at 1 and
- * go up by exactly one: a number already seen is a replay (XO_E_REPLAY), a
- * number further on means a message was lost (XO_E_SEQUENCE).
+ * One encrypted, authenticated, ordered channel between two peers (one
+ * control connection). Both ends hold the cluster key; each has its own
+ * role (0 host, 1 target). Each end first sends a HELLO carrying a fresh
+ * nonce (authenticated with a key derived from the cluster key, not
+ * encrypted: the nonce is public); xo_chan_bind() then derives the
+ * session: the channel id and, with HKDF-SHA256 over the cluster key and
+ * both nonces, one AES-256-GCM key and IV per direction. Every later
+ * message is encrypted and authenticated under them, its header as
+ * associated data, its sequence number in the nonce. Sequence numbers
+ * start at 1 and go up by exactly one: a number already seen is a replay
+ * (XO_E_REPLAY), a number further on means a message was lost
+ * (XO_E_SEQUENCE).
+ *
+ * The keys live in memory of their own (excluded from core dumps, wiped
+ * when freed; the cluster key copy is wiped once bound): call
+ * xo_chan_free() on every channel xo_chan_init() set up.
  */
 struct xo_chan {
-	uint8_t key[64];
-	uint32_t key_len;
+	void *secret;      /* the key material; owned, see xo_chan_free() */
 	uint8_t role;
-	uint8_t reserved[3];
+	uint8_t bound;     /* session keys derived */
+	uint8_t reserved[6];
 	uint64_t channel_id;
 	uint64_t send_seq; /* last sequence number sealed */
 	uint64_t recv_seq; /* last sequence number accepted */
@@ -237,12 +248,15 @@ struct xo_msg {
 
 int xo_chan_init(struct xo_chan *ch, const uint8_t *key, uint32_t key_len,
 		 uint64_t channel_id, uint8_t role);
+/* Wipe and free the channel's keys; zeroes ch. Safe on a zeroed channel. */
+void xo_chan_free(struct xo_chan *ch);
 /*
  * Session binding (the HELLO exchange): each end sends XO_HELLO_NONCE_LEN
  * fresh random bytes in a HELLO sealed on channel 0; both then call
  * xo_chan_bind() with their own and the peer's nonce. The channel id
- * becomes the first 8 bytes of SHA-256(role-0 nonce || role-1 nonce), so
- * messages recorded from an earlier session never verify in a new one.
+ * becomes the first 8 bytes of SHA-256(role-0 nonce || role-1 nonce) and
+ * the session keys are derived; messages recorded from an earlier session
+ * never verify in a new one. A channel binds once (XO_E_STATE after).
  */
 #define XO_HELLO_NONCE_LEN 16
 int xo_chan_bind(struct xo_chan *ch, const uint8_t *own_nonce,
@@ -250,7 +264,8 @@ int xo_chan_bind(struct xo_chan *ch, const uint8_t *own_nonce,
 
 /* Bytes a sealed message with payload_len bytes of payload takes. */
 size_t xo_env_size(uint32_t payload_len);
-/* Seal one message into out; returns bytes written. Consumes a seq. */
+/* Seal one message into out; returns bytes written. Consumes a seq.
+ * Anything but HELLO needs a bound channel (XO_E_STATE otherwise). */
 int64_t xo_chan_seal(struct xo_chan *ch, uint8_t type, uint16_t flags,
 		     uint64_t conn_id, const uint8_t *payload,
 		     uint32_t payload_len, uint8_t *out, size_t cap);
@@ -258,9 +273,11 @@ int64_t xo_chan_seal(struct xo_chan *ch, uint8_t type, uint16_t flags,
  * negative code if the header is malformed or oversized. hdr needs
  * XO_ENV_HEADER_LEN bytes. Nothing is trusted until xo_chan_open(). */
 int64_t xo_env_frame_len(const uint8_t *hdr, size_t len);
-/* Verify and parse one frame. The channel's replay window moves only when
- * the message is accepted. */
-int xo_chan_open(struct xo_chan *ch, const uint8_t *buf, size_t len,
+/* Verify, decrypt (in place: buf's payload bytes become the plaintext)
+ * and parse one frame. The channel's replay window moves only when the
+ * message is accepted. On a failed decryption the payload bytes are
+ * wiped. */
+int xo_chan_open(struct xo_chan *ch, uint8_t *buf, size_t len,
 		 struct xo_msg *msg);
 
 /* ---- control message payloads -------------------------------------- */

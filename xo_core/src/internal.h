@@ -4,6 +4,7 @@
 #define XO_INTERNAL_H
 
 #include <errno.h>
+#include <string.h>
 
 #include "xo.h"
 
@@ -24,6 +25,12 @@ int xo_fail_sys(const char *step, ...) XO_PRINTF(1, 2);
 void xo_append_hint(const char *hint);
 /* Forget the last error (start of each public entry point). */
 void xo_clear_error(void);
+
+/* Key material: zeroed pages of their own, excluded from core dumps
+ * (MADV_DONTDUMP); xo_secret_free() wipes them before unmapping. NULL on
+ * failure (error recorded). */
+void *xo_secret_alloc(size_t size);
+void xo_secret_free(void *secret);
 
 /* Per-thread counter of system calls made by the current operation. */
 extern __thread unsigned int xo_syscall_count;

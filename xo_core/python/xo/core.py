@@ -294,6 +294,7 @@ class MsgType(enum.IntEnum):
     PARKED = lib.XO_MSG_PARKED
 
 
+ENV_VERSION = lib.XO_ENV_VERSION
 ENV_HEADER_LEN = lib.XO_ENV_HEADER_LEN
 ENV_MAC_LEN = lib.XO_ENV_MAC_LEN
 ENV_MAX_PAYLOAD = lib.XO_ENV_MAX_PAYLOAD
@@ -311,11 +312,14 @@ class Message:
 
 
 class Channel:
-    """One end of an authenticated control channel (see xo_chan_* in xo.h)."""
+    """One end of an encrypted, authenticated control channel (see xo_chan_* in
+    xo.h). Only HELLO can be sealed or opened before bind()."""
 
     def __init__(self, key: bytes, channel_id: int, role: int) -> None:
-        self._c = ffi.new("struct xo_chan *")
-        _check(lib.xo_chan_init(self._c, key, len(key), channel_id, role))
+        c = ffi.new("struct xo_chan *")
+        _check(lib.xo_chan_init(c, key, len(key), channel_id, role))
+        # The keys live in the core's secret memory: wiped when this goes.
+        self._c = ffi.gc(c, lib.xo_chan_free)
 
     def bind(self, own_nonce: bytes, peer_nonce: bytes) -> None:
         """Switch to the session channel id derived from both HELLO nonces."""
@@ -343,9 +347,15 @@ class Channel:
         _check(int(n) if n < 0 else 0)
         return bytes(ffi.buffer(out, n))
 
+    @property
+    def bound(self) -> bool:
+        return bool(self._c.bound)
+
     def open(self, frame: bytes) -> Message:
+        """Verify and decrypt a frame (the given bytes are left as they are)."""
         msg = ffi.new("struct xo_msg *")
-        _check(lib.xo_chan_open(self._c, frame, len(frame), msg))
+        buf = ffi.new("uint8_t[]", frame) if frame else ffi.new("uint8_t[]", 1)
+        _check(lib.xo_chan_open(self._c, buf, len(frame), msg))
         payload = bytes(ffi.buffer(msg.payload, msg.payload_len)) if msg.payload_len else b""
         return Message(MsgType(msg.type), int(msg.conn_id), int(msg.seq),
                        int(msg.channel_id), int(msg.flags), payload)
