@@ -122,13 +122,67 @@ struct xo_tcp_state {
 	uint8_t *recvq;
 	uint8_t *app_data;
 	uint8_t *meta;
+	struct xo_tls_state *tls;  /* NULL: no TLS record state */
 };
+
+/* ---- TLS record state ----------------------------------------------- */
+/*
+ * The record state of a TLS session on the connection, per direction: the
+ * traffic key, IV and salt of the current epoch and the sequence number of
+ * the next record (what the kernel's SOL_TLS TLS_TX/TLS_RX crypto_info
+ * holds, whoever keeps it). Values as in linux/tls.h.
+ *
+ *   cipher                     key  iv  salt   (rec_seq: 8 bytes, a u64 here)
+ *   XO_TLS_AES_GCM_128          16   8   4
+ *   XO_TLS_AES_GCM_256          32   8   4
+ *   XO_TLS_CHACHA20_POLY1305    32  12   0
+ *
+ * Bytes past a cipher's lengths must be zero. A connection with TLS state
+ * moves only at a record boundary with nothing queued either way (empty
+ * send and receive queues): xo_tcp_capture() refuses a kTLS socket with
+ * bytes pending (XO_E_BUSY) and xo_tcp_restore() a TLS state with queues.
+ */
+#define XO_TLS_1_2 0x0303
+#define XO_TLS_1_3 0x0304
+#define XO_TLS_AES_GCM_128 51
+#define XO_TLS_AES_GCM_256 52
+#define XO_TLS_CHACHA20_POLY1305 54
+#define XO_TLS_DIR_TX 1
+#define XO_TLS_DIR_RX 2
+
+struct xo_tls_dir {
+	uint8_t key[32];
+	uint8_t iv[12];
+	uint8_t salt[4];
+	uint64_t rec_seq;   /* the next record's sequence number */
+};
+
+struct xo_tls_state {
+	uint16_t version;   /* XO_TLS_1_2 or XO_TLS_1_3 */
+	uint16_t cipher;    /* XO_TLS_* */
+	uint8_t dirs;       /* XO_TLS_DIR_TX | XO_TLS_DIR_RX: which are set */
+	uint8_t reserved[3];
+	struct xo_tls_dir tx, rx;
+};
+
+/* Check a TLS state (version, cipher, unused bytes, a sequence number
+ * that could still go up): 0 or XO_E_FIELD with the reason. Touches no
+ * socket. */
+int xo_tls_check(const struct xo_tls_state *tls);
+/* Attach a copy of tls to st (checked first; kept in memory excluded from
+ * core dumps, wiped by xo_state_release()); NULL removes it. */
+int xo_state_set_tls(struct xo_tcp_state *st, const struct xo_tls_state *tls);
+/* Whether the kernel has TLS: 1, or 0 with the reason in xo_last_error(). */
+int xo_tls_kernel_available(void);
 
 /* Restore options. Zeroed = bind the captured local endpoint. */
 struct xo_restore_opts {
 	uint32_t size;              /* sizeof(struct xo_restore_opts) */
 	uint8_t use_local;          /* bind .local instead of state->local */
-	uint8_t reserved[3];
+	uint8_t tls_user;           /* 1: leave st->tls to the caller (a record
+				     * layer in user space); 0: install it as
+				     * kernel TLS */
+	uint8_t reserved[2];
 	struct xo_endpoint local;   /* port 0 = keep the captured port */
 };
 

@@ -32,6 +32,17 @@ void xo_clear_error(void);
 void *xo_secret_alloc(size_t size);
 void xo_secret_free(void *secret);
 
+/* TLS (tls.c): lengths of a cipher's key, IV and salt (XO_E_FIELD for an
+ * unknown cipher); whether fd's ULP is "tls"; the kernel's TLS state of a
+ * frozen socket into st->tls (queues must be empty); install it on a
+ * restored, ESTABLISHED socket. */
+int xo_tls_sizes(uint16_t cipher, uint32_t *key, uint32_t *iv,
+		 uint32_t *salt);
+const char *xo_tls_cipher_name(uint16_t cipher);
+int xo_tls_ulp(int fd, int *is_tls);
+int xo_tls_capture_kernel(int fd, struct xo_tcp_state *st);
+int xo_tls_restore_kernel(int fd, const struct xo_tls_state *t);
+
 /* Per-thread counter of system calls made by the current operation. */
 extern __thread unsigned int xo_syscall_count;
 #define XO_SYSCALL(expr) (xo_syscall_count++, (expr))

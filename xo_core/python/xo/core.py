@@ -124,6 +124,86 @@ def _fileno(sock: socket.socket | int) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
 
+# ---- TLS record state ---------------------------------------------------------
+
+TLS_1_2 = lib.XO_TLS_1_2
+TLS_1_3 = lib.XO_TLS_1_3
+TLS_AES_GCM_128 = lib.XO_TLS_AES_GCM_128
+TLS_AES_GCM_256 = lib.XO_TLS_AES_GCM_256
+TLS_CHACHA20_POLY1305 = lib.XO_TLS_CHACHA20_POLY1305
+# key, IV and salt lengths per cipher (as in linux/tls.h)
+TLS_SIZES: dict[int, tuple[int, int, int]] = {
+    TLS_AES_GCM_128: (16, 8, 4),
+    TLS_AES_GCM_256: (32, 8, 4),
+    TLS_CHACHA20_POLY1305: (32, 12, 0),
+}
+
+
+@dataclass(frozen=True)
+class TlsDir:
+    """One direction's record state: traffic key, IV, salt, next record's
+    sequence number. Its repr hides the secrets."""
+    key: bytes
+    iv: bytes
+    salt: bytes
+    rec_seq: int
+
+    def __repr__(self) -> str:
+        return f"TlsDir(key=<{len(self.key)} bytes>, iv=<{len(self.iv)} bytes>, " \
+               f"salt=<{len(self.salt)} bytes>, rec_seq={self.rec_seq})"
+
+
+@dataclass(frozen=True)
+class TlsState:
+    """The TLS record state of a connection (struct xo_tls_state)."""
+    version: int
+    cipher: int
+    tx: TlsDir | None
+    rx: TlsDir | None
+
+    def to_c(self, c: Any) -> None:
+        """Fill a ``struct xo_tls_state *`` (lengths are the caller's: the
+        core checks them)."""
+        c.version = self.version
+        c.cipher = self.cipher
+        c.dirs = (lib.XO_TLS_DIR_TX if self.tx else 0) | (lib.XO_TLS_DIR_RX if self.rx else 0)
+        for d, cd in ((self.tx, c.tx), (self.rx, c.rx)):
+            if d is None:
+                continue
+            for name, cap in (("key", 32), ("iv", 12), ("salt", 4)):
+                value = getattr(d, name)
+                if len(value) > cap:
+                    raise ValueError(f"TLS {name} of {len(value)} bytes (at most {cap})")
+                ffi.memmove(getattr(cd, name), value, len(value))
+            cd.rec_seq = d.rec_seq
+
+    @classmethod
+    def from_c(cls, c: Any) -> TlsState:
+        key, iv, salt = TLS_SIZES.get(int(c.cipher), (32, 12, 4))
+
+        def one(cd: Any) -> TlsDir:
+            return TlsDir(bytes(cd.key)[:key], bytes(cd.iv)[:iv], bytes(cd.salt)[:salt],
+                          int(cd.rec_seq))
+        return cls(int(c.version), int(c.cipher),
+                   one(c.tx) if c.dirs & lib.XO_TLS_DIR_TX else None,
+                   one(c.rx) if c.dirs & lib.XO_TLS_DIR_RX else None)
+
+    def check(self) -> None:
+        """Raise the core's refusal of this state, if any (xo_tls_check)."""
+        c = ffi.new("struct xo_tls_state *")
+        try:
+            self.to_c(c)
+            _check(lib.xo_tls_check(c))
+        finally:
+            ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+
+
+def tls_kernel_available() -> tuple[bool, str]:
+    """Whether this kernel has TLS (CONFIG_TLS), and why not."""
+    ok = lib.xo_tls_kernel_available()
+    return ok == 1, "" if ok == 1 else ffi.string(lib.xo_last_error()).decode()
+
+
 class TcpState:
     """The captured state of one TCP connection (owns its C buffers)."""
 
@@ -195,6 +275,22 @@ class TcpState:
             raise ValueError("a MAC address has 6 bytes")
         lib.xo_state_set_peer_mac(self._c, mac if mac is not None else ffi.NULL)
 
+    @property
+    def tls(self) -> TlsState | None:
+        return TlsState.from_c(self._c.tls) if self._c.tls != ffi.NULL else None
+
+    @tls.setter
+    def tls(self, tls: TlsState | None) -> None:
+        if tls is None:
+            _check(lib.xo_state_set_tls(self._c, ffi.NULL))
+            return
+        c = ffi.new("struct xo_tls_state *")
+        try:
+            tls.to_c(c)
+            _check(lib.xo_state_set_tls(self._c, c))
+        finally:
+            ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+
     def encode(self) -> bytes:
         size = lib.xo_state_encoded_size(self._c)
         buf = ffi.new("uint8_t[]", size)
@@ -212,7 +308,8 @@ class TcpState:
         return (
             f"TcpState({self.local} -> {self.remote}, snd_seq={self.snd_seq}, "
             f"rcv_seq={self.rcv_seq}, inflight={self.inflight_len}, "
-            f"unsent={self.unsent_len}, recvq={self.recvq_len}, options={self.options})"
+            f"unsent={self.unsent_len}, recvq={self.recvq_len}, options={self.options}"
+            f"{', tls' if self._c.tls != ffi.NULL else ''})"
         )
 
 
@@ -240,7 +337,8 @@ def capture(sock: socket.socket | int) -> TcpState:
     return state
 
 
-def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
+def restore(state: TcpState, local: Endpoint | None = None,
+            tls_user: bool = False) -> socket.socket:
     """A new socket carrying ``state``, still frozen (call :func:`resume`).
 
     Never waits and transmits nothing until :func:`resume`, however long the
@@ -248,13 +346,16 @@ def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
 
     ``local`` binds another address/port than the captured one (the target's
     own IP, or a remapped port; port 0 keeps the captured port). The socket
-    belongs to the network namespace of the calling thread.
+    belongs to the network namespace of the calling thread. A state with TLS
+    gets kernel TLS installed, unless ``tls_user`` (the caller runs the
+    record layer).
     """
     opts = ffi.new("struct xo_restore_opts *")
     opts.size = ffi.sizeof("struct xo_restore_opts")
     if local is not None:
         opts.use_local = 1
         local.to_c(opts.local)
+    opts.tls_user = int(tls_user)
     fd = _check(lib.xo_tcp_restore(state.c, opts))
     return socket.socket(fileno=fd)
 
