@@ -91,19 +91,50 @@ def contexts(version: int, cipher: int, certfile: Path, keyfile: Path,
     return client, server
 
 
+class RecordCounter:
+    """Counts whole TLS records in a byte stream (what an application that
+    keeps its session in OpenSSL does to know the record numbers)."""
+
+    def __init__(self) -> None:
+        self.records = 0
+        self._buf = b""
+
+    def add(self, data: bytes) -> None:
+        self._buf += data
+        while len(self._buf) >= 5:
+            size = 5 + int.from_bytes(self._buf[3:5], "big")
+            if len(self._buf) < size:
+                break
+            self._buf = self._buf[size:]
+            self.records += 1
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._buf
+
+
 @dataclass
 class Endpoint:
-    """One end of the session: its socket, its SSLObject and BIOs."""
+    """One end of the session: its socket, its SSLObject and BIOs, and the
+    records it sent and received since the handshake."""
     sock: socket.socket
     obj: ssl.SSLObject
     inc: ssl.MemoryBIO
     out: ssl.MemoryBIO
+    sent: RecordCounter | None = None
+    received: RecordCounter | None = None
 
     def flush(self) -> bytes:
         data = self.out.read()
         if data:
             self.sock.sendall(data)
+            if self.sent is not None:
+                self.sent.add(data)
         return data
+
+    def count_records(self) -> None:
+        """Start counting (after the handshake)."""
+        self.sent, self.received = RecordCounter(), RecordCounter()
 
     def feed(self) -> bool:
         self.sock.settimeout(0.05)
@@ -128,12 +159,17 @@ class Endpoint:
         out = b""
         while len(out) < n:
             try:
-                out += self.obj.read(n - len(out))
+                got = self.obj.read(n - len(out))
+                if not got:  # close_notify
+                    raise ssl.SSLZeroReturnError("the peer closed the TLS session")
+                out += got
             except ssl.SSLWantReadError:
                 data = self.sock.recv(65536)
                 if not data:
                     raise ConnectionError("closed") from None
                 self.inc.write(data)
+                if self.received is not None:
+                    self.received.add(data)
         return out
 
 
@@ -145,6 +181,7 @@ class Session:
     server: Endpoint
     client_write: TlsDir  # what the client encrypts with (the server's RX)
     server_write: TlsDir  # what the server encrypts with (the server's TX)
+    server_random: bytes  # from the ServerHello (TLS 1.2 key expansion)
 
     def server_state(self) -> TlsState:
         """The server's record state right after the handshake."""
@@ -181,18 +218,18 @@ def handshake(client_sock: socket.socket, server_sock: socket.socket, version: i
     if c.obj.cipher()[0] != suite or s.obj.cipher()[0] != suite:
         raise RuntimeError(f"negotiated {c.obj.cipher()}, wanted {suite}")
     log = _keylog(keylog)
+    assert server_bytes[0] == 22 and server_bytes[5] == 2  # ServerHello first
+    server_random = server_bytes[11:43]
     if version == core.TLS_1_3:
         cw = _tls13_dir(log["CLIENT_TRAFFIC_SECRET_0"], cipher, hash_name)
         sw = _tls13_dir(log["SERVER_TRAFFIC_SECRET_0"], cipher, hash_name)
     else:
         # The ServerHello starts the server's first record: record header,
         # handshake header, version, then its 32-byte random.
-        assert server_bytes[0] == 22 and server_bytes[5] == 2
-        server_random = server_bytes[11:43]
         client_random = bytes.fromhex(log["CLIENT_RANDOM"][0])
         cw, sw = _tls12_dirs(log["CLIENT_RANDOM"][1], client_random, server_random,
                              cipher, hash_name)
-    return Session(version, cipher, c, s, cw, sw)
+    return Session(version, cipher, c, s, cw, sw, server_random)
 
 
 def _obj(ctx: ssl.SSLContext, server: bool) -> tuple[ssl.SSLObject, ssl.MemoryBIO,

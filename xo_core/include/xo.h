@@ -175,6 +175,64 @@ int xo_state_set_tls(struct xo_tcp_state *st, const struct xo_tls_state *tls);
 /* Whether the kernel has TLS: 1, or 0 with the reason in xo_last_error(). */
 int xo_tls_kernel_available(void);
 
+/*
+ * The record state of a session from the secrets OpenSSL's key log
+ * callback reports (what a TLS endpoint in user space knows), for this end
+ * (is_server: TX is the server's write side) with the sequence numbers of
+ * the next records each way (the records counted since the keys began:
+ * TLS 1.3 application records from 0; TLS 1.2 from 1, its Finished was 0).
+ *   TLS 1.3: the client and server application traffic secrets
+ *            (CLIENT_TRAFFIC_SECRET_0 / SERVER_TRAFFIC_SECRET_0), 32 or
+ *            48 bytes; keys by HKDF-Expand-Label (RFC 8446 7.3).
+ *   TLS 1.2: the master secret (48 bytes, CLIENT_RANDOM) and both hello
+ *            randoms; keys from the PRF's key expansion (RFC 5246 6.3).
+ */
+int xo_tls13_state(uint16_t cipher, const uint8_t *client_secret,
+		   const uint8_t *server_secret, uint32_t secret_len,
+		   int is_server, uint64_t tx_seq, uint64_t rx_seq,
+		   struct xo_tls_state *out);
+int xo_tls12_state(uint16_t cipher, const uint8_t *master,
+		   uint32_t master_len, const uint8_t *client_random,
+		   const uint8_t *server_random, int is_server,
+		   uint64_t tx_seq, uint64_t rx_seq, struct xo_tls_state *out);
+
+/*
+ * A TLS record layer in user space, for a kernel without TLS (or a
+ * direction OpenSSL keeps in user space): it continues a session from a
+ * struct xo_tls_state, both directions required. Records carry at most
+ * XO_TLS_MAX_PLAINTEXT bytes; a record is at most XO_TLS_MAX_RECORD bytes.
+ *
+ * xo_tls_rec_seal() writes one record of `type` (23 application data, 21
+ * alert) and returns its length. xo_tls_rec_open() looks at buf: 0 when
+ * buf does not hold a whole record yet, else the bytes of the record it
+ * decrypted in place (rec points into buf). A record that does not verify
+ * is XO_E_AUTH; a malformed one XO_E_FIELD / XO_E_TOO_LARGE; either way
+ * the sequence numbers do not move and the session cannot go on (TLS
+ * ends a session at the first bad record). xo_tls_rec_get_state() gives
+ * the state to hand off next.
+ */
+#define XO_TLS_MAX_PLAINTEXT 16384
+#define XO_TLS_MAX_RECORD 16645 /* 5 + 16384 + 256 */
+
+struct xo_tls_rec;
+struct xo_tls_record {
+	uint8_t type;        /* the content type (TLS 1.3: the inner one) */
+	uint8_t reserved[3];
+	uint32_t len;
+	uint8_t *data;       /* plaintext, inside the buffer given to open */
+};
+
+int xo_tls_rec_new(const struct xo_tls_state *tls, struct xo_tls_rec **out);
+void xo_tls_rec_free(struct xo_tls_rec *r);
+size_t xo_tls_rec_sealed_size(const struct xo_tls_rec *r, uint32_t len);
+int64_t xo_tls_rec_seal(struct xo_tls_rec *r, uint8_t type,
+			const uint8_t *in, uint32_t len, uint8_t *out,
+			size_t cap);
+int64_t xo_tls_rec_open(struct xo_tls_rec *r, uint8_t *buf, size_t len,
+			struct xo_tls_record *rec);
+int xo_tls_rec_get_state(const struct xo_tls_rec *r,
+			 struct xo_tls_state *out);
+
 /* Restore options. Zeroed = bind the captured local endpoint. */
 struct xo_restore_opts {
 	uint32_t size;              /* sizeof(struct xo_restore_opts) */

@@ -198,6 +198,88 @@ class TlsState:
             ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
 
 
+def _tls_out(fill: Any) -> TlsState:
+    c = ffi.new("struct xo_tls_state *")
+    try:
+        _check(fill(c))
+        return TlsState.from_c(c)
+    finally:
+        ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+
+
+def tls13_state(cipher: int, client_secret: bytes, server_secret: bytes, is_server: bool,
+                tx_seq: int, rx_seq: int) -> TlsState:
+    """This end's record state from the TLS 1.3 application traffic secrets
+    (OpenSSL's key log) and the next record numbers (xo_tls13_state)."""
+    if len(client_secret) != len(server_secret):
+        raise ValueError("the two traffic secrets differ in length")
+    return _tls_out(lambda c: lib.xo_tls13_state(cipher, client_secret, server_secret,
+                                                 len(client_secret), int(is_server),
+                                                 tx_seq, rx_seq, c))
+
+
+def tls12_state(cipher: int, master: bytes, client_random: bytes, server_random: bytes,
+                is_server: bool, tx_seq: int, rx_seq: int) -> TlsState:
+    """This end's record state from a TLS 1.2 master secret and the hello
+    randoms (xo_tls12_state)."""
+    if len(client_random) != 32 or len(server_random) != 32:
+        raise ValueError("hello randoms have 32 bytes")
+    return _tls_out(lambda c: lib.xo_tls12_state(cipher, master, len(master), client_random,
+                                                 server_random, int(is_server), tx_seq,
+                                                 rx_seq, c))
+
+
+@dataclass(frozen=True)
+class TlsRecord:
+    type: int
+    data: bytes
+
+
+class TlsRecordLayer:
+    """The core's TLS record layer in user space (xo_tls_rec_*): continues a
+    session from a TlsState with both directions."""
+
+    APPLICATION_DATA = 23
+    ALERT = 21
+
+    def __init__(self, state: TlsState) -> None:
+        c = ffi.new("struct xo_tls_state *")
+        out = ffi.new("struct xo_tls_rec **")
+        try:
+            state.to_c(c)
+            _check(lib.xo_tls_rec_new(c, out))
+        finally:
+            ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+        self._r = ffi.gc(out[0], lib.xo_tls_rec_free)
+
+    def seal(self, data: bytes, type: int = APPLICATION_DATA) -> bytes:
+        """data as records of at most 16 KiB each."""
+        out = []
+        for off in range(0, max(len(data), 1), lib.XO_TLS_MAX_PLAINTEXT):
+            chunk = data[off:off + lib.XO_TLS_MAX_PLAINTEXT]
+            size = lib.xo_tls_rec_sealed_size(self._r, len(chunk))
+            buf = ffi.new("uint8_t[]", size)
+            n = lib.xo_tls_rec_seal(self._r, type, chunk, len(chunk), buf, size)
+            _check(int(n) if n < 0 else 0)
+            out.append(bytes(ffi.buffer(buf, n)))
+        return b"".join(out)
+
+    def open(self, data: bytes) -> tuple[int, TlsRecord | None]:
+        """(bytes used, the record) for the record data starts with; (0, None)
+        until data holds a whole record."""
+        buf = ffi.new("uint8_t[]", data) if data else ffi.new("uint8_t[]", 1)
+        rec = ffi.new("struct xo_tls_record *")
+        n = lib.xo_tls_rec_open(self._r, buf, len(data), rec)
+        _check(int(n) if n < 0 else 0)
+        if n == 0:
+            return 0, None
+        return int(n), TlsRecord(int(rec.type), bytes(ffi.buffer(rec.data, rec.len)))
+
+    @property
+    def state(self) -> TlsState:
+        return _tls_out(lambda c: lib.xo_tls_rec_get_state(self._r, c))
+
+
 def tls_kernel_available() -> tuple[bool, str]:
     """Whether this kernel has TLS (CONFIG_TLS), and why not."""
     ok = lib.xo_tls_kernel_available()
