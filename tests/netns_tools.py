@@ -20,6 +20,7 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from xo.lab import in_netns
 
@@ -142,10 +143,11 @@ class VethPair:
         ip("-n", self.peer_ns, "link", "set", "dev", self.peer_if, "mtu", str(mtu))
         ip("-n", self.host_ns, "link", "set", "dev", self.host_if, "mtu", str(mtu))
 
-    def block(self) -> None:
+    def block(self, ns: str | None = None) -> None:
         """Drop every packet from the peer in the host namespace (the role
-        the eBPF block rule plays in production)."""
-        nft(self.host_ns, f"""
+        the eBPF block rule plays in production); `ns`: another host
+        namespace than the current one."""
+        nft(ns or self.host_ns, f"""
             table inet xo_block {{
               chain input {{ type filter hook input priority -300; policy accept;
                 ip saddr {PEER_V4} drop
@@ -154,9 +156,40 @@ class VethPair:
             }}""")
         self._blocked = True
 
-    def unblock(self) -> None:
-        nft(self.host_ns, "delete table inet xo_block")
+    def unblock(self, ns: str | None = None) -> None:
+        nft(ns or self.host_ns, "delete table inet xo_block")
         self._blocked = False
+
+    def hand_over(self, sock: socket.socket, *, tls: Any = None,
+                  tls_user: bool = False) -> tuple[socket.socket, Any]:
+        """Move a connection's host end to the other namespace, as a handoff
+        does: block the peer here and in the destination first (a segment it
+        resends meanwhile must not meet a namespace without the socket, which
+        would reset it), freeze, capture (``tls``: the TLS state to carry, for a session kept
+        in user space), encode, discard; move the link; decode, restore
+        (``tls_user``: leave the keys to the caller), resume; unblock.
+        Returns the restored socket and the captured state."""
+        from xo import core
+
+        old = self.host_ns
+        new = self.ns["b" if self.location == "a" else "a"]
+        self.block(old)
+        self.block(new)
+        core.freeze(sock)
+        state = core.capture(sock)
+        if tls is not None:
+            state.tls = tls
+        wire = state.encode()
+        core.discard(sock)
+        self.move_host_link("b" if self.location == "a" else "a")
+        moved = core.TcpState.decode(wire)
+        with in_netns(self.host_ns):
+            restored = core.restore(moved, tls_user=tls_user)
+        core.resume(restored, moved)
+        self.unblock(old)
+        self.unblock(new)
+        restored.settimeout(10)
+        return restored, state
 
     def close(self) -> None:
         for ns in (self.peer_ns, *self.ns.values()):

@@ -30,7 +30,6 @@ from tls_tools import NAMES, SUITES, handshake, make_cert
 from xo import core
 from xo._xo_cffi import lib
 from xo.core import TlsDir, TlsState, XoError
-from xo.lab import in_netns
 
 pytestmark = pytest.mark.fullkernel
 
@@ -119,8 +118,9 @@ def test_ktls_state_moves_to_another_namespace(pair: VethPair, cert: tuple[Path,
     core.resume(host)
     assert recv_exactly(host, 6) == b"unread"
 
-    core.freeze(host)
-    state = core.capture(host)
+    # Captured (the core reads the kernel's TLS state), restored in the
+    # other namespace, where the host's link and address move.
+    restored, state = pair.hand_over(host)
     tls = state.tls
     assert tls is not None and (tls.version, tls.cipher) == (version, cipher)
     assert tls.tx is not None and tls.rx is not None
@@ -129,17 +129,7 @@ def test_ktls_state_moves_to_another_namespace(pair: VethPair, cert: tuple[Path,
     assert tls.tx.rec_seq == start + 3  # three records sent
     assert tls.rx.rec_seq == start + 4  # three requests and "unread"
     assert "key=<" in repr(tls.tx) and tls.tx.key.hex() not in repr(state)
-    wire = state.encode()
-    core.discard(host)
-
-    # Another namespace: the host's link (and address) moves there.
-    pair.move_host_link("b" if pair.location == "a" else "a")
-    moved = core.TcpState.decode(wire)
-    assert moved.tls == tls
-    with in_netns(pair.host_ns):
-        restored = core.restore(moved)
-    core.resume(restored, moved)
-    restored.settimeout(10)
+    assert core.TcpState.decode(state.encode()).tls == tls
     assert ulp(restored) == b"tls"
 
     # The peer's OpenSSL keeps decrypting; the new socket keeps decrypting.
@@ -162,6 +152,65 @@ def test_ktls_state_moves_to_another_namespace(pair: VethPair, cert: tuple[Path,
     assert resets(pair) == before
     peer.close()
     restored.close()
+
+
+def read_records(layer: core.TlsRecordLayer, sock: socket.socket, n: int) -> bytes:
+    buf, out = b"", b""
+    while len(out) < n:
+        used, rec = layer.open(buf)
+        if rec is None:
+            chunk = sock.recv(65536)
+            assert chunk, "closed"
+            buf += chunk
+            continue
+        out += rec.data
+        buf = buf[used:]
+    return out
+
+
+@pytest.mark.parametrize(("version", "cipher"),
+                         [(core.TLS_1_2, core.TLS_AES_GCM_128),
+                          (core.TLS_1_3, core.TLS_CHACHA20_POLY1305)],
+                         ids=["tls12-aes128", "tls13-chacha"])
+def test_ktls_and_the_user_space_record_layer_hand_over_both_ways(
+        pair: VethPair, cert: tuple[Path, Path], tmp_path: Path, version: int,
+        cipher: int) -> None:
+    """kTLS socket -> restored with the keys left to the core's record layer
+    (tls_user) -> restored again with kernel TLS; one session throughout."""
+    peer, host = connect(pair)
+    before = resets(pair)
+    sess = handshake(peer, host, version, cipher, *cert, tmp_path / "keylog")
+    start = 1 if version == core.TLS_1_2 else 0
+    install_ktls(host, sess.server_state())
+    host.sendall(b"from kTLS")
+    assert sess.client.recv_exactly(9) == b"from kTLS"
+    wait_for(lambda: queue_sizes(host)[1] == 0, "acknowledged")
+
+    # kTLS -> user space.
+    user, state = pair.hand_over(host, tls_user=True)
+    assert state.tls is not None and state.tls.tx is not None
+    assert state.tls.tx.rec_seq == start + 1
+    assert ulp(user) == b""
+    layer = core.TlsRecordLayer(state.tls)
+    for i in range(3):
+        msg = f"from the core's record layer {i}".encode()
+        user.sendall(layer.seal(msg))
+        assert sess.client.recv_exactly(len(msg)) == msg
+        sess.client.send(b"to the core")
+        assert read_records(layer, user, 11) == b"to the core"
+    wait_for(lambda: queue_sizes(user)[1] == 0, "acknowledged")
+
+    # user space -> kTLS.
+    kernel, _ = pair.hand_over(user, tls=layer.state)
+    assert ulp(kernel) == b"tls"
+    for _ in range(3):
+        kernel.sendall(b"from kTLS again")
+        assert sess.client.recv_exactly(15) == b"from kTLS again"
+        sess.client.send(b"to kTLS")
+        assert recv_exactly(kernel, 7) == b"to kTLS"
+    assert resets(pair) == before
+    peer.close()
+    kernel.close()
 
 
 def test_ktls_capture_refuses_a_send_queue(pair: VethPair, cert: tuple[Path, Path],

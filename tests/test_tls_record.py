@@ -22,7 +22,6 @@ from tls_tools import NAMES, SUITES, Session, handshake, make_cert
 from xo import core
 from xo._xo_cffi import lib
 from xo.core import TlsRecordLayer, TlsState, XoError
-from xo.lab import in_netns
 
 COMBOS = list(SUITES)
 IDS = [f"{NAMES[v]}-{NAMES[c]}" for v, c in COMBOS]
@@ -148,20 +147,6 @@ def pair() -> Iterator[VethPair]:
         p.close()
 
 
-def move(pair: VethPair, sock: socket.socket, state: core.TcpState) -> socket.socket:
-    """Discard sock, move the host's link to the other namespace, restore
-    there with the TLS keys left to the caller."""
-    wire = state.encode()
-    core.discard(sock)
-    pair.move_host_link("b" if pair.location == "a" else "a")
-    moved = core.TcpState.decode(wire)
-    with in_netns(pair.host_ns):
-        restored = core.restore(moved, tls_user=True)
-    core.resume(restored, moved)
-    restored.settimeout(10)
-    return restored
-
-
 @pytest.mark.parametrize(("version", "cipher"),
                          [(core.TLS_1_2, core.TLS_AES_GCM_256),
                           (core.TLS_1_3, core.TLS_CHACHA20_POLY1305),
@@ -187,13 +172,10 @@ def test_openssl_session_moves_and_the_core_carries_it_on(pair: VethPair,
     assert server.sent and server.received
     assert server.sent.at_boundary and server.received.at_boundary
     assert server.obj.pending() == 0 and server.inc.pending == 0
-    core.freeze(host)
-    state = core.capture(host)
-    assert state.tls is None and state.recvq_len == 0 and state.inflight_len == 0
-    state.tls = core_state(sess, tmp_path / "keylog", sess.server_random,
-                           start + server.sent.records, start + server.received.records)
-    tls = state.tls
-    restored = move(pair, host, state)
+    tls = core_state(sess, tmp_path / "keylog", sess.server_random,
+                     start + server.sent.records, start + server.received.records)
+    restored, state = pair.hand_over(host, tls=tls, tls_user=True)
+    assert state.recvq_len == 0 and state.inflight_len == 0
 
     # The core's record layer carries on; a few exchanges, then back again.
     for hop in range(3):
@@ -207,10 +189,7 @@ def test_openssl_session_moves_and_the_core_carries_it_on(pair: VethPair,
             assert read_records(layer, restored, len(req)) == req
         wait_for(lambda s=restored: queue_sizes(s)[1] == 0, "records acknowledged")
         tls = layer.state
-        core.freeze(restored)
-        state = core.capture(restored)
-        state.tls = tls
-        restored = move(pair, restored, state)
+        restored, _ = pair.hand_over(restored, tls=tls, tls_user=True)
     assert snmp_tcp(pair.peer_ns)["OutRsts"] == rst["OutRsts"]
     assert snmp_tcp(pair.peer_ns)["EstabResets"] == rst["EstabResets"]
     peer.close()
