@@ -160,34 +160,49 @@ class VethPair:
         nft(ns or self.host_ns, "delete table inet xo_block")
         self._blocked = False
 
-    def hand_over(self, sock: socket.socket, *, tls: Any = None,
+    def hand_over(self, sock: socket.socket, peer: socket.socket, *, tls: Any = None,
                   tls_user: bool = False) -> tuple[socket.socket, Any]:
         """Move a connection's host end to the other namespace, as a handoff
-        does: block the peer here and in the destination first (a segment it
-        resends meanwhile must not meet a namespace without the socket, which
-        would reset it), freeze, capture (``tls``: the TLS state to carry, for a session kept
-        in user space), encode, discard; move the link; decode, restore
-        (``tls_user``: leave the keys to the caller), resume; unblock.
-        Returns the restored socket and the captured state."""
+        does (IPv4), once both ends' send queues are empty: with nothing
+        unacknowledged the peer sends nothing while the connection moves (a
+        segment it resent would meet the frozen socket, or a namespace without
+        the socket, which would reset it; a real handoff blocks the flow
+        instead). Freeze, capture (``tls``: the TLS state to carry, for a
+        session kept in user space), encode, discard; move the link with its
+        address; decode, restore (``tls_user``: keys left to the caller),
+        resume. Netlink in-process, no tool processes (the full-kernel lane
+        pays for each). Returns the restored socket and the captured state."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
         from xo import core
 
-        old = self.host_ns
-        new = self.ns["b" if self.location == "a" else "a"]
-        self.block(old)
-        self.block(new)
+        assert not self.v6, "hand_over moves IPv4 connections"
+        wait_for(lambda: queue_sizes(sock)[1] == 0 and queue_sizes(peer)[1] == 0,
+                 "both ends' bytes acknowledged")
+        new_loc = "b" if self.location == "a" else "a"
         core.freeze(sock)
         state = core.capture(sock)
         if tls is not None:
             state.tls = tls
         wire = state.encode()
         core.discard(sock)
-        self.move_host_link("b" if self.location == "a" else "a")
+        with in_netns(self.host_ns):
+            old = IPRoute()
+        with old:
+            index = old.link_lookup(ifname=self.host_if)[0]
+            old.link("set", index=index, net_ns_fd=self.ns[new_loc])
+        self.location = new_loc
+        with in_netns(self.host_ns):
+            new = IPRoute()
+        with new:
+            index = new.link_lookup(ifname=self.host_if)[0]
+            new.addr("add", index=index, address=HOST_V4, prefixlen=24)
+            new.addr("add", index=index, address=HOST_V6, prefixlen=64, flags=IFA_F_NODAD)
+            new.link("set", index=index, state="up")
         moved = core.TcpState.decode(wire)
         with in_netns(self.host_ns):
             restored = core.restore(moved, tls_user=tls_user)
         core.resume(restored, moved)
-        self.unblock(old)
-        self.unblock(new)
         restored.settimeout(10)
         return restored, state
 

@@ -120,7 +120,7 @@ def test_ktls_state_moves_to_another_namespace(pair: VethPair, cert: tuple[Path,
 
     # Captured (the core reads the kernel's TLS state), restored in the
     # other namespace, where the host's link and address move.
-    restored, state = pair.hand_over(host)
+    restored, state = pair.hand_over(host, peer)
     tls = state.tls
     assert tls is not None and (tls.version, tls.cipher) == (version, cipher)
     assert tls.tx is not None and tls.rx is not None
@@ -187,7 +187,7 @@ def test_ktls_and_the_user_space_record_layer_hand_over_both_ways(
     wait_for(lambda: queue_sizes(host)[1] == 0, "acknowledged")
 
     # kTLS -> user space.
-    user, state = pair.hand_over(host, tls_user=True)
+    user, state = pair.hand_over(host, peer, tls_user=True)
     assert state.tls is not None and state.tls.tx is not None
     assert state.tls.tx.rec_seq == start + 1
     assert ulp(user) == b""
@@ -201,7 +201,7 @@ def test_ktls_and_the_user_space_record_layer_hand_over_both_ways(
     wait_for(lambda: queue_sizes(user)[1] == 0, "acknowledged")
 
     # user space -> kTLS.
-    kernel, _ = pair.hand_over(user, tls=layer.state)
+    kernel, _ = pair.hand_over(user, peer, tls=layer.state)
     assert ulp(kernel) == b"tls"
     for _ in range(3):
         kernel.sendall(b"from kTLS again")

@@ -174,7 +174,7 @@ def test_openssl_session_moves_and_the_core_carries_it_on(pair: VethPair,
     assert server.obj.pending() == 0 and server.inc.pending == 0
     tls = core_state(sess, tmp_path / "keylog", sess.server_random,
                      start + server.sent.records, start + server.received.records)
-    restored, state = pair.hand_over(host, tls=tls, tls_user=True)
+    restored, state = pair.hand_over(host, peer, tls=tls, tls_user=True)
     assert state.recvq_len == 0 and state.inflight_len == 0
 
     # The core's record layer carries on; a few exchanges, then back again.
@@ -189,7 +189,7 @@ def test_openssl_session_moves_and_the_core_carries_it_on(pair: VethPair,
             assert read_records(layer, restored, len(req)) == req
         wait_for(lambda s=restored: queue_sizes(s)[1] == 0, "records acknowledged")
         tls = layer.state
-        restored, _ = pair.hand_over(restored, tls=tls, tls_user=True)
+        restored, _ = pair.hand_over(restored, peer, tls=tls, tls_user=True)
     assert snmp_tcp(pair.peer_ns)["OutRsts"] == rst["OutRsts"]
     assert snmp_tcp(pair.peer_ns)["EstabResets"] == rst["EstabResets"]
     peer.close()
