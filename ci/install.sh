@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
 	build-essential make pkg-config python3-venv python3-dev libssl-dev
+	# the envelope tests model AES-GCM and HKDF with it (the venv sees it)
+	python3-cryptography
 	clang libclang-rt-14-dev libbpf-dev libmnl-dev
 	iproute2 nftables tcpdump curl procps
 	# the full-kernel lane (ci/vmlane.sh): QEMU, a static busybox for its

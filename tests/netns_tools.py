@@ -22,6 +22,7 @@ import termios
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from xo.lab import add_addresses, add_veth, create_netns, in_netns, move_link, remove_netns
 
@@ -139,10 +140,11 @@ class VethPair:
         ip("-n", self.peer_ns, "link", "set", "dev", self.peer_if, "mtu", str(mtu))
         ip("-n", self.host_ns, "link", "set", "dev", self.host_if, "mtu", str(mtu))
 
-    def block(self) -> None:
+    def block(self, ns: str | None = None) -> None:
         """Drop every packet from the peer in the host namespace (the role
-        the eBPF block rule plays in production)."""
-        nft(self.host_ns, f"""
+        the eBPF block rule plays in production); `ns`: another host
+        namespace than the current one."""
+        nft(ns or self.host_ns, f"""
             table inet xo_block {{
               chain input {{ type filter hook input priority -300; policy accept;
                 ip saddr {PEER_V4} drop
@@ -151,9 +153,55 @@ class VethPair:
             }}""")
         self._blocked = True
 
-    def unblock(self) -> None:
-        nft(self.host_ns, "delete table inet xo_block")
+    def unblock(self, ns: str | None = None) -> None:
+        nft(ns or self.host_ns, "delete table inet xo_block")
         self._blocked = False
+
+    def hand_over(self, sock: socket.socket, peer: socket.socket, *, tls: Any = None,
+                  tls_user: bool = False) -> tuple[socket.socket, Any]:
+        """Move a connection's host end to the other namespace, as a handoff
+        does (IPv4), once both ends' send queues are empty: with nothing
+        unacknowledged the peer sends nothing while the connection moves (a
+        segment it resent would meet the frozen socket, or a namespace without
+        the socket, which would reset it; a real handoff blocks the flow
+        instead). Freeze, capture (``tls``: the TLS state to carry, for a
+        session kept in user space), encode, discard; move the link with its
+        address; decode, restore (``tls_user``: keys left to the caller),
+        resume. Netlink in-process, no tool processes (the full-kernel lane
+        pays for each). Returns the restored socket and the captured state."""
+        from pyroute2 import IPRoute
+        from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
+        from xo import core
+
+        assert not self.v6, "hand_over moves IPv4 connections"
+        wait_for(lambda: queue_sizes(sock)[1] == 0 and queue_sizes(peer)[1] == 0,
+                 "both ends' bytes acknowledged")
+        new_loc = "b" if self.location == "a" else "a"
+        core.freeze(sock)
+        state = core.capture(sock)
+        if tls is not None:
+            state.tls = tls
+        wire = state.encode()
+        core.discard(sock)
+        with in_netns(self.host_ns):
+            old = IPRoute()
+        with old:
+            index = old.link_lookup(ifname=self.host_if)[0]
+            old.link("set", index=index, net_ns_fd=self.ns[new_loc])
+        self.location = new_loc
+        with in_netns(self.host_ns):
+            new = IPRoute()
+        with new:
+            index = new.link_lookup(ifname=self.host_if)[0]
+            new.addr("add", index=index, address=HOST_V4, prefixlen=24)
+            new.addr("add", index=index, address=HOST_V6, prefixlen=64, flags=IFA_F_NODAD)
+            new.link("set", index=index, state="up")
+        moved = core.TcpState.decode(wire)
+        with in_netns(self.host_ns):
+            restored = core.restore(moved, tls_user=tls_user)
+        core.resume(restored, moved)
+        restored.settimeout(10)
+        return restored, state
 
     def close(self) -> None:
         for ns in (self.peer_ns, *self.ns.values()):

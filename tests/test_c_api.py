@@ -137,7 +137,7 @@ CXX_SOURCE = """\
 extern "C" const char *xo_last_error(void);
 extern "C" const char *xo_strerror(int code);
 extern "C" int xo_tcp_capture(int fd, struct xo_tcp_state *st);
-extern "C" int xo_chan_open(struct xo_chan *ch, const uint8_t *buf, size_t len,
+extern "C" int xo_chan_open(struct xo_chan *ch, uint8_t *buf, size_t len,
                             struct xo_msg *msg);
 {extra}
 int main()

@@ -61,7 +61,8 @@ VERSION = 1
 OPTIONAL = 1
 F_ENDPOINTS, F_SEQ, F_WINDOW, F_OPTIONS = 1, 2, 3, 4
 F_SENDQ, F_RECVQ, F_APP, F_META, F_PEER_MAC = 5, 6, 7, 8, 9
-F_MAX = 9
+F_TLS = 10  # TLS record state: known, never optional (tests/test_tls_state.py)
+F_MAX = 10
 REQUIRED = (F_ENDPOINTS, F_SEQ, F_WINDOW, F_OPTIONS)
 FIXED_LEN = {F_ENDPOINTS: 48, F_SEQ: 8, F_WINDOW: 20, F_OPTIONS: 12, F_PEER_MAC: 6}
 U32 = 2**32 - 1
@@ -831,7 +832,7 @@ def test_malformed_total_is_asserted() -> None:
 
 FUZZ_SECONDS = int(os.environ.get("XO_FUZZ_SECONDS", "10"))
 # The codec's sources only: the harness needs no libbpf/libmnl.
-FUZZ_SOURCES = ["state_codec.c", "tcp_repair.c", "endpoint.c", "error.c"]
+FUZZ_SOURCES = ["state_codec.c", "tcp_repair.c", "tls.c", "secret.c", "endpoint.c", "error.c"]
 
 
 def build_fuzzer(harness: str, sources: list[str], libs: list[str], out: Path) -> Path:
@@ -873,7 +874,7 @@ def run_fuzzer(exe: Path, seeds: list[bytes], out: Path) -> str:
 
 
 def test_libfuzzer_state_decode(tmp_path: Path) -> None:
-    exe = build_fuzzer("fuzz_state_decode.c", FUZZ_SOURCES, [], tmp_path)
+    exe = build_fuzzer("fuzz_state_decode.c", FUZZ_SOURCES, ["-lcrypto"], tmp_path)
     rng = random.Random(20)
     seeds = [ref_encode(FULL), ref_encode(V6)] + [ref_encode(random_fields(rng, queues=40))
                                                   for _ in range(30)]

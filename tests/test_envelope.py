@@ -1,18 +1,22 @@
 """The control-message envelope (xo_core/src/envelope.c) against a model of
-its documented layout and checks, written here with Python's hmac module.
+its documented layout, keys and checks, written here with the cryptography
+package (HKDF, AES-GCM) and Python's hmac module.
 
 Frame layout (big-endian), as documented in envelope.c:
 
-    "XM" | version u8 | type u8 | sender role u8 | reserved u8 (0)
+    "XM" | version u8 (2) | type u8 | sender role u8 | reserved u8 (0)
     | flags u16 | conn id u64 | seq u64 | channel id u64
-    | payload length u32 | reserved u32 (0) | payload | HMAC-SHA256
+    | payload length u32 | reserved u32 (0) | payload | tag (16 bytes)
 
-The MAC covers header and payload under the cluster key. Structure is
-checked first (magic, version, size limit, length), then the MAC, and only
-then, on an authentic frame: reflection, reserved bytes, channel id,
-sequence (a seen one is a replay; anything but exactly one more than the
-last is a gap) and message type. A rejected frame never moves the
-channel's sequence numbers.
+Every message but HELLO is AES-256-GCM under the session's key for its
+direction (HKDF-SHA256: cluster key, both HELLO nonces as salt), the header
+as associated data, the nonce the direction's IV XOR the sequence number.
+HELLO carries its nonce in clear with HMAC-SHA256 (16 bytes) under a key
+derived from the cluster key. Structure is checked first (magic, version,
+size limit, length), then the tag, and only then, on an authentic frame:
+reflection, reserved bytes, channel id, sequence (a seen one is a replay;
+anything but exactly one more than the last is a gap) and message type. A
+rejected frame never moves the channel's sequence numbers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_codec import build_fuzzer, message_of, run_fuzzer
@@ -46,10 +54,46 @@ from xo.core import (
 
 HDR = struct.Struct(">2sBBBBHQQQII")
 MAGIC = b"XM"
-VERSION = 1
+VERSION = 2
 U64 = 2**64 - 1
 KEY = bytes(range(1, 33))
-CHAN = 0x1234_5678_9ABC_DEF0
+# The HELLO nonces of the test session (host's, target's).
+N0 = bytes(range(HELLO_NONCE_LEN))
+N1 = bytes(range(100, 100 + HELLO_NONCE_LEN))
+H2T, T2H = 0, 1  # directions: what role 0 sends, what role 1 sends
+
+
+def hkdf(ikm: bytes, salt: bytes | None, info: str, n: int) -> bytes:
+    return HKDF(hashes.SHA256(), n, salt, info.encode()).derive(ikm)
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session's keys, derived here as envelope.c documents them."""
+    key: bytes
+    n0: bytes = N0
+    n1: bytes = N1
+
+    @property
+    def channel_id(self) -> int:
+        return int.from_bytes(hashlib.sha256(self.n0 + self.n1).digest()[:8], "big")
+
+    def hello_key(self) -> bytes:
+        return hkdf(self.key, None, "xo ctl v2 hello", 32)
+
+    def aead(self, direction: int) -> tuple[AESGCM, bytes]:
+        d = ("h2t", "t2h")[direction]
+        salt = self.n0 + self.n1
+        return (AESGCM(hkdf(self.key, salt, f"xo ctl v2 key {d}", 32)),
+                hkdf(self.key, salt, f"xo ctl v2 iv {d}", 12))
+
+
+def nonce(iv: bytes, seq: int) -> bytes:
+    return bytes(a ^ b for a, b in zip(iv, bytes(4) + seq.to_bytes(8, "big"), strict=True))
+
+
+SESSION = Session(KEY)
+CHAN = SESSION.channel_id
 
 OK = 0
 STRUCTURAL = {lib.XO_E_TRUNCATED, lib.XO_E_BAD_MAGIC, lib.XO_E_VERSION, lib.XO_E_LENGTH,
@@ -62,7 +106,7 @@ CLASS: dict[int, type[XoError]] = {
     lib.XO_E_INVAL: XoError,
 }
 
-assert HDR.size == ENV_HEADER_LEN == 40 and ENV_MAC_LEN == 32
+assert HDR.size == ENV_HEADER_LEN == 40 and ENV_MAC_LEN == 16 and lib.XO_ENV_VERSION == VERSION
 
 
 def name(code: int) -> str:
@@ -84,17 +128,44 @@ class Header:
     reserved32: int = 0
 
 
-def forge(key: bytes, h: Header, payload: bytes = b"") -> bytes:
-    """A frame built and MACed here, by the documented layout."""
+def forge(sess: Session | bytes, h: Header, payload: bytes = b"",
+          direction: int | None = None) -> bytes:
+    """A frame built and sealed here, by the documented layout: HELLO with
+    the HMAC, anything else encrypted for `direction` (by default the one
+    the role byte says; 1 for role bytes other than 0)."""
+    if isinstance(sess, bytes):
+        sess = Session(sess)
     plen = len(payload) if h.payload_len is None else h.payload_len
     head = HDR.pack(h.magic, h.version, h.type, h.role, h.reserved8, h.flags, h.conn_id,
                     h.seq, h.channel_id, plen, h.reserved32)
-    body = head + payload
-    return body + hmac.new(key, body, hashlib.sha256).digest()
+    if h.type == MsgType.HELLO:
+        body = head + payload
+        return body + hmac.new(sess.hello_key(), body, hashlib.sha256).digest()[:ENV_MAC_LEN]
+    if direction is None:
+        direction = H2T if h.role == 0 else T2H
+    aes, iv = sess.aead(direction)
+    return head + aes.encrypt(nonce(iv, h.seq), payload, head)
 
 
-def expected(frame: bytes, key: bytes, role: int, channel_id: int, recv_seq: int) -> int:
+def unseal(frame: bytes, sess: Session, role: int) -> bytes | None:
+    """The plaintext of a frame the receiver of `role` opens, None if it does
+    not verify (the model of the tag check)."""
+    if frame[3] == MsgType.HELLO:
+        want = hmac.new(sess.hello_key(), frame[:-ENV_MAC_LEN], hashlib.sha256).digest()
+        ok = hmac.compare_digest(want[:ENV_MAC_LEN], frame[-ENV_MAC_LEN:])
+        return frame[HDR.size:-ENV_MAC_LEN] if ok else None
+    aes, iv = sess.aead(T2H if role == 0 else H2T)
+    try:
+        return aes.decrypt(nonce(iv, seq_of(frame)), frame[HDR.size:], frame[:HDR.size])
+    except InvalidTag:
+        return None
+
+
+def expected(frame: bytes, sess: Session | bytes, role: int, channel_id: int,
+             recv_seq: int, bound: bool = True) -> int:
     """What xo_chan_open() must answer, in its documented order."""
+    if isinstance(sess, bytes):
+        sess = Session(sess)
     if len(frame) < HDR.size:
         return lib.XO_E_TRUNCATED
     (magic, version, mtype, sender, res8, _flags, _conn, seq, chan, plen,
@@ -110,8 +181,9 @@ def expected(frame: bytes, key: bytes, role: int, channel_id: int, recv_seq: int
         return lib.XO_E_TRUNCATED
     if size < len(frame):
         return lib.XO_E_LENGTH
-    want = hmac.new(key, frame[:-ENV_MAC_LEN], hashlib.sha256).digest()
-    if not hmac.compare_digest(want, frame[-ENV_MAC_LEN:]):
+    if mtype != MsgType.HELLO and not bound:
+        return lib.XO_E_AUTH
+    if unseal(frame, sess, role) is None:
         return lib.XO_E_AUTH
     if sender == role:
         return lib.XO_E_CHANNEL
@@ -128,9 +200,16 @@ def expected(frame: bytes, key: bytes, role: int, channel_id: int, recv_seq: int
     return OK
 
 
-def pair(key: bytes = KEY, channel_id: int = CHAN) -> tuple[Channel, Channel]:
-    """(host, target): role 0 and role 1 ends of one channel."""
-    return Channel(key, channel_id, 0), Channel(key, channel_id, 1)
+def bound(key: bytes, role: int, n0: bytes = N0, n1: bytes = N1) -> Channel:
+    """One end of the session whose HELLO nonces were n0 (host), n1 (target)."""
+    ch = Channel(key, 0, role)
+    ch.bind(n0, n1) if role == 0 else ch.bind(n1, n0)
+    return ch
+
+
+def pair(key: bytes = KEY, n0: bytes = N0, n1: bytes = N1) -> tuple[Channel, Channel]:
+    """(host, target): role 0 and role 1 ends of one bound session."""
+    return bound(key, 0, n0, n1), bound(key, 1, n0, n1)
 
 
 def state_of(ch: Channel) -> tuple[int, int, int]:
@@ -156,10 +235,11 @@ def rejected(ch: Channel, frame: bytes, code: int) -> None:
 
 def check(ch: Channel, frame: bytes, key: bytes = KEY) -> int:
     """open() must do exactly what the model says. Returns the code."""
-    code = expected(frame, key, ch._c.role, ch.channel_id, ch.recv_seq)
+    code = expected(frame, key, ch._c.role, ch.channel_id, ch.recv_seq, ch.bound)
     if code == OK:
         msg = ch.open(frame)
         assert ch.recv_seq == msg.seq
+        assert msg.payload == unseal(frame, Session(key), ch._c.role)
     else:
         rejected(ch, frame, code)
     return code
@@ -206,17 +286,21 @@ QUOTA = {
 # ---- round trips --------------------------------------------------------------------
 
 
-def check_round_trip(key: bytes, channel_id: int, sender_role: int, mtype: MsgType,
-                     conn_id: int, flags: int, payload: bytes) -> None:
-    sender = Channel(key, channel_id, sender_role)
-    receiver = Channel(key, channel_id, 1 - sender_role)
+def check_round_trip(key: bytes, nonces: tuple[bytes, bytes], sender_role: int,
+                     mtype: MsgType, conn_id: int, flags: int, payload: bytes) -> None:
+    sess = Session(key, *nonces)
+    sender = bound(key, sender_role, *nonces)
+    receiver = bound(key, 1 - sender_role, *nonces)
+    channel_id = sess.channel_id
     frame = sender.seal(mtype, conn_id, payload, flags)
     seq = sender.send_seq
     assert len(frame) == HDR.size + len(payload) + ENV_MAC_LEN == lib.xo_env_size(len(payload))
     assert frame_len(frame[:ENV_HEADER_LEN]) == len(frame) == frame_len(frame)
-    # The documented layout, byte for byte, MAC included.
-    assert frame == forge(key, Header(int(mtype), sender_role, flags, conn_id, seq, channel_id),
+    # The documented layout, byte for byte, ciphertext and tag included.
+    assert frame == forge(sess, Header(int(mtype), sender_role, flags, conn_id, seq, channel_id),
                           payload)
+    if mtype != MsgType.HELLO and len(payload) >= 16:
+        assert frame[HDR.size:HDR.size + len(payload)] != payload  # encrypted
     msg = receiver.open(frame)
     assert (msg.type, msg.conn_id, msg.seq, msg.channel_id, msg.flags, msg.payload) == (
         mtype, conn_id, seq, channel_id, flags, payload)
@@ -228,14 +312,15 @@ def check_round_trip(key: bytes, channel_id: int, sender_role: int, mtype: MsgTy
 @pytest.mark.parametrize("size", [0, 1, 40, 65_539])
 def test_every_message_type(mtype: MsgType, size: int) -> None:
     payload = random.Random(size).randbytes(size)
-    check_round_trip(KEY, CHAN, 0, mtype, 42, 0x8001, payload)
-    check_round_trip(KEY, CHAN, 1, mtype, U64, 0xFFFF, payload)
+    check_round_trip(KEY, (N0, N1), 0, mtype, 42, 0x8001, payload)
+    check_round_trip(KEY, (N1, N0), 1, mtype, U64, 0xFFFF, payload)
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     key=st.binary(min_size=lib.XO_KEY_MIN_LEN, max_size=lib.XO_KEY_MAX_LEN),
-    channel_id=st.integers(0, U64),
+    nonces=st.tuples(st.binary(min_size=HELLO_NONCE_LEN, max_size=HELLO_NONCE_LEN),
+                     st.binary(min_size=HELLO_NONCE_LEN, max_size=HELLO_NONCE_LEN)),
     sender_role=st.integers(0, 1),
     mtype=st.sampled_from(list(MsgType)),
     conn_id=st.integers(0, U64),
@@ -246,9 +331,9 @@ def test_every_message_type(mtype: MsgType, size: int) -> None:
                   st.integers(0, 400_000), st.integers(0, 2**32)),
     ),
 )
-def test_round_trip_property(key: bytes, channel_id: int, sender_role: int, mtype: MsgType,
-                             conn_id: int, flags: int, payload: bytes) -> None:
-    check_round_trip(key, channel_id, sender_role, mtype, conn_id, flags, payload)
+def test_round_trip_property(key: bytes, nonces: tuple[bytes, bytes], sender_role: int,
+                             mtype: MsgType, conn_id: int, flags: int, payload: bytes) -> None:
+    check_round_trip(key, nonces, sender_role, mtype, conn_id, flags, payload)
 
 
 def test_sequence_numbers_go_up_by_exactly_one() -> None:
@@ -305,7 +390,8 @@ def test_seal_refusals_consume_no_sequence_number() -> None:
         lib.XO_E_TOO_LARGE
     assert ffi.string(lib.xo_last_error())
     # Too little room.
-    assert lib.xo_chan_seal(host._c, 1, 0, 0, b"abc", 3, out, 74) == lib.XO_E_NOSPACE
+    assert lib.xo_chan_seal(host._c, 1, 0, 0, b"abc", 3, out,
+                            lib.xo_env_size(3) - 1) == lib.XO_E_NOSPACE
     assert host.send_seq == 0
     still_works(host, target)
     assert host.send_seq == 1
@@ -323,53 +409,79 @@ def test_channel_init_refuses_bad_keys_and_roles() -> None:
         assert err.value.code == lib.XO_E_INVAL
         message_of(err.value)
     for n in (lib.XO_KEY_MIN_LEN, lib.XO_KEY_MAX_LEN):
-        a, b = Channel(b"k" * n, 9, 0), Channel(b"k" * n, 9, 1)
+        a, b = pair(b"k" * n)
         still_works(a, b)
 
 
-def test_reflection_and_wrong_channel() -> None:
+def test_reflection_and_other_sessions() -> None:
+    """A frame meets the key of its direction only: reflected to its sender,
+    or to another host end of the same session, it does not decrypt; another
+    session (other nonces) has other keys. HELLO is authenticated without
+    session keys: reflection and the channel are checked on it."""
     host, target = pair()
-    other_host = Channel(KEY, CHAN, 0)
-    elsewhere = Channel(KEY, CHAN + 1, 1)
+    other_host = bound(KEY, 0)
+    elsewhere = bound(KEY, 1, N0, N1[::-1])
     for i in range(200):
-        frame = host.seal(MsgType(i % lib.XO_MSG_MAX + 1), i, b"p" * (i % 7))
-        rejected(other_host, frame, lib.XO_E_CHANNEL)  # role 0 to role 0
-        rejected(host, frame, lib.XO_E_CHANNEL)  # back to its sender
-        rejected(elsewhere, frame, lib.XO_E_CHANNEL)
+        frame = host.seal(MsgType(i % (lib.XO_MSG_MAX - 1) + 2), i, b"p" * (i % 7))
+        rejected(other_host, frame, lib.XO_E_AUTH)  # role 0 to role 0
+        rejected(host, frame, lib.XO_E_AUTH)  # back to its sender
+        rejected(elsewhere, frame, lib.XO_E_AUTH)
         assert target.open(frame).seq == i + 1
-    assert other_host.recv_seq == host.recv_seq == elsewhere.recv_seq == 0
+    hello = host.seal(MsgType.HELLO, 0, N0)
+    rejected(other_host, hello, lib.XO_E_CHANNEL)  # reflected HELLO
+    elsewhere._c.recv_seq = seq_of(hello) - 1
+    rejected(elsewhere, hello, lib.XO_E_CHANNEL)  # another session's channel id
+    assert target.open(hello).type == MsgType.HELLO  # (the machine calls it a violation)
+    assert other_host.recv_seq == host.recv_seq == 0
 
 
-def test_unknown_type_with_a_valid_mac() -> None:
-    _host, target = pair()
-    for mtype in [0, *range(lib.XO_MSG_MAX + 1, 256)]:
-        frame = forge(KEY, Header(mtype, 0, seq=1, payload_len=None), b"hello")
-        rejected(target, frame, lib.XO_E_MSG_TYPE)
-        # The type is checked after the sequence number.
-        rejected(target, forge(KEY, Header(mtype, 0, seq=0), b"hello"), lib.XO_E_REPLAY)
-        rejected(target, forge(KEY, Header(mtype, 0, seq=5), b"hello"), lib.XO_E_SEQUENCE)
-    assert target.recv_seq == 0
-    # No rejection above consumed seq 1; a gap is still a gap.
-    rejected(target, forge(KEY, Header(int(MsgType.PING), 0, seq=5)), lib.XO_E_SEQUENCE)
-    assert target.open(forge(KEY, Header(int(MsgType.PING), 0, seq=1))).seq == 1
-    assert target.open(forge(KEY, Header(int(MsgType.PING), 0, seq=2))).seq == 2
+def test_unbound_channels_carry_only_hello() -> None:
+    host, target = Channel(KEY, 0, 0), Channel(KEY, 0, 1)
+    for mtype in list(MsgType)[1:]:
+        with pytest.raises(XoError) as err:
+            host.seal(mtype, 1, b"x")
+        assert err.value.code == lib.XO_E_STATE and "HELLO" in message_of(err.value)
+    assert host.send_seq == 0
+    # A frame of a bound session (or anything but HELLO) cannot be verified yet.
+    b_host, _ = pair()
+    rejected(target, b_host.seal(MsgType.PING, 0, b"x"), lib.XO_E_AUTH)
+    hello = host.seal(MsgType.HELLO, 0, N0)
+    assert target.open(hello).payload == N0  # the nonce is public
+    host.bind(N0, N1)
+    target.bind(N1, N0)
+    with pytest.raises(XoError) as err:
+        host.bind(N0, N1)
+    assert err.value.code == lib.XO_E_STATE
+    still_works(host, target)
+    still_works(target, host)
+
+
+def test_keys_differ_by_direction_and_session() -> None:
+    """Same plaintext, same sequence number: four different ciphertexts for
+    the two directions of two sessions (no key or nonce is shared)."""
+    seen = set()
+    for n1 in (N1, N1[::-1]):
+        host, target = pair(KEY, N0, n1)
+        for ch in (host, target):
+            frame = ch.seal(MsgType.PING, 0, bytes(64))
+            assert seq_of(frame) == 1 and bytes(64) not in frame
+            seen.add(frame[HDR.size:])
+    assert len(seen) == 4
 
 
 def test_bound_sessions_do_not_accept_each_others_frames() -> None:
-    host, target = pair(channel_id=0)
-    n0, n1 = bytes(range(HELLO_NONCE_LEN)), bytes(range(100, 100 + HELLO_NONCE_LEN))
-    old = host.seal(MsgType.HELLO, 0, n0)
-    host.bind(n0, n1)
-    target.bind(n1, n0)
-    assert host.channel_id == target.channel_id != 0
+    host, target = Channel(KEY, 0, 0), Channel(KEY, 0, 1)
+    old = host.seal(MsgType.HELLO, 0, N0)
+    host.bind(N0, N1)
+    target.bind(N1, N0)
+    assert host.channel_id == target.channel_id == CHAN != 0
     # seq 1 is the one target expects: only the channel is wrong.
     assert target.recv_seq == seq_of(old) - 1
     rejected(target, old, lib.XO_E_CHANNEL)
-    later = Channel(KEY, 0, 1)
-    later.bind(bytes(HELLO_NONCE_LEN), n0)
+    later = bound(KEY, 1, N0, bytes(HELLO_NONCE_LEN))
     ping = host.seal(MsgType.PING)
-    later._c.recv_seq = seq_of(ping) - 1  # again only the channel is wrong
-    rejected(later, ping, lib.XO_E_CHANNEL)
+    later._c.recv_seq = seq_of(ping) - 1  # only the session is wrong
+    rejected(later, ping, lib.XO_E_AUTH)
     assert later.recv_seq == 1
     # In its own session the same frame opens, once target has seq 1 (the
     # HELLO, which it took while both ends were still unbound).
@@ -395,7 +507,7 @@ def frames(seed: int, n: int, max_payload: int) -> tuple[Channel, Channel, list[
 
 
 def test_truncation_at_every_length() -> None:
-    host, target, samples = frames(1, 20, 40)
+    host, target, samples = frames(1, 30, 40)
     for size in (1000, 5000, 17_000):
         samples.append(host.seal(MsgType.BEGIN_OFFLOAD, 3, random.Random(size).randbytes(size)))
     for frame in samples:
@@ -411,7 +523,7 @@ def test_truncation_at_every_length() -> None:
 def test_single_bit_flips() -> None:
     """Every bit of every sample: structure errors where the flip hits the
     magic, version or length, XO_E_AUTH everywhere else (MAC included)."""
-    host, target, samples = frames(2, 60, 64)
+    host, target, samples = frames(2, 70, 64)
     for n, frame in enumerate(samples):
         for bit in range(len(frame) * 8):
             data = flip(frame, [bit])
@@ -512,14 +624,13 @@ def test_wrong_keys() -> None:
     host, target, samples = frames(6, 30, 100)
     for i in range(3000):
         key = rng.randbytes(rng.randint(lib.XO_KEY_MIN_LEN, lib.XO_KEY_MAX_LEN))
-        # HMAC pads short keys with zeros: a zero-extension of the key is the key.
-        assert key.rstrip(b"\0") != KEY.rstrip(b"\0")
-        stranger = Channel(key, CHAN, 1)
+        assert key != KEY
+        stranger = bound(key, 1)
         frame = samples[i % len(samples)]
         stranger._c.recv_seq = seq_of(frame) - 1  # next in line: only the key is wrong
         rejected(stranger, frame, lib.XO_E_AUTH)
         # ... and what a stranger seals (seq 1, next here) does not open here.
-        mallory = Channel(key, CHAN, 0)
+        mallory = bound(key, 0)
         forged = mallory.seal(MsgType.BEGIN_OFFLOAD, i, b"state")
         assert seq_of(forged) == target.recv_seq + 1
         rejected(target, forged, lib.XO_E_AUTH)
@@ -545,7 +656,7 @@ def test_replays() -> None:
             TALLY["replay"] += 1
     assert target.recv_seq == 1000
     # A fresh channel (a restarted peer) does not reset the other side.
-    restarted = Channel(KEY, CHAN, 0)
+    restarted = bound(KEY, 0)
     rejected(target, restarted.seal(MsgType.PING), lib.XO_E_REPLAY)
     assert TALLY["replay"] >= QUOTA["replay"]
 
@@ -569,7 +680,7 @@ def test_authentic_frames_with_bad_headers() -> None:
             reserved8=rng.choice([0] * 8 + [rng.randint(1, 255)]),
             reserved32=rng.choice([0] * 8 + [rng.randint(1, 2**32 - 1)]),
         )
-        frame = forge(KEY, h, rng.randbytes(rng.randint(0, 32)))
+        frame = forge(KEY, h, rng.randbytes(rng.randint(0, 32)), direction=H2T)
         code = check(target, frame)
         codes[code] += 1
         if code == OK:
@@ -578,7 +689,7 @@ def test_authentic_frames_with_bad_headers() -> None:
             TALLY["authentic"] += 1
         if i % 100 == 0:
             # Mirror image: the host (role 0) receives from role 1.
-            code = check(host, forge(KEY, replace(h, role=1), b"x"))
+            code = check(host, forge(KEY, replace(h, role=1), b"x", direction=T2H))
             mirror[code] += 1
             host._c.recv_seq = 1000
     assert codes[OK] > 1000
@@ -624,22 +735,24 @@ def test_malformed_total_is_asserted() -> None:
 
 
 def test_libfuzzer_envelope_open(tmp_path: Path) -> None:
-    exe = build_fuzzer("fuzz_envelope_open.c", ["envelope.c", "error.c"], ["-lcrypto"],
-                       tmp_path)
+    exe = build_fuzzer("fuzz_envelope_open.c", ["envelope.c", "secret.c", "error.c"],
+                       ["-lcrypto"], tmp_path)
     rng = random.Random(10)
-    host, _target = pair(key=bytes(range(32)), channel_id=7)
+    fkey = bytes(range(32))
+    chan = Session(fkey).channel_id
+    host, _target = pair(key=fkey)
     seeds = [bytes([0]) + host.seal(MsgType.PING, 1, b"seed")]
     for mode in range(3):
         for _ in range(10):
             seeds.append(bytes([mode]) + rng.randbytes(rng.randint(0, 120)))
-    seeds.append(bytes([1]) + forge(bytes(range(32)), Header(2, 0, seq=9, channel_id=7),
+    seeds.append(bytes([1]) + forge(fkey, Header(2, 0, seq=9, channel_id=chan),
                                     b"payload")[:-ENV_MAC_LEN])
     # Forged mode, aligned (mode byte, then the receiver's role byte): the
     # harness's channel has recv_seq 100 (RECV_SEQ), so only seq 101 gets
     # past the sequence checks; start the fuzzer from both sides of it.
     for seq, want in ((100, lib.XO_E_REPLAY), (101, OK), (102, lib.XO_E_SEQUENCE)):
-        frame = forge(bytes(range(32)), Header(2, 0, seq=seq, channel_id=7), b"payload")
-        assert expected(frame, bytes(range(32)), 1, 7, 100) == want
+        frame = forge(fkey, Header(2, 0, seq=seq, channel_id=chan), b"payload")
+        assert expected(frame, fkey, 1, chan, 100) == want
         seeds.append(bytes([1, 1]) + frame[:-ENV_MAC_LEN])
     stats = run_fuzzer(exe, seeds, tmp_path)
     runs = [ln for ln in stats.splitlines() if ln.startswith("stat::number_of_executed_units")]

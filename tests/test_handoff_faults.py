@@ -250,7 +250,7 @@ def attack_wrong_key(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
     forged = Channel(os.urandom(32), 0, 0)
     sock.sendall(forged.seal(MsgType.HELLO, 0, os.urandom(core.HELLO_NONCE_LEN)))
     assert frames_until_closed(sock) == [MsgType.HELLO]
-    return ("rejected control message", "HMAC does not verify")
+    return ("rejected control message", "HELLO does not verify")
 
 
 def attack_bad_mac(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
@@ -260,7 +260,19 @@ def attack_bad_mac(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
     frame[-1] ^= 0x01
     sock.sendall(frame)
     assert MsgType.TARGET_READY not in frames_until_closed(sock)
-    return ("rejected control message", "HMAC does not verify")
+    return ("rejected control message", "does not decrypt")
+
+
+def attack_tampered_ciphertext(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
+    """One bit of the encrypted state flipped (tag intact): the frame does not
+    decrypt, nothing in it is acted on."""
+    channel, _ = handshake(sock, ctl.key)
+    frame = bytearray(channel.seal(MsgType.BEGIN_OFFLOAD, 1,
+                                   captured_state(ctl.apps).encode()))
+    frame[core.ENV_HEADER_LEN + 20] ^= 0x40
+    sock.sendall(frame)
+    assert MsgType.TARGET_READY not in frames_until_closed(sock)
+    return ("rejected control message", "does not decrypt")
 
 
 def attack_oversized(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
@@ -328,19 +340,20 @@ def attack_replay(ctl: Ctl, sock: socket.socket) -> tuple[str, ...]:
         assert MsgType.TARGET_READY not in frames_until_closed(legit)
         watch.wait_line(peer_tag(legit), "already seen")
     # The whole recorded session on a new connection: the HELLO verifies (it
-    # only proves the key), but the session id now also depends on the
-    # agent's fresh nonce, so the recorded BEGIN_OFFLOAD is of another channel.
+    # only proves the key), but the session keys now also depend on the
+    # agent's fresh nonce, so the recorded BEGIN_OFFLOAD does not decrypt.
     sock.sendall(hello)
     sock.sendall(begin)
     types = frames_until_closed(sock)
     assert MsgType.TARGET_READY not in types and types[:1] == [MsgType.HELLO], types
-    return ("rejected control message", "of channel")
+    return ("rejected control message", "does not decrypt")
 
 
 ATTACKS: dict[str, Callable[[Ctl, socket.socket], tuple[str, ...]]] = {
     "garbage": attack_garbage,
     "wrong_key": attack_wrong_key,
     "bad_mac": attack_bad_mac,
+    "tampered_ciphertext": attack_tampered_ciphertext,
     "replay": attack_replay,
     "oversized": attack_oversized,
     "big_hello": attack_big_hello,

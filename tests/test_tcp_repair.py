@@ -108,10 +108,10 @@ def test_move_with_data_outstanding_both_ways(family: int, options: str, where: 
         mss_before = host.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
         core.freeze(host)
         state = core.capture(host)
-        # 17 idle (+1 for TCP_TIMESTAMP) and one peek per non-empty queue;
-        # more would mean a retry, and with the flow blocked nothing moves
-        # between the two tcp_info snapshots.
-        assert core.last_syscalls() == 19 + bool(expected_options & core.OPT_TIMESTAMPS)
+        # 18 idle (+1 for TCP_TIMESTAMP; one is the TCP_ULP check for kTLS)
+        # and one peek per non-empty queue; more would mean a retry, and with
+        # the flow blocked nothing moves between the two tcp_info snapshots.
+        assert core.last_syscalls() == 20 + bool(expected_options & core.OPT_TIMESTAMPS)
         assert state.options == expected_options
         assert state.inflight_len > 0 and state.unsent_len > 0
         assert state.inflight + state.unsent == to_peer_1

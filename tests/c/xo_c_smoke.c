@@ -439,7 +439,7 @@ static int chan_part(void)
 	CHECK(a.channel_id == b.channel_id && a.channel_id != 0);
 	printf("chan: bound to channel %016" PRIx64 "\n", a.channel_id);
 
-	/* A message of the old (unbound) session no longer opens. */
+	/* A HELLO of the old (unbound) session no longer opens. */
 	ret = xo_chan_open(&b, hello_a, (size_t)hello_a_len, &msg);
 	CHECK(ret == XO_E_CHANNEL);
 
@@ -447,6 +447,7 @@ static int chan_part(void)
 	XO_TRY(len, xo_chan_seal(&a, XO_MSG_BEGIN_OFFLOAD, 0x5, 42, payload,
 				 sizeof(payload), frame, sizeof(frame)));
 	CHECK(xo_env_frame_len(frame, XO_ENV_HEADER_LEN) == len);
+	memcpy(frame2, frame, (size_t)len);
 	XO_TRY(ret, xo_chan_open(&b, frame, (size_t)len, &msg));
 	CHECK(msg.type == XO_MSG_BEGIN_OFFLOAD && msg.flags == 0x5 &&
 	      msg.conn_id == 42 && msg.sender_role == 0 &&
@@ -454,8 +455,8 @@ static int chan_part(void)
 	CHECK(msg.payload_len == sizeof(payload) &&
 	      !memcmp(msg.payload, payload, sizeof(payload)));
 
-	/* The same frame again is a replay. */
-	ret = xo_chan_open(&b, frame, (size_t)len, &msg);
+	/* The same frame again (as sent) is a replay. */
+	ret = xo_chan_open(&b, frame2, (size_t)len, &msg);
 	CHECK(ret == XO_E_REPLAY);
 	printf("chan: replay refused: %s\n", xo_last_error());
 
@@ -463,19 +464,25 @@ static int chan_part(void)
 	 * rejection leaves the channel able to take the genuine frame. */
 	XO_TRY(len2, xo_chan_seal(&a, XO_MSG_TARGET_READY, 0, 42, payload,
 				  sizeof(payload), frame2, sizeof(frame2)));
+	memcpy(frame, frame2, (size_t)len2); /* open decrypts in place */
 	frame2[XO_ENV_HEADER_LEN + 3] ^= 0x10;
 	ret = xo_chan_open(&b, frame2, (size_t)len2, &msg);
 	CHECK(ret == XO_E_AUTH);
 	printf("chan: flipped bit refused: %s\n", xo_last_error());
-	frame2[XO_ENV_HEADER_LEN + 3] ^= 0x10;
-	XO_TRY(ret, xo_chan_open(&b, frame2, (size_t)len2, &msg));
+	XO_TRY(ret, xo_chan_open(&b, frame, (size_t)len2, &msg));
 	CHECK(msg.type == XO_MSG_TARGET_READY && msg.seq == a.send_seq);
 
-	/* A frame reflected back to its sender is refused. */
+	/* A frame reflected back to its sender does not decrypt there:
+	 * each direction has its own key. */
+	XO_TRY(len2, xo_chan_seal(&a, XO_MSG_PING, 0, 0, payload,
+				  sizeof(payload), frame2, sizeof(frame2)));
+	CHECK(memcmp(frame2 + XO_ENV_HEADER_LEN, payload, sizeof(payload)));
 	ret = xo_chan_open(&a, frame2, (size_t)len2, &msg);
-	CHECK(ret == XO_E_CHANNEL);
+	CHECK(ret == XO_E_AUTH);
 	rc = 0;
 out:
+	xo_chan_free(&a);
+	xo_chan_free(&b);
 	return rc;
 }
 

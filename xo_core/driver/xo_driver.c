@@ -24,6 +24,7 @@
 #include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/crypto.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1167,7 +1168,7 @@ static void setup(void)
 		pc.n_hosts = (uint32_t)cfg.n_hosts;
 	}
 	ret = xo_proto_create(&pc, &machine);
-	memset(key, 0, sizeof(key));
+	OPENSSL_cleanse(key, sizeof(key));
 	if (ret)
 		die("protocol: %s", xo_last_error());
 	if (cfg.crash_at[0])

@@ -122,13 +122,125 @@ struct xo_tcp_state {
 	uint8_t *recvq;
 	uint8_t *app_data;
 	uint8_t *meta;
+	struct xo_tls_state *tls;  /* NULL: no TLS record state */
 };
+
+/* ---- TLS record state ----------------------------------------------- */
+/*
+ * The record state of a TLS session on the connection, per direction: the
+ * traffic key, IV and salt of the current epoch and the sequence number of
+ * the next record (what the kernel's SOL_TLS TLS_TX/TLS_RX crypto_info
+ * holds, whoever keeps it). Values as in linux/tls.h.
+ *
+ *   cipher                     key  iv  salt   (rec_seq: 8 bytes, a u64 here)
+ *   XO_TLS_AES_GCM_128          16   8   4
+ *   XO_TLS_AES_GCM_256          32   8   4
+ *   XO_TLS_CHACHA20_POLY1305    32  12   0
+ *
+ * Bytes past a cipher's lengths must be zero. A connection with TLS state
+ * moves only at a record boundary with nothing queued either way (empty
+ * send and receive queues): xo_tcp_capture() refuses a kTLS socket with
+ * bytes pending (XO_E_BUSY) and xo_tcp_restore() a TLS state with queues.
+ */
+#define XO_TLS_1_2 0x0303
+#define XO_TLS_1_3 0x0304
+#define XO_TLS_AES_GCM_128 51
+#define XO_TLS_AES_GCM_256 52
+#define XO_TLS_CHACHA20_POLY1305 54
+#define XO_TLS_DIR_TX 1
+#define XO_TLS_DIR_RX 2
+
+struct xo_tls_dir {
+	uint8_t key[32];
+	uint8_t iv[12];
+	uint8_t salt[4];
+	uint64_t rec_seq;   /* the next record's sequence number */
+};
+
+struct xo_tls_state {
+	uint16_t version;   /* XO_TLS_1_2 or XO_TLS_1_3 */
+	uint16_t cipher;    /* XO_TLS_* */
+	uint8_t dirs;       /* XO_TLS_DIR_TX | XO_TLS_DIR_RX: which are set */
+	uint8_t reserved[3];
+	struct xo_tls_dir tx, rx;
+};
+
+/* Check a TLS state (version, cipher, unused bytes, a sequence number
+ * that could still go up): 0 or XO_E_FIELD with the reason. Touches no
+ * socket. */
+int xo_tls_check(const struct xo_tls_state *tls);
+/* Attach a copy of tls to st (checked first; kept in memory excluded from
+ * core dumps, wiped by xo_state_release()); NULL removes it. */
+int xo_state_set_tls(struct xo_tcp_state *st, const struct xo_tls_state *tls);
+/* Whether the kernel has TLS: 1, or 0 with the reason in xo_last_error(). */
+int xo_tls_kernel_available(void);
+
+/*
+ * The record state of a session from the secrets OpenSSL's key log
+ * callback reports (what a TLS endpoint in user space knows), for this end
+ * (is_server: TX is the server's write side) with the sequence numbers of
+ * the next records each way (the records counted since the keys began:
+ * TLS 1.3 application records from 0; TLS 1.2 from 1, its Finished was 0).
+ *   TLS 1.3: the client and server application traffic secrets
+ *            (CLIENT_TRAFFIC_SECRET_0 / SERVER_TRAFFIC_SECRET_0), 32 or
+ *            48 bytes; keys by HKDF-Expand-Label (RFC 8446 7.3).
+ *   TLS 1.2: the master secret (48 bytes, CLIENT_RANDOM) and both hello
+ *            randoms; keys from the PRF's key expansion (RFC 5246 6.3).
+ */
+int xo_tls13_state(uint16_t cipher, const uint8_t *client_secret,
+		   const uint8_t *server_secret, uint32_t secret_len,
+		   int is_server, uint64_t tx_seq, uint64_t rx_seq,
+		   struct xo_tls_state *out);
+int xo_tls12_state(uint16_t cipher, const uint8_t *master,
+		   uint32_t master_len, const uint8_t *client_random,
+		   const uint8_t *server_random, int is_server,
+		   uint64_t tx_seq, uint64_t rx_seq, struct xo_tls_state *out);
+
+/*
+ * A TLS record layer in user space, for a kernel without TLS (or a
+ * direction OpenSSL keeps in user space): it continues a session from a
+ * struct xo_tls_state, both directions required. Records carry at most
+ * XO_TLS_MAX_PLAINTEXT bytes; a record is at most XO_TLS_MAX_RECORD bytes.
+ *
+ * xo_tls_rec_seal() writes one record of `type` (23 application data, 21
+ * alert) and returns its length. xo_tls_rec_open() looks at buf: 0 when
+ * buf does not hold a whole record yet, else the bytes of the record it
+ * decrypted in place (rec points into buf). A record that does not verify
+ * is XO_E_AUTH; a malformed one XO_E_FIELD / XO_E_TOO_LARGE; either way
+ * the sequence numbers do not move and the session cannot go on (TLS
+ * ends a session at the first bad record). xo_tls_rec_get_state() gives
+ * the state to hand off next.
+ */
+#define XO_TLS_MAX_PLAINTEXT 16384
+#define XO_TLS_MAX_RECORD 16645 /* 5 + 16384 + 256 */
+
+struct xo_tls_rec;
+struct xo_tls_record {
+	uint8_t type;        /* the content type (TLS 1.3: the inner one) */
+	uint8_t reserved[3];
+	uint32_t len;
+	uint8_t *data;       /* plaintext, inside the buffer given to open */
+};
+
+int xo_tls_rec_new(const struct xo_tls_state *tls, struct xo_tls_rec **out);
+void xo_tls_rec_free(struct xo_tls_rec *r);
+size_t xo_tls_rec_sealed_size(const struct xo_tls_rec *r, uint32_t len);
+int64_t xo_tls_rec_seal(struct xo_tls_rec *r, uint8_t type,
+			const uint8_t *in, uint32_t len, uint8_t *out,
+			size_t cap);
+int64_t xo_tls_rec_open(struct xo_tls_rec *r, uint8_t *buf, size_t len,
+			struct xo_tls_record *rec);
+int xo_tls_rec_get_state(const struct xo_tls_rec *r,
+			 struct xo_tls_state *out);
 
 /* Restore options. Zeroed = bind the captured local endpoint. */
 struct xo_restore_opts {
 	uint32_t size;              /* sizeof(struct xo_restore_opts) */
 	uint8_t use_local;          /* bind .local instead of state->local */
-	uint8_t reserved[3];
+	uint8_t tls_user;           /* 1: leave st->tls to the caller (a record
+				     * layer in user space); 0: install it as
+				     * kernel TLS */
+	uint8_t reserved[2];
 	struct xo_endpoint local;   /* port 0 = keep the captured port */
 };
 
@@ -200,25 +312,36 @@ int xo_state_decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st);
 #define XO_MSG_PARKED 11 /* client frames a PARK entry kept, for the new owner */
 #define XO_MSG_MAX 11
 
+#define XO_ENV_VERSION 2
 #define XO_ENV_HEADER_LEN 40
-#define XO_ENV_MAC_LEN 32
+#define XO_ENV_MAC_LEN 16 /* the trailer: AES-256-GCM tag (HELLO: HMAC) */
 #define XO_ENV_MAX_PAYLOAD 83886080 /* a state with full queues fits */
 #define XO_KEY_MIN_LEN 16
 #define XO_KEY_MAX_LEN 64
 
 /*
- * One authenticated, ordered channel between two peers (one control
- * connection). Both ends share the cluster key and the channel id (agreed
- * in the HELLO exchange); each end has its own role (0 or 1) so a message
- * cannot be reflected back to its sender. Sequence numbers start at 1 and
- * go up by exactly one: a number already seen is a replay (XO_E_REPLAY), a
- * number further on means a message was lost (XO_E_SEQUENCE).
+ * One encrypted, authenticated, ordered channel between two peers (one
+ * control connection). Both ends hold the cluster key; each has its own
+ * role (0 host, 1 target). Each end first sends a HELLO carrying a fresh
+ * nonce (authenticated with a key derived from the cluster key, not
+ * encrypted: the nonce is public); xo_chan_bind() then derives the
+ * session: the channel id and, with HKDF-SHA256 over the cluster key and
+ * both nonces, one AES-256-GCM key and IV per direction. Every later
+ * message is encrypted and authenticated under them, its header as
+ * associated data, its sequence number in the nonce. Sequence numbers
+ * start at 1 and go up by exactly one: a number already seen is a replay
+ * (XO_E_REPLAY), a number further on means a message was lost
+ * (XO_E_SEQUENCE).
+ *
+ * The keys live in memory of their own (excluded from core dumps, wiped
+ * when freed; the cluster key copy is wiped once bound): call
+ * xo_chan_free() on every channel xo_chan_init() set up.
  */
 struct xo_chan {
-	uint8_t key[64];
-	uint32_t key_len;
+	void *secret;      /* the key material; owned, see xo_chan_free() */
 	uint8_t role;
-	uint8_t reserved[3];
+	uint8_t bound;     /* session keys derived */
+	uint8_t reserved[6];
 	uint64_t channel_id;
 	uint64_t send_seq; /* last sequence number sealed */
 	uint64_t recv_seq; /* last sequence number accepted */
@@ -237,12 +360,15 @@ struct xo_msg {
 
 int xo_chan_init(struct xo_chan *ch, const uint8_t *key, uint32_t key_len,
 		 uint64_t channel_id, uint8_t role);
+/* Wipe and free the channel's keys; zeroes ch. Safe on a zeroed channel. */
+void xo_chan_free(struct xo_chan *ch);
 /*
  * Session binding (the HELLO exchange): each end sends XO_HELLO_NONCE_LEN
  * fresh random bytes in a HELLO sealed on channel 0; both then call
  * xo_chan_bind() with their own and the peer's nonce. The channel id
- * becomes the first 8 bytes of SHA-256(role-0 nonce || role-1 nonce), so
- * messages recorded from an earlier session never verify in a new one.
+ * becomes the first 8 bytes of SHA-256(role-0 nonce || role-1 nonce) and
+ * the session keys are derived; messages recorded from an earlier session
+ * never verify in a new one. A channel binds once (XO_E_STATE after).
  */
 #define XO_HELLO_NONCE_LEN 16
 int xo_chan_bind(struct xo_chan *ch, const uint8_t *own_nonce,
@@ -250,7 +376,8 @@ int xo_chan_bind(struct xo_chan *ch, const uint8_t *own_nonce,
 
 /* Bytes a sealed message with payload_len bytes of payload takes. */
 size_t xo_env_size(uint32_t payload_len);
-/* Seal one message into out; returns bytes written. Consumes a seq. */
+/* Seal one message into out; returns bytes written. Consumes a seq.
+ * Anything but HELLO needs a bound channel (XO_E_STATE otherwise). */
 int64_t xo_chan_seal(struct xo_chan *ch, uint8_t type, uint16_t flags,
 		     uint64_t conn_id, const uint8_t *payload,
 		     uint32_t payload_len, uint8_t *out, size_t cap);
@@ -258,9 +385,11 @@ int64_t xo_chan_seal(struct xo_chan *ch, uint8_t type, uint16_t flags,
  * negative code if the header is malformed or oversized. hdr needs
  * XO_ENV_HEADER_LEN bytes. Nothing is trusted until xo_chan_open(). */
 int64_t xo_env_frame_len(const uint8_t *hdr, size_t len);
-/* Verify and parse one frame. The channel's replay window moves only when
- * the message is accepted. */
-int xo_chan_open(struct xo_chan *ch, const uint8_t *buf, size_t len,
+/* Verify, decrypt (in place: buf's payload bytes become the plaintext)
+ * and parse one frame. The channel's replay window moves only when the
+ * message is accepted. On a failed decryption the payload bytes are
+ * wiped. */
+int xo_chan_open(struct xo_chan *ch, uint8_t *buf, size_t len,
 		 struct xo_msg *msg);
 
 /* ---- control message payloads -------------------------------------- */

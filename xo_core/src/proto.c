@@ -142,7 +142,7 @@ struct event {
 
 struct xo_proto {
 	struct xo_proto_config cfg;
-	uint8_t key[XO_KEY_MAX_LEN];
+	uint8_t *key;           /* the cluster key: secret memory (secret.c) */
 	struct peer *peers;
 	uint32_t next_peer_id;
 	struct conn *by_id[CONN_BUCKETS];
@@ -969,6 +969,14 @@ static void host_rollback(struct xo_proto *p, struct conn *c, int code,
 	conn_free(p, c);
 }
 
+/* An encoded state may hold TLS keys: wipe it before freeing. */
+static void state_buf_free(uint8_t *buf, uint32_t len)
+{
+	if (buf)
+		OPENSSL_cleanse(buf, len);
+	free(buf);
+}
+
 static int encode_state(struct xo_tcp_state *st, const uint8_t *prefix,
 			uint32_t prefix_len, uint8_t **out, uint32_t *out_len)
 {
@@ -1094,7 +1102,7 @@ int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 	}
 	ret = send_msg(pe, XO_MSG_BEGIN_OFFLOAD, 0, c->wire_id, payload,
 		       payload_len, now);
-	free(payload);
+	state_buf_free(payload, payload_len);
 	payload = NULL;
 	if (ret) {
 		conn_free(p, c);
@@ -1142,7 +1150,7 @@ unblock:
 		replay_parked(p, &in_key, &local);
 		xo_fail(ret, "%s", why);
 	}
-	free(payload);
+	state_buf_free(payload, payload_len);
 	xo_state_release(&st);
 	return ret;
 }
@@ -1364,7 +1372,7 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		if (!ret)
 			ret = send_msg(to, XO_MSG_BEGIN_OFFLOAD, 0, c->wire_id,
 				       payload, payload_len, now);
-		free(payload);
+		state_buf_free(payload, payload_len);
 		if (ret) {
 			snprintf(why, sizeof(why), "%s", xo_last_error());
 			goto refuse;
@@ -1959,7 +1967,7 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 			       dest ? XO_DONE_FLAG_MOVE : 0, c->wire_id,
 			       payload, payload_len, now);
 	}
-	free(payload);
+	state_buf_free(payload, payload_len);
 	if (ret)
 		goto resume;
 	lap(p, &l, IT_SERIALIZE);
@@ -2135,7 +2143,7 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 /* ---- input ---------------------------------------------------------------- */
 
 static void handle_frame(struct xo_proto *p, struct peer *pe,
-			 const uint8_t *buf, size_t len, uint64_t now)
+			 uint8_t *buf, size_t len, uint64_t now)
 {
 	struct xo_msg m;
 	int ret;
@@ -2211,6 +2219,9 @@ int xo_proto_peer_input(struct xo_proto *p, uint32_t peer, const uint8_t *buf,
 			if (pe->in_len == want) {
 				pe->in_len = 0;
 				handle_frame(p, pe, pe->in, want, now);
+				/* Decrypted in place: the plaintext (request
+				 * bytes, TLS keys) goes as soon as it is used. */
+				OPENSSL_cleanse(pe->in, want);
 				continue;
 			}
 		}
@@ -2285,7 +2296,7 @@ int xo_proto_peer_add(struct xo_proto *p, const struct xo_proto_peer_opts *o,
 		ret = send_msg(pe, XO_MSG_HELLO, 0, 0, pe->nonce,
 			       sizeof(pe->nonce), now);
 	if (ret) {
-		OPENSSL_cleanse(&pe->ch, sizeof(pe->ch));
+		xo_chan_free(&pe->ch);
 		free(pe->out.data);
 		free(pe);
 		return ret;
@@ -2343,7 +2354,9 @@ static void peer_free(struct xo_proto *p, struct peer *pe)
 			*pp = pe->next;
 			break;
 		}
-	OPENSSL_cleanse(&pe->ch, sizeof(pe->ch));
+	xo_chan_free(&pe->ch);
+	if (pe->in)
+		OPENSSL_cleanse(pe->in, pe->in_cap);
 	free(pe->in);
 	free(pe->out.data);
 	free(pe);
@@ -2641,6 +2654,12 @@ int xo_proto_create(const struct xo_proto_config *cfg, struct xo_proto **out)
 		free(p);
 		return XO_E_SYS;
 	}
+	p->key = xo_secret_alloc(XO_KEY_MAX_LEN);
+	if (!p->key) {
+		free(p->steps);
+		free(p);
+		return XO_E_NOMEM;
+	}
 	memcpy(p->key, cfg->key, cfg->key_len);
 	p->cfg.key = NULL; /* only our copy */
 	/* Connection ids: random base, so a restarted host does not reuse
@@ -2678,7 +2697,7 @@ void xo_proto_destroy(struct xo_proto *p)
 	free(p->linger);
 	free(p->strag);
 	free(p->steps);
-	OPENSSL_cleanse(p->key, sizeof(p->key));
+	xo_secret_free(p->key);
 	free(p);
 }
 

@@ -12,11 +12,19 @@
  *
  * The encoding is canonical: known fields appear in increasing type order,
  * each with the flags the encoder gives it (0 for required fields 1-4,
- * XO_FIELD_OPTIONAL for 5-9), and an optional field with nothing to say is
- * left out. The decoder refuses anything else, so every accepted input
+ * XO_FIELD_OPTIONAL for 5-9, 0 for 10), and a field with nothing to say is
+ * left out.
+ *
+ * Field 10, TLS record state, is present only for a TLS connection but is
+ * never skippable: a reader that does not know it must refuse the state,
+ * not restore the connection without its keys.
+ *   version u16 | cipher u16 | directions u8 (1 TX, 2 RX) | key length u8
+ *   | IV length u8 | salt length u8 | per direction, TX first:
+ *   key | IV | salt | record sequence number u64 The decoder refuses anything else, so every accepted input
  * (less any unknown optional fields it skipped) re-encodes to itself.
  */
 #include <arpa/inet.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -40,20 +48,47 @@ enum xo_field {
 	F_APP = 7,
 	F_META = 8,
 	F_PEER_MAC = 9,
-	F_MAX = 9,
+	F_TLS = 10,      /* TLS record state; never skippable */
+	F_MAX = 10,
 };
 
 static const char *const field_names[] = {
 	"?", "endpoints", "sequence numbers", "window", "options",
 	"send queue", "receive queue", "application data", "metadata",
-	"peer MAC",
+	"peer MAC", "TLS",
 };
 
 /* Fields 1-4 are required, the rest optional (the flag a reader needs to
  * skip a type it does not know). */
 static uint16_t field_flags(int type)
 {
-	return type >= F_SENDQ ? XO_FIELD_OPTIONAL : 0;
+	return type >= F_SENDQ && type != F_TLS ? XO_FIELD_OPTIONAL : 0;
+}
+
+#define TLS_HDR_LEN 8
+
+/* Re-raise the last error with a prefix (the sentence is copied first:
+ * xo_fail() writes where xo_last_error() points). */
+static int again(int code, const char *prefix)
+{
+	char why[512];
+
+	snprintf(why, sizeof(why), "%s", xo_last_error());
+	return xo_fail(code, "%s: %s", prefix, why);
+}
+
+static int tls_dirs(uint8_t dirs)
+{
+	return !!(dirs & XO_TLS_DIR_TX) + !!(dirs & XO_TLS_DIR_RX);
+}
+
+static size_t tls_len(const struct xo_tls_state *t)
+{
+	uint32_t key = 0, iv = 0, salt = 0;
+
+	if (!t || xo_tls_sizes(t->cipher, &key, &iv, &salt))
+		return TLS_HDR_LEN; /* encode refuses it first */
+	return TLS_HDR_LEN + (size_t)tls_dirs(t->dirs) * (key + iv + salt + 8);
 }
 
 static size_t field_len(const struct xo_tcp_state *st, int type)
@@ -77,6 +112,8 @@ static size_t field_len(const struct xo_tcp_state *st, int type)
 		return st->meta_len;
 	case F_PEER_MAC:
 		return 6;
+	case F_TLS:
+		return tls_len(st->tls);
 	}
 	return 0;
 }
@@ -95,6 +132,8 @@ static int field_present(const struct xo_tcp_state *st, int type)
 		return st->meta_len != 0;
 	case F_PEER_MAC:
 		return st->has_peer_mac;
+	case F_TLS:
+		return st->tls != NULL;
 	}
 	return 1;
 }
@@ -155,6 +194,29 @@ static uint8_t *put_field(uint8_t *p, const struct xo_tcp_state *st, int type)
 		return xo_put_bytes(p, st->meta, st->meta_len);
 	case F_PEER_MAC:
 		return xo_put_bytes(p, st->peer_mac, 6);
+	case F_TLS: {
+		const struct xo_tls_state *t = st->tls;
+		uint32_t key, iv, salt;
+
+		xo_tls_sizes(t->cipher, &key, &iv, &salt); /* checked */
+		p = xo_put16(p, t->version);
+		p = xo_put16(p, t->cipher);
+		*p++ = t->dirs;
+		*p++ = (uint8_t)key;
+		*p++ = (uint8_t)iv;
+		*p++ = (uint8_t)salt;
+		for (int i = 0; i < 2; i++) {
+			const struct xo_tls_dir *d = i ? &t->rx : &t->tx;
+
+			if (!(t->dirs & (i ? XO_TLS_DIR_RX : XO_TLS_DIR_TX)))
+				continue;
+			p = xo_put_bytes(p, d->key, key);
+			p = xo_put_bytes(p, d->iv, iv);
+			p = xo_put_bytes(p, d->salt, salt);
+			p = xo_put64(p, d->rec_seq);
+		}
+		return p;
+	}
 	}
 	return p;
 }
@@ -168,6 +230,8 @@ int64_t xo_state_encode(const struct xo_tcp_state *st, uint8_t *out,
 	xo_clear_error();
 	if (!st || !out)
 		return xo_fail(XO_E_INVAL, "encode: NULL argument");
+	if (st->tls && xo_tls_check(st->tls))
+		return again(XO_E_FIELD, "encode");
 	need = xo_state_encoded_size(st);
 	if (need > cap)
 		return xo_fail(XO_E_NOSPACE, "encode: need %zu bytes, have %zu",
@@ -228,6 +292,67 @@ static int check_fixed(int type, uint32_t len, uint32_t want)
 		return xo_fail(XO_E_LENGTH,
 			       "decode: %s field is %u bytes, must be %u",
 			       field_names[type], len, want);
+	return 0;
+}
+
+static int decode_tls(const uint8_t *v, uint32_t len, struct xo_tcp_state *st)
+{
+	uint32_t key, iv, salt, want;
+	struct xo_tls_state *t;
+	const uint8_t *p;
+	uint16_t version, cipher;
+	int ret;
+
+	if (len < TLS_HDR_LEN)
+		return xo_fail(XO_E_LENGTH,
+			       "decode: TLS field is %u bytes, its header alone needs %d",
+			       len, TLS_HDR_LEN);
+	version = xo_get16(v);
+	cipher = xo_get16(v + 2);
+	ret = xo_tls_sizes(cipher, &key, &iv, &salt);
+	if (ret)
+		return again(XO_E_FIELD, "decode");
+	if (version != XO_TLS_1_2 && version != XO_TLS_1_3)
+		return xo_fail(XO_E_FIELD,
+			       "decode: TLS version 0x%04x (want 0x0303 or 0x0304)",
+			       version);
+	if (!v[4] || v[4] & ~(XO_TLS_DIR_TX | XO_TLS_DIR_RX))
+		return xo_fail(XO_E_FIELD,
+			       "decode: TLS direction bits 0x%x (want TX 1, RX 2 or both)",
+			       v[4]);
+	if (v[5] != key || v[6] != iv || v[7] != salt)
+		return xo_fail(XO_E_LENGTH,
+			       "decode: TLS %s with key/IV/salt of %u/%u/%u bytes, the cipher's are %u/%u/%u",
+			       xo_tls_cipher_name(cipher), v[5], v[6], v[7],
+			       key, iv, salt);
+	want = TLS_HDR_LEN + (uint32_t)tls_dirs(v[4]) * (key + iv + salt + 8);
+	if (len != want)
+		return xo_fail(XO_E_LENGTH,
+			       "decode: TLS field is %u bytes, %s with %d direction(s) takes %u",
+			       len, xo_tls_cipher_name(cipher), tls_dirs(v[4]),
+			       want);
+	t = xo_secret_alloc(sizeof(*t));
+	if (!t)
+		return XO_E_NOMEM;
+	st->tls = t; /* released with st on any failure */
+	t->version = version;
+	t->cipher = cipher;
+	t->dirs = v[4];
+	p = v + TLS_HDR_LEN;
+	for (int i = 0; i < 2; i++) {
+		struct xo_tls_dir *d = i ? &t->rx : &t->tx;
+
+		if (!(t->dirs & (i ? XO_TLS_DIR_RX : XO_TLS_DIR_TX)))
+			continue;
+		memcpy(d->key, p, key);
+		memcpy(d->iv, p + key, iv);
+		memcpy(d->salt, p + key + iv, salt);
+		d->rec_seq = xo_get64(p + key + iv + salt);
+		p += key + iv + salt + 8;
+	}
+	ret = xo_tls_check(t);
+	if (ret)
+		return again(ret, "decode");
 	return 0;
 }
 
@@ -343,6 +468,8 @@ static int decode_field(int type, const uint8_t *v, uint32_t len,
 		memcpy(st->peer_mac, v, 6);
 		st->has_peer_mac = 1;
 		return 0;
+	case F_TLS:
+		return decode_tls(v, len, st);
 	}
 	return 0;
 }

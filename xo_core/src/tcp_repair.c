@@ -473,14 +473,30 @@ static int capture(int fd, struct xo_tcp_state *st)
 
 int xo_tcp_capture(int fd, struct xo_tcp_state *st)
 {
-	int ret;
+	int ret, is_tls = 0;
 
 	xo_clear_error();
 	xo_syscall_count = 0;
 	if (!st)
 		return xo_fail(XO_E_INVAL, "capture: state is NULL");
 	memset(st, 0, sizeof(*st));
-	ret = capture(fd, st);
+	/* A kTLS socket: its record state moves too, and only with nothing
+	 * pending (checked before any queue is read: a TCP repair read of a
+	 * kTLS socket's receive queue would go through the TLS layer). */
+	ret = xo_tls_ulp(fd, &is_tls);
+	if (!ret && is_tls)
+		ret = xo_tls_capture_kernel(fd, st);
+	if (!ret) {
+		struct xo_tls_state *tls = st->tls;
+
+		st->tls = NULL; /* capture() releases st between attempts */
+		ret = capture(fd, st);
+		st->tls = tls;
+		if (!ret && tls && (st->inflight_len || st->unsent_len ||
+				    st->recvq_len))
+			ret = xo_fail(XO_E_BUSY,
+				      "capture: kTLS socket with bytes queued after all");
+	}
 	/* Leave no repair queue selected: a write into a frozen socket would
 	 * otherwise land in one of its queues instead of failing. */
 	if (!ret) {
@@ -556,6 +572,17 @@ static int check_restorable(const struct xo_tcp_state *st,
 		return xo_fail(XO_E_INVAL, "restore: send queue bytes missing");
 	if (st->recvq_len && !st->recvq)
 		return xo_fail(XO_E_INVAL, "restore: receive queue bytes missing");
+	if (st->tls) {
+		int ret = xo_tls_check(st->tls);
+
+		if (ret)
+			return ret;
+		if (st->inflight_len || st->unsent_len || st->recvq_len)
+			return xo_fail(XO_E_INVAL,
+				       "restore: TLS state with %u + %u bytes to send and %u received: a TLS connection moves with empty queues",
+				       st->inflight_len, st->unsent_len,
+				       st->recvq_len);
+	}
 	return 0;
 }
 
@@ -740,6 +767,10 @@ static int restore(int fd, const struct xo_tcp_state *st,
 	if (XO_SYSCALL(setsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, &win,
 				  sizeof(win))) < 0)
 		return xo_fail_sys("restore: setsockopt(TCP_REPAIR_WINDOW)");
+	/* Kernel TLS needs an ESTABLISHED socket: after the repair connect,
+	 * and after every queue write (the queues are empty with TLS). */
+	if (st->tls && !(opts && opts->tls_user))
+		return xo_tls_restore_kernel(fd, st->tls);
 	return 0;
 }
 
@@ -877,5 +908,6 @@ void xo_state_release(struct xo_tcp_state *st)
 	free(st->recvq);
 	free(st->app_data);
 	free(st->meta);
+	xo_secret_free(st->tls);
 	memset(st, 0, sizeof(*st));
 }

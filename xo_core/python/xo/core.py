@@ -124,6 +124,168 @@ def _fileno(sock: socket.socket | int) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
 
+# ---- TLS record state ---------------------------------------------------------
+
+TLS_1_2 = lib.XO_TLS_1_2
+TLS_1_3 = lib.XO_TLS_1_3
+TLS_AES_GCM_128 = lib.XO_TLS_AES_GCM_128
+TLS_AES_GCM_256 = lib.XO_TLS_AES_GCM_256
+TLS_CHACHA20_POLY1305 = lib.XO_TLS_CHACHA20_POLY1305
+# key, IV and salt lengths per cipher (as in linux/tls.h)
+TLS_SIZES: dict[int, tuple[int, int, int]] = {
+    TLS_AES_GCM_128: (16, 8, 4),
+    TLS_AES_GCM_256: (32, 8, 4),
+    TLS_CHACHA20_POLY1305: (32, 12, 0),
+}
+
+
+@dataclass(frozen=True)
+class TlsDir:
+    """One direction's record state: traffic key, IV, salt, next record's
+    sequence number. Its repr hides the secrets."""
+    key: bytes
+    iv: bytes
+    salt: bytes
+    rec_seq: int
+
+    def __repr__(self) -> str:
+        return f"TlsDir(key=<{len(self.key)} bytes>, iv=<{len(self.iv)} bytes>, " \
+               f"salt=<{len(self.salt)} bytes>, rec_seq={self.rec_seq})"
+
+
+@dataclass(frozen=True)
+class TlsState:
+    """The TLS record state of a connection (struct xo_tls_state)."""
+    version: int
+    cipher: int
+    tx: TlsDir | None
+    rx: TlsDir | None
+
+    def to_c(self, c: Any) -> None:
+        """Fill a ``struct xo_tls_state *`` (lengths are the caller's: the
+        core checks them)."""
+        c.version = self.version
+        c.cipher = self.cipher
+        c.dirs = (lib.XO_TLS_DIR_TX if self.tx else 0) | (lib.XO_TLS_DIR_RX if self.rx else 0)
+        for d, cd in ((self.tx, c.tx), (self.rx, c.rx)):
+            if d is None:
+                continue
+            for name, cap in (("key", 32), ("iv", 12), ("salt", 4)):
+                value = getattr(d, name)
+                if len(value) > cap:
+                    raise ValueError(f"TLS {name} of {len(value)} bytes (at most {cap})")
+                ffi.memmove(getattr(cd, name), value, len(value))
+            cd.rec_seq = d.rec_seq
+
+    @classmethod
+    def from_c(cls, c: Any) -> TlsState:
+        key, iv, salt = TLS_SIZES.get(int(c.cipher), (32, 12, 4))
+
+        def one(cd: Any) -> TlsDir:
+            return TlsDir(bytes(cd.key)[:key], bytes(cd.iv)[:iv], bytes(cd.salt)[:salt],
+                          int(cd.rec_seq))
+        return cls(int(c.version), int(c.cipher),
+                   one(c.tx) if c.dirs & lib.XO_TLS_DIR_TX else None,
+                   one(c.rx) if c.dirs & lib.XO_TLS_DIR_RX else None)
+
+    def check(self) -> None:
+        """Raise the core's refusal of this state, if any (xo_tls_check)."""
+        c = ffi.new("struct xo_tls_state *")
+        try:
+            self.to_c(c)
+            _check(lib.xo_tls_check(c))
+        finally:
+            ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+
+
+def _tls_out(fill: Any) -> TlsState:
+    c = ffi.new("struct xo_tls_state *")
+    try:
+        _check(fill(c))
+        return TlsState.from_c(c)
+    finally:
+        ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+
+
+def tls13_state(cipher: int, client_secret: bytes, server_secret: bytes, is_server: bool,
+                tx_seq: int, rx_seq: int) -> TlsState:
+    """This end's record state from the TLS 1.3 application traffic secrets
+    (OpenSSL's key log) and the next record numbers (xo_tls13_state)."""
+    if len(client_secret) != len(server_secret):
+        raise ValueError("the two traffic secrets differ in length")
+    return _tls_out(lambda c: lib.xo_tls13_state(cipher, client_secret, server_secret,
+                                                 len(client_secret), int(is_server),
+                                                 tx_seq, rx_seq, c))
+
+
+def tls12_state(cipher: int, master: bytes, client_random: bytes, server_random: bytes,
+                is_server: bool, tx_seq: int, rx_seq: int) -> TlsState:
+    """This end's record state from a TLS 1.2 master secret and the hello
+    randoms (xo_tls12_state)."""
+    if len(client_random) != 32 or len(server_random) != 32:
+        raise ValueError("hello randoms have 32 bytes")
+    return _tls_out(lambda c: lib.xo_tls12_state(cipher, master, len(master), client_random,
+                                                 server_random, int(is_server), tx_seq,
+                                                 rx_seq, c))
+
+
+@dataclass(frozen=True)
+class TlsRecord:
+    type: int
+    data: bytes
+
+
+class TlsRecordLayer:
+    """The core's TLS record layer in user space (xo_tls_rec_*): continues a
+    session from a TlsState with both directions."""
+
+    APPLICATION_DATA = 23
+    ALERT = 21
+
+    def __init__(self, state: TlsState) -> None:
+        c = ffi.new("struct xo_tls_state *")
+        out = ffi.new("struct xo_tls_rec **")
+        try:
+            state.to_c(c)
+            _check(lib.xo_tls_rec_new(c, out))
+        finally:
+            ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+        self._r = ffi.gc(out[0], lib.xo_tls_rec_free)
+
+    def seal(self, data: bytes, type: int = APPLICATION_DATA) -> bytes:
+        """data as records of at most 16 KiB each."""
+        out = []
+        for off in range(0, max(len(data), 1), lib.XO_TLS_MAX_PLAINTEXT):
+            chunk = data[off:off + lib.XO_TLS_MAX_PLAINTEXT]
+            size = lib.xo_tls_rec_sealed_size(self._r, len(chunk))
+            buf = ffi.new("uint8_t[]", size)
+            n = lib.xo_tls_rec_seal(self._r, type, chunk, len(chunk), buf, size)
+            _check(int(n) if n < 0 else 0)
+            out.append(bytes(ffi.buffer(buf, n)))
+        return b"".join(out)
+
+    def open(self, data: bytes) -> tuple[int, TlsRecord | None]:
+        """(bytes used, the record) for the record data starts with; (0, None)
+        until data holds a whole record."""
+        buf = ffi.new("uint8_t[]", data) if data else ffi.new("uint8_t[]", 1)
+        rec = ffi.new("struct xo_tls_record *")
+        n = lib.xo_tls_rec_open(self._r, buf, len(data), rec)
+        _check(int(n) if n < 0 else 0)
+        if n == 0:
+            return 0, None
+        return int(n), TlsRecord(int(rec.type), bytes(ffi.buffer(rec.data, rec.len)))
+
+    @property
+    def state(self) -> TlsState:
+        return _tls_out(lambda c: lib.xo_tls_rec_get_state(self._r, c))
+
+
+def tls_kernel_available() -> tuple[bool, str]:
+    """Whether this kernel has TLS (CONFIG_TLS), and why not."""
+    ok = lib.xo_tls_kernel_available()
+    return ok == 1, "" if ok == 1 else ffi.string(lib.xo_last_error()).decode()
+
+
 class TcpState:
     """The captured state of one TCP connection (owns its C buffers)."""
 
@@ -195,6 +357,22 @@ class TcpState:
             raise ValueError("a MAC address has 6 bytes")
         lib.xo_state_set_peer_mac(self._c, mac if mac is not None else ffi.NULL)
 
+    @property
+    def tls(self) -> TlsState | None:
+        return TlsState.from_c(self._c.tls) if self._c.tls != ffi.NULL else None
+
+    @tls.setter
+    def tls(self, tls: TlsState | None) -> None:
+        if tls is None:
+            _check(lib.xo_state_set_tls(self._c, ffi.NULL))
+            return
+        c = ffi.new("struct xo_tls_state *")
+        try:
+            tls.to_c(c)
+            _check(lib.xo_state_set_tls(self._c, c))
+        finally:
+            ffi.memmove(c, bytes(ffi.sizeof(c[0])), ffi.sizeof(c[0]))
+
     def encode(self) -> bytes:
         size = lib.xo_state_encoded_size(self._c)
         buf = ffi.new("uint8_t[]", size)
@@ -212,7 +390,8 @@ class TcpState:
         return (
             f"TcpState({self.local} -> {self.remote}, snd_seq={self.snd_seq}, "
             f"rcv_seq={self.rcv_seq}, inflight={self.inflight_len}, "
-            f"unsent={self.unsent_len}, recvq={self.recvq_len}, options={self.options})"
+            f"unsent={self.unsent_len}, recvq={self.recvq_len}, options={self.options}"
+            f"{', tls' if self._c.tls != ffi.NULL else ''})"
         )
 
 
@@ -240,7 +419,8 @@ def capture(sock: socket.socket | int) -> TcpState:
     return state
 
 
-def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
+def restore(state: TcpState, local: Endpoint | None = None,
+            tls_user: bool = False) -> socket.socket:
     """A new socket carrying ``state``, still frozen (call :func:`resume`).
 
     Never waits and transmits nothing until :func:`resume`, however long the
@@ -248,13 +428,16 @@ def restore(state: TcpState, local: Endpoint | None = None) -> socket.socket:
 
     ``local`` binds another address/port than the captured one (the target's
     own IP, or a remapped port; port 0 keeps the captured port). The socket
-    belongs to the network namespace of the calling thread.
+    belongs to the network namespace of the calling thread. A state with TLS
+    gets kernel TLS installed, unless ``tls_user`` (the caller runs the
+    record layer).
     """
     opts = ffi.new("struct xo_restore_opts *")
     opts.size = ffi.sizeof("struct xo_restore_opts")
     if local is not None:
         opts.use_local = 1
         local.to_c(opts.local)
+    opts.tls_user = int(tls_user)
     fd = _check(lib.xo_tcp_restore(state.c, opts))
     return socket.socket(fileno=fd)
 
@@ -294,6 +477,7 @@ class MsgType(enum.IntEnum):
     PARKED = lib.XO_MSG_PARKED
 
 
+ENV_VERSION = lib.XO_ENV_VERSION
 ENV_HEADER_LEN = lib.XO_ENV_HEADER_LEN
 ENV_MAC_LEN = lib.XO_ENV_MAC_LEN
 ENV_MAX_PAYLOAD = lib.XO_ENV_MAX_PAYLOAD
@@ -311,11 +495,14 @@ class Message:
 
 
 class Channel:
-    """One end of an authenticated control channel (see xo_chan_* in xo.h)."""
+    """One end of an encrypted, authenticated control channel (see xo_chan_* in
+    xo.h). Only HELLO can be sealed or opened before bind()."""
 
     def __init__(self, key: bytes, channel_id: int, role: int) -> None:
-        self._c = ffi.new("struct xo_chan *")
-        _check(lib.xo_chan_init(self._c, key, len(key), channel_id, role))
+        c = ffi.new("struct xo_chan *")
+        _check(lib.xo_chan_init(c, key, len(key), channel_id, role))
+        # The keys live in the core's secret memory: wiped when this goes.
+        self._c = ffi.gc(c, lib.xo_chan_free)
 
     def bind(self, own_nonce: bytes, peer_nonce: bytes) -> None:
         """Switch to the session channel id derived from both HELLO nonces."""
@@ -343,9 +530,15 @@ class Channel:
         _check(int(n) if n < 0 else 0)
         return bytes(ffi.buffer(out, n))
 
+    @property
+    def bound(self) -> bool:
+        return bool(self._c.bound)
+
     def open(self, frame: bytes) -> Message:
+        """Verify and decrypt a frame (the given bytes are left as they are)."""
         msg = ffi.new("struct xo_msg *")
-        _check(lib.xo_chan_open(self._c, frame, len(frame), msg))
+        buf = ffi.new("uint8_t[]", frame) if frame else ffi.new("uint8_t[]", 1)
+        _check(lib.xo_chan_open(self._c, buf, len(frame), msg))
         payload = bytes(ffi.buffer(msg.payload, msg.payload_len)) if msg.payload_len else b""
         return Message(MsgType(msg.type), int(msg.conn_id), int(msg.seq),
                        int(msg.channel_id), int(msg.flags), payload)
