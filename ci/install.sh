@@ -49,6 +49,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade 'jaraco.functools>=4' 'jaraco.text>=3.12' \
 	'jaraco.context>=5' 'more_itertools>=10' 'inflect>=7' 'autocommand>=2.2.2'
 echo "[xo install] building and installing xo (editable)"
+# ci/build-dev.sh leaves an interpreter-specific build of the cffi module,
+# which Python would prefer over the one built here: drop it.
+rm -f xo_core/python/xo/_xo_cffi.cpython-*.so
 .venv/bin/python -m pip install -q --no-build-isolation -e '.[test,bench]'
 echo "[xo install] full-kernel lane: kernel package (cached)"
 .venv/bin/python tests/vmlane.py prepare >/dev/null ||
