@@ -18,6 +18,8 @@ import socket
 import urllib.parse
 from dataclasses import dataclass
 
+from xo import http1
+
 MAX_HEAD = 65536
 CHUNK = 262144
 PIPE_SIZE = 1 << 20
@@ -151,93 +153,66 @@ class UpstreamPool:
 
 @dataclass
 class Message:
+    """A request or response head as the relay needs it: parsed by the
+    package's HTTP/1.1 parser (xo.http1), raw bytes kept for relaying."""
+
     raw: bytes                  # the head, CRLFCRLF included
-    start: list[str]            # request: method, target, version; response: version, status
-    headers: list[tuple[str, str]]
+    parsed: http1.Request | http1.Response
 
     def header(self, name: str) -> str | None:
-        name = name.lower()
-        for k, v in self.headers:
-            if k == name:
-                return v
-        return None
+        return self.parsed.headers.get(name.lower())
 
     @property
     def connection_close(self) -> bool:
-        conn = (self.header("connection") or "").lower()
-        version = self.start[0] if self.is_response else self.start[2]
-        if version == "HTTP/1.0":
-            return "keep-alive" not in conn
-        return "close" in conn
+        return not self.parsed.keep_alive
 
     @property
     def is_response(self) -> bool:
-        return self.start[0].startswith("HTTP/")
+        return isinstance(self.parsed, http1.Response)
 
     # ---- requests
     @property
     def method(self) -> str:
-        return self.start[0]
+        assert isinstance(self.parsed, http1.Request)
+        return self.parsed.method
 
     @property
     def target(self) -> str:
-        return self.start[1]
+        assert isinstance(self.parsed, http1.Request)
+        return self.parsed.target
 
     def body_framing(self) -> tuple[str, int]:
         """("length", n), ("chunked", 0) or ("none", 0) for a request."""
-        te = self.header("transfer-encoding")
-        if te is not None:
-            if te.lower().split(",")[-1].strip() != "chunked":
-                raise HttpError(f"transfer-encoding {te!r}")
+        f = self.parsed.framing
+        if f.chunked:
             return "chunked", 0
-        cl = self.header("content-length")
-        if cl is not None:
-            try:
-                n = int(cl)
-            except ValueError as exc:
-                raise HttpError(f"content-length {cl!r}") from exc
-            if n < 0:
-                raise HttpError(f"content-length {cl!r}")
-            return ("length", n) if n else ("none", 0)
-        return "none", 0
+        return ("length", f.content_length) if f.content_length else ("none", 0)
 
     # ---- responses
     @property
     def status(self) -> int:
-        return int(self.start[1])
+        assert isinstance(self.parsed, http1.Response)
+        return self.parsed.status
 
     def response_framing(self, method: str) -> tuple[str, int]:
         """("length", n), ("chunked", 0), ("none", 0) or ("close", 0)."""
-        status = self.status
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        if method == "HEAD":  # parsed as an answer to GET: HEAD's has no body
             return "none", 0
-        te = self.header("transfer-encoding")
-        if te is not None and te.lower().split(",")[-1].strip() == "chunked":
+        f = self.parsed.framing
+        if f.chunked:
             return "chunked", 0
-        cl = self.header("content-length")
-        if cl is not None:
-            try:
-                return ("length", int(cl)) if int(cl) else ("none", 0)
-            except ValueError as exc:
-                raise HttpError(f"content-length {cl!r}") from exc
-        return "close", 0
+        if f.until_close:
+            return "close", 0
+        return ("length", f.content_length) if f.content_length else ("none", 0)
 
 
 def parse_head(raw: bytes) -> Message:
-    text = raw[:-4].decode("latin-1")
-    lines = text.split("\r\n")
-    start = lines[0].split(" ", 2)
-    if len(start) < 2:
-        raise HttpError(f"bad start line {lines[0]!r}")
-    if not start[0].startswith("HTTP/") and len(start) != 3:
-        raise HttpError(f"bad request line {lines[0]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HttpError(f"bad header line {line!r}")
-        headers.append((name.lower(), value.strip()))
-    return Message(raw, start, headers)
+    try:
+        if raw.startswith(b"HTTP/"):
+            return Message(raw, http1.parse_response(raw))
+        return Message(raw, http1.parse_request(raw))
+    except http1.HTTPError as exc:
+        raise HttpError(str(exc)) from exc
 
 
 def split_path(target: str) -> tuple[str, str, str]:
