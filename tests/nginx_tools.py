@@ -5,6 +5,8 @@ a lab): both builds as pytest params, the application behind the targets
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import subprocess
 import threading
 import time
@@ -107,7 +109,6 @@ class Traffic:
                  f"{n} more requests")
 
     def _client(self, i: int) -> None:
-        import hashlib
 
         keepalive = i % 2 == 0
         run = 0
@@ -145,3 +146,19 @@ class Traffic:
                                                                      "< X-Served"))))
             for out in outs:
                 out.unlink(missing_ok=True)
+
+
+FILES = {"8k.bin": 8 << 10, "1m.bin": 1 << 20, "4m.bin": 4 << 20}
+
+
+def put_random_files(c: NginxCluster, files: dict[str, int] = FILES,
+                     prefix: str = "") -> dict[str, str]:
+    """Random bodies of the given sizes in the cluster's docroot, readable by
+    its workers; their digests by prefix + name."""
+    digests = {}
+    for name, size in files.items():
+        body = os.urandom(size)
+        (c.docroot / name).write_bytes(body)
+        (c.docroot / name).chmod(0o644)
+        digests[prefix + name] = hashlib.sha256(body).hexdigest()
+    return digests

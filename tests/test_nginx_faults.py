@@ -16,8 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns_tools import client_loss_counters, sha256, snmp_tcp
-from nginx_tools import NginxCluster, Traffic, build_params, nginx_cluster, wait_for
+from netns_tools import client_loss_counters, snmp_tcp
+from nginx_tools import (
+    NginxCluster,
+    Traffic,
+    build_params,
+    nginx_cluster,
+    put_random_files,
+    wait_for,
+)
 from xo.lab import in_netns
 from xo.steer import Steer
 
@@ -25,18 +32,10 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
 ]
 
-FILES = {"8k.bin": 8 << 10, "1m.bin": 1 << 20, "4m.bin": 4 << 20}
-
-
 @pytest.fixture(params=build_params())
 def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[NginxCluster, dict[str, str]]]:
     with nginx_cluster(request.param) as c:
-        digests = {}
-        for name, size in FILES.items():
-            body = os.urandom(size)
-            (c.docroot / name).write_bytes(body)
-            (c.docroot / name).chmod(0o644)
-            digests["/" + name] = sha256(body)
+        digests = put_random_files(c, prefix="/")
         c.start_all()
         yield c, digests
 

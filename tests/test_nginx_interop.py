@@ -12,24 +12,23 @@ from pathlib import Path
 
 import pytest
 from netns_tools import client_loss_counters, sha256
-from nginx_tools import NginxCluster, assert_curl_client_clean, build_params, nginx_cluster
+from nginx_tools import (
+    FILES,
+    NginxCluster,
+    assert_curl_client_clean,
+    build_params,
+    nginx_cluster,
+    put_random_files,
+)
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
 ]
 
-FILES = {"8k.bin": 8 << 10, "1m.bin": 1 << 20, "4m.bin": 4 << 20}
-
-
 @pytest.fixture(params=build_params())
 def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[NginxCluster, dict[str, str]]]:
     with nginx_cluster(request.param) as c:
-        digests = {}
-        for name, size in FILES.items():
-            body = os.urandom(size)
-            (c.docroot / name).write_bytes(body)
-            (c.docroot / name).chmod(0o644)
-            digests[name] = sha256(body)
+        digests = put_random_files(c)
         yield c, digests
 
 

@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import signal
 import socket
 import struct
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from xo.ceph.config import ConfigError, XoCephConfig, control_port
 from xo.ceph.relay import HttpError, SockIO, Splicer, UpstreamPool, exchange, read_head
+from xo.daemon import run_until_signalled
 from xo.engine import Steering, TargetAgent, TargetConn, load_key
 
 log = logging.getLogger("xo.ceph.agent")
@@ -203,27 +203,7 @@ class Agent:
 
 
 async def _main(agent: Agent) -> int:
-    ready = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(agent.run(ready))
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
-
-    async def announce() -> None:
-        await ready.wait()
-        print("READY", flush=True)
-
-    announcer = asyncio.ensure_future(announce())
-    try:
-        await task
-    except asyncio.CancelledError:
-        return 0
-    except (RuntimeError, OSError, ConfigError) as exc:
-        log.error("agent stopped: %s", exc)
-        return 1
-    finally:
-        announcer.cancel()
-    return 0
+    return await run_until_signalled(agent.run, "agent", (RuntimeError, OSError, ConfigError))
 
 
 def main(argv: list[str] | None = None) -> int:

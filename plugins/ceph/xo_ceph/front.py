@@ -29,7 +29,6 @@ import errno
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 from xo.ceph.config import ConfigError, XoCephConfig, control_port
 from xo.ceph.placement import Placement, head_object
 from xo.ceph.relay import HttpError, Message, SockIO, UpstreamPool, exchange, read_head, split_path
+from xo.daemon import run_until_signalled
 from xo.engine import HostEngine, ProtocolError, Steering, TargetLink, load_key
 
 log = logging.getLogger("xo.ceph.front")
@@ -442,27 +442,7 @@ def neighbour_mac(ip: str, timeout: float = 2.0) -> str:
 
 
 async def _main(front: Front) -> int:
-    ready = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(front.run(ready))
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, task.cancel)
-
-    async def announce() -> None:
-        await ready.wait()
-        print("READY", flush=True)
-
-    announcer = asyncio.ensure_future(announce())
-    try:
-        await task
-    except asyncio.CancelledError:
-        return 0
-    except (RuntimeError, OSError, ConfigError) as exc:
-        log.error("front stopped: %s", exc)
-        return 1
-    finally:
-        announcer.cancel()
-    return 0
+    return await run_until_signalled(front.run, "front", (RuntimeError, OSError, ConfigError))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import signal
 import socket
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from xo import http1
 from xo.appconfig import AppConfig
+from xo.daemon import run_until_signalled
 from xo.engine import (
     HostEngine,
     Steering,
@@ -538,25 +538,8 @@ async def drain_send_queue(sock: socket.socket, timeout: float = 2.0) -> None:
 
 async def _main(cfg: AppConfig) -> int:
     key = load_key(cfg.key)
-    ready = asyncio.Event()
     app: Host | Target = Host(cfg, key) if cfg.role == "host" else Target(cfg, key)
-    loop = asyncio.get_running_loop()
-    main_task = asyncio.ensure_future(app.run(ready))
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, main_task.cancel)
-
-    async def announce() -> None:
-        await ready.wait()
-        print("READY", flush=True)
-
-    announcer = asyncio.ensure_future(announce())
-    try:
-        await main_task
-    except asyncio.CancelledError:
-        pass
-    finally:
-        announcer.cancel()
-    return 0
+    return await run_until_signalled(app.run, "reference app")
 
 
 def main(argv: list[str] | None = None) -> int:
