@@ -14,14 +14,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import secrets
 import socket
 import struct
 import subprocess
+import sys
 import termios
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from xo.lab import add_addresses, add_veth, create_netns, in_netns, move_link, remove_netns
@@ -287,3 +290,22 @@ def csum(data: bytes) -> int:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+def start_refapp(ns: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """The reference app (python -m xo.refapp) in namespace ns with the given
+    config file, once it says READY. nsenter --net keeps this test's mount
+    namespace, so the app's pinned maps are where the test looks."""
+    with log.open("ab") as errors:
+        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m",
+                                 "xo.refapp", "--config", str(config), "--log", str(log)],
+                                stdout=subprocess.PIPE, stderr=errors)
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    seen, deadline = b"", time.monotonic() + 20  # only turns a hang into a failure
+    while b"READY" not in seen:
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        seen += proc.stdout.read() or b""
+        time.sleep(0.02)
+    return proc

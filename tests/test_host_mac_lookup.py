@@ -10,11 +10,10 @@ import os
 import secrets
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from netns_tools import start_refapp
 from xo.appconfig import AppConfig, TargetEntry
 from xo.engine import write_key
 from xo.lab import in_netns, lab
@@ -23,24 +22,6 @@ from xo.steer import Kind, Steer, default_object_path
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
 PIN_ROOT = Path("/run/xo/bpf")
-
-
-def start(ns: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    # nsenter --net: the app's pinned maps are in this test's mount namespace
-    with log.open("ab") as errors:
-        proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", sys.executable, "-m",
-                                 "xo.refapp",
-                                 "--config", str(config), "--log", str(log)],
-                                stdout=subprocess.PIPE, stderr=errors)
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    seen, deadline = b"", time.monotonic() + 20  # only turns a hang into a failure
-    while b"READY" not in seen:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        seen += proc.stdout.read() or b""
-        time.sleep(0.02)
-    return proc
 
 
 def test_zero_host_mac_is_looked_up_for_redirects(tmp_path: Path) -> None:
@@ -64,9 +45,9 @@ def test_zero_host_mac_is_looked_up_for_redirects(tmp_path: Path) -> None:
             hcfg = AppConfig(role="host", name="host", ip4=host.ipv4, ifindex=host.ifindex,
                              mac="00:00:00:00:00:00", pin_dir=f"{PIN_ROOT}/{name}-host",
                              targets=[TargetEntry("t0", t0.ipv4, t0.mac)], **common)
-            procs.append(start(t0.netns, tcfg.write(tmp_path / "t0.conf"),
+            procs.append(start_refapp(t0.netns, tcfg.write(tmp_path / "t0.conf"),
                                tmp_path / "t0.log"))
-            procs.append(start(host.netns, hcfg.write(tmp_path / "host.conf"),
+            procs.append(start_refapp(host.netns, hcfg.write(tmp_path / "host.conf"),
                                tmp_path / "host.log"))
             # A download the target serves, held: the redirect is in place.
             with in_netns(testbed.client.netns):

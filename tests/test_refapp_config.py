@@ -13,12 +13,10 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from netns_tools import sha256
+from netns_tools import sha256, start_refapp
 from xo.appconfig import AppConfig, TargetEntry
 from xo.engine import write_key
 from xo.lab.namespaces import (
@@ -36,22 +34,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network n
 
 ADDRS = {"client": "198.19.7.1", "host": "198.19.7.2", "t0": "198.19.7.10"}
 PIN_ROOT = Path("/run/xo/bpf")
-
-
-def start(ns: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as errors:
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "xo.refapp",
-                                 "--config", str(config), "--log", str(log)],
-                                stdout=subprocess.PIPE, stderr=errors)
-    assert proc.stdout is not None
-    os.set_blocking(proc.stdout.fileno(), False)
-    seen, deadline = b"", time.monotonic() + 20  # only turns a hang into a failure
-    while b"READY" not in seen:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        assert time.monotonic() < deadline, log.read_text()[-2000:]
-        seen += proc.stdout.read() or b""
-        time.sleep(0.02)
-    return proc
 
 
 def test_refapp_runs_from_config_files_without_the_lab(tmp_path: Path) -> None:
@@ -84,8 +66,8 @@ def test_refapp_runs_from_config_files_without_the_lab(tmp_path: Path) -> None:
                          ifindex=members["host"][0], mac=members["host"][1],
                          pin_dir=f"{PIN_ROOT}/{tag}-host",
                          targets=[TargetEntry("t0", ADDRS["t0"], members["t0"][1])], **common)
-        procs.append(start(ns["t0"], t0.write(tmp_path / "t0.conf"), tmp_path / "t0.log"))
-        procs.append(start(ns["host"], host.write(tmp_path / "host.conf"),
+        procs.append(start_refapp(ns["t0"], t0.write(tmp_path / "t0.conf"), tmp_path / "t0.log"))
+        procs.append(start_refapp(ns["host"], host.write(tmp_path / "host.conf"),
                            tmp_path / "host.log"))
         url = f"http://{ADDRS['host']}:8080"
         out = tmp_path / "got.bin"
