@@ -2,7 +2,7 @@
 client, in one run on one lab.
 
 Lab: a client, the front and 4 targets; every host link rate-limited to the
-same rate (tbf, both directions), the client's link 4x that. The targets are
+same rate (htb, both directions, XO control port first), the client's link 4x that. The targets are
 nginx with the XO module serving the same files. Per object size
 (8 KiB ... 4 MiB) the front runs, one after the other:
 
