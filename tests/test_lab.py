@@ -471,8 +471,8 @@ def test_rate_limit_shapes_bulk_traffic(lab_name: str) -> None:
             classes = _shaper_classes(ns, ifname)
             # One class at the link rate holds the total; both leaves may use it all.
             assert "root rate 200Mbit ceil 200Mbit" in classes["1:1"], classes
-            assert "prio 0 rate 20Mbit ceil 200Mbit" in classes["1:10"], classes
-            assert "prio 1 rate 180Mbit ceil 200Mbit" in classes["1:20"], classes
+            assert "prio 0 rate 100Mbit ceil 200Mbit" in classes["1:10"], classes
+            assert "prio 1 rate 100Mbit ceil 200Mbit" in classes["1:20"], classes
         before = _shaper_stats(host.netns, host.ifname)
         nbytes = 16 << 20  # 128 burst-sized buckets: far more than the bucket holds
         sent, got = _bulk_transfer(host, target, nbytes)
