@@ -63,10 +63,10 @@ def test_keepalive_handoffs_cost_the_client_no_retransmission(tmp_path: Path, dr
                                                               rate: str | None) -> None:
     small, large = (300, 40) if rate is None else (100, 8)
     names = ["small.bin"] * small + ["large.bin"] * large
-    # On rate-limited links the control messages queue behind the response
-    # bytes (one tbf per link, no priorities): there the targets hand back
-    # once the response is acknowledged, as by default, and the client's
-    # next request is what meets the handoff.
+    # On rate-limited links the targets hand back once the response is
+    # acknowledged, as by default, and the client's next request is what
+    # meets the handoff (the lab's shapers serve the control port first:
+    # docs/lab.md).
     drain = 0.0 if rate is None else 2.0
     with cluster(targets=2, name=lab_name("l"), rate=rate, drain_timeout=drain,
                  drivers={"*": driver}) as apps:

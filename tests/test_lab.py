@@ -139,12 +139,19 @@ def _bulk_transfer(sender: LabHost, receiver: LabHost, nbytes: int) -> tuple[str
     return sent.hexdigest(), got.hexdigest()
 
 
-def _tbf_stats(netns: str, ifname: str) -> dict[str, Any]:
-    """The tbf qdisc on ifname as the kernel reports it (options and counters)."""
+def _shaper_stats(netns: str, ifname: str) -> dict[str, dict[str, Any]]:
+    """The qdiscs on ifname as the kernel reports them (options and counters),
+    by handle: "1:" the htb root, "10:" the control leaf, "20:" the bulk leaf."""
     out = subprocess.run(["tc", "-n", netns, "-s", "-j", "qdisc", "show", "dev", ifname],
                          capture_output=True, text=True, check=True)
-    (qdisc,) = [q for q in json.loads(out.stdout) if q["kind"] == "tbf"]
-    return qdisc
+    return {q["handle"]: q for q in json.loads(out.stdout)}
+
+
+def _shaper_classes(netns: str, ifname: str) -> dict[str, str]:
+    """htb class id -> its line in `tc class show` (tc prints htb classes as text only)."""
+    out = subprocess.run(["tc", "-n", netns, "class", "show", "dev", ifname],
+                         capture_output=True, text=True, check=True)
+    return {line.split()[2]: line for line in out.stdout.splitlines() if line.startswith("class")}
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -448,23 +455,82 @@ def test_two_labs_coexist(lab_names: Callable[[], str]) -> None:
 
 def test_rate_limit_shapes_bulk_traffic(lab_name: str) -> None:
     """The limit is judged by the shaper's own counters, not a stopwatch: every
-    byte of a bulk transfer passes the host's tbf, which had to hold the sender
-    back (overlimits), at the rate the lab asked for; the data arrives intact."""
+    byte of a bulk transfer passes the host's shaper (its bulk class), which had
+    to hold the sender back (overlimits), at the rate the lab asked for; the
+    data arrives intact."""
     with lab(lab_name, targets=1, rate="200mbit") as testbed:
         host, target = testbed.host, testbed.targets[0]
         assert host.tbf is not None and testbed.client.tbf is None
-        for member in (host, target):
-            with in_netns(member.netns), IPRoute() as ipr:
-                (qdisc,) = ipr.tc("dump", index=member.ifindex)
-                assert qdisc.get_attr("TCA_KIND") == "tbf"
-        before = _tbf_stats(host.netns, host.ifname)
-        assert before["options"]["rate"] * 8 == 200_000_000  # bytes/s, as the kernel holds it
+        for member, ns, ifname in ((host, host.netns, host.ifname),
+                                   (target, target.netns, target.ifname),
+                                   (host, testbed.bridge_netns, host.port_ifname),
+                                   (target, testbed.bridge_netns, target.port_ifname)):
+            qdiscs = _shaper_stats(ns, ifname)
+            assert qdiscs["1:"]["kind"] == "htb" and qdiscs["1:"]["root"], (member.name, qdiscs)
+            assert qdiscs["1:"]["options"]["default"] == "0x20"
+            classes = _shaper_classes(ns, ifname)
+            # One class at the link rate holds the total; both leaves may use it all.
+            assert "root rate 200Mbit ceil 200Mbit" in classes["1:1"], classes
+            assert "prio 0 rate 100Mbit ceil 200Mbit" in classes["1:10"], classes
+            assert "prio 1 rate 100Mbit ceil 200Mbit" in classes["1:20"], classes
+        before = _shaper_stats(host.netns, host.ifname)
         nbytes = 16 << 20  # 128 burst-sized buckets: far more than the bucket holds
         sent, got = _bulk_transfer(host, target, nbytes)
-        after = _tbf_stats(host.netns, host.ifname)
+        after = _shaper_stats(host.netns, host.ifname)
         assert got == sent
-        assert after["bytes"] - before["bytes"] >= nbytes  # all of it through the shaper
-        assert after["overlimits"] > before["overlimits"]  # which throttled the sender
+        assert after["20:"]["bytes"] - before["20:"]["bytes"] >= nbytes  # all of it as bulk
+        assert after["10:"]["packets"] == before["10:"]["packets"]  # none as control
+        assert after["1:"]["overlimits"] > before["1:"]["overlimits"]  # throttled the sender
+
+
+def _port_transfer(sender: LabHost, receiver: LabHost, port: int, nbytes: int) -> None:
+    """nbytes from sender to receiver's port (the receiver listens on it)."""
+    with in_netns(receiver.netns):
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.settimeout(IO_TIMEOUT)
+        server.bind((receiver.ipv4, port))
+        server.listen()
+        with _connect(sender, socket.AF_INET, (receiver.ipv4, port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                accepted.settimeout(IO_TIMEOUT)
+                sender_thread = threading.Thread(target=client.sendall, args=(b"x" * nbytes,))
+                sender_thread.start()
+                got = 0
+                while got < nbytes:
+                    got += len(accepted.recv(1 << 20))
+                sender_thread.join(IO_TIMEOUT)
+                accepted.sendall(b"ok")  # an answer from the control port's side too
+                assert client.recv(2) == b"ok"
+
+
+def test_control_port_traffic_has_its_own_class(lab_name: str) -> None:
+    """Segments to and from the XO control port go to the control class (prio 0)
+    on every shaped interface they cross, in both directions; other ports' to
+    the bulk class."""
+    (port,) = xolab.CONTROL_PORTS
+    with lab(lab_name, targets=1, rate="200mbit") as testbed:
+        host, target = testbed.host, testbed.targets[0]
+        ends = [(host.netns, host.ifname), (testbed.bridge_netns, target.port_ifname),
+                (target.netns, target.ifname), (testbed.bridge_netns, host.port_ifname)]
+        before = [_shaper_stats(ns, ifname) for ns, ifname in ends]
+        _port_transfer(host, target, port, 1 << 20)  # host -> target:7700 and its ACKs
+        after = [_shaper_stats(ns, ifname) for ns, ifname in ends]
+        for (ns, ifname), b, a in zip(ends, before, after, strict=True):
+            assert a["10:"]["packets"] > b["10:"]["packets"], (ns, ifname, a)
+        # The data went host -> target: at least 1 MiB through the host's control
+        # leaf and the target's bridge port's, none of it through their bulk leaves.
+        for i in (0, 1):
+            assert after[i]["10:"]["bytes"] - before[i]["10:"]["bytes"] >= 1 << 20
+            assert after[i]["20:"]["bytes"] - before[i]["20:"]["bytes"] < 1 << 16
+        middle = [_shaper_stats(ns, ifname) for ns, ifname in ends]
+        _port_transfer(host, target, port + 1, 1 << 20)  # any other port: bulk
+        final = [_shaper_stats(ns, ifname) for ns, ifname in ends]
+        for i in (0, 1):
+            assert final[i]["20:"]["bytes"] - middle[i]["20:"]["bytes"] >= 1 << 20
+            assert final[i]["10:"]["packets"] == middle[i]["10:"]["packets"]
 
 
 # --------------------------------------------------------------------------- CLI

@@ -225,6 +225,14 @@ static void load_config(const char *path, struct config *c)
 				   !strcmp(k, "ingress") ? "tc" : "none"))
 				die("config %s:%d: %s %s: this driver offloads every request "
 				    "(mode xo), steers in tc, makes no moves", path, lineno, k, v1);
+		} else if (!strcmp(k, "offload_min_bytes")) {
+			/* The Python app proxies small objects; this driver has
+			 * no proxy, so it refuses the setting rather than
+			 * silently handing off everything. */
+			if (strcmp(v1, "0"))
+				die("config %s:%d: offload_min_bytes %s: this driver hands off every "
+				    "request and cannot proxy below a size; use the Python app "
+				    "(python -m xo.refapp) or leave it out", path, lineno, v1);
 		} else if (!strcmp(k, "lab")) {
 			/* for the Python app's XDP preparation; nothing here */
 		} else if (!strcmp(k, "timeout")) {

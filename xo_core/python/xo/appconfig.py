@@ -43,6 +43,9 @@ class AppConfig:
     redirect_ttl_ms: int = 0
     drain_timeout_ms: int = 2000
     park_ring_bytes: int = 0
+    # Host: GET/HEAD of a docroot file smaller than this many bytes is proxied
+    # to a target, not handed off (0: hand off every request). Python app only.
+    offload_min_bytes: int = 0
     targets: list[TargetEntry] = field(default_factory=list)
     hosts: list[str] = field(default_factory=list)
     timeouts: dict[str, int] = field(default_factory=dict)  # xo.proto.Timeouts, ms
@@ -114,9 +117,11 @@ class AppConfig:
         cfg = cls(**values)  # type: ignore[arg-type]
         if cfg.role not in ROLES:
             raise ValueError(f"{path}: role {cfg.role!r}, want host or target")
+        if cfg.offload_min_bytes < 0:
+            raise ValueError(f"{path}: offload_min_bytes {cfg.offload_min_bytes}: want >= 0")
         if cfg.role == "target" and not cfg.hosts:
             raise ValueError(f"{path}: a target needs its hosts' addresses (host lines)")
         return cfg
 
 
-_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes"}
+_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "offload_min_bytes"}

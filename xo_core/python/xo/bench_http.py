@@ -2,7 +2,7 @@
 client, in one run on one lab.
 
 Lab: a client, the front and 4 targets; every host link rate-limited to the
-same rate (tbf, both directions), the client's link 4x that. The targets are
+same rate (htb, both directions, XO control port first), the client's link 4x that. The targets are
 nginx with the XO module serving the same files. Per object size
 (8 KiB ... 4 MiB) the front runs, one after the other:
 
@@ -37,6 +37,11 @@ MODES = ("proxy", "xo", "xo+threshold")
 STEPS = ("out.block", "out.serialize", "out.transfer_to_ready", "out.redirect",
          "out.discard_and_host_ready", "out.total", "in_host.decode", "in_host.restore",
          "in_host.remove_redirect", "in_host.resume", "in_host.end_offload", "in_host.total")
+# The target's side of an outbound handoff, from each target nginx's xo_status:
+# BEGIN_OFFLOAD decoded ... TARGET_READY sent (the part of the front's
+# out.transfer_to_ready spent inside a target once it has read the message).
+TARGET_STEPS = ("out_target.decode", "out_target.restore", "out_target.rewrite",
+                "out_target.ready_send", "out_target.total")
 # The issue's targets.
 XO_THROUGHPUT_X = 3.2      # XO / proxy at 1 MiB and above
 CPU_PER_GB_X = 0.2         # front CPU per GB, XO / proxy
@@ -97,7 +102,7 @@ def run(rate: str = "250mbit", seconds: float = 5.0, connections: int = 16,
     result: dict[str, Any] = {
         "rate": rate, "client_rate": f"{rate_bps * 4 // 1_000_000}mbit", "seconds": seconds,
         "connections": connections, "threshold_bytes": limit, "build": build,
-        "targets": 4, "rows": [], "steps": {}}
+        "targets": 4, "rows": [], "steps": {}, "target_steps": {}}
     with nginx_cluster(nb, targets=4, rate=rate,
                        client_rate=result["client_rate"]) as c, Progress() as progress:
         for label, size in chosen.items():
@@ -114,7 +119,7 @@ def run(rate: str = "250mbit", seconds: float = 5.0, connections: int = 16,
                 progress.update(task, description=f"{mode} {label}")
                 c.status("host")  # connections up; then clear the step samples
                 if mode != "proxy":
-                    _status_reset(c)
+                    _status_reset(c, ["host", *(t.name for t in c.testbed.targets)])
                 pids = [front.proc.pid, *front.workers()]
                 cpu0 = _cpu_seconds(pids)
                 w = c.wrk(f"/{label}.bin", connections=connections, seconds=seconds)
@@ -133,18 +138,23 @@ def run(rate: str = "250mbit", seconds: float = 5.0, connections: int = 16,
                         k: v for k, v in st["steps"].items()  # type: ignore[union-attr]
                         if k in STEPS}
                     row["handoffs"] = st["stats"]["offloads"]  # type: ignore[index]
+                    result["target_steps"].setdefault(mode, {})[label] = {
+                        t.name: {k: v for k, v in  # type: ignore[union-attr]
+                                 c.status(t.name)["steps"].items() if k in TARGET_STEPS}
+                        for t in c.testbed.targets}
                 result["rows"].append(row)
                 progress.advance(task)
     result["verdict"] = verdict(result)
     return result
 
 
-def _status_reset(c: NginxCluster) -> None:
+def _status_reset(c: NginxCluster, members: list[str]) -> None:
     import subprocess
 
-    m = c.testbed.host
-    subprocess.run(["ip", "netns", "exec", m.netns, "curl", "-sS", "-m", "5", "-o", "/dev/null",
-                    f"http://{m.ipv4}:8080/xo_status?reset"], check=True)
+    for member in members:
+        m = c.testbed.member(member)
+        subprocess.run(["ip", "netns", "exec", m.netns, "curl", "-sS", "-m", "5", "-o",
+                        "/dev/null", f"http://{m.ipv4}:8080/xo_status?reset"], check=True)
 
 
 def _row(result: dict[str, Any], mode: str, size: str) -> dict[str, Any]:
@@ -211,7 +221,17 @@ def print_report(result: dict[str, Any]) -> None:
             st = result["steps"]["xo"][s].get(name)
             cells.append(f"{st['p50_us']:.1f} / {st['p99_us']:.1f}" if st else "-")
         steps.add_row(name, *cells)
+    targets = result.get("target_steps", {}).get("xo", {})
+    for name in TARGET_STEPS:
+        cells = []
+        for s in sizes:
+            p50s = [st[name]["p50_us"] for st in targets.get(s, {}).values() if name in st]
+            p99s = [st[name]["p99_us"] for st in targets.get(s, {}).values() if name in st]
+            cells.append(f"{min(p50s):.1f}-{max(p50s):.1f} / {max(p99s):.1f}" if p50s else "-")
+        steps.add_row(f"(targets) {name}", *cells)
     console.print(steps)
+    if targets:
+        console.print("(targets) rows: the 4 targets' p50 range / their largest p99")
     for what, ok in result["verdict"].items():
         console.print(f"{'meets' if ok else 'misses'}: {what}")
 

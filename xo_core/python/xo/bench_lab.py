@@ -1,7 +1,7 @@
 """``xo bench lab``: XO against the same software proxying, side by side.
 
 The paper's testbed in miniature: one client, one host and N targets on one
-bridge, the host and target links rate-limited equally (tbf), the client's
+bridge, the host and target links rate-limited equally (htb), the client's
 link not. The same reference application runs twice on the same lab setup:
 
 * ``proxy`` — the host relays each request to a target's plain HTTP port and

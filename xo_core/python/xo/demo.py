@@ -78,6 +78,7 @@ class RefAppCluster:
     control_via: dict[str, tuple[str, int]] = field(default_factory=dict)
     move_policy: str = "none"  # targets: "path" moves connections between targets
     park_ring_bytes: int = 0  # the parked-frame ring (0: the core's default)
+    offload_min_bytes: int = 0  # host (Python): proxy files smaller than this
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -121,7 +122,8 @@ class RefAppCluster:
             redirect_ttl_ms=round(self.redirect_ttl * 1000) if self.redirect_ttl else 0,
             drain_timeout_ms=round(self.drain_timeout * 1000)
             if self.drain_timeout is not None else 2000,
-            park_ring_bytes=self.park_ring_bytes, targets=targets,
+            park_ring_bytes=self.park_ring_bytes, offload_min_bytes=self.offload_min_bytes,
+            targets=targets,
             hosts=[host.ipv4, host.ipv6] if role == "target" else [],
             timeouts={name: round(sec * 1000) for name, sec in self.timeouts.items()},
             mode=self.mode, ingress=self.ingress, move_policy=self.move_policy,

@@ -249,6 +249,7 @@ class Host:
         self.policy, self.mode, self.ingress = cfg.policy, cfg.mode, cfg.ingress
         self.served_locally = 0
         self.proxied = 0
+        self.below_min = 0  # requests proxied because of offload_min_bytes
         self.proxy_busy: dict[str, int] = {}   # requests being relayed, per target
         self.proxy_count: dict[str, int] = {}  # requests relayed so far, per target
         self.requests = 0
@@ -342,6 +343,10 @@ class Host:
                 elif self.mode == "proxy":
                     await read_body(sock, buf, req)
                     await self.proxy(sock, req, upstreams)
+                elif self.below_threshold(req):
+                    # Too small to pay a handoff out and back: relay it.
+                    await read_body(sock, buf, req)
+                    await self.proxy(sock, req, upstreams)
                 else:
                     # Hand off as soon as the head is here: a request body still
                     # on its way follows the connection to the target.
@@ -364,6 +369,26 @@ class Host:
         finally:
             for upstream in upstreams.values():
                 upstream.sock.close()
+
+    def below_threshold(self, req: Request) -> bool:
+        """xo mode with offload_min_bytes: a GET or HEAD of a docroot file
+        smaller than that is proxied. The size is the host's own stat of its
+        docroot (the same files the targets serve); anything else (a missing
+        file, a body upload, another method) is handed off as before."""
+        if self.mode != "xo" or not self.cfg.offload_min_bytes:
+            return False
+        if req.method not in ("GET", "HEAD") or req.body_len:
+            return False
+        file = resolve(self.docroot, req.path)
+        if file is None:
+            return False
+        if file.stat().st_size >= self.cfg.offload_min_bytes:
+            return False
+        assert self.engine is not None
+        if not any(t.up for t in self.engine.targets.values()):
+            return False  # nothing to relay from: served here, as a handoff would be
+        self.below_min += 1
+        return True
 
     async def proxy(self, sock: socket.socket, req: Request,
                     upstreams: dict[str, Upstream]) -> None:
@@ -394,6 +419,7 @@ class Host:
             "requests": self.requests,
             "served_locally": self.served_locally,
             "proxied": self.proxied,
+            "below_offload_min": self.below_min,
             "offloaded_now": self.engine.offloaded,
             "rules": self.engine.steering.steer.count(),
             "last_handoff_us": self.engine.times.last(),

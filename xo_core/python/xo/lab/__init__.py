@@ -42,7 +42,10 @@ from xo.lab.cli import add_lab_commands, main
 from xo.lab.errors import LabError, LabExistsError, LabNotFoundError
 from xo.lab.model import (
     BRIDGE_SYSCTLS,
+    BULK_CLASS,
     CLIENT_HOST_ID,
+    CONTROL_CLASS,
+    CONTROL_PORTS,
     DEFAULT_LAB_NAME,
     DEFAULT_TARGETS,
     FIRST_TARGET_HOST_ID,
@@ -105,7 +108,8 @@ __all__ = [
     "PORT_CSUM_FEATURE", "READY_TIMEOUT_SECONDS", "TBF_BURST_SECONDS",
     "TBF_MAX_BYTES_PER_SECOND", "TBF_MIN_BURST_BYTES", "TBF_QUEUE_SECONDS", "Lab",
     "LabError", "LabExistsError", "LabHost", "LabNotFoundError", "MemberState",
-    "NetnsProcess", "TbfShape", "add_addresses", "add_bridge", "add_lab_commands",
+    "BULK_CLASS", "CONTROL_CLASS", "CONTROL_PORTS", "NetnsProcess", "TbfShape",
+    "add_addresses", "add_bridge", "add_lab_commands",
     "add_veth", "bridge_ifname", "bridge_netns", "create_netns", "down", "down_all",
     "format_rate", "in_netns", "lab", "lab_in_use", "lab_state_path", "lab_status",
     "link_info", "list_labs", "main", "member_ifname", "member_netns", "move_link",

@@ -15,17 +15,22 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import netns
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_TENTATIVE
 
 from xo.lab.errors import LabError, LabExistsError, LabNotFoundError
 from xo.lab.model import (
     BRIDGE_SYSCTLS,
+    BULK_CLASS,
     CLIENT_HOST_ID,
+    CONTROL_CLASS,
+    CONTROL_PORTS,
+    CONTROL_RATE_DIVISOR,
     DEFAULT_LAB_NAME,
     DEFAULT_TARGETS,
     FIRST_TARGET_HOST_ID,
+    HTB_QUANTUM_BYTES,
     IPV4_NETWORK,
     IPV6_NETWORK,
     LAB_NAME_RE,
@@ -87,16 +92,44 @@ def _member_plan(targets: int) -> list[tuple[str, str, int]]:
     return plan
 
 
-def _add_tbf(ipr: IPRoute, ifindex: int, shape: TbfShape) -> None:
-    ipr.tc(
-        "add",
-        "tbf",
-        index=ifindex,
-        handle=0x10000,  # 1:
-        rate=shape.rate_bps // 8,  # pyroute2 takes a plain int as bytes per second
-        burst=shape.burst_bytes,
-        limit=shape.limit_bytes,
-    )
+def _tc(ns: str, *args: str) -> None:
+    res = subprocess.run(["tc", "-n", ns, *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise LabError(f"tc -n {ns} {' '.join(args)}: {res.stderr.strip() or res.returncode}")
+
+
+def _add_shaper(ns: str, ifname: str, shape: TbfShape,
+                control_ports: tuple[int, ...] = CONTROL_PORTS) -> None:
+    """Shape ifname to shape.rate_bps with control traffic first.
+
+    An htb root with one class at the link rate (rate = ceil, so the total
+    stays the link's) and two leaves under it: control (prio 0) and bulk
+    (prio 1, the default), both allowed the whole link (ceil). u32 filters
+    put TCP segments from or to a control port (IPv4 and IPv6) in the control
+    leaf: a handoff's messages never wait behind other connections' response
+    bytes queued on the same link. Each leaf is a byte fifo as short as the
+    tbf queue the lab used before (burst + 20 ms at the rate).
+    """
+    rate = f"{shape.rate_bps}bit"
+    control_rate = max(1, shape.rate_bps // CONTROL_RATE_DIVISOR)
+    burst = ["burst", str(shape.burst_bytes), "cburst", str(shape.burst_bytes),
+             "quantum", str(HTB_QUANTUM_BYTES)]
+    _tc(ns, "qdisc", "add", "dev", ifname, "root", "handle", "1:", "htb",
+        "default", f"{BULK_CLASS:x}")
+    _tc(ns, "class", "add", "dev", ifname, "parent", "1:", "classid", "1:1", "htb",
+        "rate", rate, "ceil", rate, *burst)
+    for minor, prio, class_rate in ((CONTROL_CLASS, 0, control_rate),
+                                    (BULK_CLASS, 1, shape.rate_bps - control_rate)):
+        _tc(ns, "class", "add", "dev", ifname, "parent", "1:1", "classid", f"1:{minor:x}",
+            "htb", "rate", f"{class_rate}bit", "ceil", rate, "prio", str(prio), *burst)
+        _tc(ns, "qdisc", "add", "dev", ifname, "parent", f"1:{minor:x}",
+            "handle", f"{minor:x}:", "bfifo", "limit", str(shape.limit_bytes))
+    for port in control_ports:
+        for proto, match, prio in (("ip", "ip", "1"), ("ipv6", "ip6", "2")):
+            for end in ("sport", "dport"):
+                _tc(ns, "filter", "add", "dev", ifname, "parent", "1:", "protocol", proto,
+                    "prio", prio, "u32", "match", match, "protocol", "6", "0xff",
+                    "match", match, end, str(port), "0xffff", "flowid", f"1:{CONTROL_CLASS:x}")
 
 
 def _build_bridge(lab_name: str) -> int:
@@ -126,14 +159,14 @@ def _build_member(
     port_index, _ = add_veth(bridge_netns(lab_name), port, ns, ifname, peer_mac=mac, up=False)
     with iproute_in(bridge_netns(lab_name)) as ipr:
         ipr.link("set", index=port_index, master=bridge_index, state="up")
-        if shape is not None:
-            _add_tbf(ipr, port_index, shape)  # bridge -> member direction
+    if shape is not None:
+        _add_shaper(bridge_netns(lab_name), port, shape)  # bridge -> member direction
 
     index = add_addresses(ns, ifname, [f"{ipv4}/{IPV4_NETWORK.prefixlen}",
                                        f"{ipv6}/{IPV6_NETWORK.prefixlen}"])
+    if shape is not None:
+        _add_shaper(ns, ifname, shape)  # member -> bridge direction
     with iproute_in(ns) as ipr:
-        if shape is not None:
-            _add_tbf(ipr, index, shape)  # member -> bridge direction
         actual_mac = ipr.link("get", index=index)[0].get_attr("IFLA_ADDRESS")
 
     return LabHost(

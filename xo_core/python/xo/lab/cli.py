@@ -159,10 +159,11 @@ def _add_leaf_commands(subparsers: Any) -> None:
     up_parser.add_argument(
         "--rate",
         default=None,
-        help="tbf limit on host and target links, both directions (e.g. 1gbit; default unlimited)",
+        help="rate limit on host and target links, both directions, control port first "
+             "(htb; e.g. 1gbit; default unlimited)",
     )
     up_parser.add_argument(
-        "--client-rate", default=None, help="tbf limit on the client link (default unlimited)"
+        "--client-rate", default=None, help="rate limit on the client link (default unlimited)"
     )
     up_parser.add_argument(
         "--force", action="store_true", help="tear down an existing lab of that name first"

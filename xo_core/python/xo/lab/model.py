@@ -69,6 +69,15 @@ TBF_QUEUE_SECONDS = 0.020
 TBF_MAX_BYTES_PER_SECOND = 2**32 - 1  # tc_tbf_qopt.rate is a u32 (pyroute2 lacks RATE64)
 MIN_RATE_BPS = 100_000
 
+# Control traffic first on shaped links (build._add_shaper): TCP segments from or
+# to these ports go to the control class, served before bulk (the XO control port,
+# XO_DEFAULT_CONTROL_PORT in xo_proto.h, which the reference app and nginx both use).
+CONTROL_PORTS: tuple[int, ...] = (7700,)
+CONTROL_CLASS = 0x10  # htb classid 1:10, prio 0, rate half the link, ceil the link
+BULK_CLASS = 0x20  # htb classid 1:20, prio 1, the rest; unclassified traffic lands here
+CONTROL_RATE_DIVISOR = 2
+HTB_QUANTUM_BYTES = 131072  # over one 64 KiB GSO packet
+
 READY_TIMEOUT_SECONDS = 5.0  # links of a new lab up and addresses usable
 
 # Where XO processes of a lab keep their pinned steering maps (one bpffs each,
