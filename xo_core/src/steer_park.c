@@ -376,6 +376,47 @@ static int replay_frame(struct xo_steer *s, int ifindex, const uint8_t *f,
 	return (int)n;
 }
 
+int xo_park_tail(uint8_t *f, uint32_t *len, uint32_t keep)
+{
+	uint32_t l3 = 14, l4, hlen, tlen, payload, cut;
+	bool v6;
+
+	if (*len < 14 + 20)
+		return xo_fail(XO_E_LENGTH, "park: %u-byte frame", *len);
+	v6 = xo_get16(f + 12) == 0x86dd;
+	if (!v6 && xo_get16(f + 12) != 0x0800)
+		return xo_fail(XO_E_INVAL, "park: not an IP frame");
+	if (v6) {
+		if (*len < l3 + 40 + 20 || f[l3 + 6] != 6)
+			return xo_fail(XO_E_INVAL, "park: not a TCP frame");
+		l4 = l3 + 40;
+		tlen = l3 + 40 + xo_get16(f + l3 + 4);
+	} else {
+		if ((f[l3] >> 4) != 4 || f[l3 + 9] != 6)
+			return xo_fail(XO_E_INVAL, "park: not a TCP frame");
+		l4 = l3 + (f[l3] & 15) * 4u;
+		tlen = l3 + xo_get16(f + l3 + 2);
+	}
+	if (l4 + 20 > *len || tlen > *len || tlen < l4 + 20)
+		return xo_fail(XO_E_LENGTH, "park: frame cut short");
+	hlen = (f[l4 + 12] >> 4) * 4u;
+	if (hlen < 20 || l4 + hlen > tlen)
+		return xo_fail(XO_E_LENGTH, "park: frame cut short");
+	payload = tlen - l4 - hlen;
+	if (payload <= keep)
+		return 0;
+	cut = payload - keep;
+	memmove(f + l4 + hlen, f + l4 + hlen + cut, keep);
+	xo_put32(f + l4 + 4, xo_get32(f + l4 + 4) + cut);
+	tlen -= cut;
+	if (v6)
+		xo_put16(f + l3 + 4, (uint16_t)(tlen - l3 - 40));
+	else
+		xo_put16(f + l3 + 2, (uint16_t)(tlen - l3));
+	*len = tlen;
+	return 0;
+}
+
 int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
 		       uint32_t len, const struct xo_endpoint *to,
 		       const uint8_t *dst_mac)
