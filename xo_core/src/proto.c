@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <net/if.h>
+#include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
 #include <openssl/crypto.h>
@@ -851,6 +852,22 @@ static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len);
 static void ship_after(struct xo_proto *p, struct peer *pe, struct conn *next,
 		       const uint8_t *older, uint32_t older_len);
 
+/* The socket has bytes the client has not acknowledged (a response on its
+ * way): the replayed ACKs let it send on, and the egress must stay open. */
+static bool sending(int fd)
+{
+	int n = 0;
+
+	if (fd < 0)
+		return false;
+	if (ioctl(fd, SIOCOUTQ, &n) < 0) {
+		fprintf(stderr, "xo: parked frames: ioctl(SIOCOUTQ): %s\n",
+			strerror(errno));
+		return true;
+	}
+	return n > 0;
+}
+
 static void release_park(struct xo_proto *p, struct conn *c,
 			 const uint8_t *older, uint32_t older_len,
 			 const struct xo_endpoint *to)
@@ -881,8 +898,10 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	 * and its new frames, let through when the rule goes, would overtake
 	 * parked ones still being replayed (SACK holes: the client resends
 	 * segments we are about to deliver). Without ACKs it sends nothing
-	 * new, the ring drains, and the rule can go with nothing behind it. */
-	held_acks = !insert_block(p, &c->out_key, clock_ns());
+	 * new, the ring drains, and the rule can go with nothing behind it.
+	 * Not while our socket still sends: its data must not be dropped,
+	 * and a client still receiving a response is rarely streaming. */
+	held_acks = !sending(c->fd) && !insert_block(p, &c->out_key, clock_ns());
 	if (older_len) {
 		replay_blob(p, older, older_len, to);
 		last_frame(&last, older, older_len);
