@@ -849,8 +849,6 @@ static int64_t replay_parked(struct xo_proto *p,
 /* The old owner's frames are in (or will never come): replay them, stop
  * parking, and replay what we parked meanwhile, in that order. */
 static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len);
-static void ship_after(struct xo_proto *p, struct peer *pe, struct conn *next,
-		       const uint8_t *older, uint32_t older_len);
 
 /* The socket has bytes the client has not acknowledged (a response on its
  * way): the replayed ACKs let it send on, and the egress must stay open. */
@@ -886,8 +884,9 @@ static void release_park(struct xo_proto *p, struct conn *c,
 		if (next && (next->state == H_WAIT_READY ||
 			     next->state == H_RETURNED))
 			hold_frames(next, older, older_len);
-		else if (next && next->state == H_OFFLOADED && pe)
-			ship_after(p, pe, next, older, older_len);
+		else if (next && next->state == H_OFFLOADED && pe && older_len)
+			send_msg(pe, XO_MSG_PARKED, 0, next->wire_id, older,
+				 older_len, clock_ns());
 		else if (!next && older_len)
 			replay_blob(p, older, older_len, to); /* rolled back */
 		c->park_until = 0;
@@ -937,34 +936,6 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	free(last.rec);
 	watch_own_stragglers(p, &c->in_key, to, clock_ns());
 	c->park_until = 0;
-}
-
-/* Host: c was handed off again while the last target's PARKED for the
- * same flow had not come yet. */
-static bool older_frames_due(const struct xo_proto *p, const struct conn *c)
-{
-	const struct conn *o;
-
-	for (o = p->all; o; o = o->next)
-		if (o->state == H_RETURNED && o->superseded_by == c->id)
-			return true;
-	return false;
-}
-
-/* Host: the older frames for `next` (handed off already) came: send them
- * on with ours after them, in one PARKED, and watch for stragglers. */
-static void ship_after(struct xo_proto *p, struct peer *pe, struct conn *next,
-		       const uint8_t *older, uint32_t older_len)
-{
-	uint64_t now = clock_ns();
-
-	hold_frames(next, older, older_len);
-	ship_parked(p, pe, next->wire_id, &next->in_key, next->held,
-		    next->held_len, now);
-	free(next->held);
-	next->held = NULL;
-	next->held_len = 0;
-	watch_stragglers(p, pe, next->wire_id, &next->in_key, now);
 }
 
 /* Keep PARKED frames that came while the connection is frozen again. */
@@ -1311,14 +1282,8 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	c->fd = -1;
 	remove_rule(p, &c->out_key);
 	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
-	/* The last target's frames are older than ours: while they are still
-	 * on their way, ours wait for them (release_park sends both, in
-	 * order). The new target holds its ingress until one PARKED came. */
-	if (!older_frames_due(p, c)) {
-		ship_parked(p, pe, c->wire_id, &c->in_key, c->held,
-			    c->held_len, now);
-		watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
-	}
+	ship_parked(p, pe, c->wire_id, &c->in_key, c->held, c->held_len, now);
+	watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
 	c->state = H_OFFLOADED;
