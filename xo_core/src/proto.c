@@ -1283,6 +1283,11 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	remove_rule(p, &c->out_key);
 	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
 	ship_parked(p, pe, c->wire_id, &c->in_key, c->held, c->held_len, now);
+	/* Sent on: the target has them now. Kept, they were replayed here
+	 * again when the connection came back (duplicates for our stack). */
+	free(c->held);
+	c->held = NULL;
+	c->held_len = 0;
 	watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
