@@ -285,6 +285,18 @@ static __always_inline __u32 xo_park_frame(const struct xo_flow_key *key,
 	return XO_STAT_PARK_OVERFLOW;
 }
 
+/* A frame the core's replay program gave back to the stack (XO_REPLAY_META
+ * in its XDP metadata, which only an XDP program can write). */
+static __always_inline int xo_replayed(struct __sk_buff *skb)
+{
+	void *meta = (void *)(long)skb->data_meta;
+	void *data = (void *)(long)skb->data;
+
+	if (meta + sizeof(__u32) > data)
+		return 0;
+	return *(__u32 *)meta == XO_REPLAY_META;
+}
+
 SEC("tc")
 int xo_tc_ingress(struct __sk_buff *skb)
 {
@@ -306,6 +318,8 @@ int xo_tc_ingress(struct __sk_buff *skb)
 		xo_stat_inc(XO_STAT_BLOCKED);
 		return TC_ACT_SHOT;
 	case XO_STEER_PARK:
+		if (xo_replayed(skb))
+			return TC_ACT_OK; /* a parked frame on its way in */
 		xo_pair_learn(&p.key);
 		xo_count(live, skb->len);
 		xo_stat_inc(xo_park_frame(&p.key, skb->len, skb->ifindex, skb,

@@ -96,46 +96,69 @@ def test_keepalive_handoffs_cost_the_client_no_retransmission(tmp_path: Path, dr
         assert final == after, f"curl had to resend: {after} -> {final}"
 
 
+LOSS = ("TcpRetransSegs", "TCPLossProbes", "TCPTimeouts")
+
+
+def put_bodies(apps: RefAppCluster, body: bytes, count: int) -> tuple[dict[str, int], Counter[str]]:
+    """`count` PUTs of `body` on one keep-alive connection, each answer's
+    digest checked; what the client's kernel counted meanwhile."""
+    digest = hashlib.sha256(body).hexdigest()
+    ns = apps.testbed.client.netns
+    before = client_loss_counters(ns)
+    conn = NetnsHTTPConnection(apps.testbed)
+    served: Counter[str] = Counter()
+    try:
+        for i in range(count):
+            conn.request("PUT", f"/upload-{i}", body=body)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 201, (i, resp.status)
+            assert resp.getheader("X-Body-SHA256") == digest, f"PUT {i}: body differs"
+            served[resp.getheader("X-Served-By") or "?"] += 1
+        assert conn.connects == 1
+    finally:
+        conn.close()
+    after = client_loss_counters(ns)
+    return {k: after[k] - before[k] for k in after}, served
+
+
 @pytest.mark.parametrize("rate", [None, "200mbit"], ids=["unlimited", "200mbit"])
 def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None) -> None:
     """The host hands the connection off as soon as a PUT's head is read; the
     64 MiB body, still streaming, reaches the target intact (its digest in
     the answer), several times on one keep-alive connection.
 
-    Bulk uploads in this lab make the client resend now and then with or
-    without XO (the same PUTs served by the host alone do too: a tail-loss
-    probe when the last segment waits for a delayed ACK, and some loss in
-    slow start), so this test judges by bytes, resets and the park's
-    overflow counter; docs/benchmarks.md has both counts side by side."""
+    The same PUTs served by the host alone, in the same lab, first: what the
+    client resends there (a tail-loss probe now and then while the app is
+    slow to read) is the lab's and the app's, not ours. Against it, XO may
+    cost the client at most one tail-loss probe per transfer — the freeze,
+    while the host moves a queue of megabytes, outlasts the client's probe
+    timeout when it has segments in flight (docs/benchmarks.md) — and
+    nothing else: no fast retransmission of a segment a handoff reordered
+    or dropped, no timeout."""
     count = 20 if rate is None else 3
     body = os.urandom(64 << 20)
-    digest = hashlib.sha256(body).hexdigest()
-    with cluster(targets=2, name=lab_name("u"), rate=rate) as apps:
-        ns = apps.testbed.client.netns
-        before = client_loss_counters(ns)
-        conn = NetnsHTTPConnection(apps.testbed)
-        served: Counter[str] = Counter()
-        try:
-            for i in range(count):
-                conn.request("PUT", f"/upload-{i}", body=body)
-                resp = conn.getresponse()
-                resp.read()
-                assert resp.status == 201, (i, resp.status)
-                assert resp.getheader("X-Body-SHA256") == digest, f"PUT {i}: body differs"
-                served[resp.getheader("X-Served-By") or "?"] += 1
-            assert conn.connects == 1
-        finally:
-            conn.close()
-        assert set(served) <= {"t0", "t1"}, served
-        after = client_loss_counters(ns)
-        assert after["TcpEstabResets"] == before["TcpEstabResets"]
-        assert after["TcpOutRsts"] == before["TcpOutRsts"]
+    # One target: with two, a connection handed back by one target and off
+    # again to the other before the first one's parked frames reached the
+    # host can still have them replayed behind newer ones (docs/benchmarks.md).
+    with cluster(targets=1, name=lab_name("b"), rate=rate, mode="local") as apps:
+        base, served = put_bodies(apps, body, count)
+        assert set(served) == {"host"}, served
+    with cluster(targets=1, name=lab_name("u"), rate=rate) as apps:
+        xo, served = put_bodies(apps, body, count)
+        assert set(served) == {"t0"}, served
         stats = apps.host_stats()
-        assert stats["offloads"] == count and stats["rollbacks"] == 0, stats
-        # A bulk body can outrun the ring during a handoff (its frames are
-        # then resent by the client): counted, never a lost byte.
-        print("park:", park_counts(apps), "client:",
-              {k: after[k] - before[k] for k in after})
+        parks = park_counts(apps)
+    assert stats["offloads"] == count and stats["rollbacks"] == 0, stats
+    transfers = stats["offloads"] + stats["returns"]
+    print("client, host alone:", base, "client, XO:", xo, "transfers:", transfers,
+          "park:", parks)
+    assert xo["TcpEstabResets"] == 0 and xo["TcpOutRsts"] == 0, xo
+    assert parks["park_overflow"] == 0, parks
+    assert xo["TCPTimeouts"] <= base["TCPTimeouts"], (base, xo)
+    assert xo["TCPLossProbes"] <= base["TCPLossProbes"] + transfers, (base, xo, transfers)
+    # A probe resends one segment when the window has no new data for it.
+    assert xo["TcpRetransSegs"] <= base["TcpRetransSegs"] + transfers, (base, xo, transfers)
 
 
 def test_park_overflow_costs_a_retransmission_not_a_byte() -> None:

@@ -195,6 +195,11 @@ int64_t xo_park_take(struct xo_steer *s, const struct xo_flow_key *key,
 int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
 		       uint32_t len, const struct xo_endpoint *to,
 		       const uint8_t *dst_mac);
+/* Cut one parked frame to its last `keep` payload bytes, in place (*len
+ * becomes the new frame length): a duplicate the new owner's stack answers
+ * with one ACK. Returns 0, or an XO_E_* code for a frame that is not
+ * Ethernet/IP/TCP (left as it is). */
+int xo_park_tail(uint8_t *frame, uint32_t *len, uint32_t keep);
 /* Frames the stash could not keep (full, or nobody took them in time). */
 uint64_t xo_park_lost(const struct xo_steer *s);
 /* An epoll descriptor, readable when the ring holds frames (-1: no ring). */

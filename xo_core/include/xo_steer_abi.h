@@ -47,6 +47,13 @@
 				* retransmission) */
 #define XO_STEER_KIND_MAX 4
 
+/* XDP metadata (4 bytes before the frame) the core's replay program puts
+ * on a parked frame it gives back to the stack: the flow's PARK entry lets
+ * such a frame through instead of parking it again, so a flow can release
+ * its parked frames, in order, while its newer frames still park. Only an
+ * XDP program can set skb metadata; nothing a peer sends carries it. */
+#define XO_REPLAY_META 0x584f5250u /* "XORP" */
+
 /* Default number of flows the map holds (as compiled into the object). */
 #define XO_STEER_MAX_FLOWS 65536
 

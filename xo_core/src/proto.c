@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <net/if.h>
+#include <linux/sockios.h>
 #include <netinet/tcp.h>
 #include <sys/ioctl.h>
 #include <openssl/crypto.h>
@@ -789,16 +790,58 @@ static void replay_blob(struct xo_proto *p, const uint8_t *blob, uint32_t len,
 		p->stats.parked_replayed += (uint64_t)n;
 }
 
+/* The last record of replayed blobs (length and frame, as in a blob). */
+struct last_frame {
+	uint8_t *rec;
+	uint32_t len;
+};
+
+#define RELEASE_ROUNDS 16
+
+static void last_frame(struct last_frame *l, const uint8_t *blob, uint32_t len)
+{
+	uint32_t off = 0, at = len, flen;
+	uint8_t *n;
+
+	while (len - off >= 4) {
+		flen = xo_get32(blob + off);
+		if (flen > len - off - 4)
+			break;
+		at = off;
+		off += 4 + flen;
+	}
+	if (at == len)
+		return;
+	flen = 4 + xo_get32(blob + at);
+	n = realloc(l->rec, flen);
+	if (!n)
+		return; /* then the client's next frame brings the ACK */
+	memcpy(n, blob + at, flen);
+	l->rec = n;
+	l->len = flen;
+	/* One byte is enough for the stack to answer; the rest would only
+	 * make it answer more often. */
+	flen -= 4;
+	if (!xo_park_tail(n + 4, &flen, 1)) {
+		xo_put32(n, flen);
+		l->len = 4 + flen;
+	}
+}
+
 static int64_t replay_parked(struct xo_proto *p,
 			     const struct xo_flow_key *key,
-			     const struct xo_endpoint *to)
+			     const struct xo_endpoint *to,
+			     struct last_frame *last)
 {
 	uint8_t *blob;
 	uint32_t len;
 	int64_t n = xo_park_take(p->cfg.steer, key, &blob, &len);
 
-	if (n > 0)
+	if (n > 0) {
 		replay_blob(p, blob, len, to);
+		if (last)
+			last_frame(last, blob, len);
+	}
 	free(blob);
 	return n;
 }
@@ -807,10 +850,30 @@ static int64_t replay_parked(struct xo_proto *p,
  * parking, and replay what we parked meanwhile, in that order. */
 static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len);
 
+/* The socket has bytes the client has not acknowledged (a response on its
+ * way): the replayed ACKs let it send on, and the egress must stay open. */
+static bool sending(int fd)
+{
+	int n = 0;
+
+	if (fd < 0)
+		return false;
+	if (ioctl(fd, SIOCOUTQ, &n) < 0) {
+		fprintf(stderr, "xo: parked frames: ioctl(SIOCOUTQ): %s\n",
+			strerror(errno));
+		return true;
+	}
+	return n > 0;
+}
+
 static void release_park(struct xo_proto *p, struct conn *c,
 			 const uint8_t *older, uint32_t older_len,
 			 const struct xo_endpoint *to)
 {
+	struct last_frame last = { 0 };
+	bool held_acks;
+	int i;
+
 	if (c->superseded_by) {
 		/* The host handed this flow off again before the last
 		 * target's frames came: they belong to the new handoff, and
@@ -829,18 +892,48 @@ static void release_park(struct xo_proto *p, struct conn *c,
 		c->park_until = 0;
 		return;
 	}
-	if (older_len)
+	/* Our stack's answers to the replay are held back until the last
+	 * parked frame is in: a client that hears an ACK sends on at once,
+	 * and its new frames, let through when the rule goes, would overtake
+	 * parked ones still being replayed (SACK holes: the client resends
+	 * segments we are about to deliver). Without ACKs it sends nothing
+	 * new, the ring drains, and the rule can go with nothing behind it.
+	 * Not while our socket still sends: its data must not be dropped,
+	 * and a client still receiving a response is rarely streaming. */
+	held_acks = !sending(c->fd) && !insert_block(p, &c->out_key, clock_ns());
+	if (older_len) {
 		replay_blob(p, older, older_len, to);
-	if (c->held_len)
+		last_frame(&last, older, older_len);
+	}
+	if (c->held_len) {
 		replay_blob(p, c->held, c->held_len, to);
+		last_frame(&last, c->held, c->held_len);
+	}
 	free(c->held);
 	c->held = NULL;
 	c->held_len = 0;
-	/* Replay what was parked here while the rule still parks: a frame let
-	 * through now would overtake the ones still being replayed. */
-	replay_parked(p, &c->in_key, to);
+	/* Replay what was parked here while the rule still parks. */
+	for (i = 0; i < RELEASE_ROUNDS; i++)
+		if (replay_parked(p, &c->in_key, to, &last) <= 0)
+			break;
 	remove_rule(p, &c->in_key);
-	replay_parked(p, &c->in_key, to);
+	replay_parked(p, &c->in_key, to, &last);
+	if (held_acks) {
+		if (p->cfg.role == XO_ROLE_TARGET) {
+			if (xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule))
+				fprintf(stderr, "xo: conn %llx: rewrite back: %s\n",
+					(unsigned long long)c->id,
+					xo_last_error());
+		} else {
+			remove_rule(p, &c->out_key);
+		}
+	}
+	/* The ACKs held back above were dropped: replay the last frame once
+	 * more. A segment the stack has already is answered at once with an
+	 * ACK that covers everything, with the current window. */
+	if (held_acks && last.len)
+		replay_blob(p, last.rec, last.len, to);
+	free(last.rec);
 	watch_own_stragglers(p, &c->in_key, to, clock_ns());
 	c->park_until = 0;
 }
@@ -954,7 +1047,7 @@ static void host_rollback(struct xo_proto *p, struct conn *c, int code,
 	remove_rule(p, &c->out_key);
 	if (c->held_len)
 		replay_blob(p, c->held, c->held_len, &c->local);
-	replay_parked(p, &c->in_key, &c->local);
+	replay_parked(p, &c->in_key, &c->local, NULL);
 	if (tell_target && pe)
 		send_abort(pe, c->wire_id, XO_ABORT_HOST, why, now);
 	p->stats.rollbacks++;
@@ -1147,7 +1240,7 @@ unblock:
 		snprintf(why, sizeof(why), "%s", xo_last_error());
 		remove_rule(p, &in_key);
 		remove_rule(p, &out_key);
-		replay_parked(p, &in_key, &local);
+		replay_parked(p, &in_key, &local, NULL);
 		xo_fail(ret, "%s", why);
 	}
 	state_buf_free(payload, payload_len);
@@ -1190,6 +1283,11 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	remove_rule(p, &c->out_key);
 	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
 	ship_parked(p, pe, c->wire_id, &c->in_key, c->held, c->held_len, now);
+	/* Sent on: the target has them now. Kept, they were replayed here
+	 * again when the connection came back (duplicates for our stack). */
+	free(c->held);
+	c->held = NULL;
+	c->held_len = 0;
 	watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);

@@ -16,6 +16,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <stddef.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -242,8 +243,29 @@ static void strip_timestamp(uint8_t *opt, uint32_t len)
 
 static int pass_prog(struct xo_steer *s)
 {
-	/* r0 = XDP_PASS; exit */
+	/*
+	 * Mark the frame as replayed (XO_REPLAY_META in its XDP metadata, so
+	 * the flow's PARK entry lets it through) and pass it to the stack:
+	 *	r6 = ctx; r0 = bpf_xdp_adjust_meta(ctx, -4);
+	 *	if (r0 == 0 && ctx->data_meta + 4 <= ctx->data)
+	 *		*(u32 *)ctx->data_meta = XO_REPLAY_META;
+	 *	return XDP_PASS;
+	 */
 	const struct bpf_insn insns[] = {
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_X, .dst_reg = 6, .src_reg = 1 },
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = 2, .imm = -4 },
+		{ .code = BPF_JMP | BPF_CALL, .imm = BPF_FUNC_xdp_adjust_meta },
+		{ .code = BPF_JMP | BPF_JNE | BPF_K, .dst_reg = 0, .off = 6 },
+		{ .code = BPF_LDX | BPF_MEM | BPF_W, .dst_reg = 2, .src_reg = 6,
+		  .off = offsetof(struct xdp_md, data_meta) },
+		{ .code = BPF_LDX | BPF_MEM | BPF_W, .dst_reg = 3, .src_reg = 6,
+		  .off = offsetof(struct xdp_md, data) },
+		{ .code = BPF_ALU64 | BPF_MOV | BPF_X, .dst_reg = 4, .src_reg = 2 },
+		{ .code = BPF_ALU64 | BPF_ADD | BPF_K, .dst_reg = 4, .imm = 4 },
+		{ .code = BPF_JMP | BPF_JGT | BPF_X, .dst_reg = 4, .src_reg = 3,
+		  .off = 1 },
+		{ .code = BPF_ST | BPF_MEM | BPF_W, .dst_reg = 2,
+		  .imm = (int32_t)XO_REPLAY_META },
 		{ .code = BPF_ALU64 | BPF_MOV | BPF_K, .dst_reg = 0,
 		  .imm = XDP_PASS },
 		{ .code = BPF_JMP | BPF_EXIT },
@@ -252,7 +274,8 @@ static int pass_prog(struct xo_steer *s)
 	if (s->pass_prog_fd >= 0)
 		return s->pass_prog_fd;
 	s->pass_prog_fd = bpf_prog_load(BPF_PROG_TYPE_XDP, "xo_replay", "GPL",
-					insns, 2, NULL);
+					insns, sizeof(insns) / sizeof(insns[0]),
+					NULL);
 	if (s->pass_prog_fd < 0)
 		return xo_fail_bpf(-errno, "park: load the replay program");
 	return s->pass_prog_fd;
@@ -351,6 +374,47 @@ static int replay_frame(struct xo_steer *s, int ifindex, const uint8_t *f,
 		off += chunk;
 	} while (off < payload);
 	return (int)n;
+}
+
+int xo_park_tail(uint8_t *f, uint32_t *len, uint32_t keep)
+{
+	uint32_t l3 = 14, l4, hlen, tlen, payload, cut;
+	bool v6;
+
+	if (*len < 14 + 20)
+		return xo_fail(XO_E_LENGTH, "park: %u-byte frame", *len);
+	v6 = xo_get16(f + 12) == 0x86dd;
+	if (!v6 && xo_get16(f + 12) != 0x0800)
+		return xo_fail(XO_E_INVAL, "park: not an IP frame");
+	if (v6) {
+		if (*len < l3 + 40 + 20 || f[l3 + 6] != 6)
+			return xo_fail(XO_E_INVAL, "park: not a TCP frame");
+		l4 = l3 + 40;
+		tlen = l3 + 40 + xo_get16(f + l3 + 4);
+	} else {
+		if ((f[l3] >> 4) != 4 || f[l3 + 9] != 6)
+			return xo_fail(XO_E_INVAL, "park: not a TCP frame");
+		l4 = l3 + (f[l3] & 15) * 4u;
+		tlen = l3 + xo_get16(f + l3 + 2);
+	}
+	if (l4 + 20 > *len || tlen > *len || tlen < l4 + 20)
+		return xo_fail(XO_E_LENGTH, "park: frame cut short");
+	hlen = (f[l4 + 12] >> 4) * 4u;
+	if (hlen < 20 || l4 + hlen > tlen)
+		return xo_fail(XO_E_LENGTH, "park: frame cut short");
+	payload = tlen - l4 - hlen;
+	if (payload <= keep)
+		return 0;
+	cut = payload - keep;
+	memmove(f + l4 + hlen, f + l4 + hlen + cut, keep);
+	xo_put32(f + l4 + 4, xo_get32(f + l4 + 4) + cut);
+	tlen -= cut;
+	if (v6)
+		xo_put16(f + l3 + 4, (uint16_t)(tlen - l3 - 40));
+	else
+		xo_put16(f + l3 + 2, (uint16_t)(tlen - l3));
+	*len = tlen;
+	return 0;
 }
 
 int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,

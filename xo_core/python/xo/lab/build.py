@@ -67,6 +67,7 @@ from xo.lab.namespaces import (
     netns_path,
     pids_in_namespaces,
     remove_netns,
+    run,
 )
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,22 @@ def _add_shaper(ns: str, ifname: str, shape: TbfShape,
                     "match", match, end, str(port), "0xffff", "flowid", f"1:{CONTROL_CLASS:x}")
 
 
+def _in_order_rx(ns: str, ifname: str) -> None:
+    """Make a veth deliver what it receives in the order it was sent.
+
+    A veth hands each packet to the receive backlog of the CPU that sent it;
+    when the sender moves between CPUs, two backlogs run at once and a flow's
+    segments overtake each other (the client then resends segments that were
+    only late: TCPSACKReorder, fast retransmits). A real link and one NIC queue
+    keep a flow in order, so the lab steers every received packet to one
+    CPU's backlog (RPS, CPU 0), the same for every member and mode."""
+    path = f"/sys/class/net/{ifname}/queues/rx-0/rps_cpus"
+    res = run(ns, ["sh", "-c", f"echo 1 > {path}"], sysfs=True,
+              capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise LabError(f"{ns}: cannot set {path}: {res.stderr.strip()}")
+
+
 def _build_bridge(lab_name: str) -> int:
     ns = bridge_netns(lab_name)
     create_netns(ns, BRIDGE_SYSCTLS)
@@ -161,6 +178,8 @@ def _build_member(
         ipr.link("set", index=port_index, master=bridge_index, state="up")
     if shape is not None:
         _add_shaper(bridge_netns(lab_name), port, shape)  # bridge -> member direction
+    _in_order_rx(bridge_netns(lab_name), port)
+    _in_order_rx(ns, ifname)
 
     index = add_addresses(ns, ifname, [f"{ipv4}/{IPV4_NETWORK.prefixlen}",
                                        f"{ipv6}/{IPV6_NETWORK.prefixlen}"])
