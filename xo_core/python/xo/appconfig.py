@@ -51,6 +51,12 @@ class AppConfig:
     ingress: str = "tc"
     move_policy: str = "none"
     lab: str = ""  # the lab to prepare for XDP ingress (xo.lab.prepare_xdp_tx)
+    # host: an HTTPS listener (TLS terminated here, sessions handed off
+    # with the connection; xo.tls) on tls_port (0: 8443) with this PEM
+    # certificate chain and key
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_port: int = 0
 
     @property
     def host_port(self) -> int:
@@ -114,9 +120,11 @@ class AppConfig:
         cfg = cls(**values)  # type: ignore[arg-type]
         if cfg.role not in ROLES:
             raise ValueError(f"{path}: role {cfg.role!r}, want host or target")
+        if bool(cfg.tls_cert) != bool(cfg.tls_key):
+            raise ValueError(f"{path}: tls_cert and tls_key go together")
         if cfg.role == "target" and not cfg.hosts:
             raise ValueError(f"{path}: a target needs its hosts' addresses (host lines)")
         return cfg
 
 
-_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes"}
+_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "tls_port"}
