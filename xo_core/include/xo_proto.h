@@ -138,7 +138,10 @@ struct xo_proto_config {
 	struct xo_steer *steer;   /* its software tier (lookups) */
 	uint8_t host_mac[6];      /* this interface's MAC (host: the source MAC
 				   * of redirected frames); zero: looked up */
-	uint8_t reserved[2];
+	uint8_t no_tls;           /* target: refuse connections that carry a
+				   * TLS state (it keeps no session keys);
+				   * the host rolls back and serves */
+	uint8_t reserved;
 	/* target: its own address per family (port ignored; family 0 =
 	 * none), and the hosts it takes connections from (addresses only; at
 	 * least one). A state must name one of them as its local end, and a

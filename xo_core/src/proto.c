@@ -1732,6 +1732,12 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 		goto refuse;
 	}
 	lap(p, &l, OT_DECODE);
+	if (st.tls && p->cfg.no_tls) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why),
+			 "this target takes no TLS sessions (no_tls): it holds no session keys");
+		goto refuse;
+	}
 	host = st.local;
 	/* The state's local end must be one of our hosts, and a flow we do
 	 * not hold already: nobody makes us bind another 4-tuple. */

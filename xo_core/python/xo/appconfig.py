@@ -57,6 +57,7 @@ class AppConfig:
     tls_cert: str = ""
     tls_key: str = ""
     tls_port: int = 0
+    no_tls: int = 0  # target: 1 = take no TLS sessions (the host rolls back)
 
     @property
     def host_port(self) -> int:
@@ -127,4 +128,4 @@ class AppConfig:
         return cfg
 
 
-_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "tls_port"}
+_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "tls_port", "no_tls"}

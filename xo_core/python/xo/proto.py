@@ -123,7 +123,7 @@ class Machine:
     def __init__(self, role: Role, key: bytes, rules: RuleManager, steer: Steer, owner: int,
                  *, host_mac: str | None = None, local4: str | None = None,
                  local6: str | None = None, hosts: tuple[str, ...] = (),
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, no_tls: bool = False) -> None:
         cfg = ffi.new("struct xo_proto_config *")
         cfg.size = ffi.sizeof("struct xo_proto_config")
         cfg.role = role
@@ -131,6 +131,7 @@ class Machine:
         cfg.key = c_key
         cfg.key_len = len(key)
         cfg.owner = owner
+        cfg.no_tls = int(no_tls)
         cfg.rules = rules._h()
         cfg.steer = steer.handle
         if host_mac:

@@ -502,7 +502,7 @@ class Target:
                                  park_ring_bytes=cfg.park_ring_bytes)
         self.agent = TargetAgent(self.key, steering, cfg.ip4, self.serve, cfg.crash_at or None,
                                  my_ip6=cfg.ip6 or None, host_ips=cfg.hosts,
-                                 timeouts=timeouts(cfg))
+                                 timeouts=timeouts(cfg), no_tls=bool(cfg.no_tls))
         listener = _listen(socket.AF_INET, cfg.ip4, TARGET_HTTP_PORT)
         try:
             await self.agent.start(cfg.control_port)
