@@ -1,0 +1,245 @@
+"""TLS connections handed off by the reference app (xo.tls): the host
+terminates TLS (Python ssl, memory BIOs), hands the session's record state
+off with the TCP state, the target continues the session with the core's
+record layer (this kernel has no TLS) and hands it back the same way.
+
+Real clients (curl with TLS 1.2 and 1.3, Python ssl) in the lab's client
+namespace: bodies checked by hash, several handoffs on one TLS connection,
+the client's loss and reset counters unchanged. A target that takes no TLS
+sessions refuses, the host rolls back and serves. A capture of the control
+traffic during TLS handoffs holds neither the session's keys nor the
+request plaintext."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from handoff_tools import client_socket, curl_many, docroot_digests, lab_name
+from netns_tools import client_loss_counters, sha256, wait_for
+from pcap_tools import control_frames, tcp_streams
+from xo import core
+from xo.core import MsgType
+from xo.demo import RefAppCluster, cluster
+from xo.proto import DEFAULT_CONTROL_PORT
+from xo.refapp import HTTPS_PORT
+from xo.tls import CIPHERS
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
+
+SERVER_NAME = "xo-host.test"
+PATHS = ["/small.bin", "/medium.bin", "/small.bin", "/large.bin", "/small.bin", "/medium.bin"]
+
+
+@pytest.fixture
+def cert(tmp_path: Path) -> tuple[Path, Path]:
+    return make_cert(tmp_path)
+
+
+def make_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate for SERVER_NAME."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)])
+    now = datetime.datetime.now(datetime.UTC)
+    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+           .public_key(key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(days=1))
+           .not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName(SERVER_NAME)]), False)
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+           .sign(key, hashes.SHA256()))
+    certfile, keyfile = tmp_path / "cert.pem", tmp_path / "key.pem"
+    certfile.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    keyfile.chmod(0o600)
+    return certfile, keyfile
+
+
+@pytest.fixture
+def tls_cluster(cert: tuple[Path, Path], request: pytest.FixtureRequest) -> Iterator[RefAppCluster]:
+    no_tls = getattr(request, "param", ())
+    with cluster(targets=2, name=lab_name("tls"), tls_cert=str(cert[0]), tls_key=str(cert[1]),
+                 no_tls=no_tls) as apps:
+        yield apps
+
+
+def _curl_args(apps: RefAppCluster, certfile: Path, version: str) -> tuple[str, ...]:
+    return ("--cacert", str(certfile), "--resolve",
+            f"{SERVER_NAME}:{HTTPS_PORT}:{apps.testbed.host.ipv4}",
+            f"--tlsv{version}", "--tls-max", version)
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_curl_tls_session_handed_off_and_back(tls_cluster: RefAppCluster,
+                                              cert: tuple[Path, Path], version: str,
+                                              tmp_path: Path) -> None:
+    apps = tls_cluster
+    digests = docroot_digests(apps)
+    before = apps.host_stats()
+    loss_before = client_loss_counters(apps.testbed.client.netns)
+    rows = curl_many(apps.testbed, f"https://{SERVER_NAME}:{HTTPS_PORT}", PATHS,
+                     tmp_path / "out", curl_args=_curl_args(apps, cert[0], version))
+    for path, row in zip(PATHS, rows, strict=True):
+        body = Path(row["file"]).read_bytes()
+        assert row["status"] == "200" and sha256(body) == digests[path[1:]], row
+        assert row["served_by"] in ("t0", "t1"), row  # every request on a target
+    assert sum(int(r["connects"]) for r in rows) == 1  # one TCP and TLS connection
+    after = apps.host_stats(settled=True)
+    assert after["offloads"] - before["offloads"] >= len(PATHS)
+    assert after["returns"] - before["returns"] >= len(PATHS) - 1
+    assert after["rollbacks"] == before["rollbacks"]
+    assert client_loss_counters(apps.testbed.client.netns) == loss_before
+
+
+class _Client(http.client.HTTPSConnection):
+    """Python's ssl over a socket in the client namespace; keys logged so the
+    test knows them."""
+
+    def __init__(self, apps: RefAppCluster, ctx: ssl.SSLContext) -> None:
+        super().__init__(SERVER_NAME, HTTPS_PORT, context=ctx, timeout=30)
+        self.apps = apps
+        self.connects = 0
+
+    def connect(self) -> None:
+        self.connects += 1
+        sock = client_socket(self.apps.testbed)
+        sock.settimeout(self.timeout)
+        sock.connect((self.apps.testbed.host.ipv4, HTTPS_PORT))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = self._context.wrap_socket(sock, server_hostname=SERVER_NAME)  # type: ignore[attr-defined]
+
+
+def _client_keys(keylog: Path, cipher: str, version: str) -> list[bytes]:
+    """The session's secrets and traffic keys as the client knows them."""
+    entries = {}
+    for line in keylog.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            entries[parts[0]] = (bytes.fromhex(parts[1]), bytes.fromhex(parts[2]))
+    found: list[bytes] = []
+    if version == "TLSv1.3":
+        cs, ss = entries["CLIENT_TRAFFIC_SECRET_0"][1], entries["SERVER_TRAFFIC_SECRET_0"][1]
+        state = core.tls13_state(CIPHERS[cipher], cs, ss, False, 0, 0)
+        found += [cs, ss]
+    else:
+        raise AssertionError("TLS 1.3 expected")
+    for d in (state.tx, state.rx):
+        assert d is not None
+        found += [d.key, d.iv + d.salt if d.salt else d.iv]
+    return found
+
+
+def test_python_ssl_client_handoffs_and_control_capture(tls_cluster: RefAppCluster,
+                                                        cert: tuple[Path, Path],
+                                                        tmp_path: Path) -> None:
+    """Several handoffs on one TLS 1.3 connection (GETs and a PUT), while
+    tcpdump records the host's interface: the control streams carry every
+    handoff, yet neither the session's secrets and keys nor any request
+    plaintext."""
+    apps = tls_cluster
+    digests = docroot_digests(apps)
+    keylog = tmp_path / "client.keylog"
+    ctx = ssl.create_default_context(cafile=str(cert[0]))
+    ctx.keylog_filename = str(keylog)
+    pcap = tmp_path / "host.pcap"
+    markers = [secrets.token_hex(16) for _ in range(8)]
+    upload = os.urandom(200_000)
+    before = apps.host_stats()
+    loss_before = client_loss_counters(apps.testbed.client.netns)
+    dump = apps.testbed.popen("host", [
+        "tcpdump", "-i", apps.testbed.host.ifname, "-s", "0", "-U", "--immediate-mode", "-n",
+        "-w", str(pcap), f"tcp port {DEFAULT_CONTROL_PORT} or tcp port {HTTPS_PORT}",
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert dump.stderr is not None
+        line = dump.stderr.readline()
+        assert "listening on" in line, line
+        conn = _Client(apps, ctx)
+        served = []
+        for marker in markers:
+            conn.request("GET", "/small.bin", headers={"X-Secret": marker})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200 and sha256(body) == digests["small.bin"]
+            served.append(resp.getheader("X-Served-By", ""))
+        conn.request("PUT", "/upload", body=upload, headers={"X-Secret": markers[0]})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 201
+        assert resp.getheader("X-Body-SHA256") == sha256(upload)
+        served.append(resp.getheader("X-Served-By", ""))
+        assert conn.sock is not None
+        cipher, version, _ = conn.sock.cipher()  # type: ignore[attr-defined]
+        assert conn.connects == 1
+        conn.close()
+        wait_for(lambda: apps.host_stats()["returns"] - before["returns"] >= len(markers),
+                 "the connection handed back after each response")
+    finally:
+        dump.stop()
+    after = apps.host_stats()
+    assert set(served) <= {"t0", "t1", "host"} and served.count("host") <= 1, served
+    assert after["offloads"] - before["offloads"] >= len(markers)
+    assert client_loss_counters(apps.testbed.client.netns) == loss_before
+
+    keys = _client_keys(keylog, cipher, version)
+    streams = tcp_streams(pcap, DEFAULT_CONTROL_PORT)
+    control = {flow: data for flow, data in streams.items()
+               if DEFAULT_CONTROL_PORT in (flow[1], flow[3])}
+    tls_conn = [data for flow, data in streams.items() if HTTPS_PORT in (flow[1], flow[3])]
+    assert control and tls_conn
+    types: dict[int, int] = {}
+    for data in control.values():
+        for secret in keys:
+            assert secret not in data
+        for marker in markers:
+            assert marker.encode() not in data
+        assert b"GET /small.bin" not in data and b"X-Secret" not in data
+        assert b"XOST" not in data  # the state codec's magic: states travel encrypted
+        for frame in control_frames(data):
+            types[frame.type] = types.get(frame.type, 0) + 1
+    for data in tls_conn:  # the client's own connection is encrypted too
+        assert all(m.encode() not in data for m in markers)
+    assert types.get(MsgType.BEGIN_OFFLOAD, 0) >= len(markers), types
+    assert types.get(MsgType.TARGET_DONE, 0) >= len(markers), types
+
+
+@pytest.mark.parametrize("tls_cluster", [("t0", "t1")], indirect=True)
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_target_without_tls_refuses_and_host_serves(tls_cluster: RefAppCluster,
+                                                    cert: tuple[Path, Path], version: str,
+                                                    tmp_path: Path) -> None:
+    """Targets that take no TLS sessions (no_tls) refuse the handoff; the host
+    rolls back and serves every request itself over the same session."""
+    apps = tls_cluster
+    digests = docroot_digests(apps)
+    before = apps.host_stats()
+    loss_before = client_loss_counters(apps.testbed.client.netns)
+    paths = PATHS[:4]
+    rows = curl_many(apps.testbed, f"https://{SERVER_NAME}:{HTTPS_PORT}", paths,
+                     tmp_path / "out", curl_args=_curl_args(apps, cert[0], version))
+    for path, row in zip(paths, rows, strict=True):
+        body = Path(row["file"]).read_bytes()
+        assert row["status"] == "200" and sha256(body) == digests[path[1:]], row
+        assert row["served_by"] == "host", row
+    assert sum(int(r["connects"]) for r in rows) == 1
+    after = apps.host_stats()
+    assert after["rollbacks"] - before["rollbacks"] >= len(paths)
+    assert after["offloads"] == before["offloads"]
+    assert after["served_locally"] - before["served_locally"] == len(paths)
+    assert client_loss_counters(apps.testbed.client.netns) == loss_before
+    assert "takes no TLS sessions" in apps.log_path("host").read_text()
+
