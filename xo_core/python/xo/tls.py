@@ -124,21 +124,21 @@ class _Records:
             self.buf = self.buf[size:]
             self.count += 1
 
-    @staticmethod
-    def tail_count(data: bytes, pending: int) -> int:
-        """How many whole records the last ``pending`` bytes of data are."""
-        sizes, off = [], 0
-        while off + 5 <= len(data):
-            size = 5 + int.from_bytes(data[off + 3:off + 5], "big")
-            sizes.append(size)
-            off += size
-        n, left = 0, pending
-        while left > 0 and sizes:
-            left -= sizes.pop()
-            n += 1
-        if left != 0:
-            raise TlsHandoffError("unread handshake bytes are not whole records")
-        return n
+    @classmethod
+    def after_handshake(cls, data: bytes, pending: int) -> _Records:
+        """The count of the records in the last ``pending`` bytes of data
+        (what OpenSSL left unread when the handshake ended: the client's
+        first application records, the last perhaps still partial)."""
+        out = cls()
+        start, off = len(data) - pending, 0
+        while off < start:
+            if off + 5 > len(data):
+                break
+            off += 5 + int.from_bytes(data[off + 3:off + 5], "big")
+        if off != start:
+            raise TlsHandoffError("the handshake ended inside a record")
+        out.add(data[start:])
+        return out
 
 
 def _send_queue_empty(sock: socket.socket) -> bool:
@@ -220,7 +220,7 @@ class OpenSslStream(TlsStream):
         await self._flush()
         # Records the client sent with (or right after) its Finished are
         # application data already: they are still in the incoming BIO.
-        self.received.count = _Records.tail_count(self._hs_in, self.inc.pending)
+        self.received = _Records.after_handshake(self._hs_in, self.inc.pending)
         self._done = True
         if self._hs_in[:1] != b"\x16" or self._hs_in[5:6] != b"\x01":
             raise TlsHandoffError("the client's first record is not a ClientHello")
