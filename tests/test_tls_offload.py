@@ -123,8 +123,10 @@ class _Client(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=SERVER_NAME)  # type: ignore[attr-defined]
 
 
-def _client_keys(keylog: Path, cipher: str, version: str) -> list[bytes]:
-    """The session's secrets and traffic keys as the client knows them."""
+def _client_keys(keylog: Path, cipher: str, version: str,
+                 server_random: bytes) -> tuple[list[bytes], core.TlsState]:
+    """The session's secrets and traffic keys as the client knows them (its
+    key log; TLS 1.2 also needs the server's random from the ServerHello)."""
     entries = {}
     for line in keylog.read_text().splitlines():
         parts = line.split()
@@ -136,17 +138,43 @@ def _client_keys(keylog: Path, cipher: str, version: str) -> list[bytes]:
         state = core.tls13_state(CIPHERS[cipher], cs, ss, False, 0, 0)
         found += [cs, ss]
     else:
-        raise AssertionError("TLS 1.3 expected")
+        client_random, master = entries["CLIENT_RANDOM"]
+        state = core.tls12_state(CIPHERS[cipher], master, client_random, server_random, False,
+                                 1, 1)
+        found.append(master)
     for d in (state.tx, state.rx):
         assert d is not None
         found += [d.key, d.iv + d.salt if d.salt else d.iv]
-    return found
+    return found, state
 
 
+def _first_request(state: core.TlsState, from_client: bytes) -> bytes:
+    """The client's first application record in the capture, opened with the
+    keys derived from its key log: proof those keys are the session's."""
+    off = 0
+    while off + 5 <= len(from_client):
+        size = 5 + int.from_bytes(from_client[off + 3:off + 5], "big")
+        record = from_client[off:off + size]
+        off += size
+        if record[0] != 23:
+            continue
+        # Opened as the server would: its receive side is the client's send side.
+        layer = core.TlsRecordLayer(core.TlsState(state.version, state.cipher, state.rx,
+                                                  state.tx))
+        try:
+            _, rec = layer.open(record)
+        except core.XoError:
+            continue  # TLS 1.3: a handshake record under the handshake keys
+        if rec is not None:
+            return rec.data
+    raise AssertionError("no client record opens with the derived keys")
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_python_ssl_client_handoffs_and_control_capture(tls_cluster: RefAppCluster,
-                                                        cert: tuple[Path, Path],
+                                                        cert: tuple[Path, Path], version: str,
                                                         tmp_path: Path) -> None:
-    """Several handoffs on one TLS 1.3 connection (GETs and a PUT), while
+    """Several handoffs on one TLS connection (GETs and a PUT), while
     tcpdump records the host's interface: the control streams carry every
     handoff, yet neither the session's secrets and keys nor any request
     plaintext."""
@@ -155,6 +183,8 @@ def test_python_ssl_client_handoffs_and_control_capture(tls_cluster: RefAppClust
     keylog = tmp_path / "client.keylog"
     ctx = ssl.create_default_context(cafile=str(cert[0]))
     ctx.keylog_filename = str(keylog)
+    ctx.minimum_version = ctx.maximum_version = (
+        ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2)
     pcap = tmp_path / "host.pcap"
     markers = [secrets.token_hex(16) for _ in range(8)]
     upload = os.urandom(200_000)
@@ -199,8 +229,12 @@ def test_python_ssl_client_handoffs_and_control_capture(tls_cluster: RefAppClust
     assert loss_after_gets == loss_before
     assert client_loss_counters(apps.testbed.client.netns)["TcpOutRsts"] == 0
 
-    keys = _client_keys(keylog, cipher, version)
     streams = tcp_streams(pcap, DEFAULT_CONTROL_PORT)
+    from_server = [data for flow, data in streams.items() if flow[1] == HTTPS_PORT]
+    assert from_server and from_server[0][:1] == b"\x16" and from_server[0][5:6] == b"\x02"
+    keys, state = _client_keys(keylog, cipher, version, from_server[0][11:43])
+    from_client = [data for flow, data in streams.items() if flow[3] == HTTPS_PORT]
+    assert _first_request(state, from_client[0]).startswith(b"GET /small.bin")
     control = {flow: data for flow, data in streams.items()
                if DEFAULT_CONTROL_PORT in (flow[1], flow[3])}
     tls_conn = [data for flow, data in streams.items() if HTTPS_PORT in (flow[1], flow[3])]
