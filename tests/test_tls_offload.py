@@ -281,3 +281,51 @@ def test_target_without_tls_refuses_and_host_serves(tls_cluster: RefAppCluster,
     assert client_loss_counters(apps.testbed.client.netns) == loss_before
     assert "takes no TLS sessions" in apps.log_path("host").read_text()
 
+
+
+BAD_STATES = {
+    "unknown cipher": core.TlsState(core.TLS_1_3, 99, core.TlsDir(b"k" * 16, b"i" * 8,
+                                                                   b"s" * 4, 0), None),
+    "sequence at the end": core.TlsState(core.TLS_1_3, core.TLS_AES_GCM_128,
+                                         core.TlsDir(b"k" * 16, b"i" * 8, b"s" * 4, 2**64 - 1),
+                                         core.TlsDir(b"k" * 16, b"i" * 8, b"s" * 4, 0)),
+    "salt on ChaCha20": core.TlsState(core.TLS_1_2, core.TLS_CHACHA20_POLY1305,
+                                      core.TlsDir(b"k" * 32, b"i" * 12, b"s" * 4, 1),
+                                      core.TlsDir(b"k" * 32, b"i" * 12, b"", 1)),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_STATES))
+def test_malformed_tls_state_refused_before_anything(what: str, tmp_path: Path) -> None:
+    """xo_proto_offload_tls with a malformed TLS state: a clear error, and
+    the connection was not touched (not frozen, still carrying bytes both
+    ways), no rule inserted, no handoff started."""
+    from xo.proto import Machine, Role
+    from xo.steer import RuleManager, Steer
+
+    steer = Steer(pin_dir=str(tmp_path / "pins"))
+    try:
+        with RuleManager(steer, 1, "none") as rules:
+            machine = Machine(Role.HOST, secrets.token_bytes(32), rules, steer, 7)
+            try:
+                with socket.create_server(("127.0.0.1", 0)) as listener:
+                    client = socket.create_connection(listener.getsockname())
+                    server, _ = listener.accept()
+                    with client, server:
+                        with pytest.raises(core.XoError) as err:
+                            machine.offload(1, server.fileno(), b"GET / HTTP/1.1\r\n\r\n",
+                                            BAD_STATES[what])
+                        assert err.value.code == core.lib.XO_E_FIELD, err.value
+                        assert "offload: TLS: " in str(err.value), err.value
+                        client.sendall(b"ping")
+                        assert server.recv(4) == b"ping"
+                        server.sendall(b"pong")
+                        assert client.recv(4) == b"pong"
+                assert steer.count() == 0
+                assert machine.stats()["active"] == 0
+            finally:
+                machine.destroy()
+    finally:
+        steer.close(unpin=True)
+        if os.path.ismount(tmp_path / "pins"):
+            subprocess.run(["umount", "-l", str(tmp_path / "pins")], check=False)

@@ -1055,6 +1055,15 @@ int xo_proto_pick(struct xo_proto *p, uint32_t policy, uint64_t now,
 	return 0;
 }
 
+/* xo_tls_check()'s refusal, prefixed with the call that got the state. */
+static int tls_refused(const char *what)
+{
+	char why[256];
+
+	snprintf(why, sizeof(why), "%s", xo_last_error());
+	return xo_fail(XO_E_FIELD, "%s: %s", what, why);
+}
+
 /* The TLS record state of a state the caller passes in (one a kTLS
  * socket's capture did not already fill). */
 static int attach_tls(struct xo_tcp_state *st, const struct xo_tls_state *tls,
@@ -1119,6 +1128,9 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	int ret;
 
 	xo_clear_error();
+	/* A bad TLS state is refused first: nothing looked at or touched. */
+	if (tls && xo_tls_check(tls))
+		return tls_refused("offload");
 	if (p->cfg.role != XO_ROLE_HOST)
 		return xo_fail(XO_E_STATE, "offload: this machine is a target");
 	if (!pe || pe->state != XO_PEER_UP)
@@ -1127,8 +1139,6 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	if (app_len > XO_MAX_APP_BYTES)
 		return xo_fail(XO_E_TOO_LARGE, "offload: %u request bytes",
 			       app_len);
-	if (tls && xo_tls_check(tls))
-		return xo_fail(XO_E_FIELD, "offload: %s", xo_last_error());
 	lap_start(&l, XO_T_OUT_HOST);
 	ret = xo_endpoint_of_fd(fd, 0, &local);
 	if (!ret)
@@ -2023,7 +2033,7 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 	if (app_len > XO_MAX_APP_BYTES)
 		return xo_fail(XO_E_TOO_LARGE, "hand back: %u bytes", app_len);
 	if (tls && xo_tls_check(tls))
-		return xo_fail(XO_E_FIELD, "hand back: %s", xo_last_error());
+		return tls_refused("hand back");
 	lap_start(&l, XO_T_IN_TARGET);
 	/* Step 7: block ingress, and egress while frozen: timers still send,
 	 * and bytes sent after the capture would be "unsent" to the host. */
