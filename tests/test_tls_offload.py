@@ -71,9 +71,9 @@ def make_cert(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def tls_cluster(cert: tuple[Path, Path], request: pytest.FixtureRequest) -> Iterator[RefAppCluster]:
-    no_tls = getattr(request, "param", ())
+    extra = getattr(request, "param", {})
     with cluster(targets=2, name=lab_name("tls"), tls_cert=str(cert[0]), tls_key=str(cert[1]),
-                 no_tls=no_tls) as apps:
+                 **extra) as apps:
         yield apps
 
 
@@ -262,12 +262,22 @@ def test_python_ssl_client_handoffs_and_control_capture(tls_cluster: RefAppClust
     assert types.get(MsgType.TARGET_DONE, 0) >= len(markers), types
 
 
-@pytest.mark.parametrize("tls_cluster", [("t0", "t1")], indirect=True)
+REFUSING = {
+    # configured to hold no session keys
+    "no_tls": ({"no_tls": ("t0", "t1")}, "takes no TLS sessions"),
+    # the C driver serves plaintext on the socket: TLS only through kernel TLS
+    "c_driver": ({"drivers": {"host": "py", "t0": "c", "t1": "c"}}, "only with kernel TLS"),
+}
+
+
+@pytest.mark.parametrize("tls_cluster,why", list(REFUSING.values()), ids=list(REFUSING),
+                         indirect=["tls_cluster"])
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_target_without_tls_refuses_and_host_serves(tls_cluster: RefAppCluster,
                                                     cert: tuple[Path, Path], version: str,
-                                                    tmp_path: Path) -> None:
-    """Targets that take no TLS sessions (no_tls) refuse the handoff; the host
+                                                    why: str, tmp_path: Path) -> None:
+    """Targets that cannot hold the session (no_tls; the C driver, which has
+    no record layer, on a kernel without TLS) refuse the handoff; the host
     rolls back and serves every request itself over the same session."""
     apps = tls_cluster
     digests = docroot_digests(apps)
@@ -286,7 +296,7 @@ def test_target_without_tls_refuses_and_host_serves(tls_cluster: RefAppCluster,
     assert after["offloads"] == before["offloads"]
     assert after["served_locally"] - before["served_locally"] == len(paths)
     assert client_loss_counters(apps.testbed.client.netns) == loss_before
-    assert "takes no TLS sessions" in apps.log_path("host").read_text()
+    assert why in apps.log_path("host").read_text()
 
 
 

@@ -141,7 +141,10 @@ struct xo_proto_config {
 	uint8_t no_tls;           /* target: refuse connections that carry a
 				   * TLS state (it keeps no session keys);
 				   * the host rolls back and serves */
-	uint8_t reserved;
+	uint8_t tls_kernel_only;  /* target: the driver has no TLS record
+				   * layer in user space (it serves plaintext
+				   * on the socket): take a TLS state only
+				   * where kernel TLS can be installed */
 	/* target: its own address per family (port ignored; family 0 =
 	 * none), and the hosts it takes connections from (addresses only; at
 	 * least one). A state must name one of them as its local end, and a

@@ -1748,6 +1748,12 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 			 "this target takes no TLS sessions (no_tls): it holds no session keys");
 		goto refuse;
 	}
+	if (st.tls && p->cfg.tls_kernel_only && o_tls_user(p, &st)) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why),
+			 "this target serves TLS only with kernel TLS, which its kernel lacks");
+		goto refuse;
+	}
 	host = st.local;
 	/* The state's local end must be one of our hosts, and a flow we do
 	 * not hold already: nobody makes us bind another 4-tuple. */

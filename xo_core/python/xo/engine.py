@@ -523,13 +523,14 @@ class TargetAgent(_Driver):
     def __init__(self, key: bytes, steering: Steering, my_ip: str, serve: ServeCallback,
                  crash_at: str | None = None, *, my_ip6: str | None = None,
                  host_ips: Iterable[str] = (), timeouts: Timeouts = DEFAULTS,
-                 no_tls: bool = False) -> None:
+                 no_tls: bool = False, tls_kernel_only: bool = False) -> None:
         hosts = tuple(host_ips)
         if not hosts:
             raise ValueError("a target needs the addresses of its hosts (host_ips)")
         super().__init__(Machine(Role.TARGET, key, steering.rules, steering.steer,
                                  steering.owner, local4=my_ip, local6=my_ip6, hosts=hosts,
-                                 timeouts=timeouts, no_tls=no_tls), timeouts)
+                                 timeouts=timeouts, no_tls=no_tls,
+                                 tls_kernel_only=tls_kernel_only), timeouts)
         self.steering = steering
         self.my_ip = my_ip
         self.serve = serve

@@ -123,7 +123,8 @@ class Machine:
     def __init__(self, role: Role, key: bytes, rules: RuleManager, steer: Steer, owner: int,
                  *, host_mac: str | None = None, local4: str | None = None,
                  local6: str | None = None, hosts: tuple[str, ...] = (),
-                 timeouts: Timeouts | None = None, no_tls: bool = False) -> None:
+                 timeouts: Timeouts | None = None, no_tls: bool = False,
+                 tls_kernel_only: bool = False) -> None:
         cfg = ffi.new("struct xo_proto_config *")
         cfg.size = ffi.sizeof("struct xo_proto_config")
         cfg.role = role
@@ -132,6 +133,7 @@ class Machine:
         cfg.key_len = len(key)
         cfg.owner = owner
         cfg.no_tls = int(no_tls)
+        cfg.tls_kernel_only = int(tls_kernel_only)
         cfg.rules = rules._h()
         cfg.steer = steer.handle
         if host_mac:

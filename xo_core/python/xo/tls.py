@@ -108,11 +108,12 @@ def server_context(certfile: str | Path, keyfile: str | Path) -> tuple[ssl.SSLCo
     return ctx, KeyLog(ctx)
 
 
-class _Records:
-    """Counts whole TLS records in a byte stream."""
+class RecordCounter:
+    """Counts whole TLS records in a byte stream (the record numbers an
+    endpoint that keeps its session in OpenSSL must know to hand it off)."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.records = 0
         self.buf = b""
 
     def add(self, data: bytes) -> None:
@@ -122,10 +123,14 @@ class _Records:
             if len(self.buf) < size:
                 break
             self.buf = self.buf[size:]
-            self.count += 1
+            self.records += 1
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self.buf
 
     @classmethod
-    def after_handshake(cls, data: bytes, pending: int) -> _Records:
+    def after_handshake(cls, data: bytes, pending: int) -> RecordCounter:
         """The count of the records in the last ``pending`` bytes of data
         (what OpenSSL left unread when the handshake ended: the client's
         first application records, the last perhaps still partial)."""
@@ -178,7 +183,7 @@ class OpenSslStream(TlsStream):
         self.keylog = keylog
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
-        self.received, self.sent = _Records(), _Records()
+        self.received, self.sent = RecordCounter(), RecordCounter()
         self._hs_in = b""   # the client's bytes until the handshake ended
         self._hs_out = b""  # ours (ServerHello first)
         self._done = False
@@ -220,7 +225,7 @@ class OpenSslStream(TlsStream):
         await self._flush()
         # Records the client sent with (or right after) its Finished are
         # application data already: they are still in the incoming BIO.
-        self.received = _Records.after_handshake(self._hs_in, self.inc.pending)
+        self.received = RecordCounter.after_handshake(self._hs_in, self.inc.pending)
         self._done = True
         if self._hs_in[:1] != b"\x16" or self._hs_in[5:6] != b"\x01":
             raise TlsHandoffError("the client's first record is not a ClientHello")
@@ -260,15 +265,15 @@ class OpenSslStream(TlsStream):
             ss = self._secrets.get("SERVER_TRAFFIC_SECRET_0")
             if cs is None or ss is None:
                 raise TlsHandoffError("no TLS 1.3 traffic secrets in the key log")
-            return core.tls13_state(cipher, cs, ss, True, self.sent.count,
-                                    self.received.count)
+            return core.tls13_state(cipher, cs, ss, True, self.sent.records,
+                                    self.received.records)
         master = self._secrets.get("CLIENT_RANDOM")
         if master is None:
             raise TlsHandoffError("no TLS 1.2 master secret in the key log")
         server_random = self._server_random
         # TLS 1.2: each side's Finished was record 0 under the new keys.
         return core.tls12_state(cipher, master, self._client_random, server_random, True,
-                                1 + self.sent.count, 1 + self.received.count)
+                                1 + self.sent.records, 1 + self.received.records)
 
     def _send_queue_empty(self) -> bool:
         return _send_queue_empty(self.sock)
