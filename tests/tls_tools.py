@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from cryptography.x509.oid import NameOID
 from xo import core
 from xo.core import TlsDir, TlsState
+from xo.tls import RecordCounter
 
 # (version, cipher) -> (TLS 1.2 cipher string or TLS 1.3 suite, hash)
 SUITES: dict[tuple[int, int], tuple[str, str]] = {
@@ -89,28 +90,6 @@ def contexts(version: int, cipher: int, certfile: Path, keyfile: Path,
     server.num_tickets = 0  # no NewSessionTicket records after the handshake
     client.keylog_filename = str(keylog)
     return client, server
-
-
-class RecordCounter:
-    """Counts whole TLS records in a byte stream (what an application that
-    keeps its session in OpenSSL does to know the record numbers)."""
-
-    def __init__(self) -> None:
-        self.records = 0
-        self._buf = b""
-
-    def add(self, data: bytes) -> None:
-        self._buf += data
-        while len(self._buf) >= 5:
-            size = 5 + int.from_bytes(self._buf[3:5], "big")
-            if len(self._buf) < size:
-                break
-            self._buf = self._buf[size:]
-            self.records += 1
-
-    @property
-    def at_boundary(self) -> bool:
-        return not self._buf
 
 
 @dataclass

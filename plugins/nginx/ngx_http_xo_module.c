@@ -2087,6 +2087,9 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 		return NGX_ERROR;
 	}
 	pc.role = mcf->has_control ? XO_ROLE_TARGET : XO_ROLE_HOST;
+	/* No TLS record layer in the module: a TLS session is served only
+	 * through kernel TLS. */
+	pc.tls_kernel_only = 1;
 	pc.key = key;
 	pc.key_len = (uint32_t)key_len;
 	/* One owner id per worker: a worker's restart must not purge what

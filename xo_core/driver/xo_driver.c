@@ -1158,6 +1158,9 @@ static void setup(void)
 	pc = cfg.knobs;
 	pc.size = sizeof(pc);
 	pc.role = cfg.host ? XO_ROLE_HOST : XO_ROLE_TARGET;
+	/* No TLS record layer here: a TLS session is served only through
+	 * kernel TLS. */
+	pc.tls_kernel_only = 1;
 	pc.key = key;
 	pc.key_len = (uint32_t)key_len;
 	pc.owner = cfg.owner;

@@ -140,7 +140,11 @@ struct xo_tcp_state {
  * Bytes past a cipher's lengths must be zero. A connection with TLS state
  * moves only at a record boundary with nothing queued either way (empty
  * send and receive queues): xo_tcp_capture() refuses a kTLS socket with
- * bytes pending (XO_E_BUSY) and xo_tcp_restore() a TLS state with queues.
+ * bytes pending (XO_E_BUSY) and xo_tcp_restore() a TLS state with queues
+ * when it installs kernel TLS. With tls_user (the caller's record layer
+ * continues the session) queued bytes are allowed: they are the whole or
+ * partial records that follow the state's sequence numbers, as the record
+ * layer reads and writes them.
  */
 #define XO_TLS_1_2 0x0303
 #define XO_TLS_1_3 0x0304

@@ -138,7 +138,13 @@ struct xo_proto_config {
 	struct xo_steer *steer;   /* its software tier (lookups) */
 	uint8_t host_mac[6];      /* this interface's MAC (host: the source MAC
 				   * of redirected frames); zero: looked up */
-	uint8_t reserved[2];
+	uint8_t no_tls;           /* target: refuse connections that carry a
+				   * TLS state (it keeps no session keys);
+				   * the host rolls back and serves */
+	uint8_t tls_kernel_only;  /* target: the driver has no TLS record
+				   * layer in user space (it serves plaintext
+				   * on the socket): take a TLS state only
+				   * where kernel TLS can be installed */
 	/* target: its own address per family (port ignored; family 0 =
 	 * none), and the hosts it takes connections from (addresses only; at
 	 * least one). A state must name one of them as its local end, and a
@@ -235,6 +241,15 @@ int xo_proto_usable(struct xo_proto *p, uint32_t peer, uint64_t now);
 int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 		     const uint8_t *app, uint32_t app_len, uint64_t now,
 		     uint64_t *conn);
+/* The same for a TLS connection whose session the application keeps in
+ * user space (OpenSSL): tls is its record state now, at a record boundary
+ * with nothing pending either way (the state goes with the TCP state; the
+ * target continues the session). Checked before anything is touched. A
+ * socket with kernel TLS needs none: its state is captured. */
+int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
+			 const uint8_t *app, uint32_t app_len,
+			 const struct xo_tls_state *tls, uint64_t now,
+			 uint64_t *conn);
 
 /* ---- target ----------------------------------------------------------- */
 
@@ -249,6 +264,15 @@ int xo_proto_hand_back(struct xo_proto *p, uint64_t conn, const uint8_t *app,
 int xo_proto_move(struct xo_proto *p, uint64_t conn,
 		  const struct xo_endpoint *dest, const uint8_t *app,
 		  uint32_t app_len, uint64_t now);
+/* Both with the record state of a TLS session the driver keeps in user
+ * space (as for xo_proto_offload_tls()). */
+int xo_proto_hand_back_tls(struct xo_proto *p, uint64_t conn,
+			   const uint8_t *app, uint32_t app_len,
+			   const struct xo_tls_state *tls, uint64_t now);
+int xo_proto_move_tls(struct xo_proto *p, uint64_t conn,
+		      const struct xo_endpoint *dest, const uint8_t *app,
+		      uint32_t app_len, const struct xo_tls_state *tls,
+		      uint64_t now);
 /* The client closed: the machine closes fd (the FIN leaves through the
  * source rewrite, kept a while for the last ACKs) and tells the host. */
 int xo_proto_close_conn(struct xo_proto *p, uint64_t conn, uint64_t now);
@@ -301,6 +325,12 @@ struct xo_proto_event {
 	struct xo_endpoint client;
 	struct xo_endpoint local; /* where the connection lives now */
 	char text[XO_EV_TEXT_LEN];
+	/* ADOPTED / RETURNED of a TLS connection on a kernel without TLS:
+	 * the session's record state, for the driver's record layer in user
+	 * space (xo_tls_rec_new()); valid until the next
+	 * xo_proto_next_event() call, then wiped. NULL otherwise (no TLS, or
+	 * kernel TLS was installed on fd). */
+	const struct xo_tls_state *tls;
 };
 
 /* 1 and *ev filled, or 0 when no event is queued. */

@@ -139,6 +139,7 @@ struct event {
 	struct event *next;
 	struct xo_proto_event ev;
 	uint8_t *data;
+	struct xo_tls_state *tls; /* secret memory */
 };
 
 struct xo_proto {
@@ -152,6 +153,8 @@ struct xo_proto {
 	uint64_t next_conn_id;
 	struct event *ev_head, *ev_tail;
 	uint8_t *ev_data;       /* the data of the event last returned */
+	struct xo_tls_state *ev_tls; /* its TLS state (secret memory) */
+	int ktls;               /* kernel TLS here: -1 not probed yet, 0, 1 */
 	struct lingering *linger;
 	uint32_t n_linger, cap_linger;
 	uint64_t linger_min;
@@ -444,12 +447,26 @@ static void event_data(struct xo_proto_event *ev, uint8_t **data,
 	*data = NULL;
 }
 
+/* Give the event the TLS record state of *st (ownership moves): the
+ * driver continues the session in user space. */
+static void event_tls(struct xo_proto_event *ev, struct xo_tcp_state *st)
+{
+	struct event *e = (struct event *)((char *)ev -
+					   offsetof(struct event, ev));
+
+	e->tls = st->tls;
+	e->ev.tls = st->tls;
+	st->tls = NULL;
+}
+
 int xo_proto_next_event(struct xo_proto *p, struct xo_proto_event *ev)
 {
 	struct event *e = p->ev_head;
 
 	free(p->ev_data);
 	p->ev_data = NULL;
+	xo_secret_free(p->ev_tls);
+	p->ev_tls = NULL;
 	if (!e)
 		return 0;
 	p->ev_head = e->next;
@@ -457,6 +474,7 @@ int xo_proto_next_event(struct xo_proto *p, struct xo_proto_event *ev)
 		p->ev_tail = NULL;
 	*ev = e->ev;
 	p->ev_data = e->data;
+	p->ev_tls = e->tls;
 	free(e);
 	return 1;
 }
@@ -1130,9 +1148,67 @@ int xo_proto_pick(struct xo_proto *p, uint32_t policy, uint64_t now,
 	return 0;
 }
 
+/* xo_tls_check()'s refusal, prefixed with the call that got the state. */
+static int tls_refused(const char *what)
+{
+	char why[256];
+
+	snprintf(why, sizeof(why), "%s", xo_last_error());
+	return xo_fail(XO_E_FIELD, "%s: %s", what, why);
+}
+
+/* The TLS record state of a state the caller passes in (one a kTLS
+ * socket's capture did not already fill). */
+static int attach_tls(struct xo_tcp_state *st, const struct xo_tls_state *tls,
+		      const char *what)
+{
+	if (st->tls)
+		return xo_fail(XO_E_FIELD,
+			       "%s: the socket has kernel TLS; its state was captured, pass none",
+			       what);
+	return xo_state_set_tls(st, tls);
+}
+
+/* Whether a restored connection's TLS stays in user space (this kernel has
+ * no TLS): the driver gets the state with the ADOPTED / RETURNED event. */
+static int o_tls_user(struct xo_proto *p, const struct xo_tcp_state *st)
+{
+	if (!st->tls)
+		return 0;
+	if (p->ktls < 0)
+		p->ktls = xo_tls_kernel_available() == 1;
+	return !p->ktls;
+}
+
+/* Restore options for st's TLS part: kernel TLS where the kernel has it,
+ * else the driver's record layer, which needs both directions. 0, or a
+ * refusal before any socket is touched. */
+static int tls_restore_opts(struct xo_proto *p, const struct xo_tcp_state *st,
+			    struct xo_restore_opts *o)
+{
+	if (!o_tls_user(p, st))
+		return 0;
+	if ((st->tls->dirs & (XO_TLS_DIR_TX | XO_TLS_DIR_RX)) !=
+	    (XO_TLS_DIR_TX | XO_TLS_DIR_RX))
+		return xo_fail(XO_E_FIELD,
+			       "TLS state lacks the %s keys: no kernel TLS here and a record layer in user space needs both directions",
+			       st->tls->dirs & XO_TLS_DIR_TX ? "receive" : "send");
+	o->tls_user = 1;
+	return 0;
+}
+
 int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 		     const uint8_t *app, uint32_t app_len, uint64_t now,
 		     uint64_t *conn_out)
+{
+	return xo_proto_offload_tls(p, peer, fd, app, app_len, NULL, now,
+				    conn_out);
+}
+
+int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
+			 const uint8_t *app, uint32_t app_len,
+			 const struct xo_tls_state *tls, uint64_t now,
+			 uint64_t *conn_out)
 {
 	struct xo_tcp_state st = { 0 };
 	struct peer *pe = peer_get(p, peer);
@@ -1145,6 +1221,9 @@ int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 	int ret;
 
 	xo_clear_error();
+	/* A bad TLS state is refused first: nothing looked at or touched. */
+	if (tls && xo_tls_check(tls))
+		return tls_refused("offload");
 	if (p->cfg.role != XO_ROLE_HOST)
 		return xo_fail(XO_E_STATE, "offload: this machine is a target");
 	if (!pe || pe->state != XO_PEER_UP)
@@ -1176,6 +1255,8 @@ int xo_proto_offload(struct xo_proto *p, uint32_t peer, int fd,
 	ret = xo_tcp_capture(fd, &st);
 	if (!ret)
 		ret = xo_state_set_app_data(&st, app, app_len);
+	if (!ret && tls)
+		ret = attach_tls(&st, tls, "offload");
 	if (!ret)
 		ret = encode_state(&st, NULL, 0, &payload, &payload_len);
 	if (ret)
@@ -1487,7 +1568,9 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		struct xo_restore_opts o = { .size = sizeof(o), .use_local = 1 };
 
 		o.local = c->local;
-		fd = xo_tcp_restore(&st, &o);
+		fd = tls_restore_opts(p, &st, &o);
+		if (!fd)
+			fd = xo_tcp_restore(&st, &o);
 	}
 	if (fd < 0) {
 		ret = fd;
@@ -1521,6 +1604,8 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		ev->client = c->client;
 		ev->local = c->local;
 		event_data(ev, &st.app_data, st.app_len);
+		if (o_tls_user(p, &st))
+			event_tls(ev, &st);
 	}
 	xo_state_release(&st);
 	/* Kept a moment: what the target parked meanwhile comes next. */
@@ -1697,11 +1782,17 @@ static bool is_host_addr(struct xo_proto *p, const struct xo_endpoint *ep)
 	return false;
 }
 
-static int restore_remapped(struct xo_tcp_state *st,
+static int restore_remapped(struct xo_proto *p, struct xo_tcp_state *st,
 			    const struct xo_endpoint *mine, uint16_t *port)
 {
 	struct xo_restore_opts o = { .size = sizeof(o), .use_local = 1 };
 	int i, fd = XO_E_BUSY;
+
+	*port = st->local.port;
+	fd = tls_restore_opts(p, st, &o);
+	if (fd)
+		return fd;
+	fd = XO_E_BUSY;
 
 	o.local = *mine;
 	o.local.port = st->local.port;
@@ -1749,6 +1840,18 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 		goto refuse;
 	}
 	lap(p, &l, OT_DECODE);
+	if (st.tls && p->cfg.no_tls) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why),
+			 "this target takes no TLS sessions (no_tls): it holds no session keys");
+		goto refuse;
+	}
+	if (st.tls && p->cfg.tls_kernel_only && o_tls_user(p, &st)) {
+		reason = XO_ABORT_RESTORE;
+		snprintf(why, sizeof(why),
+			 "this target serves TLS only with kernel TLS, which its kernel lacks");
+		goto refuse;
+	}
 	host = st.local;
 	/* The state's local end must be one of our hosts, and a flow we do
 	 * not hold already: nobody makes us bind another 4-tuple. */
@@ -1772,7 +1875,7 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 			 ep_str(&host, e1, sizeof(e1)));
 		goto refuse;
 	}
-	fd = restore_remapped(&st, mine, &port);
+	fd = restore_remapped(p, &st, mine, &port);
 	if (fd < 0) {
 		reason = XO_ABORT_RESTORE;
 		snprintf(why, sizeof(why), "%s", xo_last_error());
@@ -1967,6 +2070,8 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 			ev->client = c->client;
 			ev->local = c->at;
 			event_data(ev, &c->st.app_data, c->st.app_len);
+			if (o_tls_user(p, &c->st))
+				event_tls(ev, &c->st);
 		}
 		c->st.app_len = 0;
 		xo_state_release(&c->st);
@@ -2017,7 +2122,8 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 
 static int target_freeze(struct xo_proto *p, struct conn *c,
 			 const struct xo_endpoint *dest, const uint8_t *app,
-			 uint32_t app_len, uint64_t now)
+			 uint32_t app_len, const struct xo_tls_state *tls,
+			 uint64_t now)
 {
 	struct xo_tcp_state st = { 0 };
 	struct peer *pe = peer_get(p, c->peer);
@@ -2030,6 +2136,8 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 		return xo_fail(XO_E_STATE, "hand back: the host is not connected");
 	if (app_len > XO_MAX_APP_BYTES)
 		return xo_fail(XO_E_TOO_LARGE, "hand back: %u bytes", app_len);
+	if (tls && xo_tls_check(tls))
+		return tls_refused("hand back");
 	lap_start(&l, XO_T_IN_TARGET);
 	/* Step 7: block ingress, and egress while frozen: timers still send,
 	 * and bytes sent after the capture would be "unsent" to the host. */
@@ -2046,6 +2154,8 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 	ret = xo_tcp_capture(c->fd, &st);
 	if (!ret)
 		ret = xo_state_set_app_data(&st, app, app_len);
+	if (!ret && tls)
+		ret = attach_tls(&st, tls, "hand back");
 	if (!ret && dest) {
 		/* Only the address names the destination; the port field of
 		 * the READY encoding carries its control port. */
@@ -2117,11 +2227,19 @@ static struct conn *serving(struct xo_proto *p, uint64_t id)
 int xo_proto_hand_back(struct xo_proto *p, uint64_t conn, const uint8_t *app,
 		       uint32_t app_len, uint64_t now)
 {
+	return xo_proto_hand_back_tls(p, conn, app, app_len, NULL, now);
+}
+
+int xo_proto_hand_back_tls(struct xo_proto *p, uint64_t conn,
+			   const uint8_t *app, uint32_t app_len,
+			   const struct xo_tls_state *tls, uint64_t now)
+{
 	struct conn *c;
 
 	xo_clear_error();
 	c = serving(p, conn);
-	return c ? target_freeze(p, c, NULL, app, app_len, now) : XO_E_STATE;
+	return c ? target_freeze(p, c, NULL, app, app_len, tls, now) :
+		   XO_E_STATE;
 }
 
 int xo_proto_move(struct xo_proto *p, uint64_t conn,
@@ -2134,7 +2252,23 @@ int xo_proto_move(struct xo_proto *p, uint64_t conn,
 	if (!dest || (dest->family != AF_INET && dest->family != AF_INET6))
 		return xo_fail(XO_E_INVAL, "move: no destination address");
 	c = serving(p, conn);
-	return c ? target_freeze(p, c, dest, app, app_len, now) : XO_E_STATE;
+	return c ? target_freeze(p, c, dest, app, app_len, NULL, now) :
+		   XO_E_STATE;
+}
+
+int xo_proto_move_tls(struct xo_proto *p, uint64_t conn,
+		      const struct xo_endpoint *dest, const uint8_t *app,
+		      uint32_t app_len, const struct xo_tls_state *tls,
+		      uint64_t now)
+{
+	struct conn *c;
+
+	xo_clear_error();
+	if (!dest || (dest->family != AF_INET && dest->family != AF_INET6))
+		return xo_fail(XO_E_INVAL, "move: no destination address");
+	c = serving(p, conn);
+	return c ? target_freeze(p, c, dest, app, app_len, tls, now) :
+		   XO_E_STATE;
 }
 
 int xo_proto_close_conn(struct xo_proto *p, uint64_t conn, uint64_t now)
@@ -2765,6 +2899,7 @@ int xo_proto_create(const struct xo_proto_config *cfg, struct xo_proto **out)
 	if (getrandom(&base, sizeof(base), 0) != sizeof(base))
 		base = clock_ns();
 	p->next_conn_id = (base & 0xffffffffull) << 16 | 1;
+	p->ktls = -1;
 	*out = p;
 	return 0;
 }
@@ -2789,9 +2924,11 @@ void xo_proto_destroy(struct xo_proto *p)
 	while ((e = p->ev_head)) {
 		p->ev_head = e->next;
 		free(e->data);
+		xo_secret_free(e->tls);
 		free(e);
 	}
 	free(p->ev_data);
+	xo_secret_free(p->ev_tls);
 	free(p->linger);
 	free(p->strag);
 	free(p->steps);

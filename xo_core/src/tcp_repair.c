@@ -577,7 +577,12 @@ static int check_restorable(const struct xo_tcp_state *st,
 
 		if (ret)
 			return ret;
-		if (st->inflight_len || st->unsent_len || st->recvq_len)
+		/* Kernel TLS is installed on the repaired socket: its queues
+		 * would be taken for plaintext. A record layer in user space
+		 * (tls_user) reads and writes whole records itself: queued
+		 * bytes are the records that follow its sequence numbers. */
+		if (!(opts && opts->tls_user) &&
+		    (st->inflight_len || st->unsent_len || st->recvq_len))
 			return xo_fail(XO_E_INVAL,
 				       "restore: TLS state with %u + %u bytes to send and %u received: a TLS connection moves with empty queues",
 				       st->inflight_len, st->unsent_len,

@@ -126,8 +126,10 @@ class Agent:
             pin_dir = f"{self.cfg.pin_root}/{self.name}"
             steering = Steering.open(ifindex, pin_dir, egress=True)
             assert self.cfg.agent is not None
+            # The agent relays plaintext to radosgw: a TLS session only
+            # through kernel TLS.
             self.agent = TargetAgent(load_key(self.cfg.key), steering, ip, self.serve,
-                                     host_ips=self.cfg.agent.hosts)
+                                     host_ips=self.cfg.agent.hosts, tls_kernel_only=True)
             try:
                 await self.agent.start(port)
                 log.info("agent for osd.%d on %s:%d (msgr2 port %d), radosgw %s:%d",

@@ -54,6 +54,13 @@ class AppConfig:
     ingress: str = "tc"
     move_policy: str = "none"
     lab: str = ""  # the lab to prepare for XDP ingress (xo.lab.prepare_xdp_tx)
+    # host: an HTTPS listener (TLS terminated here, sessions handed off
+    # with the connection; xo.tls) on tls_port (0: 8443) with this PEM
+    # certificate chain and key
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_port: int = 0
+    no_tls: int = 0  # target: 1 = take no TLS sessions (the host rolls back)
 
     @property
     def host_port(self) -> int:
@@ -119,9 +126,12 @@ class AppConfig:
             raise ValueError(f"{path}: role {cfg.role!r}, want host or target")
         if cfg.offload_min_bytes < 0:
             raise ValueError(f"{path}: offload_min_bytes {cfg.offload_min_bytes}: want >= 0")
+        if bool(cfg.tls_cert) != bool(cfg.tls_key):
+            raise ValueError(f"{path}: tls_cert and tls_key go together")
         if cfg.role == "target" and not cfg.hosts:
             raise ValueError(f"{path}: a target needs its hosts' addresses (host lines)")
         return cfg
 
 
-_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "offload_min_bytes"}
+_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "offload_min_bytes",
+                  "tls_port", "no_tls"}

@@ -93,9 +93,14 @@ def run_driver(driver: str, handoffs: int, path: str) -> dict[str, Any]:
     return result
 
 
-def run(handoffs: int = 2000, path: str = "/small.bin") -> dict[str, Any]:
-    return {"handoffs": handoffs, "request_path": path,
-            "drivers": {d: run_driver(d, handoffs, path) for d in DRIVERS}}
+def run(handoffs: int = 2000, path: str = "/small.bin", tls: bool = False) -> dict[str, Any]:
+    result: dict[str, Any] = {"handoffs": handoffs, "request_path": path,
+                              "drivers": {d: run_driver(d, handoffs, path) for d in DRIVERS}}
+    if tls:
+        from xo import bench_tls
+
+        result["tls"] = bench_tls.run(handoffs)
+    return result
 
 
 def print_report(result: dict[str, Any]) -> None:
@@ -129,6 +134,10 @@ def print_report(result: dict[str, Any]) -> None:
                       f"{c['p50_us']} µs, p99 {c['p99_us']} µs; outbound total p50 "
                       f"{total['p50_us']} µs {verdict} the target of "
                       f"{res['target_outbound_p50_us']} µs")
+    if "tls" in result:
+        from xo import bench_tls
+
+        bench_tls.print_report(result["tls"])
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -158,8 +167,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def main(handoffs: int, json_path: str | None) -> int:
-    result = run(handoffs)
+def main(handoffs: int, json_path: str | None, tls: bool = False) -> int:
+    result = run(handoffs, tls=tls)
     print_report(result)
     results.save(result, json_path, "bench-handoff", plot)
     return 0

@@ -53,7 +53,7 @@ def _bench_handoff(args: argparse.Namespace) -> int:
     require_bench_extra("handoff")
     from xo import bench_handoff
 
-    return bench_handoff.main(args.handoffs, args.json)
+    return bench_handoff.main(args.handoffs, args.json, tls=args.tls)
 
 
 def _bench_lab(args: argparse.Namespace) -> int:
@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     handoff = bench_sub.add_parser("handoff", help="handoff latency per protocol step (lab)")
     handoff.add_argument("--handoffs", type=int, default=2000)
     handoff.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
+    handoff.add_argument("--tls", action="store_true",
+                         help="add the TLS rows: serialize and restore of a TLS record state")
     handoff.set_defaults(func=_bench_handoff)
     blab = bench_sub.add_parser("lab", help="XO vs proxying through the host, rate-limited lab")
     blab.add_argument("--targets", type=int, default=2)

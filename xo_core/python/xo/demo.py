@@ -29,7 +29,7 @@ from xo import results
 from xo.appconfig import AppConfig, TargetEntry
 from xo.engine import DEFAULT_CONTROL_PORT, write_key
 from xo.lab import PIN_ROOT
-from xo.refapp import HTTP_PORT
+from xo.refapp import HTTP_PORT, HTTPS_PORT
 from xo.steer import default_object_path
 
 # The C driver of the protocol machine (xo_core/driver/xo_driver.c), built by
@@ -79,6 +79,10 @@ class RefAppCluster:
     move_policy: str = "none"  # targets: "path" moves connections between targets
     park_ring_bytes: int = 0  # the parked-frame ring (0: the core's default)
     offload_min_bytes: int = 0  # host (Python): proxy files smaller than this
+    # host: an HTTPS listener with this certificate and key (xo.tls)
+    tls_cert: str = ""
+    tls_key: str = ""
+    no_tls: tuple[str, ...] = ()  # targets that take no TLS sessions
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -98,6 +102,10 @@ class RefAppCluster:
     @property
     def url(self) -> str:
         return f"http://{self.testbed.host.ipv4}:{HTTP_PORT}"
+
+    @property
+    def https_url(self) -> str:
+        return f"https://{self.testbed.host.ipv4}:{HTTPS_PORT}"
 
     def driver(self, member: str) -> str:
         return self.drivers.get(member, self.drivers.get("*", "py"))
@@ -127,7 +135,10 @@ class RefAppCluster:
             hosts=[host.ipv4, host.ipv6] if role == "target" else [],
             timeouts={name: round(sec * 1000) for name, sec in self.timeouts.items()},
             mode=self.mode, ingress=self.ingress, move_policy=self.move_policy,
-            lab=self.testbed.name if self.ingress == "xdp" else "")
+            lab=self.testbed.name if self.ingress == "xdp" else "",
+            tls_cert=self.tls_cert if role == "host" else "",
+            tls_key=self.tls_key if role == "host" else "",
+            no_tls=int(member in self.no_tls))
 
     def _argv(self, role: str, member: str) -> list[str]:
         path = self.config(role, member).write(self.workdir / f"{member}.conf")

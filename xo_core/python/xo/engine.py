@@ -329,7 +329,8 @@ class TargetLink:
         return core.LoadReport(info.active, info.handoffs, info.bytes_served)
 
 
-ReturnCallback = Callable[[socket.socket, bytes], Awaitable[None]]
+# (sock, app bytes) or, for a TLS session kept in user space, (sock, app bytes, TlsState)
+ReturnCallback = Callable[..., Awaitable[None]]
 
 
 class HostEngine(_Driver):
@@ -417,7 +418,10 @@ class HostEngine(_Driver):
         elif ev.type == Ev.RETURNED:
             sock = socket.socket(fileno=ev.fd)
             sock.setblocking(False)
-            self._spawn(self.on_return(sock, ev.data))
+            if ev.tls is not None:  # a TLS session to continue in user space
+                self._spawn(self.on_return(sock, ev.data, ev.tls))
+            else:
+                self._spawn(self.on_return(sock, ev.data))
         elif ev.type == Ev.WITHDRAWN:
             log.warning("conn %x: target lost; client %s probed", ev.conn, ev.client)
 
@@ -447,14 +451,18 @@ class HostEngine(_Driver):
         peer = self.machine.pick(policy)
         return self._by_peer.get(peer) if peer is not None else None
 
-    async def offload(self, sock: socket.socket, app_data: bytes, link: TargetLink) -> bool:
+    async def offload(self, sock: socket.socket, app_data: bytes, link: TargetLink,
+                      tls: core.TlsState | None = None) -> bool:
         """Hand sock to the target. True: the target owns it now (sock is
         detached). False: it was rolled back; the socket is live again and
-        the caller serves locally."""
+        the caller serves locally. tls: the record state of the TLS session
+        the caller keeps in user space (at a record boundary, nothing
+        pending); the RETURNED callback then gets the state back as a third
+        argument."""
         try:
             if not link.peer:
                 raise ProtocolError(f"target {link.name} is down")
-            conn = self.machine.offload(link.peer, sock.fileno(), app_data)
+            conn = self.machine.offload(link.peer, sock.fileno(), app_data, tls)
         except (XoError, ProtocolError) as exc:
             log.info("handoff to %s not started: %s", link.name, exc)
             self._refused_here += 1
@@ -485,12 +493,17 @@ class TargetConn:
     client: Endpoint | None
     local: Endpoint | None
     done: asyncio.Future[bool] | None = field(default=None, repr=False)
+    # The TLS session's record state when it came in user space (no kernel
+    # TLS here): the application continues it (xo.tls.RecordStream) and
+    # passes its state at the hand-back.
+    tls: core.TlsState | None = field(default=None, repr=False)
 
-    async def hand_back(self, app_data: bytes = b"") -> bool:
-        return await self.agent.hand_back(self, app_data)
+    async def hand_back(self, app_data: bytes = b"", tls: core.TlsState | None = None) -> bool:
+        return await self.agent.hand_back(self, app_data, tls=tls)
 
-    async def move(self, dest_ip: str, app_data: bytes = b"") -> bool:
-        return await self.agent.hand_back(self, app_data, dest_ip)
+    async def move(self, dest_ip: str, app_data: bytes = b"",
+                   tls: core.TlsState | None = None) -> bool:
+        return await self.agent.hand_back(self, app_data, dest_ip, tls=tls)
 
     async def closed_by_client(self) -> None:
         self.agent.closed_by_client(self)
@@ -509,13 +522,15 @@ class TargetAgent(_Driver):
 
     def __init__(self, key: bytes, steering: Steering, my_ip: str, serve: ServeCallback,
                  crash_at: str | None = None, *, my_ip6: str | None = None,
-                 host_ips: Iterable[str] = (), timeouts: Timeouts = DEFAULTS) -> None:
+                 host_ips: Iterable[str] = (), timeouts: Timeouts = DEFAULTS,
+                 no_tls: bool = False, tls_kernel_only: bool = False) -> None:
         hosts = tuple(host_ips)
         if not hosts:
             raise ValueError("a target needs the addresses of its hosts (host_ips)")
         super().__init__(Machine(Role.TARGET, key, steering.rules, steering.steer,
                                  steering.owner, local4=my_ip, local6=my_ip6, hosts=hosts,
-                                 timeouts=timeouts), timeouts)
+                                 timeouts=timeouts, no_tls=no_tls,
+                                 tls_kernel_only=tls_kernel_only), timeouts)
         self.steering = steering
         self.my_ip = my_ip
         self.serve = serve
@@ -567,7 +582,7 @@ class TargetAgent(_Driver):
                 log.info("conn %x: %s", ev.conn, ev.text)
             sock = socket.socket(fileno=ev.fd)
             sock.setblocking(False)
-            conn = TargetConn(self, ev.conn, sock, ev.data, ev.client, ev.local)
+            conn = TargetConn(self, ev.conn, sock, ev.data, ev.client, ev.local, tls=ev.tls)
             self.active[ev.conn] = conn
             self._spawn(self._serve(conn))
             return
@@ -597,7 +612,8 @@ class TargetAgent(_Driver):
             self.closed_by_client(conn)
 
     async def hand_back(self, conn: TargetConn, app_data: bytes,
-                        dest_ip: str | None = None) -> bool:
+                        dest_ip: str | None = None, *,
+                        tls: core.TlsState | None = None) -> bool:
         """Give the connection to the host (or, with dest_ip, move it to
         that target). True: it is gone from here. False: it stays and is
         served here (the host or the new target did not take it)."""
@@ -605,9 +621,9 @@ class TargetAgent(_Driver):
             return True
         try:
             if dest_ip is None:
-                self.machine.hand_back(conn.conn_id, app_data)
+                self.machine.hand_back(conn.conn_id, app_data, tls)
             else:
-                self.machine.move(conn.conn_id, dest_ip, app_data)
+                self.machine.move(conn.conn_id, dest_ip, app_data, tls)
         except XoError as exc:
             # Typically the client closed meanwhile (CLOSE_WAIT): keep the
             # connection here; the application reads the EOF and closes.

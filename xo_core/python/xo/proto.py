@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from xo._xo_cffi import ffi, lib
-from xo.core import Endpoint, raise_for
+from xo.core import Endpoint, TlsState, raise_for
 from xo.steer import RuleManager, Steer, _mac
 
 
@@ -54,6 +54,13 @@ def _check(code: int) -> int:
     return code
 
 
+def _tls_c(tls: TlsState) -> Any:
+    """A struct xo_tls_state for one call (the machine copies it)."""
+    c = ffi.new("struct xo_tls_state *")
+    tls.to_c(c)
+    return c
+
+
 def _endpoint(c: Any) -> Endpoint | None:
     return Endpoint.from_c(c) if c.family else None
 
@@ -69,6 +76,7 @@ class Event:
     client: Endpoint | None
     local: Endpoint | None
     text: str
+    tls: TlsState | None = None  # ADOPTED/RETURNED: continue in user space
 
 
 @dataclass(frozen=True)
@@ -115,7 +123,8 @@ class Machine:
     def __init__(self, role: Role, key: bytes, rules: RuleManager, steer: Steer, owner: int,
                  *, host_mac: str | None = None, local4: str | None = None,
                  local6: str | None = None, hosts: tuple[str, ...] = (),
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, no_tls: bool = False,
+                 tls_kernel_only: bool = False) -> None:
         cfg = ffi.new("struct xo_proto_config *")
         cfg.size = ffi.sizeof("struct xo_proto_config")
         cfg.role = role
@@ -123,6 +132,8 @@ class Machine:
         cfg.key = c_key
         cfg.key_len = len(key)
         cfg.owner = owner
+        cfg.no_tls = int(no_tls)
+        cfg.tls_kernel_only = int(tls_kernel_only)
         cfg.rules = rules._h()
         cfg.steer = steer.handle
         if host_mac:
@@ -201,18 +212,30 @@ class Machine:
     def usable(self, peer: int) -> bool:
         return bool(lib.xo_proto_usable(self._p, peer, now_ns()))
 
-    def offload(self, peer: int, fd: int, app: bytes) -> int:
-        _check(lib.xo_proto_offload(self._p, peer, fd, app, len(app), now_ns(), self._conn))
+    def offload(self, peer: int, fd: int, app: bytes, tls: TlsState | None = None) -> int:
+        if tls is None:
+            _check(lib.xo_proto_offload(self._p, peer, fd, app, len(app), now_ns(), self._conn))
+        else:
+            _check(lib.xo_proto_offload_tls(self._p, peer, fd, app, len(app), _tls_c(tls),
+                                            now_ns(), self._conn))
         return int(self._conn[0])
 
     # target
-    def hand_back(self, conn: int, app: bytes) -> None:
-        _check(lib.xo_proto_hand_back(self._p, conn, app, len(app), now_ns()))
+    def hand_back(self, conn: int, app: bytes, tls: TlsState | None = None) -> None:
+        if tls is None:
+            _check(lib.xo_proto_hand_back(self._p, conn, app, len(app), now_ns()))
+        else:
+            _check(lib.xo_proto_hand_back_tls(self._p, conn, app, len(app), _tls_c(tls),
+                                              now_ns()))
 
-    def move(self, conn: int, dest_ip: str, app: bytes) -> None:
+    def move(self, conn: int, dest_ip: str, app: bytes, tls: TlsState | None = None) -> None:
         dest = ffi.new("struct xo_endpoint *")
         Endpoint(dest_ip, 0).to_c(dest)
-        _check(lib.xo_proto_move(self._p, conn, dest, app, len(app), now_ns()))
+        if tls is None:
+            _check(lib.xo_proto_move(self._p, conn, dest, app, len(app), now_ns()))
+        else:
+            _check(lib.xo_proto_move_tls(self._p, conn, dest, app, len(app), _tls_c(tls),
+                                         now_ns()))
 
     def close_conn(self, conn: int) -> None:
         _check(lib.xo_proto_close_conn(self._p, conn, now_ns()))
@@ -241,7 +264,8 @@ class Machine:
             data = bytes(ffi.buffer(ev.data, ev.data_len)) if ev.data_len else b""
             out.append(Event(Ev(ev.type), ev.peer, ev.conn, ev.fd, ev.code, data,
                              _endpoint(ev.client), _endpoint(ev.local),
-                             ffi.string(ev.text).decode(errors="replace")))
+                             ffi.string(ev.text).decode(errors="replace"),
+                             TlsState.from_c(ev.tls) if ev.tls != ffi.NULL else None))
         return out
 
     def stats(self) -> dict[str, int]:

@@ -26,13 +26,16 @@ import hashlib
 import json
 import logging
 import socket
+import ssl
 import sys
 import time
 import zlib
 from pathlib import Path
 
 from xo import http1
+from xo import tls as xotls
 from xo.appconfig import AppConfig
+from xo.core import TlsState, XoError
 from xo.daemon import run_until_signalled
 from xo.engine import (
     HostEngine,
@@ -49,6 +52,7 @@ log = logging.getLogger("xo.refapp")
 MAX_HEADER_BYTES = http1.MAX_HEAD_BYTES
 HTTP_PORT = 8080
 TARGET_HTTP_PORT = 8081  # targets' own plain HTTP, the proxy baseline's upstream
+HTTPS_PORT = 8443  # the host's HTTPS listener (tls_cert/tls_key set)
 
 BadRequest = http1.HTTPError  # malformed or unsupported input: answered with 400
 
@@ -89,13 +93,31 @@ class Request:
         return self.head.keep_alive
 
 
-async def _recv_into(sock: socket.socket, buf: bytearray) -> bool:
-    chunk = await asyncio.get_running_loop().sock_recv(sock, 262144)
+# A client connection: a plain socket, or a TLS session over one (xo.tls)
+Conn = socket.socket | xotls.TlsStream
+
+
+async def _recv_into(sock: Conn, buf: bytearray) -> bool:
+    if isinstance(sock, xotls.TlsStream):
+        chunk = await sock.recv()
+    else:
+        chunk = await asyncio.get_running_loop().sock_recv(sock, 262144)
     buf += chunk
     return bool(chunk)
 
 
-async def read_head(sock: socket.socket, buf: bytearray) -> Request | None:
+async def _send(sock: Conn, data: bytes) -> None:
+    if isinstance(sock, xotls.TlsStream):
+        await sock.sendall(data)
+    else:
+        await asyncio.get_running_loop().sock_sendall(sock, data)
+
+
+def _close(sock: Conn) -> None:
+    (sock.sock if isinstance(sock, xotls.TlsStream) else sock).close()
+
+
+async def read_head(sock: Conn, buf: bytearray) -> Request | None:
     """The next request's head from buf + the socket (its body, if any, is
     what follows in buf and on the socket); None at a clean EOF."""
     while True:
@@ -110,7 +132,7 @@ async def read_head(sock: socket.socket, buf: bytearray) -> Request | None:
             return None
 
 
-async def read_body(sock: socket.socket, buf: bytearray, req: Request) -> None:
+async def read_body(sock: Conn, buf: bytearray, req: Request) -> None:
     """The rest of req's body: req.body, and req.raw becomes head + body."""
     while len(buf) < req.body_len:
         if not await _recv_into(sock, buf):
@@ -120,7 +142,7 @@ async def read_body(sock: socket.socket, buf: bytearray, req: Request) -> None:
     req.raw += req.body
 
 
-async def read_request(sock: socket.socket, buf: bytearray) -> Request | None:
+async def read_request(sock: Conn, buf: bytearray) -> Request | None:
     """The next whole request from buf + the socket; None at a clean EOF."""
     req = await read_head(sock, buf)
     if req is not None:
@@ -135,10 +157,12 @@ def resolve(docroot: Path, path: str) -> Path | None:
     return candidate
 
 
-async def respond(sock: socket.socket, req: Request, docroot: Path, served_by: str,
+async def respond(sock: Conn, req: Request, docroot: Path, served_by: str,
                   extra: bytes | None = None) -> int:
     """Answer one request with a file (or extra as JSON); returns body bytes."""
     loop = asyncio.get_running_loop()
+    if isinstance(sock, xotls.TlsStream):
+        return await _respond_tls(sock, req, docroot, served_by, extra)
     conn_hdr = "keep-alive" if req.keep_alive else "close"
     if extra is not None:
         head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -179,11 +203,39 @@ async def respond(sock: socket.socket, req: Request, docroot: Path, served_by: s
     return size
 
 
-async def error_response(sock: socket.socket, reason: str) -> None:
+async def _respond_tls(stream: xotls.TlsStream, req: Request, docroot: Path, served_by: str,
+                       extra: bytes | None) -> int:
+    """respond() over TLS: the same answer, written through the session."""
+    a, b = socket.socketpair()
+    try:
+        a.setblocking(False)
+        b.setblocking(False)
+        # The plain path writes into one end; the other end's bytes go out
+        # encrypted. Both run at once, so any response size fits.
+        size_box: list[int] = []
+
+        async def produce() -> None:
+            try:
+                size_box.append(await respond(a, req, docroot, served_by, extra))
+            finally:
+                a.shutdown(socket.SHUT_WR)
+
+        task = asyncio.ensure_future(produce())
+        loop = asyncio.get_running_loop()
+        while chunk := await loop.sock_recv(b, 262144):
+            await stream.sendall(chunk)
+        await task
+        return size_box[0]
+    finally:
+        a.close()
+        b.close()
+
+
+async def error_response(sock: Conn, reason: str) -> None:
     body = f"400 Bad Request: {reason}\n".encode()
     head = f"HTTP/1.1 400 Bad Request\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     with contextlib.suppress(OSError):
-        await asyncio.get_running_loop().sock_sendall(sock, head.encode() + body)
+        await _send(sock, head.encode() + body)
 
 
 def _listen(family: int, ip: str, port: int) -> socket.socket:
@@ -254,6 +306,8 @@ class Host:
         self.proxy_count: dict[str, int] = {}  # requests relayed so far, per target
         self.requests = 0
         self.engine: HostEngine | None = None
+        self.tls_ctx: ssl.SSLContext | None = None
+        self.keylog: xotls.KeyLog | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _spawn(self, coro: object) -> None:
@@ -284,8 +338,13 @@ class Host:
             # offloads connections of either family.
             families = [socket.AF_INET] + ([socket.AF_INET6] if cfg.ip6 else [])
             listeners = [self._listen(family) for family in families]
+            loops = [self._accept_loop(listener) for listener in listeners]
+            if cfg.tls_cert:
+                self.tls_ctx, self.keylog = xotls.server_context(cfg.tls_cert, cfg.tls_key)
+                loops.append(self._accept_loop(
+                    _listen(socket.AF_INET, cfg.ip4, cfg.tls_port or HTTPS_PORT), tls=True))
             ready.set()
-            await asyncio.gather(*(self._accept_loop(listener) for listener in listeners))
+            await asyncio.gather(*loops)
         finally:
             dump_times(cfg, self.engine.times.samples)
             await self.engine.close()
@@ -294,13 +353,25 @@ class Host:
     def _listen(self, family: int) -> socket.socket:
         return _listen(family, self.cfg.address(family == socket.AF_INET6), self.cfg.http_port)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: socket.socket, tls: bool = False) -> None:
         loop = asyncio.get_running_loop()
         with listener:
             while True:
                 sock, _ = await loop.sock_accept(listener)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._spawn(self.handle(sock, b""))
+                self._spawn(self._handshake(sock) if tls else self.handle(sock, b""))
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        assert self.tls_ctx is not None and self.keylog is not None
+        sock.setblocking(False)
+        stream = xotls.OpenSslStream(sock, self.tls_ctx, self.keylog)
+        try:
+            await stream.handshake()
+        except (ssl.SSLError, OSError, xotls.TlsHandoffError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            sock.close()
+            return
+        await self.handle(stream, b"")
 
     async def _connect_with_retry(self, name: str, ip: str, mac: str,
                                   port: int) -> TargetLink:
@@ -322,50 +393,65 @@ class Host:
             return live[zlib.crc32(req.path.encode()) % len(live)] if live else None
         return self.engine.pick(self.policy)
 
-    async def _on_return(self, sock: socket.socket, app_data: bytes) -> None:
-        self._spawn(self.handle(sock, app_data))
+    async def _on_return(self, sock: socket.socket, app_data: bytes,
+                         tls: TlsState | None = None) -> None:
+        # A TLS session comes back as its record state: the core's record
+        # layer continues it here (OpenSSL's copy is stale by now).
+        self._spawn(self.handle(xotls.RecordStream(sock, tls) if tls else sock, app_data))
 
-    async def handle(self, sock: socket.socket, initial: bytes) -> None:
+    async def _offload(self, sock: Conn, raw: bytes, link: TargetLink) -> bool:
+        assert self.engine is not None
+        if not isinstance(sock, xotls.TlsStream):
+            return await self.engine.offload(sock, raw, link)
+        await sock.drain(self.cfg.drain_timeout_ms / 1000)
+        try:
+            state = sock.handoff_state()
+        except xotls.TlsHandoffError as exc:
+            log.info("TLS connection served here: %s", exc)
+            return False
+        return await self.engine.offload(sock.sock, raw, link, state)
+
+    async def handle(self, sock: Conn, initial: bytes) -> None:
         assert self.engine is not None
         buf = bytearray(initial)
         upstreams: dict[str, Upstream] = {}
-        sock.setblocking(False)
+        (sock.sock if isinstance(sock, xotls.TlsStream) else sock).setblocking(False)
         try:
             while True:
                 req = await read_head(sock, buf)
                 if req is None:
-                    sock.close()
+                    _close(sock)
                     return
                 self.requests += 1
                 if req.path == "/_xo/stats":
                     await read_body(sock, buf, req)
                     await respond(sock, req, self.docroot, "host", self.stats_json())
-                elif self.mode == "proxy":
+                elif self.mode == "proxy" and isinstance(sock, socket.socket):
                     await read_body(sock, buf, req)
                     await self.proxy(sock, req, upstreams)
-                elif self.below_threshold(req):
-                    # Too small to pay a handoff out and back: relay it.
+                elif isinstance(sock, socket.socket) and self.below_threshold(req):
+                    # Too small to pay a handoff out and back: relay it
+                    # (plain HTTP; the relay moves bytes between sockets).
                     await read_body(sock, buf, req)
                     await self.proxy(sock, req, upstreams)
                 else:
                     # Hand off as soon as the head is here: a request body still
                     # on its way follows the connection to the target.
                     link = self.pick(req) if self.mode == "xo" else None
-                    if link is not None and await self.engine.offload(sock, req.raw + bytes(buf),
-                                                                     link):
+                    if link is not None and await self._offload(sock, req.raw + bytes(buf), link):
                         return  # the target owns the connection now
                     await read_body(sock, buf, req)
                     self.served_locally += 1
                     await respond(sock, req, self.docroot, "host")
                 if not req.keep_alive:
-                    sock.close()
+                    _close(sock)
                     return
         except BadRequest as exc:
             await error_response(sock, str(exc))
-            sock.close()
-        except OSError as exc:
+            _close(sock)
+        except (OSError, xotls.TlsHandoffError, XoError) as exc:
             log.info("client connection ended: %s", exc)
-            sock.close()
+            _close(sock)
         finally:
             for upstream in upstreams.values():
                 upstream.sock.close()
@@ -443,7 +529,7 @@ class Target:
                                  park_ring_bytes=cfg.park_ring_bytes)
         self.agent = TargetAgent(self.key, steering, cfg.ip4, self.serve, cfg.crash_at or None,
                                  my_ip6=cfg.ip6 or None, host_ips=cfg.hosts,
-                                 timeouts=timeouts(cfg))
+                                 timeouts=timeouts(cfg), no_tls=bool(cfg.no_tls))
         listener = _listen(socket.AF_INET, cfg.ip4, TARGET_HTTP_PORT)
         try:
             await self.agent.start(cfg.control_port)
@@ -493,22 +579,29 @@ class Target:
         next request belongs to."""
         assert self.agent is not None
         buf = bytearray(conn.app_data)
+        # A TLS session in user space (no kernel TLS here): the core's
+        # record layer continues it from the handed-over state.
+        io: Conn = xotls.RecordStream(conn.sock, conn.tls) if conn.tls else conn.sock
+
+        def tls_state() -> TlsState | None:
+            return io.handoff_state() if isinstance(io, xotls.TlsStream) else None
+
         try:
             while True:
-                req = await read_request(conn.sock, buf)
+                req = await read_request(io, buf)
                 if req is None:
                     await conn.closed_by_client()
                     return
                 if self.cfg.move_policy == "path":
                     if req.path == "/_xo/stats":  # the host's business
-                        if await conn.hand_back(req.raw + bytes(buf)):
+                        if await conn.hand_back(req.raw + bytes(buf), tls_state()):
                             return
                     elif (owner := self.owner_of(req)) != self.cfg.name:
                         dest = next(t.ip for t in self.cfg.targets if t.name == owner)
-                        if await conn.move(dest, req.raw + bytes(buf)):
+                        if await conn.move(dest, req.raw + bytes(buf), tls_state()):
                             log.info("conn %x moved to %s", conn.conn_id, owner)
                             return
-                sent = await respond(conn.sock, req, self.docroot, self.cfg.name)
+                sent = await respond(io, req, self.docroot, self.cfg.name)
                 self.agent.bytes_served += sent
                 log.info("served %s %s bytes=%d conn=%x client=%s", req.method, req.path, sent,
                          conn.conn_id, conn.client)
@@ -518,13 +611,18 @@ class Target:
                 if self.cfg.move_policy == "path":
                     continue  # keep it; the next request decides
                 await drain_send_queue(conn.sock, self.cfg.drain_timeout_ms / 1000)
-                if await conn.hand_back(bytes(buf)):
+                try:
+                    state = tls_state()
+                except xotls.TlsHandoffError as exc:
+                    log.info("conn %x: TLS session kept here: %s", conn.conn_id, exc)
+                    continue
+                if await conn.hand_back(bytes(buf), state):
                     return
                 # The host did not take it back: keep serving here.
         except BadRequest as exc:
-            await error_response(conn.sock, str(exc))
+            await error_response(io, str(exc))
             await conn.closed_by_client()
-        except OSError as exc:
+        except (OSError, xotls.TlsHandoffError) as exc:
             log.info("conn %x ended on the target: %s", conn.conn_id, exc)
             await conn.closed_by_client()
 
