@@ -47,7 +47,7 @@ def test_capture_of_control_traffic_shows_no_request_and_no_key(tmp_path: Path,
         digests = docroot_digests(apps)
         before = apps.host_stats()
         dump = apps.testbed.popen("host", [
-            "tcpdump", "-i", host.ifname, "-s", "0", "-U", "--immediate-mode", "-n",
+            "tcpdump", "-i", host.ifname, "-s", "0", "-B", "65536", "-U", "--immediate-mode", "-n",
             "-w", str(pcap),
             f"tcp port {DEFAULT_CONTROL_PORT} or tcp port {HTTP_PORT}",
         ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

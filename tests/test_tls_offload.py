@@ -198,7 +198,8 @@ def test_python_ssl_client_handoffs_and_control_capture(tls_cluster: RefAppClust
     before = apps.host_stats()
     loss_before = client_loss_counters(apps.testbed.client.netns)
     dump = apps.testbed.popen("host", [
-        "tcpdump", "-i", apps.testbed.host.ifname, "-s", "0", "-U", "--immediate-mode", "-n",
+        "tcpdump", "-i", apps.testbed.host.ifname, "-s", "0", "-B", "65536", "-U",
+        "--immediate-mode", "-n",
         "-w", str(pcap), f"tcp port {DEFAULT_CONTROL_PORT} or tcp port {HTTPS_PORT}",
     ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
