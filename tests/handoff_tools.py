@@ -167,11 +167,12 @@ class NetnsHTTPConnection(http.client.HTTPConnection):
     (http.client would silently reconnect after a close)."""
 
     def __init__(self, testbed: Lab, *, sock: socket.socket | None = None,
-                 timeout: float = IO_TIMEOUT) -> None:
+                 timeout: float = IO_TIMEOUT, sndbuf: int | None = None) -> None:
         super().__init__(testbed.host.ipv4, HTTP_PORT, timeout=timeout)
         self.testbed = testbed
         self.connects = 0
         self._given = sock
+        self._sndbuf = sndbuf
 
     def connect(self) -> None:
         self.connects += 1
@@ -179,6 +180,8 @@ class NetnsHTTPConnection(http.client.HTTPConnection):
             sock, self._given = self._given, None
         else:
             sock = client_socket(self.testbed)
+        if self._sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
         sock.settimeout(self.timeout)
         sock.connect((self.host, self.port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
