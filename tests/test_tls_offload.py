@@ -19,6 +19,7 @@ import secrets
 import socket
 import ssl
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -347,3 +348,73 @@ def test_malformed_tls_state_refused_before_anything(what: str, tmp_path: Path) 
         steer.close(unpin=True)
         if os.path.ismount(tmp_path / "pins"):
             subprocess.run(["umount", "-l", str(tmp_path / "pins")], check=False)
+
+
+def _tls_stat(apps: RefAppCluster, member: str) -> Counter[str]:
+    """The kernel TLS counters of a member's namespace (/proc/net/tls_stat is
+    per network namespace): how many sockets got kernel TLS each way. No file
+    yet (the tls module loads at the first use): all zero."""
+    res = apps.testbed.run(member, ["cat", "/proc/net/tls_stat"], capture_output=True,
+                           text=True)
+    counts: Counter[str] = Counter()
+    if res.returncode == 0:
+        counts.update({k: int(v) for k, v in (line.split() for line in res.stdout.splitlines()
+                                              if line.strip())})
+    return counts
+
+
+# The lane emulates its CPUs (TCG, tens of times slower): a handoff there can
+# outlast the default 2 s wait for TARGET_READY, and the host would roll back
+# (correctly) and serve the request itself.
+LANE_TIMEOUTS = {"timeouts": {"ready": 10.0}}
+
+
+@pytest.mark.fullkernel
+@pytest.mark.parametrize("tls_cluster", [LANE_TIMEOUTS], indirect=True, ids=["lane"])
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_curl_tls_session_continues_in_kernel_tls(tls_cluster: RefAppCluster,
+                                                 cert: tuple[Path, Path], version: str,
+                                                 tmp_path: Path) -> None:
+    """The same keep-alive TLS session where the kernel has TLS (the full-kernel
+    lane): each target restores the session into kernel TLS and serves the
+    file through it, reads the client's next request through it before it
+    hands back (a kernel-TLS socket moves with nothing queued), and the host
+    takes the session back into kernel TLS too. Each namespace's tls_stat
+    counts one kernel-TLS socket each way per connection it restored. curl
+    sees one connection and one handshake, every body intact, no reset.
+    (Under emulation a handoff outlasts the client's retransmission timer,
+    so resends are not judged here; tests on the host's own kernel do.)"""
+    apps = tls_cluster
+    # The kernel loads its tls module at the first use; in the emulated lane
+    # that takes longer than a handoff may (the first one would roll back).
+    # Probing loads it, as a machine that already serves TLS would have it.
+    available, why = core.tls_kernel_available()
+    assert available, why
+    digests = docroot_digests(apps)
+    members = ("host", "t0", "t1")
+    before = apps.host_stats()
+    ktls_before = {m: _tls_stat(apps, m) for m in members}
+    loss_before = client_loss_counters(apps.testbed.client.netns)
+    rows = curl_many(apps.testbed, f"https://{SERVER_NAME}:{HTTPS_PORT}",
+                     [*PATHS, "/_xo/stats"], tmp_path / "out",
+                     curl_args=_curl_args(apps, cert[0], version))
+    for path, row in zip(PATHS, rows, strict=False):
+        body = Path(row["file"]).read_bytes()
+        assert row["status"] == "200" and sha256(body) == digests[path[1:]], row
+        assert row["served_by"] in ("t0", "t1"), (row, apps.host_stats())
+    assert rows[-1]["status"] == "200" and rows[-1]["served_by"] == "host", rows[-1]
+    assert sum(int(r["connects"]) for r in rows) == 1
+    after = apps.host_stats(settled=True)
+    offloads = after["offloads"] - before["offloads"]
+    returns = after["returns"] - before["returns"]
+    assert offloads >= len(PATHS) and returns >= len(PATHS) - 1, after
+    assert after["rollbacks"] == before["rollbacks"]
+    ktls = {m: _tls_stat(apps, m) - ktls_before[m] for m in members}
+    restored_on_targets = sum(ktls[t]["TlsTxSw"] for t in ("t0", "t1"))
+    assert restored_on_targets == offloads, ktls
+    assert sum(ktls[t]["TlsRxSw"] for t in ("t0", "t1")) == offloads, ktls
+    assert ktls["host"]["TlsTxSw"] == returns and ktls["host"]["TlsRxSw"] == returns, ktls
+    assert all(ktls[m]["TlsDecryptError"] == 0 for m in members), ktls
+    loss = client_loss_counters(apps.testbed.client.netns)
+    for counter in ("TcpOutRsts", "TcpEstabResets"):
+        assert loss[counter] == loss_before[counter], (loss_before, loss)

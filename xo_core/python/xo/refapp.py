@@ -610,7 +610,10 @@ class Target:
                     return
                 if self.cfg.move_policy == "path":
                     continue  # keep it; the next request decides
-                await drain_send_queue(conn.sock, self.cfg.drain_timeout_ms / 1000)
+                drain_timeout = self.cfg.drain_timeout_ms / 1000
+                await xotls.wait_send_queue_empty(conn.sock, drain_timeout)
+                if xotls.has_kernel_tls(conn.sock):
+                    buf += await xotls.read_kernel_tls_pending(conn.sock, drain_timeout)
                 try:
                     state = tls_state()
                 except xotls.TlsHandoffError as exc:
@@ -639,22 +642,6 @@ def dump_times(cfg: AppConfig, samples: dict[str, list[float]]) -> None:
     """Write the per-step handoff timings where the config asks (for the bench)."""
     if cfg.timings:
         Path(cfg.timings).write_text(json.dumps(samples))
-
-
-async def drain_send_queue(sock: socket.socket, timeout: float = 2.0) -> None:
-    """Wait (briefly) for the response to be acknowledged before handing back,
-    so the host does not have to carry our unsent bytes."""
-    import fcntl
-    import struct
-    import termios
-
-    buf = bytearray(4)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
-        if struct.unpack("i", buf)[0] == 0:
-            return
-        await asyncio.sleep(0.0005)
 
 
 # ---- entry point ------------------------------------------------------------

@@ -146,10 +146,68 @@ class RecordCounter:
         return out
 
 
-def _send_queue_empty(sock: socket.socket) -> bool:
+def _queued(sock: socket.socket, request: int) -> int:
     buf = bytearray(4)
-    fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
-    return struct.unpack("i", buf)[0] == 0
+    fcntl.ioctl(sock.fileno(), request, buf)
+    return int(struct.unpack("i", buf)[0])
+
+
+def _send_queue_empty(sock: socket.socket) -> bool:
+    return _queued(sock, termios.TIOCOUTQ) == 0
+
+
+async def wait_send_queue_empty(sock: socket.socket, timeout: float = 2.0) -> None:
+    """Wait (briefly) until the kernel sent and the client acknowledged
+    everything, so a handoff does not have to carry unsent bytes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not _send_queue_empty(sock) and loop.time() < deadline:
+        await asyncio.sleep(0.0005)
+
+
+TCP_ULP = 31  # linux/tcp.h
+
+
+def has_kernel_tls(sock: socket.socket) -> bool:
+    """Whether the kernel runs TLS on this socket (a session restored where
+    the kernel has TLS: the application reads and writes plaintext)."""
+    try:
+        ulp = sock.getsockopt(socket.IPPROTO_TCP, TCP_ULP, 16)
+    except OSError:
+        return False
+    return ulp.rstrip(b"\0") == b"tls"
+
+
+async def read_kernel_tls_pending(sock: socket.socket, timeout: float = 2.0) -> bytes:
+    """What the client sent that the application has not read, from a socket
+    with kernel TLS, as plaintext.
+
+    Such a socket moves only with nothing queued (the kernel's record
+    numbers must match the stream), so before a hand-back the driver reads
+    the records that arrived meanwhile (the client's next request, usually)
+    and they travel as already-read bytes. The kernel returns whole records
+    only: while part of one is queued, wait (up to timeout) for the rest.
+    A record that is not data (an alert: recv fails) stops the reading;
+    the capture then refuses and the connection stays."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    out = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            chunk = None
+        except OSError:
+            break
+        if chunk == b"":
+            break
+        if chunk:
+            out += chunk
+            continue
+        if _queued(sock, termios.FIONREAD) == 0 or loop.time() >= deadline:
+            break
+        await asyncio.sleep(0.0005)
+    return bytes(out)
 
 
 class TlsStream:
@@ -169,10 +227,7 @@ class TlsStream:
     async def drain(self, timeout: float = 2.0) -> None:
         """Wait (briefly) until the kernel sent and the client acknowledged
         everything (a TLS state moves only with empty queues)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not _send_queue_empty(self.sock) and loop.time() < deadline:
-            await asyncio.sleep(0.0005)
+        await wait_send_queue_empty(self.sock, timeout)
 
 
 class OpenSslStream(TlsStream):
