@@ -315,6 +315,8 @@ def test_https_put_get_offloaded_with_tls_state(lc: LabCluster, tmp_path: Path) 
     # before its connection was handed back
     assert st["tls"]["returned"] - st0["tls"]["returned"] >= 4
     assert st["tls"]["failed"] == st0["tls"]["failed"]
+    versions = {v: n - st0["tls"]["versions"].get(v, 0) for v, n in st["tls"]["versions"].items()}
+    assert versions.get("TLSv1.2") == 1 and versions.get("TLSv1.3", 0) >= 2, versions
     assert st["engine"]["rollbacks"] == st0["engine"]["rollbacks"]
 
 

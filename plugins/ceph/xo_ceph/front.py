@@ -89,6 +89,7 @@ class Counters:
     tls_returned: int = 0        # TLS connections handed back (continued here by the
                                  # core's record layer)
     tls_kept: int = 0            # not at a record boundary: served here
+    tls_versions: dict[str, int] = field(default_factory=dict)  # handshakes per version
 
 
 class Front:
@@ -337,6 +338,8 @@ class Front:
             sock.close()
             return
         self.counters.tls_handshakes += 1
+        version = str(stream.obj.version())
+        self.counters.tls_versions[version] = self.counters.tls_versions.get(version, 0) + 1
         await self.handle(stream, b"")
 
     async def _on_return(self, sock: socket.socket, app_data: bytes,
@@ -459,7 +462,7 @@ class Front:
             "returned": c.returned, "per_osd": dict(c.per_osd),
             "tls": {"handshakes": c.tls_handshakes, "failed": c.tls_failed,
                     "offloaded": c.tls_offloaded, "returned": c.tls_returned,
-                    "kept": c.tls_kept},
+                    "kept": c.tls_kept, "versions": dict(c.tls_versions)},
             "epoch": self.placement.osdmap.epoch if self.placement and self.placement.osdmap
             else 0,
             "pg_lookups": self.placement.lookups if self.placement else 0,
