@@ -38,6 +38,35 @@ def test_deploy_writes_config_units_and_key(tmp_path: Path) -> None:
     assert "xo-ceph-agent@0.service" in install and "xo-ceph-agent@3.service" in install
 
 
+def test_deploy_https_front(tmp_path: Path) -> None:
+    out = tmp_path / "deploy"
+    res = subprocess.run([*XO, "--out", str(out), "--interface", "eth1", "--hosts", "198.18.0.2",
+                          "--osds", "1", "--tls-cert", "/etc/xo/front.pem", "--tls-key",
+                          "/etc/xo/front.key", "--tls-listen", "198.18.0.2:443"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "HTTPS" in res.stdout and "198.18.0.2:443" in res.stdout
+    cfg = XoCephConfig.load(out / "xo-ceph.toml")
+    assert cfg.front is not None and cfg.agent is not None
+    assert cfg.front.tls_listen == ("198.18.0.2", 443)
+    assert (cfg.front.tls_cert, cfg.front.tls_key) == ("/etc/xo/front.pem", "/etc/xo/front.key")
+    assert cfg.agent.tls
+    install = (out / "INSTALL.txt").read_text()
+    assert "/etc/xo/front.key" in install and "xo-ceph-front.service" in install
+    # front only: the agent takes no TLS when told so; the default port is 8443
+    res = subprocess.run([*XO, "--out", str(tmp_path / "f"), "--interface", "eth1", "--role",
+                          "agent", "--hosts", "198.18.0.2", "--no-agent-tls"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    agent_cfg = XoCephConfig.load(tmp_path / "f" / "xo-ceph.toml")
+    assert agent_cfg.agent is not None and not agent_cfg.agent.tls
+    toml = tmp_path / "t.toml"
+    toml.write_text('[cluster]\nceph_conf = "/x"\nkey = "/k"\n[front]\ninterface = "e"\n'
+                    'listen = "198.18.0.2:8080"\ntls_cert = "/c"\ntls_key = "/k"\n')
+    front = XoCephConfig.load(toml).front
+    assert front is not None and front.tls_listen == ("198.18.0.2", 8443)
+
+
 def test_deploy_and_config_refuse_bad_input(tmp_path: Path) -> None:
     res = subprocess.run([*XO, "--out", str(tmp_path / "a"), "--interface", "eth0",
                           "--role", "agent"], capture_output=True, text=True, timeout=60)
@@ -50,7 +79,20 @@ def test_deploy_and_config_refuse_bad_input(tmp_path: Path) -> None:
                           "--hosts", "198.18.0.2", "--osds", "0,x"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1 and "not an OSD id" in res.stderr
-    assert not any((tmp_path / d).exists() for d in "abc")  # nothing written
+    res = subprocess.run([*XO, "--out", str(tmp_path / "d"), "--interface", "eth0",
+                          "--role", "front", "--tls-cert", "/etc/xo/front.pem"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "--tls-key" in res.stderr
+    assert not any((tmp_path / d).exists() for d in "abcd")  # nothing written
+    half = tmp_path / "half.toml"
+    half.write_text('[cluster]\nceph_conf = "/x"\nkey = "/k"\n[front]\ninterface = "e"\n'
+                    'listen = "0.0.0.0:8080"\ntls_cert = "/c"\n')
+    try:
+        XoCephConfig.load(half)
+    except ConfigError as exc:
+        assert "tls_key" in str(exc)
+    else:
+        raise AssertionError("a front with a certificate but no key loaded")
     bad = tmp_path / "bad.toml"
     bad.write_text('[cluster]\nceph_conf = "/x"\n')
     try:

@@ -10,6 +10,14 @@ the front finds it with no inventory. The protocol is the core's machine,
 driven by ``xo.engine.TargetAgent``; this module only moves bytes: the
 request up to radosgw (TCP_NODELAY), the response head back through user
 space, the response body socket -> pipe -> socket with splice(2).
+
+A connection the front accepted over HTTPS comes with its TLS session's
+record state. Without kernel TLS (the usual case) the core's record layer
+continues the session here (``xo.tls.RecordStream``): the request is
+decrypted, the response read from radosgw into user space and sealed into
+records, so no splice; at the request boundary the connection goes back
+with the session's state as it is then. ``[agent] tls = false`` refuses
+TLS connections (the front rolls back and serves them itself).
 """
 
 from __future__ import annotations
@@ -27,8 +35,10 @@ import termios
 import time
 from pathlib import Path
 
+from xo import tls as xotls
 from xo.ceph.config import ConfigError, XoCephConfig, control_port
-from xo.ceph.relay import HttpError, SockIO, Splicer, UpstreamPool, exchange, read_head
+from xo.ceph.relay import HttpError, SockIO, Splicer, TlsIO, UpstreamPool, exchange, read_head
+from xo.core import TlsState, XoError
 from xo.daemon import run_until_signalled
 from xo.engine import Steering, TargetAgent, TargetConn, load_key
 
@@ -98,9 +108,11 @@ def mon_command(handle: object):  # type: ignore[no-untyped-def]
 
 
 class Agent:
-    def __init__(self, cfg: XoCephConfig, osd: int, interface: str, name: str) -> None:
+    def __init__(self, cfg: XoCephConfig, osd: int, interface: str, name: str,
+                 tls: bool | None = None) -> None:
         assert cfg.agent is not None
         self.cfg, self.osd, self.interface, self.name = cfg, osd, interface, name
+        self.tls = cfg.agent.tls if tls is None else tls
         self.rgw = cfg.agent.rgw
         self.served = 0
         self.agent: TargetAgent | None = None
@@ -126,14 +138,16 @@ class Agent:
             pin_dir = f"{self.cfg.pin_root}/{self.name}"
             steering = Steering.open(ifindex, pin_dir, egress=True)
             assert self.cfg.agent is not None
-            # The agent relays plaintext to radosgw: a TLS session only
-            # through kernel TLS.
+            # A TLS session comes with kernel TLS where the kernel has it
+            # (plaintext on the socket, spliced as a plain one) or as its
+            # record state for the core's record layer; no_tls refuses both.
             self.agent = TargetAgent(load_key(self.cfg.key), steering, ip, self.serve,
-                                     host_ips=self.cfg.agent.hosts, tls_kernel_only=True)
+                                     host_ips=self.cfg.agent.hosts, no_tls=not self.tls)
             try:
                 await self.agent.start(port)
-                log.info("agent for osd.%d on %s:%d (msgr2 port %d), radosgw %s:%d",
-                         self.osd, ip, port, msgr2, *self.rgw)
+                log.info("agent for osd.%d on %s:%d (msgr2 port %d), radosgw %s:%d, TLS %s",
+                         self.osd, ip, port, msgr2, *self.rgw,
+                         "taken" if self.tls else "refused")
                 ready.set()
                 while True:  # follow the OSD: a restarted OSD may have a new port
                     await asyncio.sleep(ADDR_POLL_S)
@@ -155,6 +169,9 @@ class Agent:
         """Answer the handed-over request(s) through the local radosgw (a
         pooled keep-alive connection), then give the connection back."""
         assert self.agent is not None
+        if conn.tls is not None:
+            await self.serve_tls(conn, conn.tls)
+            return
         buf = bytearray(conn.app_data)
         client = SockIO(conn.sock)
         upstream: SockIO | None = None
@@ -204,6 +221,53 @@ class Agent:
                 splicer.close()
 
 
+    async def serve_tls(self, conn: TargetConn, state: TlsState) -> None:
+        """serve() for a TLS session kept in user space: the core's record
+        layer decrypts the request and seals the response (read from radosgw
+        through user space: records cannot be spliced); at the request
+        boundary the connection goes back with the session's state."""
+        assert self.agent is not None
+        stream = xotls.RecordStream(conn.sock, state)
+        buf = bytearray(conn.app_data)  # plaintext the front read past the request
+        client = TlsIO(stream)
+        upstream: SockIO | None = None
+        try:
+            while True:
+                req = await read_head(client, buf)
+                if req is None:
+                    await conn.closed_by_client()
+                    return
+                if upstream is None:
+                    upstream = await self.pool.get()
+                resp, sent = await exchange(client, buf, req, upstream)
+                self.agent.bytes_served += sent
+                log.info("served %s %s status=%d bytes=%d conn=%x client=%s tls=record",
+                         req.method, req.target, resp.status, sent, conn.conn_id, conn.client)
+                if req.connection_close or resp.connection_close:
+                    if resp.connection_close:
+                        upstream.close()
+                        upstream = None
+                    await conn.closed_by_client()
+                    return
+                self.pool.put(upstream)
+                upstream = None
+                await wait_acked(conn.sock)
+                try:
+                    tls = stream.handoff_state()
+                except xotls.TlsHandoffError as exc:
+                    log.info("conn %x: TLS session kept here: %s", conn.conn_id, exc)
+                    continue
+                if await conn.hand_back(bytes(buf), tls):
+                    return
+                # the front did not take it back: keep serving here
+        except (HttpError, OSError, xotls.TlsHandoffError, XoError) as exc:
+            log.info("conn %x ended on the agent: %s", conn.conn_id, exc)
+            await conn.closed_by_client()
+        finally:
+            if upstream is not None:
+                upstream.close()  # between requests it went back to the pool
+
+
 async def _main(agent: Agent) -> int:
     return await run_until_signalled(agent.run, "agent", (RuntimeError, OSError, ConfigError))
 
@@ -215,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--osd", type=int, required=True, help="the OSD id this agent serves")
     parser.add_argument("--interface", help="override [agent] interface")
     parser.add_argument("--name", help="pin directory name (default osd.N)")
+    parser.add_argument("--no-tls", action="store_true",
+                        help="refuse TLS connections (overrides [agent] tls)")
     parser.add_argument("--log", help="log file (default stderr)")
     args = parser.parse_args(argv)
     try:
@@ -227,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s agent:osd.{args.osd} %(name)s %(levelname)s "
                                "%(message)s")
     agent = Agent(cfg, args.osd, args.interface or cfg.agent.interface,
-                  args.name or f"osd.{args.osd}")
+                  args.name or f"osd.{args.osd}", False if args.no_tls else None)
     if args.log:
         Path(args.log).parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -18,6 +18,7 @@ def _vstart(args: argparse.Namespace) -> int:
     state = cluster.vstart(args.dir, osds=args.osds, layout=layout, lab=args.lab or "",
                            rgws=args.rgws, objectstore=args.objectstore, xo=xo,
                            threshold=args.threshold, force=args.force,
+                           tls_cert=args.tls_cert or "", tls_key=args.tls_key or "",
                            progress=lambda s: print(f"[xo ceph] {s}", file=sys.stderr,
                                                     flush=True))
     _print_summary(cluster.status(state.workdir), args.json)
@@ -72,6 +73,8 @@ def _print_summary(st: dict[str, Any], as_json: bool) -> None:
     console.print(f"radosgw: {', '.join(st['rgw'])}")
     if st.get("front"):
         console.print(f"XO front (S3): {st['front']}")
+    if st.get("front_https"):
+        console.print(f"XO front (S3 over HTTPS): {st['front_https']}")
     for uid, user in st["users"].items():
         console.print(f"S3 user {uid}: access key {user['access_key']} secret "
                       f"{user['secret_key']}")
@@ -84,6 +87,11 @@ def _deploy(args: argparse.Namespace) -> int:
     written = deploy.write(args)
     for path in written:
         print(path)
+    if args.tls_cert and args.role in ("front", "both"):
+        print(f"front: HTTPS on {args.tls_listen} with {args.tls_cert} (install the "
+              f"certificate chain and its key there; see INSTALL.txt)")
+    if args.no_agent_tls:
+        print("agents: TLS connections refused (the front serves them itself)")
     return 0
 
 
@@ -104,6 +112,9 @@ def add_ceph_commands(sub: Any) -> None:
     vs.add_argument("--threshold", type=int, default=1 << 20,
                     help="front: offload GETs of objects at least this big (bytes)")
     vs.add_argument("--force", action="store_true", help="stop a cluster running in --dir")
+    vs.add_argument("--tls-cert", help="front: HTTPS certificate chain (PEM); port "
+                    "8443 beside the plain one")
+    vs.add_argument("--tls-key", help="front: the certificate's private key (PEM)")
     vs.add_argument("--json", action="store_true")
     vs.set_defaults(func=_vstart)
     st = csub.add_parser("status", help="processes, health, endpoints, S3 keys")
@@ -124,6 +135,13 @@ def add_ceph_commands(sub: Any) -> None:
     dp.add_argument("--listen", default="0.0.0.0:8080", help="front: S3 endpoint")
     dp.add_argument("--rgw", default="127.0.0.1:7480", help="local radosgw")
     dp.add_argument("--threshold", type=int, default=1 << 20)
+    dp.add_argument("--tls-cert", default="", help="front: HTTPS certificate chain (PEM), "
+                    "as installed on the front host")
+    dp.add_argument("--tls-key", default="", help="front: its private key (PEM)")
+    dp.add_argument("--tls-listen", default="0.0.0.0:8443", help="front: HTTPS endpoint "
+                    "(with --tls-cert and --tls-key)")
+    dp.add_argument("--no-agent-tls", action="store_true",
+                    help="agent: refuse TLS connections (the front serves them itself)")
     dp.add_argument("--hosts", default="", help="agent: the fronts' addresses, comma-separated")
     dp.add_argument("--osds", default="", help="agent: OSD ids on this host, comma-separated")
     dp.add_argument("--python", default=sys.executable, help="interpreter with xo installed")

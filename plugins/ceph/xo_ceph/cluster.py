@@ -39,6 +39,7 @@ CONF_FILE = "ceph.conf"
 MON_PORT = 3300          # msgr2
 RGW_PORT = 7480          # every radosgw, on its host
 FRONT_PORT = 8080        # the XO front, on the lab's host address
+FRONT_TLS_PORT = 8443    # its HTTPS listener (vstart with a certificate and key)
 ZONE = "default"
 DATA_POOL = "default.rgw.buckets.data"
 EC_DATA_POOL = "default.rgw.buckets.data.ec"
@@ -88,6 +89,9 @@ class ClusterState:
     started_at: float = 0.0
     pin_dirs: list[str] = field(default_factory=list)
     threshold: int = 1 << 20       # the front's offload threshold
+    tls_cert: str = ""             # the front's HTTPS certificate chain and key (PEM)
+    tls_key: str = ""
+    front_tls_port: int = FRONT_TLS_PORT
 
     # ---- files
     @property
@@ -131,6 +135,12 @@ class ClusterState:
     @property
     def front_endpoint(self) -> str:
         return f"http://{self.rgws[0].ip}:{self.front_port}"
+
+    @property
+    def front_tls_endpoint(self) -> str | None:
+        if not self.tls_cert:
+            return None
+        return f"https://{self.rgws[0].ip}:{self.front_tls_port}"
 
     def log(self, name: str) -> Path:
         return self.path / "log" / f"{name}.log"
@@ -349,8 +359,11 @@ def _layout_members(state: ClusterState, osds: int, rgws: int) -> None:
 def vstart(workdir: str | Path, *, osds: int = 3, layout: str = "loopback", lab: str = "",
            rgws: int = 1, objectstore: str = "memstore", xo: bool = False,
            memstore_bytes: int = 4 << 30, force: bool = False, threshold: int = 1 << 20,
+           tls_cert: str | Path = "", tls_key: str | Path = "",
            progress: Callable[[str], None] = lambda s: None) -> ClusterState:
-    """Bring a cluster up in workdir; on any failure stop what was started."""
+    """Bring a cluster up in workdir; on any failure stop what was started.
+    With tls_cert and tls_key (PEM files) the XO front also serves HTTPS on
+    FRONT_TLS_PORT."""
     if layout not in ("loopback", "lab"):
         raise CephError(f"layout {layout!r}: loopback or lab")
     if layout == "lab" and not lab:
@@ -362,6 +375,13 @@ def vstart(workdir: str | Path, *, osds: int = 3, layout: str = "loopback", lab:
     if xo and layout != "lab":
         raise CephError("the XO front and agents need the lab layout (one OSD per host "
                         "namespace): connections move between hosts")
+    if bool(tls_cert) != bool(tls_key):
+        raise CephError("HTTPS needs both a certificate (--tls-cert) and its key (--tls-key)")
+    if tls_cert and not xo:
+        raise CephError("HTTPS is served by the XO front: --tls-cert needs --xo")
+    for pem in (tls_cert, tls_key):
+        if pem and not Path(pem).is_file():
+            raise CephError(f"{pem}: no such file")
     for tool in ("ceph-mon", "ceph-mgr", "ceph-osd", "radosgw", "ceph", "radosgw-admin",
                  "monmaptool", "nsenter"):
         if shutil.which(tool) is None:
@@ -382,7 +402,9 @@ def vstart(workdir: str | Path, *, osds: int = 3, layout: str = "loopback", lab:
     (w / "log").mkdir(parents=True)
     (w / "run").mkdir()
     state = ClusterState(str(w), str(uuid.uuid4()), layout, lab, objectstore, xo=xo,
-                         started_at=time.time(), threshold=threshold)
+                         started_at=time.time(), threshold=threshold,
+                         tls_cert=str(Path(tls_cert).resolve()) if tls_cert else "",
+                         tls_key=str(Path(tls_key).resolve()) if tls_key else "")
     _layout_members(state, osds, rgws if layout == "loopback" else 1)
     state.conf.write_text(render_conf(state, memstore_bytes))
     state.save()
@@ -599,6 +621,7 @@ def status(workdir: str | Path) -> dict[str, Any]:
                            "objectstore": state.objectstore, "processes": procs,
                            "rgw": [state.rgw_endpoint(i) for i in range(len(state.rgws))],
                            "front": state.front_endpoint if state.xo else None,
+                           "front_https": state.front_tls_endpoint if state.xo else None,
                            "users": {u: asdict(v) for u, v in state.users.items()}}
     mon = state.proc(state.mon.name) if state.mon else None
     if mon is not None and mon.alive():

@@ -13,11 +13,15 @@ every agent; ``xo ceph deploy`` and ``xo ceph vstart`` write it.
     rgw = "127.0.0.1:7480"                # the local radosgw everything else goes to
     threshold = 1048576                   # offload GETs of objects at least this big
     stats = "/run/xo/ceph-front.json"     # counters, rewritten every half second
+    tls_listen = "0.0.0.0:8443"           # HTTPS endpoint (with tls_cert and tls_key)
+    tls_cert = "/etc/xo/front.pem"        # certificate chain (PEM)
+    tls_key = "/etc/xo/front.key"         # its private key (PEM)
 
     [agent]
     interface = "eth0"                    # the OSD host's interface towards clients
     rgw = "127.0.0.1:7480"                # the radosgw on this OSD host
     hosts = ["198.18.0.2"]                # the fronts' addresses (allowed to hand over)
+    tls = true                            # take TLS sessions (false: the front serves them)
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 DEFAULT_OFFSET = 1000
 DEFAULT_THRESHOLD = 1 << 20
+DEFAULT_TLS_PORT = 8443
 
 
 class ConfigError(ValueError):
@@ -59,6 +64,11 @@ class FrontConfig:
     threshold: int = DEFAULT_THRESHOLD
     stats: str = ""
     offload: bool = True
+    # HTTPS: the listener's address and the certificate chain and key (all
+    # three, or none: no HTTPS listener)
+    tls_listen: tuple[str, int] | None = None
+    tls_cert: str = ""
+    tls_key: str = ""
 
 
 @dataclass
@@ -66,6 +76,7 @@ class AgentConfig:
     interface: str
     rgw: tuple[str, int]
     hosts: list[str] = field(default_factory=list)
+    tls: bool = True  # take TLS sessions (continued with the core's record layer)
 
 
 @dataclass
@@ -105,11 +116,22 @@ class XoCephConfig:
                                     str(f.get("stats", "")), bool(f.get("offload", True)))
             if cfg.front.threshold < 0:
                 raise ConfigError(f"{path}: threshold must be >= 0")
+            cert, key = str(f.get("tls_cert", "")), str(f.get("tls_key", ""))
+            if bool(cert) != bool(key):
+                raise ConfigError(f"{path}: [front] tls_cert and tls_key go together")
+            if cert:
+                cfg.front.tls_cert, cfg.front.tls_key = cert, key
+                cfg.front.tls_listen = _hostport(
+                    f.get("tls_listen", f"{cfg.front.listen[0]}:{DEFAULT_TLS_PORT}"),
+                    "tls_listen")
+            elif "tls_listen" in f:
+                raise ConfigError(f"{path}: [front] tls_listen needs tls_cert and tls_key")
         if "agent" in data:
             a = data["agent"]
             cfg.agent = AgentConfig(str(a["interface"]),
                                     _hostport(a.get("rgw", "127.0.0.1:7480"), "rgw"),
-                                    [str(h) for h in a.get("hosts", [])])
+                                    [str(h) for h in a.get("hosts", [])],
+                                    bool(a.get("tls", True)))
             if not cfg.agent.hosts:
                 raise ConfigError(f"{path}: [agent] hosts: the fronts' addresses are needed")
         return cfg
@@ -135,8 +157,12 @@ def render(cfg: XoCephConfig) -> str:
                 f"listen = {_q(f'{f.listen[0]}:{f.listen[1]}')}",
                 f"rgw = {_q(f'{f.rgw[0]}:{f.rgw[1]}')}", f"threshold = {f.threshold}",
                 f"stats = {_q(f.stats)}", f"offload = {_q(f.offload)}"]
+        if f.tls_listen is not None:
+            out += [f"tls_listen = {_q(f'{f.tls_listen[0]}:{f.tls_listen[1]}')}",
+                    f"tls_cert = {_q(f.tls_cert)}", f"tls_key = {_q(f.tls_key)}"]
     if cfg.agent is not None:
         a = cfg.agent
         out += ["", "[agent]", f"interface = {_q(a.interface)}",
-                f"rgw = {_q(f'{a.rgw[0]}:{a.rgw[1]}')}", f"hosts = {_q(a.hosts)}"]
+                f"rgw = {_q(f'{a.rgw[0]}:{a.rgw[1]}')}", f"hosts = {_q(a.hosts)}",
+                f"tls = {_q(a.tls)}"]
     return "\n".join(out) + "\n"

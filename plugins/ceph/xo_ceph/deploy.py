@@ -74,12 +74,19 @@ def write(args: argparse.Namespace) -> list[Path]:
     if args.threshold < 0:
         raise ConfigError("--threshold must be >= 0")
     rgw = _hostport(args.rgw, "--rgw")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("HTTPS needs both --tls-cert and --tls-key")
+    if args.tls_cert and "front" not in roles:
+        raise ConfigError("--tls-cert is for the front (--role front or both)")
     cfg = XoCephConfig(ceph_conf=args.ceph_conf, key=args.key)
     if "front" in roles:
         cfg.front = FrontConfig(args.interface, _hostport(args.listen, "--listen"), rgw,
                                 args.threshold, "/run/xo/ceph-front.json")
+        if args.tls_cert:
+            cfg.front.tls_listen = _hostport(args.tls_listen, "--tls-listen")
+            cfg.front.tls_cert, cfg.front.tls_key = args.tls_cert, args.tls_key
     if "agent" in roles:
-        cfg.agent = AgentConfig(args.interface, rgw, hosts)
+        cfg.agent = AgentConfig(args.interface, rgw, hosts, tls=not args.no_agent_tls)
     out.mkdir(parents=True, exist_ok=True)  # only once the input is known good
     config_path = out / "xo-ceph.toml"
     config_path.write_text(render(cfg))
@@ -99,15 +106,19 @@ def write(args: argparse.Namespace) -> list[Path]:
         path = out / "xo-ceph-agent@.service"
         path.write_text(AGENT_UNIT.format(**fields))
         written.append(path)
-        readme = out / "INSTALL.txt"
-        lines = ["# install (as root):",
-                 "install -D -m 0644 xo-ceph.toml /etc/xo/xo-ceph.toml",
-                 f"install -D -m 0600 cluster.key {args.key}  # the same key on every host",
-                 "install -m 0644 xo-ceph-*.service /etc/systemd/system/",
-                 "systemctl daemon-reload"]
-        if "front" in roles:
-            lines.append("systemctl enable --now xo-ceph-front.service")
-        lines += [f"systemctl enable --now xo-ceph-agent@{o}.service" for o in osds]
-        readme.write_text("\n".join(lines) + "\n")
-        written.append(readme)
+    lines = ["# install (as root):",
+             "install -D -m 0644 xo-ceph.toml /etc/xo/xo-ceph.toml",
+             f"install -D -m 0600 cluster.key {args.key}  # the same key on every host"]
+    if cfg.front is not None and cfg.front.tls_listen is not None:
+        lines += [f"install -D -m 0644 front.pem {cfg.front.tls_cert}  # front: HTTPS "
+                  "certificate chain",
+                  f"install -D -m 0600 front.key {cfg.front.tls_key}  # front: its key"]
+    lines += ["install -m 0644 xo-ceph-*.service /etc/systemd/system/",
+              "systemctl daemon-reload"]
+    if "front" in roles:
+        lines.append("systemctl enable --now xo-ceph-front.service")
+    lines += [f"systemctl enable --now xo-ceph-agent@{o}.service" for o in osds]
+    readme = out / "INSTALL.txt"
+    readme.write_text("\n".join(lines) + "\n")
+    written.append(readme)
     return written

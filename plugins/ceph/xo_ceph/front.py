@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -37,9 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xo import tls as xotls
 from xo.ceph.config import ConfigError, XoCephConfig, control_port
 from xo.ceph.placement import Placement, head_object
-from xo.ceph.relay import HttpError, Message, SockIO, UpstreamPool, exchange, read_head, split_path
+from xo.ceph.relay import (
+    HttpError,
+    Message,
+    SockIO,
+    TlsIO,
+    UpstreamPool,
+    exchange,
+    read_head,
+    split_path,
+)
+from xo.core import TlsState, XoError
 from xo.daemon import run_until_signalled
 from xo.engine import HostEngine, ProtocolError, Steering, TargetLink, load_key
 
@@ -49,6 +61,7 @@ POLL_S = 0.5
 STAT_CACHE_S = 2.0     # a large (or empty) head's size
 SMALL_CACHE_S = 30.0   # a small or missing object's: it is served here either way
 STAT_TIMEOUT_S = 5.0
+TLS_DRAIN_S = 2.0      # a TLS session moves only once our records were acknowledged
 ADMIN_TIMEOUT_S = 10.0
 # Sub-resources that make a GET something other than reading object data.
 OBJECT_QUERY_OK = {"x-id", "versionId", "partNumber", "response-content-type",
@@ -70,6 +83,13 @@ class Counters:
     unplaced: int = 0            # placed on an OSD whose agent is not up
     returned: int = 0
     per_osd: dict[str, int] = field(default_factory=dict)
+    tls_handshakes: int = 0      # HTTPS connections accepted (one handshake each)
+    tls_failed: int = 0          # handshakes that failed
+    tls_offloaded: int = 0       # offloads of a TLS connection (with its record state)
+    tls_returned: int = 0        # TLS connections handed back (continued here by the
+                                 # core's record layer)
+    tls_kept: int = 0            # not at a record boundary: served here
+    tls_versions: dict[str, int] = field(default_factory=dict)  # handshakes per version
 
 
 class Front:
@@ -86,6 +106,8 @@ class Front:
         self._links: dict[int, TargetLink] = {}
         self._connecting: set[int] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self.tls_ctx: ssl.SSLContext | None = None
+        self.keylog: xotls.KeyLog | None = None
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -258,27 +280,29 @@ class Front:
             mac = await asyncio.to_thread(interface_mac, ifindex)
             self.engine = HostEngine(load_key(self.cfg.key), steering, mac, self._on_return)
             self._sync_targets()
-        listener = socket.socket(socket.AF_INET6 if ":" in self.fcfg.listen[0]
-                                 else socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(self.fcfg.listen)
-        listener.listen(1024)
-        listener.setblocking(False)
+        listeners = [(listen_socket(self.fcfg.listen), False)]
+        if self.fcfg.tls_listen is not None:
+            # Python's ssl (OpenSSL) over memory BIOs: every record is seen,
+            # so a session can move at a record boundary (xo.tls).
+            self.tls_ctx, self.keylog = xotls.server_context(self.fcfg.tls_cert,
+                                                             self.fcfg.tls_key)
+            listeners.append((listen_socket(self.fcfg.tls_listen), True))
         self.pool = UpstreamPool(*self.fcfg.rgw)
         self._spawn(self._follow_osdmap())
         if self.fcfg.stats:
             self._spawn(self._write_stats())
         log.info("S3 front on %s:%d, radosgw %s:%d, threshold %d bytes, offload %s",
                  *self.fcfg.listen, *self.fcfg.rgw, self.fcfg.threshold, self.fcfg.offload)
+        if self.fcfg.tls_listen is not None:
+            log.info("HTTPS on %s:%d (%s)", *self.fcfg.tls_listen, self.fcfg.tls_cert)
         ready.set()
-        loop = asyncio.get_running_loop()
         try:
-            with listener:
-                while True:
-                    sock, _ = await loop.sock_accept(listener)
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    self._spawn(self.handle(sock, b""))
+            await asyncio.gather(*(self._accept_loop(sock, tls) for sock, tls in listeners))
         finally:
+            for sock, _tls in listeners:
+                sock.close()
+            if self.keylog is not None:
+                self.keylog.close()
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -295,9 +319,39 @@ class Front:
             if self._rados is not None:
                 self._rados.shutdown()
 
-    async def _on_return(self, sock: socket.socket, app_data: bytes) -> None:
+    async def _accept_loop(self, listener: socket.socket, tls: bool) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._spawn(self._handshake(sock) if tls else self.handle(sock, b""))
+
+    async def _handshake(self, sock: socket.socket) -> None:
+        assert self.tls_ctx is not None and self.keylog is not None
+        sock.setblocking(False)
+        stream = xotls.OpenSslStream(sock, self.tls_ctx, self.keylog)
+        try:
+            await stream.handshake()
+        except (OSError, xotls.TlsHandoffError) as exc:  # ssl.SSLError is an OSError
+            self.counters.tls_failed += 1
+            log.info("TLS handshake failed: %s", exc)
+            sock.close()
+            return
+        self.counters.tls_handshakes += 1
+        version = str(stream.obj.version())
+        self.counters.tls_versions[version] = self.counters.tls_versions.get(version, 0) + 1
+        await self.handle(stream, b"")
+
+    async def _on_return(self, sock: socket.socket, app_data: bytes,
+                         tls: TlsState | None = None) -> None:
         self.counters.returned += 1
-        self._spawn(self.handle(sock, app_data))
+        if tls is not None:
+            # OpenSSL's copy of the session is stale now: the core's record
+            # layer continues it from the state the agent handed back.
+            self.counters.tls_returned += 1
+            self._spawn(self.handle(xotls.RecordStream(sock, tls), app_data))
+        else:
+            self._spawn(self.handle(sock, app_data))
 
     def _offloadable(self, req: Message) -> tuple[str, str] | None:
         if req.method != "GET" or req.body_framing()[0] != "none" or self.engine is None:
@@ -310,10 +364,13 @@ class Front:
                 return None
         return bucket, key
 
-    async def handle(self, sock: socket.socket, initial: bytes) -> None:
+    async def handle(self, sock: socket.socket | xotls.TlsStream, initial: bytes) -> None:
+        """Serve a client connection (plain, or TLS: the same requests in
+        plaintext through its session) until it closes or is handed off."""
         assert self.pool is not None
         buf = bytearray(initial)
-        client: SockIO | None = SockIO(sock)
+        client: SockIO | None = (TlsIO(sock) if isinstance(sock, xotls.TlsStream)
+                                 else SockIO(sock))
         upstream: SockIO | None = None
         reusable = False
         try:
@@ -338,7 +395,7 @@ class Front:
                 reusable = True
                 if req.connection_close:
                     return
-        except (HttpError, OSError) as exc:
+        except (HttpError, OSError, xotls.TlsHandoffError, XoError) as exc:
             log.info("client connection ended: %s", exc)
         finally:
             if upstream is not None:
@@ -371,9 +428,21 @@ class Front:
         if link is None:
             self.counters.unplaced += 1
             return False
+        tls: TlsState | None = None
+        if isinstance(client, TlsIO):
+            # The session moves with its record state, at a record boundary
+            # with our records acknowledged (xo.tls); otherwise it is served here.
+            await client.stream.drain(TLS_DRAIN_S)
+            try:
+                tls = client.stream.handoff_state()
+            except xotls.TlsHandoffError as exc:
+                self.counters.tls_kept += 1
+                log.info("GET %s: TLS session served here: %s", req.target, exc)
+                return False
         client.release()
-        if await self.engine.offload(client.sock, req.raw + bytes(buf), link):
+        if await self.engine.offload(client.sock, req.raw + bytes(buf), link, tls):
             self.counters.offloaded += 1
+            self.counters.tls_offloaded += tls is not None
             self.counters.per_osd[link.name] = self.counters.per_osd.get(link.name, 0) + 1
             log.info("offloaded GET %s to %s (primary of %s)", req.target, link.name, where)
             return True
@@ -391,6 +460,9 @@ class Front:
             "unplaced": c.unplaced, "stats": c.stats,
             "upstream_connects": self.pool.connects if self.pool else 0,
             "returned": c.returned, "per_osd": dict(c.per_osd),
+            "tls": {"handshakes": c.tls_handshakes, "failed": c.tls_failed,
+                    "offloaded": c.tls_offloaded, "returned": c.tls_returned,
+                    "kept": c.tls_kept, "versions": dict(c.tls_versions)},
             "epoch": self.placement.osdmap.epoch if self.placement and self.placement.osdmap
             else 0,
             "pg_lookups": self.placement.lookups if self.placement else 0,
@@ -411,6 +483,20 @@ class Front:
             with contextlib.suppress(OSError):
                 self._dump_stats()
             await asyncio.sleep(POLL_S)
+
+
+def listen_socket(addr: tuple[str, int]) -> socket.socket:
+    listener = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
+                             socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(addr)
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
 
 
 def interface_mac(ifindex: int) -> str:

@@ -19,6 +19,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from xo import http1
+from xo import tls as xotls
 
 MAX_HEAD = 65536
 CHUNK = 262144
@@ -118,6 +119,25 @@ class SockIO:
             return False
         del got  # EOF (b"") or stray bytes: not reusable
         return False
+
+
+class TlsIO(SockIO):
+    """A client connection carrying TLS, with SockIO's interface: plaintext
+    in and out through a session kept in user space (``xo.tls``: OpenSSL on
+    the front from the handshake on, the core's record layer after a
+    handoff). Its bytes cannot be spliced: every record is sealed here."""
+
+    __slots__ = ("stream",)
+
+    def __init__(self, stream: xotls.TlsStream) -> None:
+        super().__init__(stream.sock)
+        self.stream = stream
+
+    async def recv(self, size: int) -> bytes:
+        return await self.stream.recv()  # one record's worth (or b"" at the end)
+
+    async def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.sendall(bytes(data))
 
 
 class UpstreamPool:

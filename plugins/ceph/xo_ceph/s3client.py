@@ -16,8 +16,9 @@ S3_CONFIG: dict[str, Any] = dict(
 
 
 def s3_client(endpoint: str, user: S3User | None, *, secret: str | None = None,
-              retries: int = 1, pool: int = 10) -> Any:
-    """A client of endpoint as user (None: anonymous, unsigned requests)."""
+              retries: int = 1, pool: int = 10, verify: str | bool | None = None) -> Any:
+    """A client of endpoint as user (None: anonymous, unsigned requests);
+    verify: for https, the CA bundle to check the endpoint's certificate with."""
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
@@ -29,4 +30,6 @@ def s3_client(endpoint: str, user: S3User | None, *, secret: str | None = None,
     if user is not None:
         kw = {"aws_access_key_id": user.access_key,
               "aws_secret_access_key": secret or user.secret_key}
+    if verify is not None:
+        kw["verify"] = verify
     return boto3.client("s3", endpoint_url=endpoint, region_name="default", config=cfg, **kw)

@@ -26,11 +26,14 @@ def config_for(state: ClusterState, threshold: int) -> XoCephConfig:
 
     host = state.mon
     assert host is not None
+    front = FrontConfig("", (host.ip, state.front_port), ("127.0.0.1", RGW_PORT), threshold,
+                        str(state.path / "front-stats.json"))
+    if state.tls_cert:
+        front.tls_listen = (host.ip, state.front_tls_port)
+        front.tls_cert, front.tls_key = state.tls_cert, state.tls_key
     return XoCephConfig(
         ceph_conf=str(state.conf), key=str(state.path / "xo-cluster.key"), pin_root=PIN_ROOT,
-        front=FrontConfig("", (host.ip, state.front_port), ("127.0.0.1", RGW_PORT), threshold,
-                          str(state.path / "front-stats.json")),
-        agent=AgentConfig("", ("127.0.0.1", RGW_PORT), [host.ip]))
+        front=front, agent=AgentConfig("", ("127.0.0.1", RGW_PORT), [host.ip]))
 
 
 def _ifname(state: ClusterState, member_netns: str) -> str:
