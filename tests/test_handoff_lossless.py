@@ -125,8 +125,10 @@ def put_bodies(apps: RefAppCluster, body: bytes, count: int,
     return {k: after[k] - before[k] for k in after}, served
 
 
-@pytest.mark.parametrize("rate", [None, "200mbit"], ids=["unlimited", "200mbit"])
-def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None) -> None:
+@pytest.mark.parametrize(("rate", "targets"), [(None, 1), (None, 2), ("200mbit", 1)],
+                         ids=["unlimited", "unlimited-2-targets", "200mbit"])
+def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None,
+                                                           targets: int) -> None:
     """The host hands the connection off as soon as a PUT's head is read; the
     64 MiB body, still streaming, reaches the target intact (its digest in
     the answer), several times on one keep-alive connection.
@@ -138,7 +140,12 @@ def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None) ->
     while the host moves a queue of megabytes, outlasts the client's probe
     timeout when it has segments in flight (docs/benchmarks.md) — and
     nothing else: no fast retransmission of a segment a handoff reordered
-    or dropped, no timeout."""
+    or dropped, no timeout.
+
+    With two targets each PUT goes to the other one: the connection comes
+    back from one target and leaves for the other while the first one's
+    parked frames may still be on their way to the host; the host ships
+    them to the new target ahead of its own, in one message."""
     count = 20 if rate is None else 3
     body = os.urandom(64 << 20)
     # On a shaped link the client's congestion window outgrows the shaper's
@@ -148,15 +155,12 @@ def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None) ->
     # what a handoff could cost (still a window of segments in flight when
     # the socket freezes).
     sndbuf = None if rate is None else CLIENT_SNDBUF_SHAPED
-    # One target: with two, a connection handed back by one target and off
-    # again to the other before the first one's parked frames reached the
-    # host can still have them replayed behind newer ones (docs/benchmarks.md).
     with cluster(targets=1, name=lab_name("b"), rate=rate, mode="local") as apps:
         base, served = put_bodies(apps, body, count, sndbuf)
         assert set(served) == {"host"}, served
-    with cluster(targets=1, name=lab_name("u"), rate=rate) as apps:
+    with cluster(targets=targets, name=lab_name("u"), rate=rate) as apps:
         xo, served = put_bodies(apps, body, count, sndbuf)
-        assert set(served) == {"t0"}, served
+        assert set(served) == {f"t{i}" for i in range(targets)}, served
         stats = apps.host_stats()
         parks = park_counts(apps)
     assert stats["offloads"] == count and stats["rollbacks"] == 0, stats

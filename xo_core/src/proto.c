@@ -98,6 +98,8 @@ struct peer {
 	uint64_t out_since;     /* when output last went from empty to not */
 	uint64_t created, last_rx, last_tx, next_load;
 	struct xo_load_report load;
+	/* host: `offloaded` when `load` came (those of ours it counts) */
+	uint32_t offloaded_at_report;
 	uint32_t failures, offloaded, handed;
 	uint64_t down_until, down_ms;
 	bool dead;
@@ -867,6 +869,8 @@ static int64_t replay_parked(struct xo_proto *p,
 /* The old owner's frames are in (or will never come): replay them, stop
  * parking, and replay what we parked meanwhile, in that order. */
 static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len);
+static void ship_after(struct xo_proto *p, struct peer *pe, struct conn *next,
+		       const uint8_t *older, uint32_t older_len);
 
 /* The socket has bytes the client has not acknowledged (a response on its
  * way): the replayed ACKs let it send on, and the egress must stay open. */
@@ -902,9 +906,8 @@ static void release_park(struct xo_proto *p, struct conn *c,
 		if (next && (next->state == H_WAIT_READY ||
 			     next->state == H_RETURNED))
 			hold_frames(next, older, older_len);
-		else if (next && next->state == H_OFFLOADED && pe && older_len)
-			send_msg(pe, XO_MSG_PARKED, 0, next->wire_id, older,
-				 older_len, clock_ns());
+		else if (next && next->state == H_OFFLOADED && pe)
+			ship_after(p, pe, next, older, older_len);
 		else if (!next && older_len)
 			replay_blob(p, older, older_len, to); /* rolled back */
 		c->park_until = 0;
@@ -954,6 +957,37 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	free(last.rec);
 	watch_own_stragglers(p, &c->in_key, to, clock_ns());
 	c->park_until = 0;
+}
+
+/* Host: c was handed off again while the last target's PARKED for the
+ * same flow had not come yet (a returned connection stays a moment after
+ * its PARKED came, with park_until cleared). */
+static bool older_frames_due(const struct xo_proto *p, const struct conn *c)
+{
+	const struct conn *o;
+
+	for (o = p->all; o; o = o->next)
+		if (o->state == H_RETURNED && o->superseded_by == c->id &&
+		    o->park_until)
+			return true;
+	return false;
+}
+
+/* Host: the older frames for `next` (handed off already) came: send them
+ * on with ours (still in our ring) after them, in one PARKED, and watch
+ * for stragglers. */
+static void ship_after(struct xo_proto *p, struct peer *pe, struct conn *next,
+		       const uint8_t *older, uint32_t older_len)
+{
+	uint64_t now = clock_ns();
+
+	hold_frames(next, older, older_len);
+	ship_parked(p, pe, next->wire_id, &next->in_key, next->held,
+		    next->held_len, now);
+	free(next->held);
+	next->held = NULL;
+	next->held_len = 0;
+	watch_stragglers(p, pe, next->wire_id, &next->in_key, now);
 }
 
 /* Keep PARKED frames that came while the connection is frozen again. */
@@ -1120,6 +1154,20 @@ int xo_proto_usable(struct xo_proto *p, uint32_t peer, uint64_t now)
 	return pe && pe->state == XO_PEER_UP && now >= pe->down_until;
 }
 
+/* A target's load as the host sees it now: our connections there (exact)
+ * plus the others its last report counted. The report also counted ours
+ * as they were then; a report is sent once per load interval, so taking
+ * it as it is would keep counting a connection of ours that has come back
+ * since (and send every request to the other targets until the next one). */
+static uint64_t peer_load(const struct peer *pe)
+{
+	uint32_t others = pe->load.active > pe->offloaded_at_report ?
+				  pe->load.active - pe->offloaded_at_report :
+				  0;
+
+	return (uint64_t)others + pe->offloaded;
+}
+
 int xo_proto_pick(struct xo_proto *p, uint32_t policy, uint64_t now,
 		  uint32_t *peer)
 {
@@ -1130,9 +1178,7 @@ int xo_proto_pick(struct xo_proto *p, uint32_t policy, uint64_t now,
 	for (pe = p->peers; pe; pe = pe->next) {
 		if (pe->dead || !xo_proto_usable(p, pe->id, now))
 			continue;
-		load = policy == XO_PICK_ROUND_ROBIN ?
-			       0 :
-			       (uint64_t)pe->load.active + pe->offloaded;
+		load = policy == XO_PICK_ROUND_ROBIN ? 0 : peer_load(pe);
 		if (!best || load < best_load ||
 		    (load == best_load &&
 		     (pe->handed < best->handed ||
@@ -1363,13 +1409,20 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	c->fd = -1;
 	remove_rule(p, &c->out_key);
 	send_msg(pe, XO_MSG_HOST_READY, 0, c->wire_id, NULL, 0, now);
-	ship_parked(p, pe, c->wire_id, &c->in_key, c->held, c->held_len, now);
-	/* Sent on: the target has them now. Kept, they were replayed here
-	 * again when the connection came back (duplicates for our stack). */
-	free(c->held);
-	c->held = NULL;
-	c->held_len = 0;
-	watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
+	/* The last target's frames are older than ours: while they are still
+	 * on their way, ours wait for them (release_park sends both, in
+	 * order). The new target holds its ingress until one PARKED came. */
+	if (!older_frames_due(p, c)) {
+		ship_parked(p, pe, c->wire_id, &c->in_key, c->held,
+			    c->held_len, now);
+		/* Sent on: the target has them now. Kept, they were replayed
+		 * here again when the connection came back (duplicates for
+		 * our stack). */
+		free(c->held);
+		c->held = NULL;
+		c->held_len = 0;
+		watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
+	}
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
 	c->state = H_OFFLOADED;
@@ -1763,6 +1816,7 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 	case XO_MSG_LOAD_REPORT:
 		if (xo_load_decode(m->payload, m->payload_len, &pe->load))
 			return violation(p, pe, now, "malformed LOAD_REPORT");
+		pe->offloaded_at_report = pe->offloaded;
 		return;
 	default:
 		return violation(p, pe, now, "unexpected message type %u from a target",
@@ -2370,6 +2424,7 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 		}
 	}
 	pe->offloaded = 0;
+	pe->offloaded_at_report = 0;
 }
 
 /* ---- input ---------------------------------------------------------------- */
