@@ -279,7 +279,7 @@ http {{
     def wrk(self, path: str, connections: int = 8, seconds: float = 3,
             threads: int = 2) -> WrkResult:
         res = subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "wrk",
-                              "-t", str(threads), "-c", str(connections),
+                              "-t", str(min(threads, connections)), "-c", str(connections),
                               "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
                               "--latency",
                               self.url + path],
