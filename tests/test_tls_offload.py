@@ -84,28 +84,35 @@ def _curl_args(apps: RefAppCluster, certfile: Path, version: str) -> tuple[str, 
             f"--tlsv{version}", "--tls-max", version)
 
 
+def curl_session_on_targets(apps: RefAppCluster, certfile: Path, version: str,
+                            tmp_path: Path) -> None:
+    """PATHS on one curl TLS connection, then the host's /_xo/stats: every
+    body by hash, every file from a target, one TCP and TLS connection.
+    The last request is the host's own: curl's close_notify and FIN then
+    reach the host with no transfer under way. (Client data and a FIN
+    arriving while a target hands the connection back can cost the client
+    one retransmission today: the TCP handoff path's business, with or
+    without TLS.)"""
+    digests = docroot_digests(apps)
+    rows = curl_many(apps.testbed, f"https://{SERVER_NAME}:{HTTPS_PORT}",
+                     [*PATHS, "/_xo/stats"], tmp_path / "out",
+                     curl_args=_curl_args(apps, certfile, version))
+    for path, row in zip(PATHS, rows, strict=False):
+        body = Path(row["file"]).read_bytes()
+        assert row["status"] == "200" and sha256(body) == digests[path[1:]], row
+        assert row["served_by"] in ("t0", "t1"), (row, apps.host_stats())
+    assert rows[-1]["status"] == "200" and rows[-1]["served_by"] == "host", rows[-1]
+    assert sum(int(r["connects"]) for r in rows) == 1
+
+
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_curl_tls_session_handed_off_and_back(tls_cluster: RefAppCluster,
                                               cert: tuple[Path, Path], version: str,
                                               tmp_path: Path) -> None:
     apps = tls_cluster
-    digests = docroot_digests(apps)
     before = apps.host_stats()
     loss_before = client_loss_counters(apps.testbed.client.netns)
-    # The last request is the host's own (/_xo/stats): curl's close_notify
-    # and FIN then reach the host with no transfer under way. (Client data
-    # and a FIN arriving while a target hands the connection back can cost
-    # the client one retransmission today: the TCP handoff path's business,
-    # with or without TLS.)
-    rows = curl_many(apps.testbed, f"https://{SERVER_NAME}:{HTTPS_PORT}",
-                     [*PATHS, "/_xo/stats"], tmp_path / "out",
-                     curl_args=_curl_args(apps, cert[0], version))
-    for path, row in zip(PATHS, rows, strict=False):
-        body = Path(row["file"]).read_bytes()
-        assert row["status"] == "200" and sha256(body) == digests[path[1:]], row
-        assert row["served_by"] in ("t0", "t1"), row  # every request on a target
-    assert rows[-1]["status"] == "200" and rows[-1]["served_by"] == "host"
-    assert sum(int(r["connects"]) for r in rows) == 1  # one TCP and TLS connection
+    curl_session_on_targets(apps, cert[0], version, tmp_path)
     after = apps.host_stats(settled=True)
     assert after["offloads"] - before["offloads"] >= len(PATHS)
     assert after["returns"] - before["returns"] >= len(PATHS) - 1
@@ -390,20 +397,11 @@ def test_curl_tls_session_continues_in_kernel_tls(tls_cluster: RefAppCluster,
     # Probing loads it, as a machine that already serves TLS would have it.
     available, why = core.tls_kernel_available()
     assert available, why
-    digests = docroot_digests(apps)
     members = ("host", "t0", "t1")
     before = apps.host_stats()
     ktls_before = {m: _tls_stat(apps, m) for m in members}
     loss_before = client_loss_counters(apps.testbed.client.netns)
-    rows = curl_many(apps.testbed, f"https://{SERVER_NAME}:{HTTPS_PORT}",
-                     [*PATHS, "/_xo/stats"], tmp_path / "out",
-                     curl_args=_curl_args(apps, cert[0], version))
-    for path, row in zip(PATHS, rows, strict=False):
-        body = Path(row["file"]).read_bytes()
-        assert row["status"] == "200" and sha256(body) == digests[path[1:]], row
-        assert row["served_by"] in ("t0", "t1"), (row, apps.host_stats())
-    assert rows[-1]["status"] == "200" and rows[-1]["served_by"] == "host", rows[-1]
-    assert sum(int(r["connects"]) for r in rows) == 1
+    curl_session_on_targets(apps, cert[0], version, tmp_path)
     after = apps.host_stats(settled=True)
     offloads = after["offloads"] - before["offloads"]
     returns = after["returns"] - before["returns"]

@@ -328,14 +328,9 @@ class Front:
 
     async def _handshake(self, sock: socket.socket) -> None:
         assert self.tls_ctx is not None and self.keylog is not None
-        sock.setblocking(False)
-        stream = xotls.OpenSslStream(sock, self.tls_ctx, self.keylog)
-        try:
-            await stream.handshake()
-        except (OSError, xotls.TlsHandoffError) as exc:  # ssl.SSLError is an OSError
+        stream = await xotls.accept_tls(sock, self.tls_ctx, self.keylog)
+        if stream is None:
             self.counters.tls_failed += 1
-            log.info("TLS handshake failed: %s", exc)
-            sock.close()
             return
         self.counters.tls_handshakes += 1
         version = str(stream.obj.version())

@@ -363,15 +363,9 @@ class Host:
 
     async def _handshake(self, sock: socket.socket) -> None:
         assert self.tls_ctx is not None and self.keylog is not None
-        sock.setblocking(False)
-        stream = xotls.OpenSslStream(sock, self.tls_ctx, self.keylog)
-        try:
-            await stream.handshake()
-        except (ssl.SSLError, OSError, xotls.TlsHandoffError) as exc:
-            log.info("TLS handshake failed: %s", exc)
-            sock.close()
-            return
-        await self.handle(stream, b"")
+        stream = await xotls.accept_tls(sock, self.tls_ctx, self.keylog)
+        if stream is not None:
+            await self.handle(stream, b"")
 
     async def _connect_with_retry(self, name: str, ip: str, mac: str,
                                   port: int) -> TargetLink:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import socket
 import ssl
@@ -37,6 +38,8 @@ from pathlib import Path
 
 from xo import core
 from xo.core import TlsRecordLayer, TlsState
+
+log = logging.getLogger(__name__)
 
 APPLICATION_DATA, ALERT, HANDSHAKE, CHANGE_CIPHER_SPEC = 23, 21, 22, 20
 # Python's ssl names (cipher(), version()) -> the core's cipher ids
@@ -332,6 +335,21 @@ class OpenSslStream(TlsStream):
 
     def _send_queue_empty(self) -> bool:
         return _send_queue_empty(self.sock)
+
+
+async def accept_tls(sock: socket.socket, ctx: ssl.SSLContext,
+                     keylog: KeyLog) -> OpenSslStream | None:
+    """The server side of a handshake on an accepted socket: the session, or
+    None when the client failed it (the socket is closed, the reason logged)."""
+    sock.setblocking(False)
+    stream = OpenSslStream(sock, ctx, keylog)
+    try:
+        await stream.handshake()
+    except (OSError, TlsHandoffError) as exc:  # ssl.SSLError is an OSError
+        log.info("TLS handshake failed: %s", exc)
+        sock.close()
+        return None
+    return stream
 
 
 class RecordStream(TlsStream):
