@@ -2331,6 +2331,61 @@ static void xo_purge_dead_owners(ngx_http_xo_main_conf_t *mcf, ngx_log_t *log)
 	ngx_free(acts);
 }
 
+/* ---- parked frames with several workers --------------------------------
+ *
+ * The workers share the steering object the master loaded, and with it
+ * its parked-frame ring: any worker could read a frame parked for another
+ * worker's flow. Each worker gives the object a ring of its own under its
+ * owner id (xo_park_own()), so frames of its PARK entries reach it alone;
+ * rings of workers that are gone are removed.
+ */
+static uint32_t xo_park_owner;
+static ngx_uint_t xo_park_owned;
+
+static ngx_int_t xo_park_own_ring(ngx_http_xo_main_conf_t *mcf, uint32_t owner,
+				  ngx_log_t *log)
+{
+	uint32_t base = xo_owner_of(mcf, 0), owners[XO_PARK_MAX_OWNER_RINGS], o;
+	int64_t n, i;
+	ngx_pid_t pid;
+
+	n = xo_park_owners(xo_steer, owners, XO_PARK_MAX_OWNER_RINGS);
+	if (n < 0) {
+		ngx_log_error(NGX_LOG_EMERG, log, 0, "xo: parked frames: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	for (i = 0; i < n && i < XO_PARK_MAX_OWNER_RINGS; i++) {
+		o = owners[i];
+		pid = (ngx_pid_t)((o ^ base) >> 8);
+		if (((o ^ base) & 0xff) || pid <= 0 || o == owner ||
+		    xo_pid_alive(pid))
+			continue;
+		if (xo_park_disown(xo_steer, o))
+			ngx_log_error(NGX_LOG_WARN, log, 0, "xo: parked frames: %s",
+				      xo_last_error());
+	}
+	if (xo_park_own(xo_steer, owner)) {
+		ngx_log_error(NGX_LOG_EMERG, log, 0, "xo: parked frames: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	xo_park_owner = owner;
+	xo_park_owned = 1;
+	return NGX_OK;
+}
+
+/* An exiting worker's ring leaves the object (the master keeps it). */
+static void xo_park_own_ring_release(ngx_log_t *log)
+{
+	if (!xo_park_owned)
+		return;
+	xo_park_owned = 0;
+	if (xo_park_disown(xo_steer, xo_park_owner))
+		ngx_log_error(NGX_LOG_WARN, log, 0, "xo: parked frames: %s",
+			      xo_last_error());
+}
+
 static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 {
 	ngx_http_xo_main_conf_t *mcf;
@@ -2382,6 +2437,8 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 	 * another one (or an old one finishing after a reload) holds. */
 	pc.owner = xo_owner_of(mcf, ngx_pid);
 	xo_purge_dead_owners(mcf, cycle->log);
+	if (xo_park_own_ring(mcf, pc.owner, cycle->log) != NGX_OK)
+		return NGX_ERROR;
 	pc.rules = xo_rules;
 	pc.steer = xo_steer;
 	ngx_memcpy(pc.host_mac, xo_if_mac, 6);
@@ -2443,7 +2500,6 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 
 static void ngx_http_xo_exit_process(ngx_cycle_t *cycle)
 {
-	(void)cycle;
 	if (!xo_machine)
 		return;
 #ifdef XO_HAVE_PARK_FD
@@ -2453,6 +2509,7 @@ static void ngx_http_xo_exit_process(ngx_cycle_t *cycle)
 	xo_machine = NULL;
 	xo_rules_destroy(xo_rules);
 	xo_rules = NULL;
+	xo_park_own_ring_release(cycle->log);
 }
 
 /* ---- phase handlers ------------------------------------------------------------------ */

@@ -258,16 +258,23 @@ http {{
         self.wait_targets_up()
 
     def wait_targets_up(self, names: list[str] | None = None) -> None:
-        """Every (named) target's control connection up in the front's
-        current worker (its xo_status)."""
+        """Every (named) target's control connection up in each of the
+        front's `workers` workers (their xo_status; any worker may answer
+        one request, so ask until that many have said so)."""
         want = set(names or [t.name for t in self.testbed.targets])
+        ready: set[int] = set()
 
         def up() -> bool:
             try:
-                peers = self.status("host")["peers"]
+                st = self.status("host")
+                peers = st["peers"]
+                assert isinstance(peers, list)
+                if want <= {p["name"] for p in peers if p["up"]}:
+                    ready.add(int(str(st["pid"])))
             except (AssertionError, ValueError, KeyError):
                 return False
-            return want <= {p["name"] for p in peers if p["up"]}
+            # (an old worker finishing after a reload answers no request)
+            return len(ready & set(self.procs["host"].workers())) >= self.workers
 
         wait_for(up, f"targets {sorted(want)} up")
 
