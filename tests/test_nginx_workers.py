@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import http.client
 import os
+import signal
 import threading
 from collections.abc import Iterator
 
 import pytest
 from netns_tools import client_loss_counters, sha256
-from nginx_tools import NginxCluster, build_params, nginx_cluster
+from nginx_tools import NginxCluster, build_params, nginx_cluster, wait_for
 from xo.lab import in_netns
 
 pytestmark = [
@@ -124,3 +125,24 @@ def test_two_workers_no_client_resend(cluster: tuple[NginxCluster, dict[str, byt
     assert max(busy.values()) >= 2, busy
     assert sum(parked.values()) > 0, parked
     assert delta == {k: 0 for k in delta}, delta
+
+
+def test_killed_worker_ring_removed(cluster: tuple[NginxCluster, dict[str, bytes]]) -> None:
+    """A target worker killed while idle leaves its ring in the object; the
+    worker nginx starts in its place removes it (and says so), and the
+    clients' next rounds go on with no resend."""
+    c, bodies = cluster
+    t0 = c.procs["t0"]
+    old = t0.workers()
+    assert len(old) == 2, old
+    os.kill(old[0], signal.SIGKILL)
+    wait_for(lambda: len(set(t0.workers()) - set(old)) == 1, "t0's new worker")
+    wait_for(lambda: f"parked-frame ring of worker {old[0]} (gone) removed" in t0.log_text(),
+             "the dead worker's ring removed")
+    c.wait_targets_up()
+    loss0 = client_loss_counters(c.testbed.client.netns)
+    for _ in range(2):
+        served = run_clients(c, bodies)
+        assert all(len(s) == REQUESTS and set(s) <= {"t0", "t1"} for s in served), served
+    loss = client_loss_counters(c.testbed.client.netns)
+    assert {k: loss[k] - loss0[k] for k in loss} == {k: 0 for k in loss}

@@ -2361,9 +2361,14 @@ static ngx_int_t xo_park_own_ring(ngx_http_xo_main_conf_t *mcf, uint32_t owner,
 		if (((o ^ base) & 0xff) || pid <= 0 || o == owner ||
 		    xo_pid_alive(pid))
 			continue;
-		if (xo_park_disown(xo_steer, o))
+		if (xo_park_disown(xo_steer, o)) {
 			ngx_log_error(NGX_LOG_WARN, log, 0, "xo: parked frames: %s",
 				      xo_last_error());
+		} else {
+			ngx_log_error(NGX_LOG_NOTICE, log, 0,
+				      "xo: parked-frame ring of worker %P (gone) "
+				      "removed", pid);
+		}
 	}
 	if (xo_park_own(xo_steer, owner)) {
 		ngx_log_error(NGX_LOG_EMERG, log, 0, "xo: parked frames: %s",
