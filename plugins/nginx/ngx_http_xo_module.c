@@ -294,7 +294,7 @@ static char *ngx_http_xo_init_main_conf(ngx_conf_t *cf, void *conf)
 		if (mcf->used) {
 			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
 					   "xo_pass needs at least one xo_target "
-					   "or an upstream block");
+					   "or names an upstream block");
 			return NGX_CONF_ERROR;
 		}
 		return NGX_CONF_OK;
