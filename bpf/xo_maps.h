@@ -44,6 +44,24 @@ struct {
 	__uint(max_entries, XO_PARK_RING_BYTES);
 } xo_parked SEC(".maps");
 
+/* Per-owner rings: a PARK entry whose owner has a ring here parks into it
+ * instead of xo_parked. Several processes that share one loaded object
+ * (nginx's workers, each a machine with its own owner id) each put a ring
+ * of their own here, so a frame parked for one's flow reaches that one and
+ * no other; an owner without a ring (a single-process driver) uses
+ * xo_parked. Not pinned, like xo_parked. Key: the entry's owner. */
+struct xo_park_ring_inner {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, XO_PARK_RING_BYTES);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, XO_PARK_MAX_OWNER_RINGS);
+	__type(key, __u32);
+	__array(values, struct xo_park_ring_inner);
+} xo_park_rings SEC(".maps");
+
 /* Record sizes: a ring record's size must be a constant, so a frame takes
  * the smallest of three that holds it (an MTU-sized frame does not tie up
  * 64 KiB of ring). */

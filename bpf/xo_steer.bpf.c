@@ -237,10 +237,9 @@ static __always_inline int xo_skb_flow(struct __sk_buff *skb, struct xo_pkt *p,
  * caller drops it). Returns the stat to count. A ring record's size must
  * be a constant: the frame goes into the smallest of three record sizes
  * that holds it (xo_steer_abi.h). n is the frame's length minus one. */
-#define XO_PARK_INTO(slot_type, key, n, ifindex, skb, xdp)                    \
+#define XO_PARK_INTO(ring, slot_type, key, n, ifindex, skb, xdp)              \
 	({                                                                    \
-		slot_type *slot = bpf_ringbuf_reserve(&xo_parked,            \
-						      sizeof(*slot), 0);      \
+		slot_type *slot = bpf_ringbuf_reserve(ring, sizeof(*slot), 0);\
 		__u32 stat = XO_STAT_PARK_OVERFLOW;                           \
 		long err;                                                     \
 									      \
@@ -262,10 +261,11 @@ static __always_inline int xo_skb_flow(struct __sk_buff *skb, struct xo_pkt *p,
 		stat;                                                         \
 	})
 
-static __always_inline __u32 xo_park_frame(const struct xo_flow_key *key,
-					   __u32 len, __u32 ifindex,
-					   struct __sk_buff *skb,
-					   struct xdp_md *xdp)
+static __always_inline __u32 xo_park_frame_into(void *ring,
+						const struct xo_flow_key *key,
+						__u32 len, __u32 ifindex,
+						struct __sk_buff *skb,
+						struct xdp_md *xdp)
 {
 	__u32 n = len - 1;
 
@@ -274,15 +274,31 @@ static __always_inline __u32 xo_park_frame(const struct xo_flow_key *key,
 	 * nothing from "len != 0", and clang would fold n + 1 back into len. */
 	asm volatile("" : "+r"(n));
 	if (n < XO_PARK_MTU_FRAME)
-		return XO_PARK_INTO(struct xo_park_slot_mtu, key, n, ifindex,
+		return XO_PARK_INTO(ring, struct xo_park_slot_mtu, key, n, ifindex,
 				    skb, xdp);
 	if (n < XO_PARK_JUMBO_FRAME)
-		return XO_PARK_INTO(struct xo_park_slot_jumbo, key, n, ifindex,
+		return XO_PARK_INTO(ring, struct xo_park_slot_jumbo, key, n, ifindex,
 				    skb, xdp);
 	if (n < XO_PARK_MAX_FRAME)
-		return XO_PARK_INTO(struct xo_park_slot, key, n, ifindex, skb,
+		return XO_PARK_INTO(ring, struct xo_park_slot, key, n, ifindex, skb,
 				    xdp);
 	return XO_STAT_PARK_OVERFLOW;
+}
+
+/* Park into the ring of the entry's owner when it has one (xo_park_rings),
+ * else into the shared xo_parked. */
+static __always_inline __u32 xo_park_frame(const struct xo_steer_action *a,
+					   const struct xo_flow_key *key,
+					   __u32 len, __u32 ifindex,
+					   struct __sk_buff *skb,
+					   struct xdp_md *xdp)
+{
+	__u32 owner = a->owner;
+	void *own = bpf_map_lookup_elem(&xo_park_rings, &owner);
+
+	if (own)
+		return xo_park_frame_into(own, key, len, ifindex, skb, xdp);
+	return xo_park_frame_into(&xo_parked, key, len, ifindex, skb, xdp);
 }
 
 /* A frame the core's replay program gave back to the stack (XO_REPLAY_META
@@ -322,8 +338,8 @@ int xo_tc_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK; /* a parked frame on its way in */
 		xo_pair_learn(&p.key);
 		xo_count(live, skb->len);
-		xo_stat_inc(xo_park_frame(&p.key, skb->len, skb->ifindex, skb,
-					  NULL));
+		xo_stat_inc(xo_park_frame(&a, &p.key, skb->len, skb->ifindex,
+					  skb, NULL));
 		return TC_ACT_SHOT;
 	case XO_STEER_REDIRECT:
 		xo_pair_learn(&p.key);
@@ -459,7 +475,7 @@ int xo_xdp(struct xdp_md *ctx)
 	case XO_STEER_PARK:
 		xo_pair_learn(&p.key);
 		xo_count(live, data_end - data);
-		xo_stat_inc(xo_park_frame(&p.key, data_end - data,
+		xo_stat_inc(xo_park_frame(&a, &p.key, data_end - data,
 					  ctx->ingress_ifindex, NULL, ctx));
 		return XDP_DROP;
 	case XO_STEER_REDIRECT:

@@ -75,7 +75,25 @@ typedef struct {
 	ngx_uint_t used;               /* xo_pass anywhere */
 	ngx_str_t conf_file;
 	ngx_uint_t conf_line;
+	ngx_array_t *pass_names;       /* xo_pass_name_t: every name xo_pass
+					* gives, checked once all is parsed */
+	ngx_array_t *groups;           /* xo_group_t: upstream blocks named
+					* by xo_pass, as target indexes */
 } ngx_http_xo_main_conf_t;
+
+/* A name xo_pass gave, and where (for messages). */
+typedef struct {
+	ngx_str_t name;
+	ngx_str_t file;
+	ngx_uint_t line;
+} xo_pass_name_t;
+
+/* An upstream block used as a target list: its servers' indexes into the
+ * main configuration's targets. */
+typedef struct {
+	ngx_str_t name;
+	ngx_array_t *index;            /* ngx_uint_t */
+} xo_group_t;
 
 typedef struct {
 	ngx_flag_t pass;
@@ -135,6 +153,8 @@ static ngx_int_t ngx_http_xo_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle);
 static void ngx_http_xo_exit_process(ngx_cycle_t *cycle);
 static char *ngx_http_xo_target(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
+static char *xo_pass_names_resolve(ngx_conf_t *cf,
+				   ngx_http_xo_main_conf_t *mcf);
 static char *ngx_http_xo_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_xo_policy(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
 static char *ngx_http_xo_status(ngx_conf_t *cf, ngx_command_t *cmd, void *conf);
@@ -263,14 +283,18 @@ static void *ngx_http_xo_create_main_conf(ngx_conf_t *cf)
 static char *ngx_http_xo_init_main_conf(ngx_conf_t *cf, void *conf)
 {
 	ngx_http_xo_main_conf_t *mcf = conf;
-	ngx_uint_t role_host = mcf->targets && mcf->targets->nelts;
+	ngx_uint_t role_host;
 
+	if (xo_pass_names_resolve(cf, mcf) != NGX_CONF_OK)
+		return NGX_CONF_ERROR;
+	role_host = mcf->targets && mcf->targets->nelts;
 	ngx_conf_init_value(mcf->hand_back, 1);
 	ngx_conf_init_msec_value(mcf->drain_timeout, 2000);
 	if (!role_host && !mcf->has_control) {
 		if (mcf->used) {
 			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
-					   "xo_pass needs at least one xo_target");
+					   "xo_pass needs at least one xo_target "
+					   "or names an upstream block");
 			return NGX_CONF_ERROR;
 		}
 		return NGX_CONF_OK;
@@ -381,6 +405,259 @@ static char *ngx_http_xo_target(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 	}
 	(void)cmd;
 	return NGX_CONF_OK;
+}
+
+/* ---- upstream blocks as target lists ------------------------------------- */
+
+/*
+ * xo_pass UPSTREAM; names an upstream { server ADDR[:PORT] ...; } block: each
+ * server is a target, its address the control address (the server's port,
+ * XO_DEFAULT_CONTROL_PORT when the line gives none). weight=N repeats the
+ * server in the location's list (round_robin and hash count it); down leaves
+ * it out; what xo cannot honour (backup, max_fails, fail_timeout, max_conns,
+ * a balancing method or keepalive in the block, IPv6 or unix addresses)
+ * stops nginx -t naming the upstream's file and line.
+ */
+
+/* xo_pass's names are resolved once the whole http block is parsed: an
+ * upstream block may come after the location. */
+static ngx_int_t xo_pass_name_add(ngx_conf_t *cf, ngx_http_xo_main_conf_t *mcf,
+				  const ngx_str_t *name)
+{
+	xo_pass_name_t *pn;
+
+	if (!mcf->pass_names) {
+		mcf->pass_names = ngx_array_create(cf->pool, 4, sizeof(*pn));
+		if (!mcf->pass_names)
+			return NGX_ERROR;
+	}
+	pn = ngx_array_push(mcf->pass_names);
+	if (!pn)
+		return NGX_ERROR;
+	pn->name = *name;
+	pn->file = cf->conf_file->file.name;
+	pn->line = cf->conf_file->line;
+	return NGX_OK;
+}
+
+static ngx_int_t xo_target_index(ngx_http_xo_main_conf_t *mcf,
+				 const ngx_str_t *name)
+{
+	ngx_http_xo_target_t *t = mcf->targets ? mcf->targets->elts : NULL;
+	ngx_uint_t i;
+
+	for (i = 0; t && i < mcf->targets->nelts; i++)
+		if (t[i].name.len == name->len &&
+		    !ngx_strncmp(t[i].name.data, name->data, name->len))
+			return (ngx_int_t)i;
+	return -1;
+}
+
+static xo_group_t *xo_group_find(ngx_http_xo_main_conf_t *mcf,
+				 const ngx_str_t *name)
+{
+	xo_group_t *g = mcf->groups ? mcf->groups->elts : NULL;
+	ngx_uint_t i;
+
+	for (i = 0; g && i < mcf->groups->nelts; i++)
+		if (g[i].name.len == name->len &&
+		    !ngx_strncmp(g[i].name.data, name->data, name->len))
+			return &g[i];
+	return NULL;
+}
+
+static ngx_http_upstream_srv_conf_t *xo_upstream_find(ngx_conf_t *cf,
+						      const ngx_str_t *name)
+{
+	ngx_http_upstream_main_conf_t *umcf =
+		ngx_http_conf_get_module_main_conf(cf, ngx_http_upstream_module);
+	ngx_http_upstream_srv_conf_t **us;
+	ngx_uint_t i;
+
+	if (!umcf)
+		return NULL;
+	us = umcf->upstreams.elts;
+	for (i = 0; i < umcf->upstreams.nelts; i++)
+		if ((us[i]->flags & NGX_HTTP_UPSTREAM_CREATE) &&
+		    us[i]->host.len == name->len &&
+		    !ngx_strncasecmp(us[i]->host.data, name->data, name->len))
+			return us[i];
+	return NULL;
+}
+
+/* The target at this control address: an existing one (an xo_target, or a
+ * server of another upstream) or a new one named after the address. */
+static ngx_int_t xo_target_at(ngx_conf_t *cf, ngx_http_xo_main_conf_t *mcf,
+			      struct sockaddr_in *sin)
+{
+	ngx_http_xo_target_t *t;
+	struct sockaddr_in *have;
+	u_char text[NGX_SOCKADDR_STRLEN];
+	ngx_uint_t i;
+	size_t len;
+
+	if (!mcf->targets) {
+		mcf->targets = ngx_array_create(cf->pool, 4, sizeof(*t));
+		if (!mcf->targets)
+			return NGX_ERROR;
+	}
+	t = mcf->targets->elts;
+	for (i = 0; i < mcf->targets->nelts; i++) {
+		have = (struct sockaddr_in *)t[i].url.addrs[0].sockaddr;
+		if (have->sin_family == AF_INET &&
+		    have->sin_addr.s_addr == sin->sin_addr.s_addr &&
+		    have->sin_port == sin->sin_port)
+			return (ngx_int_t)i;
+	}
+	if (mcf->targets->nelts == XO_MAX_TARGETS)
+		return NGX_DECLINED;
+	len = ngx_sock_ntop((struct sockaddr *)sin, sizeof(*sin), text,
+			    sizeof(text), 1);
+	t = ngx_array_push(mcf->targets);
+	if (!t)
+		return NGX_ERROR;
+	ngx_memzero(t, sizeof(*t));
+	t->name.data = ngx_pstrdup(cf->pool, &(ngx_str_t){ len, text });
+	if (!t->name.data)
+		return NGX_ERROR;
+	t->name.len = len;
+	t->url.url = t->name;
+	t->url.no_resolve = 1;
+	if (ngx_parse_url(cf->pool, &t->url) != NGX_OK || !t->url.naddrs)
+		return NGX_ERROR;
+	return (ngx_int_t)(mcf->targets->nelts - 1);
+}
+
+/* An upstream block as a target list (xo_group_t), or an error sentence. */
+static char *xo_group_make(ngx_conf_t *cf, ngx_http_xo_main_conf_t *mcf,
+			   ngx_http_upstream_srv_conf_t *us, const xo_pass_name_t *pn)
+{
+	ngx_http_upstream_server_t *srv = us->servers ? us->servers->elts : NULL;
+	ngx_uint_t i, a, w, *idx;
+	struct sockaddr_in sin;
+	const char *what;
+	ngx_int_t ti;
+	xo_group_t *g;
+
+#define XO_UPS_ERR(fmt, ...)                                                  \
+	do {                                                                  \
+		ngx_log_error(NGX_LOG_EMERG, cf->log, 0,                      \
+			      "xo_pass %V (%V:%ui): upstream \"%V\" in %s:%ui" \
+			      fmt, &pn->name, &pn->file, pn->line, &us->host, \
+			      us->file_name, us->line, ##__VA_ARGS__);        \
+		return NGX_CONF_ERROR;                                        \
+	} while (0)
+
+	if (us->peer.init_upstream)
+		XO_UPS_ERR(": its balancing method (hash, ip_hash, least_conn, "
+			   "random) or keepalive does not apply to xo_pass; "
+			   "choose with xo_policy");
+	if (!mcf->groups) {
+		mcf->groups = ngx_array_create(cf->pool, 2, sizeof(*g));
+		if (!mcf->groups)
+			return NGX_CONF_ERROR;
+	}
+	g = ngx_array_push(mcf->groups);
+	if (!g)
+		return NGX_CONF_ERROR;
+	g->name = pn->name;
+	g->index = ngx_array_create(cf->pool, 4, sizeof(ngx_uint_t));
+	if (!g->index)
+		return NGX_CONF_ERROR;
+	for (i = 0; srv && i < us->servers->nelts; i++) {
+		what = srv[i].backup ? "backup" :
+		       srv[i].max_fails != 1 ? "max_fails" :
+		       srv[i].fail_timeout != 10 ? "fail_timeout" :
+		       srv[i].max_conns ? "max_conns" : NULL;
+		if (what)
+			XO_UPS_ERR(": server %V: %s is not supported by xo_pass "
+				   "(weight and down are)", &srv[i].name, what);
+		if (srv[i].down)
+			continue;
+		for (a = 0; a < srv[i].naddrs; a++) {
+			if (srv[i].addrs[a].sockaddr->sa_family != AF_INET)
+				XO_UPS_ERR(": server %V: xo_pass takes IPv4 control "
+					   "addresses only", &srv[i].name);
+			ngx_memcpy(&sin, srv[i].addrs[a].sockaddr, sizeof(sin));
+			/* no port on the line: nginx put 80 there */
+			if (!ngx_strlchr(srv[i].name.data,
+					 srv[i].name.data + srv[i].name.len, ':'))
+				sin.sin_port = htons(XO_DEFAULT_CONTROL_PORT);
+			ti = xo_target_at(cf, mcf, &sin);
+			if (ti == NGX_DECLINED)
+				XO_UPS_ERR(": more than %d targets", XO_MAX_TARGETS);
+			if (ti < 0)
+				XO_UPS_ERR(": server %V: bad address", &srv[i].name);
+			for (w = 0; w < srv[i].weight; w++) {
+				if (g->index->nelts == XO_MAX_TARGETS)
+					XO_UPS_ERR(": the weights add up to more "
+						   "than %d", XO_MAX_TARGETS);
+				idx = ngx_array_push(g->index);
+				if (!idx)
+					return NGX_CONF_ERROR;
+				*idx = (ngx_uint_t)ti;
+			}
+		}
+	}
+	if (!g->index->nelts)
+		XO_UPS_ERR(": no server (or all are down)");
+#undef XO_UPS_ERR
+	return NGX_CONF_OK;
+}
+
+/* Every name xo_pass gave is an xo_target or an upstream block (not both);
+ * upstream blocks become target lists. */
+static char *xo_pass_names_resolve(ngx_conf_t *cf, ngx_http_xo_main_conf_t *mcf)
+{
+	xo_pass_name_t *pn = mcf->pass_names ? mcf->pass_names->elts : NULL;
+	ngx_http_upstream_srv_conf_t *us;
+	ngx_uint_t i;
+
+	for (i = 0; pn && i < mcf->pass_names->nelts; i++) {
+		us = xo_upstream_find(cf, &pn[i].name);
+		if (xo_target_index(mcf, &pn[i].name) >= 0) {
+			if (us) {
+				ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+					      "xo_pass: \"%V\" names both an xo_target "
+					      "and an upstream in %V:%ui", &pn[i].name,
+					      &pn[i].file, pn[i].line);
+				return NGX_CONF_ERROR;
+			}
+			continue;
+		}
+		if (!us) {
+			ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+				      "xo_pass: no xo_target or upstream \"%V\" in "
+				      "%V:%ui", &pn[i].name, &pn[i].file, pn[i].line);
+			return NGX_CONF_ERROR;
+		}
+		if (!xo_group_find(mcf, &pn[i].name) &&
+		    xo_group_make(cf, mcf, us, &pn[i]) != NGX_CONF_OK)
+			return NGX_CONF_ERROR;
+	}
+	return NGX_CONF_OK;
+}
+
+/* A location's list gets an upstream's targets (weights as repeats); the
+ * picker's candidate array bounds the list. */
+static ngx_int_t xo_group_append(ngx_conf_t *cf, ngx_http_xo_loc_conf_t *conf,
+				 const xo_group_t *g)
+{
+	ngx_uint_t *from = g->index->elts, *idx, i;
+
+	if (conf->index->nelts + g->index->nelts > XO_MAX_TARGETS) {
+		ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+			      "xo_pass: more than %d targets (weights count) in "
+			      "%V:%ui", XO_MAX_TARGETS, &conf->file, conf->line);
+		return NGX_ERROR;
+	}
+	for (i = 0; i < g->index->nelts; i++) {
+		idx = ngx_array_push(conf->index);
+		if (!idx)
+			return NGX_ERROR;
+		*idx = from[i];
+	}
+	return NGX_OK;
 }
 
 /* xo_control ADDRESS[:PORT]; in the server whose listener adopted
@@ -512,6 +789,13 @@ static char *ngx_http_xo_merge_loc_conf(ngx_conf_t *cf, void *parent,
 				if (t[j].name.len == n[i].len &&
 				    !ngx_strncmp(t[j].name.data, n[i].data, n[i].len))
 					break;
+			if ((!t || j == mcf->targets->nelts) &&
+			    xo_group_find(mcf, &n[i])) {
+				if (xo_group_append(cf, conf, xo_group_find(mcf, &n[i]))
+				    != NGX_OK)
+					return NGX_CONF_ERROR;
+				continue;
+			}
 			if (!t || j == mcf->targets->nelts) {
 				ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
 					      "xo_pass: no xo_target \"%V\" in %V:%ui",
@@ -556,6 +840,8 @@ static char *ngx_http_xo_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 			if (!n)
 				return NGX_CONF_ERROR;
 			*n = value[i];
+			if (xo_pass_name_add(cf, mcf, n) != NGX_OK)
+				return NGX_CONF_ERROR;
 		}
 	}
 	(void)cmd;
@@ -2045,6 +2331,66 @@ static void xo_purge_dead_owners(ngx_http_xo_main_conf_t *mcf, ngx_log_t *log)
 	ngx_free(acts);
 }
 
+/* ---- parked frames with several workers --------------------------------
+ *
+ * The workers share the steering object the master loaded, and with it
+ * its parked-frame ring: any worker could read a frame parked for another
+ * worker's flow. Each worker gives the object a ring of its own under its
+ * owner id (xo_park_own()), so frames of its PARK entries reach it alone;
+ * rings of workers that are gone are removed.
+ */
+static uint32_t xo_park_owner;
+static ngx_uint_t xo_park_owned;
+
+static ngx_int_t xo_park_own_ring(ngx_http_xo_main_conf_t *mcf, uint32_t owner,
+				  ngx_log_t *log)
+{
+	uint32_t base = xo_owner_of(mcf, 0), owners[XO_PARK_MAX_OWNER_RINGS], o;
+	int64_t n, i;
+	ngx_pid_t pid;
+
+	n = xo_park_owners(xo_steer, owners, XO_PARK_MAX_OWNER_RINGS);
+	if (n < 0) {
+		ngx_log_error(NGX_LOG_EMERG, log, 0, "xo: parked frames: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	for (i = 0; i < n && i < XO_PARK_MAX_OWNER_RINGS; i++) {
+		o = owners[i];
+		pid = (ngx_pid_t)((o ^ base) >> 8);
+		if (((o ^ base) & 0xff) || pid <= 0 || o == owner ||
+		    xo_pid_alive(pid))
+			continue;
+		if (xo_park_disown(xo_steer, o)) {
+			ngx_log_error(NGX_LOG_WARN, log, 0, "xo: parked frames: %s",
+				      xo_last_error());
+		} else {
+			ngx_log_error(NGX_LOG_NOTICE, log, 0,
+				      "xo: parked-frame ring of worker %P (gone) "
+				      "removed", pid);
+		}
+	}
+	if (xo_park_own(xo_steer, owner)) {
+		ngx_log_error(NGX_LOG_EMERG, log, 0, "xo: parked frames: %s",
+			      xo_last_error());
+		return NGX_ERROR;
+	}
+	xo_park_owner = owner;
+	xo_park_owned = 1;
+	return NGX_OK;
+}
+
+/* An exiting worker's ring leaves the object (the master keeps it). */
+static void xo_park_own_ring_release(ngx_log_t *log)
+{
+	if (!xo_park_owned)
+		return;
+	xo_park_owned = 0;
+	if (xo_park_disown(xo_steer, xo_park_owner))
+		ngx_log_error(NGX_LOG_WARN, log, 0, "xo: parked frames: %s",
+			      xo_last_error());
+}
+
 static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 {
 	ngx_http_xo_main_conf_t *mcf;
@@ -2096,6 +2442,8 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 	 * another one (or an old one finishing after a reload) holds. */
 	pc.owner = xo_owner_of(mcf, ngx_pid);
 	xo_purge_dead_owners(mcf, cycle->log);
+	if (xo_park_own_ring(mcf, pc.owner, cycle->log) != NGX_OK)
+		return NGX_ERROR;
 	pc.rules = xo_rules;
 	pc.steer = xo_steer;
 	ngx_memcpy(pc.host_mac, xo_if_mac, 6);
@@ -2157,7 +2505,6 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 
 static void ngx_http_xo_exit_process(ngx_cycle_t *cycle)
 {
-	(void)cycle;
 	if (!xo_machine)
 		return;
 #ifdef XO_HAVE_PARK_FD
@@ -2167,6 +2514,7 @@ static void ngx_http_xo_exit_process(ngx_cycle_t *cycle)
 	xo_machine = NULL;
 	xo_rules_destroy(xo_rules);
 	xo_rules = NULL;
+	xo_park_own_ring_release(cycle->log);
 }
 
 /* ---- phase handlers ------------------------------------------------------------------ */

@@ -204,6 +204,20 @@ int xo_park_tail(uint8_t *frame, uint32_t *len, uint32_t keep);
 uint64_t xo_park_lost(const struct xo_steer *s);
 /* An epoll descriptor, readable when the ring holds frames (-1: no ring). */
 int xo_park_fd(const struct xo_steer *s);
+/* Processes sharing one loaded object (workers that inherited a handle)
+ * share its ring: give this handle a ring of its own for the PARK entries
+ * of `owner` (the machine's owner id), so no other process takes their
+ * frames. The handle reads both; xo_park_fd() covers both. Once per
+ * handle; the ring goes when the handle closes. XO_E_VERSION: an object
+ * without per-owner rings. */
+int xo_park_own(struct xo_steer *s, uint32_t owner);
+/* Owners with a ring of their own in this handle's object (up to max
+ * written to owners); returns how many there are. */
+int64_t xo_park_owners(struct xo_steer *s, uint32_t *owners, uint32_t max);
+/* Remove the ring of an owner that is gone (its frames would otherwise
+ * fill a ring nobody reads), or this handle's own (a process about to
+ * exit); its entries park into the shared ring again. */
+int xo_park_disown(struct xo_steer *s, uint32_t owner);
 
 /* ---- hardware backends ---------------------------------------------- */
 

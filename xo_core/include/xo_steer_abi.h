@@ -126,6 +126,12 @@ struct xo_steer_action {
 #define XO_PARK_MAX_FRAME 65560
 #define XO_PARK_RING_BYTES 8388608 /* ~3,900 MTU frames, 127 of 64 KiB */
 
+/* Map "xo_park_rings" (hash of maps, per loaded object, not pinned): key
+ * the u32 owner of a PARK entry, value a ring like xo_parked that the
+ * owner reads alone (xo_park_own()). Frames of entries whose owner has
+ * none go to xo_parked. */
+#define XO_PARK_MAX_OWNER_RINGS 256
+
 struct xo_parked_hdr {
 	struct xo_flow_key key;
 	uint32_t len;

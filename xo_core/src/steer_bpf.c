@@ -81,7 +81,7 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 {
 	struct xo_steer_opts o;
 	struct xo_steer *s;
-	struct bpf_map *ring;
+	struct bpf_map *ring, *rings;
 	const char *pin;
 	int ret, i;
 
@@ -104,6 +104,8 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 	s->flows_fd = -1;
 	s->stats_fd = -1;
 	s->pass_prog_fd = -1;
+	s->park_rings_fd = -1;
+	s->park_own_fd = -1;
 	for (i = 0; i < XO_PROG_COUNT; i++)
 		s->prog_fd[i] = -1;
 	pthread_mutex_init(&s->lock, NULL);
@@ -200,7 +202,11 @@ int xo_steer_open(const struct xo_steer_opts *uopts, struct xo_steer **out)
 		}
 		s->prog_fd[i] = bpf_program__fd(p);
 	}
-	ret = xo_park_setup(s, bpf_map__fd(ring));
+	/* xo_park_rings is optional: an object built before it parks
+	 * everything in xo_parked (xo_park_own() then says so). */
+	rings = bpf_object__find_map_by_name(s->obj, "xo_park_rings");
+	ret = xo_park_setup(s, bpf_map__fd(ring), rings ? bpf_map__fd(rings) : -1,
+			    bpf_map__max_entries(ring));
 	if (ret)
 		goto fail;
 	*out = s;

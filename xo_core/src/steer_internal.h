@@ -40,11 +40,16 @@ struct xo_steer {
 				      * &park_head) */
 	uint64_t park_bytes, park_lost;
 	int pass_prog_fd;
+	int park_rings_fd;  /* xo_park_rings (-1: an object without it) */
+	uint32_t park_ring_size; /* bytes of xo_parked, for owner rings */
+	int park_own_fd;    /* this process's ring in it (-1: none) */
+	uint32_t park_owner;
 };
 
 /* ---- steer_park.c ---- */
 
-int xo_park_setup(struct xo_steer *s, int ring_fd);
+int xo_park_setup(struct xo_steer *s, int ring_fd, int rings_fd,
+		  uint32_t ring_size);
 void xo_park_cleanup(struct xo_steer *s);
 
 /* ---- steer_util.c ---- */

@@ -81,9 +81,13 @@ static int on_parked(void *ctx, void *data, size_t size)
 
 static int pass_prog(struct xo_steer *s);
 
-int xo_park_setup(struct xo_steer *s, int ring_fd)
+int xo_park_setup(struct xo_steer *s, int ring_fd, int rings_fd,
+		  uint32_t ring_size)
 {
 	int ret;
+
+	s->park_rings_fd = rings_fd;
+	s->park_ring_size = ring_size;
 
 	s->park_rb = ring_buffer__new(ring_fd, on_parked, s, NULL);
 	if (!s->park_rb)
@@ -103,8 +107,16 @@ void xo_park_cleanup(struct xo_steer *s)
 {
 	struct park_rec *r;
 
+	/* Our ring leaves the map first: a frame parked for our flows from
+	 * now on goes to the shared ring rather than into a ring nobody
+	 * reads. */
+	if (s->park_own_fd >= 0 && s->park_rings_fd >= 0)
+		bpf_map_delete_elem(s->park_rings_fd, &s->park_owner);
 	ring_buffer__free(s->park_rb);
 	s->park_rb = NULL;
+	if (s->park_own_fd >= 0)
+		close(s->park_own_fd);
+	s->park_own_fd = -1;
 	while ((r = s->park_head)) {
 		s->park_head = r->next;
 		free(r);
@@ -113,6 +125,97 @@ void xo_park_cleanup(struct xo_steer *s)
 	if (s->pass_prog_fd >= 0)
 		close(s->pass_prog_fd);
 	s->pass_prog_fd = -1;
+}
+
+/*
+ * Per-owner rings. Processes that share one loaded object (a master that
+ * opened it, workers that inherited it) share xo_parked: any of them could
+ * read a frame parked for another's flow, which then never reaches the
+ * flow's owner. A process whose machine has its own owner id puts a ring
+ * of its own into xo_park_rings under that id; the datapath parks frames
+ * of PARK entries with that owner there. The handle keeps reading
+ * xo_parked too (one epoll descriptor for both), for entries of owners
+ * without a ring.
+ */
+int xo_park_own(struct xo_steer *s, uint32_t owner)
+{
+	int fd, ret;
+
+	xo_clear_error();
+	if (!s || !s->park_rb)
+		return xo_fail(XO_E_INVAL, "park: no steering handle");
+	if (s->park_rings_fd < 0)
+		return xo_fail(XO_E_VERSION, "park: the BPF object has no "
+			       "xo_park_rings map: rebuild bpf/");
+	if (s->park_own_fd >= 0)
+		return xo_fail(XO_E_BUSY, "park: this handle already has a ring "
+			       "of its own (owner %u)", s->park_owner);
+	fd = bpf_map_create(BPF_MAP_TYPE_RINGBUF, "xo_park_own", 0, 0,
+			    s->park_ring_size, NULL);
+	if (fd < 0)
+		return xo_fail_bpf(fd, "park: create a ring of %u bytes for "
+				   "owner %u", s->park_ring_size, owner);
+	ret = ring_buffer__add(s->park_rb, fd, on_parked, s);
+	if (ret) {
+		close(fd);
+		return xo_fail_bpf(ret, "park: watch the ring of owner %u",
+				   owner);
+	}
+	/* Last, once it is read: from now on the datapath fills it. A ring
+	 * left by an earlier process with the same id (PID reuse) is
+	 * replaced. */
+	ret = bpf_map_update_elem(s->park_rings_fd, &owner, &fd, BPF_ANY);
+	if (ret) {
+		/* ring_buffer has no remove: the ring stays watched, empty */
+		close(fd);
+		return xo_fail_bpf(ret, "park: register the ring of owner %u "
+				   "(at most %u owners)", owner,
+				   XO_PARK_MAX_OWNER_RINGS);
+	}
+	s->park_own_fd = fd;
+	s->park_owner = owner;
+	return 0;
+}
+
+int64_t xo_park_owners(struct xo_steer *s, uint32_t *owners, uint32_t max)
+{
+	uint32_t key, next, n = 0;
+	uint32_t *prev = NULL;
+	int ret;
+
+	xo_clear_error();
+	if (!s || (max && !owners))
+		return xo_fail(XO_E_INVAL, "park: bad argument");
+	if (s->park_rings_fd < 0)
+		return 0;
+	while ((ret = bpf_map_get_next_key(s->park_rings_fd, prev, &next)) == 0) {
+		if (n < max)
+			owners[n] = next;
+		n++;
+		key = next;
+		prev = &key;
+	}
+	if (ret != -ENOENT)
+		return xo_fail_bpf(ret, "park: list owner rings");
+	return n;
+}
+
+int xo_park_disown(struct xo_steer *s, uint32_t owner)
+{
+	int ret;
+
+	xo_clear_error();
+	if (!s)
+		return xo_fail(XO_E_INVAL, "park: no steering handle");
+	if (s->park_rings_fd < 0)
+		return xo_fail(XO_E_NOTFOUND, "park: no ring of owner %u", owner);
+	ret = bpf_map_delete_elem(s->park_rings_fd, &owner);
+	if (ret == -ENOENT)
+		return xo_fail(XO_E_NOTFOUND, "park: no ring of owner %u", owner);
+	if (ret)
+		return xo_fail_bpf(ret, "park: remove the ring of owner %u",
+				   owner);
+	return 0;
 }
 
 int xo_park_fd(const struct xo_steer *s)

@@ -129,6 +129,7 @@ class NginxCluster:
     key: Path
     procs: dict[str, NginxProc] = field(default_factory=dict)
     apps: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: int = 1  # worker_processes of every nginx started after it is set
     docroot: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -143,7 +144,7 @@ class NginxCluster:
         m = self.testbed.member(member)
         load = f"load_module {self.build.module};\n" if self.build.module else ""
         prefix = self.root / member
-        return f"""{load}worker_processes 1;
+        return f"""{load}worker_processes {self.workers};
 worker_rlimit_core 500m;
 {os.environ.get("XO_NGINX_EXTRA", "")}
 working_directory {prefix};
@@ -186,9 +187,13 @@ http {{
 }}
 """
 
-    def front_conf(self, location: str = "xo_pass;", extra_http: str = "") -> str:
+    def front_conf(self, location: str = "xo_pass;", extra_http: str = "",
+                   xo_targets: bool = True) -> str:
+        """The front's configuration: the lab's targets as xo_target lines
+        (none with xo_targets=False: extra_http then names them, e.g. in an
+        upstream block)."""
         targets = "".join(f"    xo_target {t.name} {t.ipv4}:7700;\n"
-                          for t in self.testbed.targets)
+                          for t in self.testbed.targets) if xo_targets else ""
         return self.common("host") + targets + f"""    {extra_http}
     server {{
         listen {self.testbed.host.ipv4}:{HTTP_PORT};
@@ -253,16 +258,23 @@ http {{
         self.wait_targets_up()
 
     def wait_targets_up(self, names: list[str] | None = None) -> None:
-        """Every (named) target's control connection up in the front's
-        current worker (its xo_status)."""
+        """Every (named) target's control connection up in each of the
+        front's `workers` workers (their xo_status; any worker may answer
+        one request, so ask until that many have said so)."""
         want = set(names or [t.name for t in self.testbed.targets])
+        ready: set[int] = set()
 
         def up() -> bool:
             try:
-                peers = self.status("host")["peers"]
+                st = self.status("host")
+                peers = st["peers"]
+                assert isinstance(peers, list)
+                if want <= {p["name"] for p in peers if p["up"]}:
+                    ready.add(int(str(st["pid"])))
             except (AssertionError, ValueError, KeyError):
                 return False
-            return want <= {p["name"] for p in peers if p["up"]}
+            # (an old worker finishing after a reload answers no request)
+            return len(ready & set(self.procs["host"].workers())) >= self.workers
 
         wait_for(up, f"targets {sorted(want)} up")
 

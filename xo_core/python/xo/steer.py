@@ -472,6 +472,28 @@ class Steer:
     def purge_owner(self, owner: int) -> int:
         return _check(lib.xo_steer_purge_owner(self.handle, owner))
 
+    # -- parked frames: a ring per owner (xo_steer.h, xo_park_own) --
+
+    def park_own(self, owner: int) -> None:
+        """Give this handle a ring of its own for the PARK entries of
+        ``owner`` (processes sharing one loaded object, e.g. after fork)."""
+        _check(lib.xo_park_own(self.handle, owner))
+
+    def park_owners(self) -> list[int]:
+        """Owners with a ring of their own in this handle's object."""
+        n = _check(lib.xo_park_owners(self.handle, ffi.NULL, 0))
+        out = ffi.new("uint32_t[]", max(n, 1))
+        n = _check(lib.xo_park_owners(self.handle, out, n))
+        return sorted(int(out[i]) for i in range(n))
+
+    def park_disown(self, owner: int) -> None:
+        """Remove an owner's ring: its entries park into the shared ring."""
+        _check(lib.xo_park_disown(self.handle, owner))
+
+    def park_collect(self) -> int:
+        """Read the handle's rings into its stash; the frames read."""
+        return _check(lib.xo_park_collect(self.handle))
+
     def dp_stats(self) -> dict[str, int]:
         counts = ffi.new("uint64_t[]", lib.XO_STAT_MAX)
         _check(lib.xo_steer_dp_stats(self.handle, counts))
