@@ -33,13 +33,12 @@ import struct
 import sys
 import termios
 import time
-from pathlib import Path
 
 from xo import tls as xotls
-from xo.ceph.config import ConfigError, XoCephConfig, control_port
+from xo.ceph.config import ConfigError, XoCephConfig, control_port, load_for_daemon
 from xo.ceph.relay import HttpError, SockIO, Splicer, TlsIO, UpstreamPool, exchange, read_head
 from xo.core import TlsState, XoError
-from xo.daemon import run_until_signalled
+from xo.daemon import run_event_loop, run_until_signalled
 from xo.engine import Steering, TargetAgent, TargetConn, load_key
 
 log = logging.getLogger("xo.ceph.agent")
@@ -283,24 +282,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="refuse TLS connections (overrides [agent] tls)")
     parser.add_argument("--log", help="log file (default stderr)")
     args = parser.parse_args(argv)
-    try:
-        cfg = XoCephConfig.load(args.config)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    if cfg.agent is None:
-        parser.error(f"{args.config}: no [agent] section")
-    logging.basicConfig(filename=args.log, level=logging.INFO,
-                        format=f"%(asctime)s agent:osd.{args.osd} %(name)s %(levelname)s "
-                               "%(message)s")
+    cfg = load_for_daemon(parser, args.config, "agent", args.log, f"agent:osd.{args.osd}")
+    assert cfg.agent is not None
     agent = Agent(cfg, args.osd, args.interface or cfg.agent.interface,
                   args.name or f"osd.{args.osd}", False if args.no_tls else None)
-    if args.log:
-        Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(_main(agent))
-    return int(uvloop.run(_main(agent)))
+    return run_event_loop(_main(agent))
 
 
 if __name__ == "__main__":

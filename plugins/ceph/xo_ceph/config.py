@@ -26,6 +26,8 @@ every agent; ``xo ceph deploy`` and ``xo ceph vstart`` write it.
 
 from __future__ import annotations
 
+import argparse
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +137,24 @@ class XoCephConfig:
             if not cfg.agent.hosts:
                 raise ConfigError(f"{path}: [agent] hosts: the fronts' addresses are needed")
         return cfg
+
+
+def load_for_daemon(parser: argparse.ArgumentParser, path: str, section: str,
+                    log_file: str | None, log_tag: str) -> XoCephConfig:
+    """The config file of a front or agent started from the command line, which
+    must have `section`: a clear usage error (exit 2) otherwise. Logging goes
+    to log_file (stderr when None), each line tagged with log_tag."""
+    try:
+        cfg = XoCephConfig.load(path)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    if getattr(cfg, section) is None:
+        parser.error(f"{path}: no [{section}] section")
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(filename=log_file, level=logging.INFO,
+                        format=f"%(asctime)s {log_tag} %(name)s %(levelname)s %(message)s")
+    return cfg
 
 
 def _q(value: object) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from xo import tls as xotls
-from xo.ceph.config import ConfigError, XoCephConfig, control_port
+from xo.ceph.config import ConfigError, XoCephConfig, control_port, load_for_daemon
 from xo.ceph.placement import Placement, head_object
 from xo.ceph.relay import (
     HttpError,
@@ -52,7 +52,7 @@ from xo.ceph.relay import (
     split_path,
 )
 from xo.core import TlsState, XoError
-from xo.daemon import run_until_signalled
+from xo.daemon import run_event_loop, run_until_signalled
 from xo.engine import HostEngine, ProtocolError, Steering, TargetLink, load_key
 
 log = logging.getLogger("xo.ceph.front")
@@ -534,21 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="front", help="pin directory name")
     parser.add_argument("--log", help="log file (default stderr)")
     args = parser.parse_args(argv)
-    try:
-        cfg = XoCephConfig.load(args.config)
-    except ConfigError as exc:
-        parser.error(str(exc))
-    if cfg.front is None:
-        parser.error(f"{args.config}: no [front] section")
-    logging.basicConfig(filename=args.log, level=logging.INFO,
-                        format="%(asctime)s front %(name)s %(levelname)s %(message)s")
+    cfg = load_for_daemon(parser, args.config, "front", args.log, "front")
+    assert cfg.front is not None
     front = Front(cfg, args.interface or cfg.front.interface, args.name)
     os.umask(0o022)
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(_main(front))
-    return int(uvloop.run(_main(front)))
+    return run_event_loop(_main(front))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from xo import http1
 from xo import tls as xotls
 from xo.appconfig import AppConfig
 from xo.core import TlsState, XoError
-from xo.daemon import run_until_signalled
+from xo.daemon import run_event_loop, run_until_signalled
 from xo.engine import (
     HostEngine,
     Steering,
@@ -663,11 +663,7 @@ def main(argv: list[str] | None = None) -> int:
         filename=args.log, level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s {cfg.role}{'' if cfg.role == 'host' else ':' + cfg.name} "
                "%(name)s %(levelname)s %(message)s")
-    try:
-        import uvloop  # libuv's event loop: about half the per-message overhead
-    except ImportError:
-        return asyncio.run(_main(cfg))
-    return int(uvloop.run(_main(cfg)))
+    return run_event_loop(_main(cfg))
 
 
 if __name__ == "__main__":
