@@ -9,7 +9,7 @@ bash ci/install.sh
 echo "[xo test] strict C build (libxo.a, -Wall -Wextra -Werror)"
 make -s -C xo_core
 echo "[xo test] ruff"
-.venv/bin/ruff check xo_core/python tests
+.venv/bin/ruff check xo_core/python plugins/ceph tests
 echo "[xo test] pytest"
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

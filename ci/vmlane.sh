@@ -21,7 +21,7 @@ if [ "${1:-}" = pytest ]; then
 	shift
 	args=""
 	[ "$#" = 0 ] || printf -v args ' %q' "$@"
-	exec "$PY" tests/vmlane.py run -t "${XO_VMLANE_TIMEOUT:-240}" \
+	exec "$PY" tests/vmlane.py run -t "${XO_VMLANE_TIMEOUT:-360}" \
 		".venv/bin/python -m pytest -q -p no:cacheprovider -m fullkernel$args"
 fi
 exec "$PY" tests/vmlane.py "$@"

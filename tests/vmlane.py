@@ -53,7 +53,7 @@ KERNEL_PKG_RE = re.compile(r"^linux-image-(6\.1\.0-(\d+)-amd64)$")
 EXIT_MARK = "XO-VMLANE-EXIT="
 # Modules /init loads before it can reach the host's files.
 BOOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
-DEFAULT_TIMEOUT = 240.0
+DEFAULT_TIMEOUT = 360.0
 
 
 class LaneUnavailable(RuntimeError):
