@@ -1,0 +1,235 @@
+"""nginx `ssl` listeners hand TLS connections off (docs/nginx.md, "TLS").
+
+A real nginx front terminates TLS with OpenSSL and, for a request to hand
+off, takes the session's record state (TLS 1.3 secrets from the key log,
+TLS 1.2 master secret, records counted each way) into the handoff; real
+target nginx (this kernel has no TLS) continues the session with the
+core's record layer behind the connection's recv/send, and hands it back;
+the front continues it the same way and hands it off again. Clients are
+curl (TLS 1.2 and 1.3) and Python's ssl: bodies by hash, several handoffs
+on one TLS connection with one handshake, the client's reset counters
+unchanged. A target configured without TLS refuses: the front rolls back
+and serves over its own OpenSSL session, which goes on."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from netns_tools import client_loss_counters, sha256
+from nginx_tools import (
+    NginxCluster,
+    assert_curl_client_clean,
+    build_params,
+    nginx_cluster,
+    wait_for,
+)
+from tls_tools import make_cert
+from xo.lab import in_netns
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+]
+
+TLS_PORT = 8443
+SIZES = {"one.bin": 1, "1m.bin": 1 << 20, "16m.bin": 16 << 20}
+NAME = "xo-tls-test"  # the certificate's name (tests/tls_tools.py)
+
+
+def front_tls_server(c: NginxCluster, cert: Path, key: Path) -> str:
+    return f"""
+    server {{
+        listen {c.testbed.host.ipv4}:{TLS_PORT} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        root {c.docroot};
+        add_header X-Served-By host always;
+        location = /here.txt {{ }}
+        location / {{ xo_pass; }}
+    }}
+"""
+
+
+@pytest.fixture(scope="module", params=build_params())
+def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[NginxCluster, dict[str, str], Path]]:
+    with nginx_cluster(request.param) as c:
+        digests = {}
+        for name, size in SIZES.items():
+            body = os.urandom(size)
+            (c.docroot / name).write_bytes(body)
+            (c.docroot / name).chmod(0o644)
+            digests[name] = sha256(body)
+        (c.docroot / "here.txt").write_text("front\n")
+        (c.docroot / "here.txt").chmod(0o644)
+        certdir = c.root / "cert"
+        certdir.mkdir()
+        cert, key = make_cert(certdir)
+        c.start_all(target_http="xo_tls on;", front_http=front_tls_server(c, cert, key))
+        yield c, digests, cert
+
+
+def stats(c: NginxCluster, member: str) -> dict[str, int]:
+    return dict(c.status(member)["stats"])  # type: ignore[arg-type]
+
+
+def curl_tls(c: NginxCluster, cert: Path, version: str, paths: list[str],
+             out: Path) -> tuple[list[tuple[str, str, str]], str]:
+    """One curl run over one connection: (status, served by, digest) per
+    path, and curl's -v trace."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = ["-v", "--cacert", str(cert), "--resolve", f"{NAME}:{TLS_PORT}:{c.testbed.host.ipv4}",
+            f"--tlsv{version}", "--tls-max", version,
+            "-w", "%{http_code} %header{x-served-by} %{num_connects}\\n"]
+    for i, p in enumerate(paths):
+        args += ["-o", str(out / str(i)), f"https://{NAME}:{TLS_PORT}{p}"]
+    res = c.curl(*args, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = []
+    connects = 0
+    for i, line in enumerate(res.stdout.splitlines()):
+        status, by, n = line.split()
+        connects += int(n)
+        rows.append((status, by, sha256((out / str(i)).read_bytes())))
+    assert connects == 1, res.stdout  # one TCP and TLS connection
+    return rows, res.stderr
+
+
+def handshakes(trace: str) -> int:
+    """TLS handshakes in a curl -v trace (each ends with this line)."""
+    return len(re.findall(r"^\* SSL connection using ", trace, re.M))
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_curl_keepalive_handoffs(cluster: tuple[NginxCluster, dict[str, str], Path],
+                                 version: str, tmp_path: Path) -> None:
+    c, digests, cert = cluster
+    paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin", "/1m.bin", "/here.txt"]
+    front0, t0 = stats(c, "host"), {t.name: stats(c, t.name) for t in c.testbed.targets}
+    loss0 = client_loss_counters(c.testbed.client.netns)
+    rows, trace = curl_tls(c, cert, version, paths, tmp_path)
+    for path, (status, by, digest) in zip(paths[:-1], rows, strict=False):
+        assert status == "200" and by in ("t0", "t1"), (path, status, by)
+        assert digest == digests[path[1:]], path
+    assert rows[-1][:2] == ("200", "host")  # the front's own, after hand-backs
+    assert {by for _, by, _ in rows[:-1]} == {"t0", "t1"}
+    assert handshakes(trace) == 1, trace
+    assert f"SSL connection using TLSv{version}" in trace
+    loss = client_loss_counters(c.testbed.client.netns)
+    assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
+    front = stats(c, "host")
+    assert front["offloads"] - front0["offloads"] == len(paths) - 1
+    assert front["returns"] - front0["returns"] >= len(paths) - 2
+    assert front["rollbacks"] == front0["rollbacks"]
+    adopted = sum(stats(c, t.name)["adopted"] - t0[t.name]["adopted"] for t in c.testbed.targets)
+    assert adopted == len(paths) - 1
+
+
+class _Client(http.client.HTTPSConnection):
+    def __init__(self, c: NginxCluster, ctx: ssl.SSLContext) -> None:
+        super().__init__(NAME, TLS_PORT, context=ctx, timeout=60)
+        self.c = c
+        self.connects = 0
+
+    def connect(self) -> None:
+        self.connects += 1
+        with in_netns(self.c.testbed.client.netns):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect((self.c.testbed.host.ipv4, TLS_PORT))
+        self.sock = self._context.wrap_socket(sock, server_hostname=NAME)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_python_ssl_many_handoffs(cluster: tuple[NginxCluster, dict[str, str], Path],
+                                  version: str, tmp_path: Path) -> None:
+    """20 requests on one TLS connection, each handed to a target and back;
+    the client's key log shows one handshake; nothing resent, nothing reset."""
+    c, digests, cert = cluster
+    keylog = tmp_path / "client.keylog"
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.keylog_filename = str(keylog)
+    ctx.minimum_version = ctx.maximum_version = (
+        ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2)
+    loss0 = client_loss_counters(c.testbed.client.netns)
+    front0 = stats(c, "host")
+    conn = _Client(c, ctx)
+    served = []
+    for i in range(20):
+        name = ["one.bin", "1m.bin", "one.bin", "16m.bin"][i % 4] if i < 8 else \
+            ["one.bin", "1m.bin"][i % 2]
+        conn.request("GET", "/" + name)
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200 and sha256(body) == digests[name], (i, name)
+        served.append(resp.getheader("X-Served-By"))
+    conn.request("GET", "/here.txt")
+    resp = conn.getresponse()
+    assert resp.read() == b"front\n" and resp.getheader("X-Served-By") == "host"
+    assert conn.sock.version() == f"TLSv{version}"
+    conn.close()
+    assert conn.connects == 1
+    assert set(served) == {"t0", "t1"}, served
+    client_randoms = {line.split()[1] for line in keylog.read_text().splitlines()
+                      if len(line.split()) == 3}
+    assert len(client_randoms) == 1  # one handshake
+    front = stats(c, "host")
+    assert front["offloads"] - front0["offloads"] == 20
+    assert front["rollbacks"] == front0["rollbacks"]
+    loss = client_loss_counters(c.testbed.client.netns)
+    assert {k: loss[k] - loss0[k] for k in loss} == dict.fromkeys(loss, 0)
+
+
+def test_target_without_tls_rolls_back(cluster: tuple[NginxCluster, dict[str, str], Path],
+                                       tmp_path: Path) -> None:
+    """Targets reloaded with `xo_tls off` refuse TLS sessions: the front rolls
+    back and serves every request over its own OpenSSL session, which goes
+    on (one handshake, no reset); plain HTTP is still handed off."""
+    c, digests, cert = cluster
+    try:
+        for t in c.testbed.targets:
+            p = c.procs[t.name]
+            p.conf.write_text(c.target_conf(t.name, extra_http="xo_tls off;"))
+            p.reload()
+        time.sleep(1.5)
+        c.wait_targets_up()
+        front0 = stats(c, "host")
+        loss0 = client_loss_counters(c.testbed.client.netns)
+        paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin"]
+        rows, trace = curl_tls(c, cert, "1.3", paths, tmp_path)
+        for path, (status, by, digest) in zip(paths, rows, strict=True):
+            assert (status, by) == ("200", "host") and digest == digests[path[1:]], path
+        assert handshakes(trace) == 1
+        front = stats(c, "host")
+        assert front["rollbacks"] - front0["rollbacks"] == len(paths)
+        assert front["offloads"] == front0["offloads"]
+        loss = client_loss_counters(c.testbed.client.netns)
+        assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
+        res = c.curl("-o", "/dev/null", "-w", "%{http_code} %header{x-served-by}",
+                     c.url + "/1m.bin")
+        assert res.stdout.split()[0] == "200" and res.stdout.split()[1] in ("t0", "t1")
+    finally:
+        for t in c.testbed.targets:
+            p = c.procs[t.name]
+            p.conf.write_text(c.target_conf(t.name, extra_http="xo_tls on;"))
+            p.reload()
+        time.sleep(1.5)
+        wait_for(lambda: True, "reload")
+        c.wait_targets_up()
+
+
+def test_logs_clean(cluster: tuple[NginxCluster, dict[str, str], Path]) -> None:
+    """No alert, no record layer error in any nginx's log after the above."""
+    c, _, _ = cluster
+    for name, p in c.procs.items():
+        text = p.log_text()
+        bad = [ln for ln in text.splitlines()
+               if "[alert]" in ln or "[crit]" in ln or "[emerg]" in ln or "xo: TLS" in ln]
+        assert not bad, (name, bad[:5])
