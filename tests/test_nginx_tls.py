@@ -187,6 +187,67 @@ def test_python_ssl_many_handoffs(cluster: tuple[NginxCluster, dict[str, str], P
     assert {k: loss[k] - loss0[k] for k in loss} == dict.fromkeys(loss, 0)
 
 
+def _responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """HTTP/1.1 responses with Content-Length, back to back."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+        n = int(headers["content-length"])
+        out.append((int(lines[0].split()[1]), headers, rest[:n]))
+        data = rest[n:]
+    return out
+
+
+def test_pipelined_requests_in_one_record(cluster: tuple[NginxCluster, dict[str, str], Path]
+                                          ) -> None:
+    """Two requests in one TLS record: the front reads both, hands off with
+    the second as unserved bytes, the target serves both over the record
+    layer; then a third request on the same session."""
+    c, digests, cert = cluster
+    ctx = ssl.create_default_context(cafile=str(cert))
+    loss0 = client_loss_counters(c.testbed.client.netns)
+    with in_netns(c.testbed.client.netns):
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.settimeout(30)
+    raw.connect((c.testbed.host.ipv4, TLS_PORT))
+    sock = ctx.wrap_socket(raw, server_hostname=NAME)
+    host = f"Host: {NAME}\r\n"
+    sock.sendall(f"GET /1m.bin HTTP/1.1\r\n{host}\r\nGET /one.bin HTTP/1.1\r\n{host}\r\n"
+                 .encode())
+    data = b""
+    while len(_complete(data)) < 2:
+        chunk = sock.recv(1 << 20)
+        assert chunk, data[:200]
+        data += chunk
+    sock.sendall(f"GET /16m.bin HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode())
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    got = _responses(data)
+    assert [(s, sha256(b)) for s, _, b in got] == [
+        (200, digests["1m.bin"]), (200, digests["one.bin"]), (200, digests["16m.bin"])]
+    assert all(h["x-served-by"] in ("t0", "t1") for _, h, _ in got), [h for _, h, _ in got]
+    loss = client_loss_counters(c.testbed.client.netns)
+    assert loss["TcpOutRsts"] == loss0["TcpOutRsts"]
+    assert loss["TcpEstabResets"] == loss0["TcpEstabResets"]
+
+
+def _complete(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The whole responses at the start of data."""
+    try:
+        out = _responses(data)
+    except (ValueError, KeyError, IndexError):
+        out = []
+    if out and len(out[-1][2]) < int(out[-1][1]["content-length"]):
+        out.pop()
+    return out
+
+
 def test_target_without_tls_rolls_back(cluster: tuple[NginxCluster, dict[str, str], Path],
                                        tmp_path: Path) -> None:
     """Targets reloaded with `xo_tls off` refuse TLS sessions: the front rolls
