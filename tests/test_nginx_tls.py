@@ -81,13 +81,13 @@ def stats(c: NginxCluster, member: str) -> dict[str, int]:
 
 
 def curl_tls(c: NginxCluster, cert: Path, version: str, paths: list[str],
-             out: Path) -> tuple[list[tuple[str, str, str]], str]:
+             out: Path, *extra: str) -> tuple[list[tuple[str, str, str]], str]:
     """One curl run over one connection: (status, served by, digest) per
     path, and curl's -v trace."""
     out.mkdir(parents=True, exist_ok=True)
     args = ["-v", "--cacert", str(cert), "--resolve", f"{NAME}:{TLS_PORT}:{c.testbed.host.ipv4}",
             f"--tlsv{version}", "--tls-max", version,
-            "-w", "%{http_code} %header{x-served-by} %{num_connects}\\n"]
+            "-w", "%{http_code} %header{x-served-by} %{num_connects}\\n", *extra]
     for i, p in enumerate(paths):
         args += ["-o", str(out / str(i)), f"https://{NAME}:{TLS_PORT}{p}"]
     res = c.curl(*args, timeout=120)
@@ -132,6 +132,36 @@ def test_curl_keepalive_handoffs(cluster: tuple[NginxCluster, dict[str, str], Pa
     assert adopted == len(paths) - 1
 
 
+@pytest.mark.parametrize(("version", "suite"), [
+    ("1.2", "ECDHE-ECDSA-CHACHA20-POLY1305"), ("1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+    ("1.3", "TLS_CHACHA20_POLY1305_SHA256"), ("1.3", "TLS_AES_128_GCM_SHA256")])
+def test_curl_suites(cluster: tuple[NginxCluster, dict[str, str], Path], version: str,
+                     suite: str, tmp_path: Path) -> None:
+    """Every suite the core carries moves (the default ones above are
+    AES-256-GCM)."""
+    c, digests, cert = cluster
+    opt = "--tls13-ciphers" if version == "1.3" else "--ciphers"
+    rows, trace = curl_tls(c, cert, version, ["/1m.bin", "/one.bin"], tmp_path, opt, suite)
+    assert [(s, d) for s, _, d in rows] == [("200", digests["1m.bin"]), ("200", digests["one.bin"])]
+    assert {by for _, by, _ in rows} <= {"t0", "t1"}, rows
+    assert suite in trace and handshakes(trace) == 1
+
+
+def test_suite_not_carried_is_served_here(cluster: tuple[NginxCluster, dict[str, str], Path],
+                                          tmp_path: Path) -> None:
+    """A CBC suite (no AEAD record state the core could continue): every
+    request is served by the front over its OpenSSL session; no handoff is
+    even tried."""
+    c, digests, cert = cluster
+    front0 = stats(c, "host")
+    rows, trace = curl_tls(c, cert, "1.2", ["/1m.bin", "/one.bin"], tmp_path,
+                           "--ciphers", "ECDHE-ECDSA-AES128-SHA")
+    assert rows == [("200", "host", digests["1m.bin"]), ("200", "host", digests["one.bin"])]
+    assert "ECDHE-ECDSA-AES128-SHA" in trace and handshakes(trace) == 1
+    front = stats(c, "host")
+    assert front["offloads"] == front0["offloads"] and front["rollbacks"] == front0["rollbacks"]
+
+
 class _Client(http.client.HTTPSConnection):
     def __init__(self, c: NginxCluster, ctx: ssl.SSLContext) -> None:
         super().__init__(NAME, TLS_PORT, context=ctx, timeout=60)
@@ -151,7 +181,7 @@ class _Client(http.client.HTTPSConnection):
 def test_python_ssl_many_handoffs(cluster: tuple[NginxCluster, dict[str, str], Path],
                                   version: str, tmp_path: Path) -> None:
     """20 requests on one TLS connection, each handed to a target and back;
-    the client's key log shows one handshake; nothing resent, nothing reset."""
+    the client's key log shows one handshake; nothing reset."""
     c, digests, cert = cluster
     keylog = tmp_path / "client.keylog"
     ctx = ssl.create_default_context(cafile=str(cert))
@@ -184,7 +214,10 @@ def test_python_ssl_many_handoffs(cluster: tuple[NginxCluster, dict[str, str], P
     assert front["offloads"] - front0["offloads"] == 20
     assert front["rollbacks"] == front0["rollbacks"]
     loss = client_loss_counters(c.testbed.client.netns)
-    assert {k: loss[k] - loss0[k] for k in loss} == dict.fromkeys(loss, 0)
+    # No reset, no timeout. Seen once in about 15 runs, on a busy machine:
+    # one tail-loss probe and one resent segment (a request parked through
+    # two transfers in a row; the same allowance as curl's, nginx_tools).
+    assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
 
 
 def _responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:

@@ -1777,6 +1777,17 @@ static ngx_int_t xo_tls_offload_state(ngx_connection_t *c, struct xo_tls_state *
 	return NGX_OK;
 }
 
+/* Does the socket carry kernel TLS (restored with its session where the
+ * kernel has TLS)? Then recv/send are plaintext already. */
+static ngx_uint_t xo_fd_ktls(int fd)
+{
+	char ulp[16] = "";
+	socklen_t len = sizeof(ulp) - 1;
+
+	return getsockopt(fd, IPPROTO_TCP, TCP_ULP, ulp, &len) == 0 &&
+	       !ngx_strcmp(ulp, "tls");
+}
+
 /* Handed off: nginx frees its SSL object without a close_notify. */
 static void xo_tls_silence(ngx_connection_t *c)
 {
@@ -1942,6 +1953,11 @@ static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *da
 	if (tls) { /* a TLS session: the core's record layer continues it */
 		if (xo_tls_attach(c, tls) != NGX_OK ||
 		    xo_tls_init_connection(ls, c) != NGX_OK)
+			goto fail;
+		return c;
+	}
+	if (xo_fd_ktls(fd)) { /* kernel TLS: plaintext on the socket, no handshake */
+		if (xo_tls_init_connection(ls, c) != NGX_OK)
 			goto fail;
 		return c;
 	}
