@@ -327,3 +327,39 @@ def test_logs_clean(cluster: tuple[NginxCluster, dict[str, str], Path]) -> None:
         bad = [ln for ln in text.splitlines()
                if "[alert]" in ln or "[crit]" in ln or "[emerg]" in ln or "xo: TLS" in ln]
         assert not bad, (name, bad[:5])
+
+
+@pytest.mark.parametrize("build", build_params())
+def test_nginx_front_python_targets(build: object, tmp_path: Path) -> None:
+    """The nginx front's TLS sessions continued by the Python driver's
+    targets (xo.tls.RecordStream) and handed back to nginx, which continues
+    them with its own record layer and hands them off again: both drivers
+    read the same state."""
+    with nginx_cluster(build) as c:  # type: ignore[arg-type]
+        digests = {}
+        for name, size in SIZES.items():
+            body = os.urandom(size)
+            (c.docroot / name).write_bytes(body)
+            (c.docroot / name).chmod(0o644)
+            digests[name] = sha256(body)
+        certdir = c.root / "cert"
+        certdir.mkdir()
+        cert, key = make_cert(certdir)
+        for t in c.testbed.targets:
+            c.start_refapp(t.name, "target")
+        c.start("host", c.front_conf(extra_http=front_tls_server(c, cert, key)))
+        c.wait_targets_up()
+        loss0 = client_loss_counters(c.testbed.client.netns)
+        front0 = stats(c, "host")
+        for version in ("1.2", "1.3"):
+            paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin"]
+            rows, trace = curl_tls(c, cert, version, paths, tmp_path / version)
+            assert [(s, d) for s, _, d in rows] == [("200", digests[p[1:]]) for p in paths]
+            assert {by for _, by, _ in rows} == {"t0", "t1"}, rows
+            assert handshakes(trace) == 1
+        front = stats(c, "host")
+        assert front["offloads"] - front0["offloads"] == 8
+        assert front["rollbacks"] == front0["rollbacks"]
+        assert front["returns"] - front0["returns"] >= 6
+        loss = client_loss_counters(c.testbed.client.netns)
+        assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
