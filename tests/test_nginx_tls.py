@@ -81,7 +81,8 @@ def stats(c: NginxCluster, member: str) -> dict[str, int]:
 
 
 def curl_tls(c: NginxCluster, cert: Path, version: str, paths: list[str],
-             out: Path, *extra: str) -> tuple[list[tuple[str, str, str]], str]:
+             out: Path, *extra: str, connections: int = 1
+             ) -> tuple[list[tuple[str, str, str]], str]:
     """One curl run over one connection: (status, served by, digest) per
     path, and curl's -v trace."""
     out.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def curl_tls(c: NginxCluster, cert: Path, version: str, paths: list[str],
         status, by, n = line.split()
         connects += int(n)
         rows.append((status, by, sha256((out / str(i)).read_bytes())))
-    assert connects == 1, res.stdout  # one TCP and TLS connection
+    assert connects == connections, res.stdout  # one TCP and TLS connection
     return rows, res.stderr
 
 
@@ -145,6 +146,21 @@ def test_curl_suites(cluster: tuple[NginxCluster, dict[str, str], Path], version
     assert [(s, d) for s, _, d in rows] == [("200", digests["1m.bin"]), ("200", digests["one.bin"])]
     assert {by for _, by, _ in rows} <= {"t0", "t1"}, rows
     assert suite in trace and handshakes(trace) == 1
+
+
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_resumed_sessions(cluster: tuple[NginxCluster, dict[str, str], Path], version: str,
+                          tmp_path: Path) -> None:
+    """Connections whose TLS session resumes an earlier one (abbreviated
+    handshake: session id or ticket) move as well: curl closes after each
+    request and resumes the session on the next connection."""
+    c, digests, cert = cluster
+    paths = ["/1m.bin", "/one.bin", "/1m.bin"]
+    rows, trace = curl_tls(c, cert, version, paths, tmp_path, "-H", "Connection: close",
+                           connections=3)
+    assert [(s, d) for s, _, d in rows] == [("200", digests[p[1:]]) for p in paths]
+    assert {by for _, by, _ in rows} <= {"t0", "t1"}, rows
+    assert "SSL re-using session ID" in trace, trace[-3000:]
 
 
 def test_suite_not_carried_is_served_here(cluster: tuple[NginxCluster, dict[str, str], Path],
