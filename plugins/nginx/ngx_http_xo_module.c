@@ -2277,8 +2277,10 @@ static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
 		return NGX_DECLINED; /* small: served here */
 	if (xo_pick(r, lcf, &peer, &target) != NGX_OK)
 		return NGX_DECLINED;
-	if (xo_tls_offload_state(c, &tls, &is_tls) != NGX_OK)
+	if (xo_tls_offload_state(c, &tls, &is_tls) != NGX_OK) {
+		ngx_explicit_memzero(&tls, sizeof(tls));
 		return NGX_DECLINED; /* a TLS session that cannot move now */
+	}
 	app = xo_request_bytes(r, &len);
 	if (!app) {
 		ngx_explicit_memzero(&tls, sizeof(tls));
