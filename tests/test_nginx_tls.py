@@ -170,6 +170,33 @@ def test_resumed_sessions(cluster: tuple[NginxCluster, dict[str, str], Path], ve
     assert "SSL re-using session ID" in trace, trace[-3000:]
 
 
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_put_over_tls(cluster: tuple[NginxCluster, dict[str, str], Path], version: str,
+                      tmp_path: Path) -> None:
+    """PUT with Expect: 100-continue: the front hands the head off; the target
+    sends 100 Continue (nginx's c->send) and reads the body (c->recv) over
+    the record layer, then the same connection fetches a body."""
+    c, digests, cert = cluster
+    body = os.urandom(4 << 20)
+    src = tmp_path / "up.bin"
+    src.write_bytes(body)
+    name = f"tls-{version}.bin"
+    res = c.curl("-v", "--cacert", str(cert), "--resolve",
+                 f"{NAME}:{TLS_PORT}:{c.testbed.host.ipv4}", f"--tlsv{version}", "--tls-max",
+                 version, "-w", "%{http_code} %header{x-served-by}\\n",
+                 "-T", str(src), "-o", str(tmp_path / "put"),
+                 f"https://{NAME}:{TLS_PORT}/put/{name}",
+                 "-o", str(tmp_path / "got"), f"https://{NAME}:{TLS_PORT}/1m.bin", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (put_status, by), (get_status, by2) = (ln.split() for ln in res.stdout.splitlines())
+    assert put_status in ("201", "204") and by in ("t0", "t1"), res.stdout
+    assert "HTTP/1.1 100 Continue" in res.stderr
+    assert sha256((c.root / by / "put" / name).read_bytes()) == sha256(body)
+    assert get_status == "200" and by2 in ("t0", "t1")
+    assert sha256((tmp_path / "got").read_bytes()) == digests["1m.bin"]
+    assert handshakes(res.stderr) == 1
+
+
 def test_suite_not_carried_is_served_here(cluster: tuple[NginxCluster, dict[str, str], Path],
                                           tmp_path: Path) -> None:
     """A CBC suite (no AEAD record state the core could continue): every
