@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 from netns_tools import client_loss_counters, sha256
 from nginx_tools import (
+    NginxBuild,
     NginxCluster,
     assert_curl_client_clean,
     build_params,
@@ -331,19 +332,32 @@ def _complete(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     return out
 
 
+def reloaded(c: NginxCluster) -> None:
+    """After a reload of the targets: each runs one worker (the old one is
+    gone, with its control connections) and the front is connected to the
+    new ones."""
+    time.sleep(0.5)
+    for t in c.testbed.targets:
+        p = c.procs[t.name]
+        wait_for(lambda p=p: len(p.workers()) == 1, f"{t.name}: old worker gone")
+    time.sleep(1)  # the front notices the old control connections closed
+    c.wait_targets_up()
+
+
+@pytest.mark.parametrize("mode", ["off", "kernel"])
 def test_target_without_tls_rolls_back(cluster: tuple[NginxCluster, dict[str, str], Path],
-                                       tmp_path: Path) -> None:
-    """Targets reloaded with `xo_tls off` refuse TLS sessions: the front rolls
-    back and serves every request over its own OpenSSL session, which goes
-    on (one handshake, no reset); plain HTTP is still handed off."""
+                                       mode: str, tmp_path: Path) -> None:
+    """Targets reloaded with `xo_tls off`, or `xo_tls kernel` (the default) on
+    this kernel without TLS, refuse TLS sessions: the front rolls back and
+    serves every request over its own OpenSSL session, which goes on (one
+    handshake, no reset); plain HTTP is still handed off."""
     c, digests, cert = cluster
     try:
         for t in c.testbed.targets:
             p = c.procs[t.name]
-            p.conf.write_text(c.target_conf(t.name, extra_http="xo_tls off;"))
+            p.conf.write_text(c.target_conf(t.name, extra_http=f"xo_tls {mode};"))
             p.reload()
-        time.sleep(1.5)
-        c.wait_targets_up()
+        reloaded(c)
         front0 = stats(c, "host")
         loss0 = client_loss_counters(c.testbed.client.netns)
         paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin"]
@@ -364,9 +378,7 @@ def test_target_without_tls_rolls_back(cluster: tuple[NginxCluster, dict[str, st
             p = c.procs[t.name]
             p.conf.write_text(c.target_conf(t.name, extra_http="xo_tls on;"))
             p.reload()
-        time.sleep(1.5)
-        wait_for(lambda: True, "reload")
-        c.wait_targets_up()
+        reloaded(c)
 
 
 def test_logs_clean(cluster: tuple[NginxCluster, dict[str, str], Path]) -> None:
@@ -380,12 +392,12 @@ def test_logs_clean(cluster: tuple[NginxCluster, dict[str, str], Path]) -> None:
 
 
 @pytest.mark.parametrize("build", build_params())
-def test_nginx_front_python_targets(build: object, tmp_path: Path) -> None:
+def test_nginx_front_python_targets(build: NginxBuild, tmp_path: Path) -> None:
     """The nginx front's TLS sessions continued by the Python driver's
     targets (xo.tls.RecordStream) and handed back to nginx, which continues
     them with its own record layer and hands them off again: both drivers
     read the same state."""
-    with nginx_cluster(build) as c:  # type: ignore[arg-type]
+    with nginx_cluster(build) as c:
         digests = {}
         for name, size in SIZES.items():
             body = os.urandom(size)
@@ -438,10 +450,10 @@ def start_https_refapp_host(c: NginxCluster, cert: Path, key: Path) -> None:
 
 
 @pytest.mark.parametrize("build", build_params())
-def test_python_front_nginx_targets(build: object, tmp_path: Path) -> None:
+def test_python_front_nginx_targets(build: NginxBuild, tmp_path: Path) -> None:
     """The Python driver's HTTPS sessions (its own record counting) continued
     by nginx targets with `xo_tls on` and handed back to it."""
-    with nginx_cluster(build) as c:  # type: ignore[arg-type]
+    with nginx_cluster(build) as c:
         digests = {}
         for name, size in SIZES.items():
             body = os.urandom(size)
