@@ -1743,8 +1743,8 @@ static ngx_int_t xo_ssl_state(ngx_connection_t *c, struct xo_tls_state *st)
 		why = xo_last_error();
 out:
 	if (why) {
-		ngx_log_debug1(NGX_LOG_DEBUG_HTTP, c->log, 0,
-			       "xo: TLS served here: %s", why);
+		ngx_log_error(NGX_LOG_INFO, c->log, 0,
+			      "xo: TLS session served here: %s", why);
 		return NGX_DECLINED;
 	}
 	return NGX_OK;
@@ -1762,8 +1762,10 @@ static ngx_int_t xo_tls_offload_state(ngx_connection_t *c, struct xo_tls_state *
 	if (t) {
 		*tls = 1;
 		if (t->pending || xo_tls_stream_get_state(t->s, st)) {
-			ngx_log_debug1(NGX_LOG_DEBUG_HTTP, c->log, 0,
-				       "xo: TLS served here: %s", xo_last_error());
+			ngx_log_error(NGX_LOG_INFO, c->log, 0,
+				      "xo: TLS session served here: %s",
+				      t->pending ? "records not all sent" :
+						   xo_last_error());
 			return NGX_DECLINED;
 		}
 		return NGX_OK;
