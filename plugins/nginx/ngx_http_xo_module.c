@@ -26,6 +26,10 @@
  * back; when nginx closes it instead, the machine closes its own
  * descriptor, which sends the FIN through the source rewrite.
  *
+ * TLS connections of `ssl` listeners move with their session's record
+ * state; whoever continues a session without OpenSSL serves it through the
+ * core's TLS stream (section "TLS" below).
+ *
  * One machine per worker process; docs/nginx.md explains roles, directives,
  * privileges, reload and the limits.
  */
