@@ -26,6 +26,10 @@
  * back; when nginx closes it instead, the machine closes its own
  * descriptor, which sends the FIN through the source rewrite.
  *
+ * TLS connections of `ssl` listeners move with their session's record
+ * state; whoever continues a session without OpenSSL serves it through the
+ * core's TLS stream (section "TLS" below).
+ *
  * One machine per worker process; docs/nginx.md explains roles, directives,
  * privileges, reload and the limits.
  */
@@ -52,6 +56,19 @@
 #define XO_POLICY_LEAST 1
 #define XO_POLICY_HASH 2
 
+/* xo_tls (target): TLS sessions refused, kernel TLS only, or the core's
+ * record layer where the kernel has no TLS */
+#define XO_TLS_OFF 0
+#define XO_TLS_KERNEL 1
+#define XO_TLS_ON 2
+
+static ngx_conf_enum_t xo_tls_modes[] = {
+	{ ngx_string("off"), XO_TLS_OFF },
+	{ ngx_string("kernel"), XO_TLS_KERNEL },
+	{ ngx_string("on"), XO_TLS_ON },
+	{ ngx_null_string, 0 }
+};
+
 typedef struct {
 	ngx_str_t name;
 	ngx_url_t url;
@@ -72,6 +89,7 @@ typedef struct {
 	ngx_array_t *hosts;            /* ngx_url_t */
 	ngx_flag_t hand_back;
 	ngx_msec_t drain_timeout;
+	ngx_uint_t tls;                /* target: XO_TLS_* (xo_tls) */
 	ngx_uint_t used;               /* xo_pass anywhere */
 	ngx_str_t conf_file;
 	ngx_uint_t conf_line;
@@ -190,6 +208,9 @@ static ngx_command_t ngx_http_xo_commands[] = {
 	{ ngx_string("xo_drain_timeout"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
 	  NGX_CONF_TAKE1, ngx_conf_set_msec_slot, NGX_HTTP_MAIN_CONF_OFFSET,
 	  offsetof(ngx_http_xo_main_conf_t, drain_timeout), NULL },
+	{ ngx_string("xo_tls"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
+	  NGX_CONF_TAKE1, ngx_conf_set_enum_slot, NGX_HTTP_MAIN_CONF_OFFSET,
+	  offsetof(ngx_http_xo_main_conf_t, tls), &xo_tls_modes },
 	{ ngx_string("xo_pass"), NGX_HTTP_LOC_CONF | NGX_CONF_ANY,
 	  ngx_http_xo_pass, NGX_HTTP_LOC_CONF_OFFSET, 0, NULL },
 	{ ngx_string("xo_policy"), NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF |
@@ -277,6 +298,7 @@ static void *ngx_http_xo_create_main_conf(ngx_conf_t *cf)
 		return NULL;
 	mcf->hand_back = NGX_CONF_UNSET;
 	mcf->drain_timeout = NGX_CONF_UNSET_MSEC;
+	mcf->tls = NGX_CONF_UNSET_UINT;
 	return mcf;
 }
 
@@ -290,6 +312,7 @@ static char *ngx_http_xo_init_main_conf(ngx_conf_t *cf, void *conf)
 	role_host = mcf->targets && mcf->targets->nelts;
 	ngx_conf_init_value(mcf->hand_back, 1);
 	ngx_conf_init_msec_value(mcf->drain_timeout, 2000);
+	ngx_conf_init_uint_value(mcf->tls, XO_TLS_KERNEL);
 	if (!role_host && !mcf->has_control) {
 		if (mcf->used) {
 			ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -1470,6 +1493,651 @@ static void xo_ctl_accept(ngx_connection_t *c)
 	xo_ctl_read(c->read);
 }
 
+static ssize_t xo_replay_recv(ngx_connection_t *c, u_char *buf, size_t size);
+
+/* ---- TLS: sessions of `ssl` listeners, continued by the core's record layer -------- */
+
+/*
+ * Front: OpenSSL keeps the session until a request is handed off. Two
+ * OpenSSL callbacks on every server's SSL_CTX record, per SSL object (ex
+ * data), what the handoff needs: the key log callback the TLS 1.3 traffic
+ * secrets (TLS 1.2 needs none: the master secret and both randoms come
+ * from the API), and the message callback the records each way since the
+ * Finished message of that direction (SSL3_RT_HEADER is reported once per
+ * record OpenSSL writes or starts to read, so a record OpenSSL read only
+ * in part is counted too, and SSL_has_pending() then refuses the handoff).
+ * The message callback sees the records OpenSSL itself frames, whatever
+ * BIO nginx gives it; a BIO filter would have to parse the stream again.
+ * A second Finished (renegotiation), a KeyUpdate or a HelloRequest marks
+ * the session as one the core cannot carry.
+ *
+ * Whoever continues the session without OpenSSL (a target, or the front
+ * once the connection came back) serves it through a xo_tls_stream
+ * (xo_core/src/tls_stream.c) behind the connection's own recv, send,
+ * send_chain and recv_chain; nginx sees a plain connection.
+ */
+
+typedef struct {
+	struct xo_tls_stream *s;
+	size_t pending;    /* plaintext sealed whose ciphertext is not all sent:
+			    * reported sent once it is (as SSL_write does) */
+} xo_tls_conn_t;
+
+static xo_tls_conn_t *xo_tls_conns;     /* per connection slot */
+
+static xo_tls_conn_t *xo_tls_slot(ngx_connection_t *c)
+{
+	ngx_uint_t i;
+
+	if (!xo_tls_conns || !xo_cycle)
+		return NULL;
+	i = (ngx_uint_t)(c - xo_cycle->connections);
+	return i < xo_nconns && xo_tls_conns[i].s ? &xo_tls_conns[i] : NULL;
+}
+
+static ngx_int_t xo_tls_flush(ngx_connection_t *c, xo_tls_conn_t *t)
+{
+	const uint8_t *p;
+	ngx_err_t err;
+	size_t len;
+	ssize_t n;
+
+	for (;;) {
+		p = xo_tls_stream_out(t->s, &len);
+		if (!len)
+			return NGX_OK;
+		n = send(c->fd, p, len, 0);
+		if (n > 0) {
+			xo_tls_stream_sent(t->s, (size_t)n);
+			continue;
+		}
+		err = ngx_socket_errno;
+		if (n < 0 && err == NGX_EINTR)
+			continue;
+		if (n < 0 && err == NGX_EAGAIN) {
+			c->write->ready = 0;
+			return NGX_AGAIN;
+		}
+		c->write->error = 1;
+		ngx_connection_error(c, err, "send() failed (TLS record layer)");
+		return NGX_ERROR;
+	}
+}
+
+static ssize_t xo_tls_recv(ngx_connection_t *c, u_char *buf, size_t size)
+{
+	xo_tls_conn_t *t = xo_tls_slot(c);
+	ngx_err_t err;
+	uint8_t *p;
+	size_t room;
+	ssize_t got;
+	int64_t n;
+	int closed;
+
+	if (!t)
+		return NGX_ERROR;
+	for (;;) {
+		n = xo_tls_stream_read(t->s, buf, size, &closed);
+		if (n > 0)
+			return (ssize_t)n;
+		if (n < 0) {
+			ngx_log_error(NGX_LOG_INFO, c->log, 0, "xo: TLS: %s",
+				      xo_last_error());
+			c->read->error = 1;
+			return NGX_ERROR;
+		}
+		if (closed) {
+			c->read->ready = 0;
+			c->read->eof = 1;
+			return 0;
+		}
+		p = xo_tls_stream_in_space(t->s, &room);
+		if (!room) {
+			c->read->error = 1;
+			return NGX_ERROR;
+		}
+		got = recv(c->fd, p, room, 0);
+		if (got > 0) {
+			xo_tls_stream_in_commit(t->s, (size_t)got);
+			continue;
+		}
+		if (got == 0) {
+			c->read->ready = 0;
+			c->read->eof = 1;
+			return 0;
+		}
+		err = ngx_socket_errno;
+		if (err == NGX_EINTR)
+			continue;
+		if (err == NGX_EAGAIN) {
+			c->read->ready = 0;
+			return NGX_AGAIN;
+		}
+		c->read->error = 1;
+		ngx_connection_error(c, err, "recv() failed (TLS record layer)");
+		return NGX_ERROR;
+	}
+}
+
+static ssize_t xo_tls_recv_chain(ngx_connection_t *c, ngx_chain_t *cl, off_t limit)
+{
+	ssize_t n, total = 0;
+	size_t size;
+
+	for (; cl; cl = cl->next) {
+		size = (size_t)(cl->buf->end - cl->buf->last);
+		if (limit && (off_t)size > limit - total)
+			size = (size_t)(limit - total);
+		if (!size)
+			break;
+		n = xo_tls_recv(c, cl->buf->last, size);
+		if (n <= 0)
+			return total ? total : n;
+		cl->buf->last += n;
+		total += n;
+		if ((size_t)n < size)
+			break;
+	}
+	return total;
+}
+
+/* Like SSL_write: bytes are reported sent once their records all left. */
+static ssize_t xo_tls_send(ngx_connection_t *c, u_char *buf, size_t size)
+{
+	xo_tls_conn_t *t = xo_tls_slot(c);
+	ngx_int_t rc;
+	int64_t n;
+
+	if (!t)
+		return NGX_ERROR;
+	rc = xo_tls_flush(c, t);
+	if (rc != NGX_OK)
+		return rc;
+	if (!t->pending) {
+		n = xo_tls_stream_write(t->s, buf, size);
+		if (n < 0) {
+			ngx_log_error(NGX_LOG_ALERT, c->log, 0, "xo: TLS: %s",
+				      xo_last_error());
+			c->write->error = 1;
+			return NGX_ERROR;
+		}
+		t->pending = (size_t)n;
+		rc = xo_tls_flush(c, t);
+		if (rc != NGX_OK)
+			return rc;
+	}
+	n = (int64_t)ngx_min(t->pending, size);
+	t->pending -= (size_t)n;
+	c->sent += n;
+	return (ssize_t)n;
+}
+
+/* Memory buffers and file buffers (read here: nginx may ask for sendfile,
+ * which the record layer cannot use) sealed into records. */
+static ngx_chain_t *xo_tls_send_chain(ngx_connection_t *c, ngx_chain_t *in,
+				      off_t limit)
+{
+	xo_tls_conn_t *t = xo_tls_slot(c);
+	u_char fbuf[XO_TLS_MAX_PLAINTEXT];
+	off_t sent = 0, size;
+	ngx_buf_t *b;
+	ngx_int_t rc;
+	ssize_t rd;
+	int64_t n;
+
+	if (!t)
+		return NGX_CHAIN_ERROR;
+	if (limit == 0 || limit > (off_t)(NGX_MAX_SIZE_T_VALUE - ngx_pagesize))
+		limit = NGX_MAX_SIZE_T_VALUE - ngx_pagesize;
+	for (;;) {
+		rc = xo_tls_flush(c, t);
+		if (rc == NGX_ERROR)
+			return NGX_CHAIN_ERROR;
+		if (rc == NGX_AGAIN)
+			return in;
+		if (t->pending) {
+			c->sent += (off_t)t->pending;
+			sent += (off_t)t->pending;
+			in = ngx_chain_update_sent(in, (off_t)t->pending);
+			t->pending = 0;
+		}
+		in = ngx_chain_update_sent(in, 0); /* past special buffers */
+		if (!in || sent >= limit)
+			return in;
+		b = in->buf;
+		size = ngx_buf_size(b);
+		if (!size) {
+			in = in->next;
+			continue;
+		}
+		if (size > limit - sent)
+			size = limit - sent;
+		if (ngx_buf_in_memory(b)) {
+			n = xo_tls_stream_write(t->s, b->pos, (size_t)size);
+		} else if (b->in_file) {
+			if (size > (off_t)sizeof(fbuf))
+				size = sizeof(fbuf);
+			rd = pread(b->file->fd, fbuf, (size_t)size, b->file_pos);
+			if (rd <= 0) {
+				ngx_log_error(NGX_LOG_ALERT, c->log, rd < 0 ? ngx_errno : 0,
+					      "xo: pread() of \"%V\" for the TLS record "
+					      "layer%s", &b->file->name,
+					      rd ? " failed" : ": file truncated");
+				return NGX_CHAIN_ERROR;
+			}
+			n = xo_tls_stream_write(t->s, fbuf, (size_t)rd);
+			ngx_explicit_memzero(fbuf, (size_t)rd);
+		} else {
+			ngx_log_error(NGX_LOG_ALERT, c->log, 0,
+				      "xo: a buffer neither in memory nor in a file");
+			return NGX_CHAIN_ERROR;
+		}
+		if (n <= 0) {
+			ngx_log_error(NGX_LOG_ALERT, c->log, 0, "xo: TLS: %s",
+				      n ? xo_last_error() : "no room");
+			return NGX_CHAIN_ERROR;
+		}
+		t->pending = (size_t)n;
+	}
+}
+
+static void xo_tls_cleanup(void *data)
+{
+	xo_tls_conn_t *t = data;
+
+	xo_tls_stream_free(t->s);
+	t->s = NULL;
+	t->pending = 0;
+}
+
+/* The connection continues the session from tls (an ADOPTED or RETURNED
+ * event's record state) through the record layer. */
+static ngx_int_t xo_tls_attach(ngx_connection_t *c, const struct xo_tls_state *tls)
+{
+	ngx_uint_t i = (ngx_uint_t)(c - xo_cycle->connections);
+	ngx_pool_cleanup_t *cln;
+	xo_tls_conn_t *t;
+
+	if (!xo_tls_conns || i >= xo_nconns)
+		return NGX_ERROR;
+	t = &xo_tls_conns[i];
+	if (t->s) { /* a previous connection's, never freed: should not be */
+		xo_tls_stream_free(t->s);
+		t->s = NULL;
+	}
+	cln = ngx_pool_cleanup_add(c->pool, 0);
+	if (!cln)
+		return NGX_ERROR;
+	if (xo_tls_stream_new(tls, &t->s)) {
+		ngx_log_error(NGX_LOG_ALERT, c->log, 0, "xo: TLS record layer: %s",
+			      xo_last_error());
+		t->s = NULL;
+		return NGX_ERROR;
+	}
+	t->pending = 0;
+	cln->handler = xo_tls_cleanup;
+	cln->data = t;
+	if (c->recv != xo_replay_recv)
+		c->recv = xo_tls_recv;
+	c->send = xo_tls_send;
+	c->recv_chain = xo_tls_recv_chain;
+	c->send_chain = xo_tls_send_chain;
+	c->sendfile = 0;
+	return NGX_OK;
+}
+
+/* The listener's handler (ngx_http_init_connection) for a connection whose
+ * session the record layer continues: on an `ssl` (or `http2`) listener it
+ * would start a handshake; the listener's address configurations say
+ * plain HTTP/1 for the length of the call (one event loop: nothing else
+ * runs meanwhile). */
+static ngx_int_t xo_tls_init_connection(ngx_listening_t *ls, ngx_connection_t *c)
+{
+#if (NGX_HTTP_SSL)
+	ngx_http_port_t *port = ls->servers;
+	ngx_http_addr_conf_t *acs[64];
+	ngx_http_ssl_srv_conf_t *sscf;
+	u_char saved[64];
+	ngx_uint_t i, n;
+
+	n = port ? port->naddrs : 0;
+	if (n > 64) {
+		ngx_log_error(NGX_LOG_ALERT, c->log, 0,
+			      "xo: a listener with over 64 addresses");
+		return NGX_ERROR;
+	}
+	for (i = 0; i < n; i++) {
+		if (ls->sockaddr->sa_family == AF_INET)
+			acs[i] = &((ngx_http_in_addr_t *)port->addrs)[i].conf;
+#if (NGX_HAVE_INET6)
+		else if (ls->sockaddr->sa_family == AF_INET6)
+			acs[i] = &((ngx_http_in6_addr_t *)port->addrs)[i].conf;
+#endif
+		else
+			return NGX_ERROR;
+		sscf = ngx_http_get_module_srv_conf(acs[i]->default_server->ctx,
+						    ngx_http_ssl_module);
+		saved[i] = (u_char)(acs[i]->ssl | (sscf->enable ? 2 : 0));
+#if (NGX_HTTP_V2)
+		saved[i] |= acs[i]->http2 ? 4 : 0;
+		acs[i]->http2 = 0;
+#endif
+		acs[i]->ssl = 0;
+		sscf->enable = 0;
+	}
+	ls->handler(c);
+	for (i = 0; i < n; i++) {
+		sscf = ngx_http_get_module_srv_conf(acs[i]->default_server->ctx,
+						    ngx_http_ssl_module);
+		acs[i]->ssl = saved[i] & 1;
+		sscf->enable = (saved[i] & 2) ? 1 : 0;
+#if (NGX_HTTP_V2)
+		acs[i]->http2 = (saved[i] & 4) ? 1 : 0;
+#endif
+	}
+#else
+	ls->handler(c);
+#endif
+	return NGX_OK;
+}
+
+#if (NGX_HTTP_SSL)
+typedef struct {
+	u_char cts[48], sts[48];   /* TLS 1.3 client/server traffic secret 0 */
+	size_t cts_len, sts_len;
+	uint64_t tx, rx;           /* records since that direction's Finished */
+	unsigned tx_on:1;
+	unsigned rx_on:1;
+	unsigned bad:1;            /* renegotiated, key update: not carried */
+} xo_ssl_keys_t;
+
+static int xo_ssl_idx = -1;
+
+static void xo_ssl_keys_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad,
+			     int idx, long argl, void *argp)
+{
+	(void)parent; (void)ad; (void)idx; (void)argl; (void)argp;
+	if (ptr)
+		OPENSSL_clear_free(ptr, sizeof(xo_ssl_keys_t));
+}
+
+static xo_ssl_keys_t *xo_ssl_keys(const SSL *ssl)
+{
+	xo_ssl_keys_t *k;
+
+	if (xo_ssl_idx < 0)
+		return NULL;
+	k = SSL_get_ex_data(ssl, xo_ssl_idx);
+	if (k)
+		return k;
+	k = OPENSSL_zalloc(sizeof(*k));
+	if (k && !SSL_set_ex_data((SSL *)ssl, xo_ssl_idx, k)) {
+		OPENSSL_free(k);
+		k = NULL;
+	}
+	return k;
+}
+
+static size_t xo_unhex(const char *s, u_char *out, size_t cap)
+{
+	size_t n = 0;
+	int hi, lo;
+
+	while (s[0] && s[1] && s[0] != ' ' && n < cap) {
+		hi = ngx_hextoi((u_char *)s, 1);
+		lo = ngx_hextoi((u_char *)s + 1, 1);
+		if (hi < 0 || lo < 0)
+			return 0;
+		out[n++] = (u_char)(hi << 4 | lo);
+		s += 2;
+	}
+	return s[0] && s[0] != ' ' ? 0 : n; /* too long or odd: none */
+}
+
+/* "LABEL <client random> <secret>": the TLS 1.3 application secrets. */
+static void xo_ssl_keylog(const SSL *ssl, const char *line)
+{
+	xo_ssl_keys_t *k;
+	const char *sp;
+	ngx_uint_t client;
+
+	if (!ngx_strncmp(line, "CLIENT_TRAFFIC_SECRET_0 ", 24))
+		client = 1;
+	else if (!ngx_strncmp(line, "SERVER_TRAFFIC_SECRET_0 ", 24))
+		client = 0;
+	else
+		return;
+	k = xo_ssl_keys(ssl);
+	sp = strchr(line + 24, ' ');
+	if (!k || !sp)
+		return;
+	if (client)
+		k->cts_len = xo_unhex(sp + 1, k->cts, sizeof(k->cts));
+	else
+		k->sts_len = xo_unhex(sp + 1, k->sts, sizeof(k->sts));
+}
+
+static void xo_ssl_msg(int write_p, int version, int content_type,
+		       const void *buf, size_t len, SSL *ssl, void *arg)
+{
+	const u_char *p = buf;
+	xo_ssl_keys_t *k;
+
+	(void)version;
+	(void)arg;
+	if (content_type == SSL3_RT_HEADER) {
+		k = xo_ssl_idx >= 0 ? SSL_get_ex_data(ssl, xo_ssl_idx) : NULL;
+		if (k && write_p && k->tx_on)
+			k->tx++;
+		else if (k && !write_p && k->rx_on)
+			k->rx++;
+		return;
+	}
+	if (content_type != SSL3_RT_HANDSHAKE || len < 1)
+		return;
+	k = xo_ssl_keys(ssl);
+	if (!k)
+		return;
+	switch (p[0]) {
+	case SSL3_MT_FINISHED:
+		if (write_p) {
+			k->bad |= k->tx_on;
+			k->tx_on = 1;
+			k->tx = 0;
+		} else {
+			k->bad |= k->rx_on;
+			k->rx_on = 1;
+			k->rx = 0;
+		}
+		break;
+	case SSL3_MT_KEY_UPDATE:
+	case SSL3_MT_HELLO_REQUEST:
+		k->bad = 1;
+		break;
+	case SSL3_MT_CLIENT_HELLO:
+		k->bad |= k->rx_on;
+		break;
+	default:
+		break;
+	}
+}
+
+/* The core's cipher for an IANA suite id, 0 when it carries none. */
+static uint16_t xo_ssl_cipher(const SSL *ssl)
+{
+	const SSL_CIPHER *ci = SSL_get_current_cipher(ssl);
+
+	switch (ci ? SSL_CIPHER_get_protocol_id(ci) : 0) {
+	case 0x1301: case 0xc02b: case 0xc02f: case 0x009e: case 0x009c:
+		return XO_TLS_AES_GCM_128;
+	case 0x1302: case 0xc02c: case 0xc030: case 0x009f: case 0x009d:
+		return XO_TLS_AES_GCM_256;
+	case 0x1303: case 0xcca8: case 0xcca9: case 0xccaa:
+		return XO_TLS_CHACHA20_POLY1305;
+	default:
+		return 0;
+	}
+}
+
+/* OpenSSL's session as a record state, when it is at a record boundary
+ * with nothing pending either way; NGX_DECLINED (why at debug level)
+ * otherwise. */
+static ngx_int_t xo_ssl_state(ngx_connection_t *c, struct xo_tls_state *st)
+{
+	SSL *ssl = c->ssl->connection;
+	u_char master[48], cr[32], sr[32];
+	const char *why = NULL;
+	xo_ssl_keys_t *k;
+	uint16_t cipher;
+	size_t mlen;
+	int ret = -1;
+
+	k = xo_ssl_idx >= 0 ? SSL_get_ex_data(ssl, xo_ssl_idx) : NULL;
+	cipher = xo_ssl_cipher(ssl);
+	if (!k || !k->tx_on || !k->rx_on)
+		why = "no record count (handshake not seen)";
+	else if (k->bad)
+		why = "renegotiated or key update";
+	else if (!cipher)
+		why = "a cipher suite the core does not carry";
+	else if (SSL_has_pending(ssl) || SSL_want_write(ssl) ||
+		 c->ssl->in_early || c->ssl->write_blocked ||
+		 (c->ssl->buf && ngx_buf_size(c->ssl->buf)))
+		why = "not at a record boundary";
+	if (why)
+		goto out;
+	if (SSL_version(ssl) == TLS1_3_VERSION) {
+		if (!k->cts_len || k->cts_len != k->sts_len) {
+			why = "no TLS 1.3 traffic secrets in the key log";
+			goto out;
+		}
+		ret = xo_tls13_state(cipher, k->cts, k->sts, (uint32_t)k->cts_len, 1,
+				     k->tx, k->rx, st);
+	} else if (SSL_version(ssl) == TLS1_2_VERSION) {
+		mlen = SSL_SESSION_get_master_key(SSL_get_session(ssl), master,
+						  sizeof(master));
+		if (mlen != sizeof(master) ||
+		    SSL_get_client_random(ssl, cr, sizeof(cr)) != sizeof(cr) ||
+		    SSL_get_server_random(ssl, sr, sizeof(sr)) != sizeof(sr)) {
+			why = "no TLS 1.2 master secret";
+			goto out;
+		}
+		ret = xo_tls12_state(cipher, master, sizeof(master), cr, sr, 1,
+				     1 + k->tx, 1 + k->rx, st);
+		ngx_explicit_memzero(master, sizeof(master));
+	} else {
+		why = "a TLS version the core does not carry";
+		goto out;
+	}
+	if (ret)
+		why = xo_last_error();
+out:
+	if (why) {
+		ngx_log_error(NGX_LOG_INFO, c->log, 0,
+			      "xo: TLS session served here: %s", why);
+		return NGX_DECLINED;
+	}
+	return NGX_OK;
+}
+#endif
+
+/* The record state to hand off with a front's connection: *tls = 0 for a
+ * plain one; NGX_DECLINED when its session cannot move now. */
+static ngx_int_t xo_tls_offload_state(ngx_connection_t *c, struct xo_tls_state *st,
+				      ngx_uint_t *tls)
+{
+	xo_tls_conn_t *t = xo_tls_slot(c);
+
+	*tls = 0;
+	if (t) {
+		*tls = 1;
+		if (t->pending || xo_tls_stream_get_state(t->s, st)) {
+			ngx_log_error(NGX_LOG_INFO, c->log, 0,
+				      "xo: TLS session served here: %s",
+				      t->pending ? "records not all sent" :
+						   xo_last_error());
+			return NGX_DECLINED;
+		}
+		return NGX_OK;
+	}
+#if (NGX_HTTP_SSL)
+	if (c->ssl) {
+		*tls = 1;
+		return xo_ssl_state(c, st);
+	}
+#endif
+	return NGX_OK;
+}
+
+/* Does the socket carry kernel TLS (restored with its session where the
+ * kernel has TLS)? Then recv/send are plaintext already. */
+static ngx_uint_t xo_fd_ktls(int fd)
+{
+	char ulp[16] = "";
+	socklen_t len = sizeof(ulp) - 1;
+
+	return getsockopt(fd, IPPROTO_TCP, TCP_ULP, ulp, &len) == 0 &&
+	       !ngx_strcmp(ulp, "tls");
+}
+
+/* Handed off: nginx frees its SSL object without a close_notify. */
+static void xo_tls_silence(ngx_connection_t *c)
+{
+#if (NGX_HTTP_SSL)
+	if (c->ssl) {
+		c->ssl->no_wait_shutdown = 1;
+		c->ssl->no_send_shutdown = 1;
+	}
+#endif
+}
+
+/* Front: every server's SSL_CTX reports secrets and records (above). */
+static ngx_int_t xo_tls_hook_servers(ngx_conf_t *cf)
+{
+#if (NGX_HTTP_SSL)
+	ngx_http_core_main_conf_t *cmcf;
+	ngx_http_core_srv_conf_t **cscfp;
+	ngx_http_ssl_srv_conf_t *sscf;
+	ngx_uint_t i;
+
+	if (xo_ssl_idx < 0) {
+		xo_ssl_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL,
+						  xo_ssl_keys_free);
+		if (xo_ssl_idx < 0) {
+			ngx_ssl_error(NGX_LOG_EMERG, cf->log, 0,
+				      "xo: SSL_get_ex_new_index() failed");
+			return NGX_ERROR;
+		}
+	}
+	cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+	cscfp = cmcf->servers.elts;
+	for (i = 0; i < cmcf->servers.nelts; i++) {
+		sscf = cscfp[i]->ctx->srv_conf[ngx_http_ssl_module.ctx_index];
+		if (!sscf || !sscf->ssl.ctx)
+			continue;
+		SSL_CTX_set_keylog_callback(sscf->ssl.ctx, xo_ssl_keylog);
+		SSL_CTX_set_msg_callback(sscf->ssl.ctx, xo_ssl_msg);
+	}
+#endif
+	return NGX_OK;
+}
+
+/* Target: hand back, with the record layer's state for a TLS session. */
+static int xo_tls_hand_back(ngx_connection_t *c, xo_conn_t *xc)
+{
+	xo_tls_conn_t *t = xo_tls_slot(c);
+	struct xo_tls_state st;
+	int ret;
+
+	if (!t)
+		return xo_proto_hand_back(xo_machine, xc->conn, NULL, 0, xo_now());
+	if (xo_tls_stream_get_state(t->s, &st))
+		return -1;
+	ret = xo_proto_hand_back_tls(xo_machine, xc->conn, NULL, 0, &st, xo_now());
+	ngx_explicit_memzero(&st, sizeof(st));
+	return ret;
+}
+
 /* ---- adopting a socket as an HTTP connection -------------------------------------------- */
 
 static ssize_t xo_replay_recv(ngx_connection_t *c, u_char *buf, size_t size)
@@ -1478,14 +2146,14 @@ static ssize_t xo_replay_recv(ngx_connection_t *c, u_char *buf, size_t size)
 	size_t n;
 
 	if (!xc || xc->replay_off >= xc->replay_len) {
-		c->recv = ngx_recv;
-		return ngx_recv(c, buf, size);
+		c->recv = xo_tls_slot(c) ? xo_tls_recv : ngx_recv;
+		return c->recv(c, buf, size);
 	}
 	n = ngx_min(size, xc->replay_len - xc->replay_off);
 	ngx_memcpy(buf, xc->replay + xc->replay_off, n);
 	xc->replay_off += n;
 	if (xc->replay_off == xc->replay_len) {
-		c->recv = ngx_recv;
+		c->recv = xo_tls_slot(c) ? xo_tls_recv : ngx_recv;
 		ngx_free(xc->replay);
 		xc->replay = NULL;
 		xc->replay_len = xc->replay_off = 0;
@@ -1499,7 +2167,8 @@ static void xo_conn_cleanup(void *data);
 /* What ngx_event_accept() does for a new socket, then the listener's
  * handler: the HTTP request phases take it from there. */
 static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *data,
-				  size_t len, ngx_uint_t target)
+				  size_t len, ngx_uint_t target,
+				  const struct xo_tls_state *tls)
 {
 	struct sockaddr_storage ss;
 	socklen_t slen = sizeof(ss);
@@ -1573,6 +2242,17 @@ static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *da
 	}
 	if (target)
 		xc->state = XC_SERVING;
+	if (tls) { /* a TLS session: the core's record layer continues it */
+		if (xo_tls_attach(c, tls) != NGX_OK ||
+		    xo_tls_init_connection(ls, c) != NGX_OK)
+			goto fail;
+		return c;
+	}
+	if (xo_fd_ktls(fd)) { /* kernel TLS: plaintext on the socket, no handshake */
+		if (xo_tls_init_connection(ls, c) != NGX_OK)
+			goto fail;
+		return c;
+	}
 	ls->handler(c);
 	return c;
 fail:
@@ -1693,7 +2373,7 @@ static void xo_handback_check(ngx_event_t *ev)
 	xo_detach_events(c);
 	ngx_reusable_connection(c, 0);
 	c->idle = 0;
-	if (xo_proto_hand_back(xo_machine, xc->conn, NULL, 0, xo_now()) < 0) {
+	if (xo_tls_hand_back(c, xc) < 0) {
 		ngx_log_error(NGX_LOG_INFO, c->log, 0, "xo: not handing back: %s",
 			      xo_last_error());
 		c->idle = 1;
@@ -1861,7 +2541,9 @@ static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
 	uint32_t peer;
 	uint64_t conn;
 	u_char *app;
-	int dfd;
+	int dfd, ret;
+	struct xo_tls_state tls;
+	ngx_uint_t is_tls;
 
 	lcf = ngx_http_get_module_loc_conf(r, ngx_http_xo_module);
 	if (!lcf->pass || r != r->main || !xo_machine || xo_mcf->has_control)
@@ -1874,10 +2556,6 @@ static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
 		return NGX_ERROR;
 	ngx_http_set_ctx(r, ctx, ngx_http_xo_module);
 	ctx->decided = 1;
-#if (NGX_SSL)
-	if (c->ssl)
-		return NGX_DECLINED;
-#endif
 	if (r->request_body || r->http_version < NGX_HTTP_VERSION_10 ||
 	    c->buffered || ngx_exiting || ngx_terminate)
 		return NGX_DECLINED;
@@ -1891,17 +2569,26 @@ static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
 		return NGX_DECLINED; /* small: served here */
 	if (xo_pick(r, lcf, &peer, &target) != NGX_OK)
 		return NGX_DECLINED;
+	if (xo_tls_offload_state(c, &tls, &is_tls) != NGX_OK) {
+		ngx_explicit_memzero(&tls, sizeof(tls));
+		return NGX_DECLINED; /* a TLS session that cannot move now */
+	}
 	app = xo_request_bytes(r, &len);
-	if (!app)
+	if (!app) {
+		ngx_explicit_memzero(&tls, sizeof(tls));
 		return NGX_DECLINED;
+	}
 	dfd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0);
 	if (dfd < 0) {
 		ngx_log_error(NGX_LOG_ALERT, c->log, ngx_errno, "xo: dup()");
+		ngx_explicit_memzero(&tls, sizeof(tls));
 		return NGX_DECLINED;
 	}
 	xo_detach_events(c);
-	if (xo_proto_offload(xo_machine, peer, dfd, app, (uint32_t)len, xo_now(),
-			     &conn) < 0) {
+	ret = xo_proto_offload_tls(xo_machine, peer, dfd, app, (uint32_t)len,
+				   is_tls ? &tls : NULL, xo_now(), &conn);
+	ngx_explicit_memzero(&tls, sizeof(tls));
+	if (ret < 0) {
 		ngx_log_error(NGX_LOG_WARN, c->log, 0, "xo: handoff not started: %s",
 			      xo_last_error());
 		close(dfd);
@@ -1975,6 +2662,7 @@ static void xo_event(const struct xo_proto_event *ev)
 		r->lingering_close = 0;
 		c = r->connection;
 		c->timedout = 0;
+		xo_tls_silence(c);
 		ngx_http_finalize_request(r, NGX_HTTP_CLOSE);
 		ngx_http_run_posted_requests(c); /* the close happens there */
 		break;
@@ -1995,7 +2683,8 @@ static void xo_event(const struct xo_proto_event *ev)
 		break;
 	case XO_EV_RETURNED:
 		ls = xo_listener_of(ev->fd);
-		if (!ls || !xo_adopt(ls, ev->fd, ev->data, ev->data_len, 0)) {
+		if (!ls || !xo_adopt(ls, ev->fd, ev->data, ev->data_len, 0,
+				     ev->tls)) {
 			ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, 0,
 				      "xo: a returned connection has no listener");
 			close(ev->fd);
@@ -2015,7 +2704,7 @@ static void xo_event(const struct xo_proto_event *ev)
 		if (dfd >= 0 && k)
 			k->adopted++;
 		if (dfd < 0 || !(c = xo_adopt(xo_adopt_ls, dfd, ev->data,
-					      ev->data_len, 1))) {
+					      ev->data_len, 1, ev->tls))) {
 			ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_errno,
 				      "xo: cannot adopt conn %uL", ev->conn);
 			if (dfd >= 0) {
@@ -2433,9 +3122,12 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 		return NGX_ERROR;
 	}
 	pc.role = mcf->has_control ? XO_ROLE_TARGET : XO_ROLE_HOST;
-	/* No TLS record layer in the module: a TLS session is served only
-	 * through kernel TLS. */
-	pc.tls_kernel_only = 1;
+	/* xo_tls: a TLS session is refused (off), taken only where kernel
+	 * TLS can be installed (kernel: the socket then reads and writes
+	 * plaintext), or continued by the core's record layer where the
+	 * kernel has no TLS (on). */
+	pc.no_tls = mcf->tls == XO_TLS_OFF;
+	pc.tls_kernel_only = mcf->tls == XO_TLS_KERNEL;
 	pc.key = key;
 	pc.key_len = (uint32_t)key_len;
 	/* One owner id per worker: a worker's restart must not purge what
@@ -2476,6 +3168,9 @@ static ngx_int_t ngx_http_xo_init_process(ngx_cycle_t *cycle)
 	xo_nconns = cycle->connection_n;
 	xo_conns = ngx_calloc(sizeof(xo_conn_t) * xo_nconns, cycle->log);
 	if (!xo_conns)
+		return NGX_ERROR;
+	xo_tls_conns = ngx_calloc(sizeof(xo_tls_conn_t) * xo_nconns, cycle->log);
+	if (!xo_tls_conns)
 		return NGX_ERROR;
 	xo_tick_ev.handler = xo_tick_handler;
 	xo_tick_ev.log = cycle->log;
@@ -2529,6 +3224,8 @@ static ngx_int_t ngx_http_xo_init(ngx_conf_t *cf)
 	if (!mcf->used && !mcf->has_control)
 		return NGX_OK; /* not used: nothing changes */
 	cmcf = ngx_http_conf_get_module_main_conf(cf, ngx_http_core_module);
+	if (mcf->used && xo_tls_hook_servers(cf) != NGX_OK)
+		return NGX_ERROR;
 	if (mcf->used) {
 		h = ngx_array_push(&cmcf->phases[NGX_HTTP_PRECONTENT_PHASE].handlers);
 		if (!h)

@@ -237,6 +237,38 @@ int64_t xo_tls_rec_open(struct xo_tls_rec *r, uint8_t *buf, size_t len,
 int xo_tls_rec_get_state(const struct xo_tls_rec *r,
 			 struct xo_tls_state *out);
 
+/*
+ * A TLS stream over that record layer, without I/O, for an event loop on a
+ * non-blocking socket (tls_stream.c): ciphertext read from the socket goes
+ * in (in_space, then in_commit of what recv() wrote there), plaintext
+ * comes out (read: > 0 bytes, 0 when a whole record has not come yet;
+ * *closed = 1 once an alert came: the peer ended the session); plaintext
+ * to send is sealed into records (write: the bytes taken, 0 when the
+ * output holds XO_TLS_STREAM_OUT_CAP bytes already) and its ciphertext
+ * sent from out / sent. A bad record, or a record other than application
+ * data or an alert (KeyUpdate, renegotiation), ends the session: every
+ * later call fails with the same code. get_state gives the state to hand
+ * off, only with nothing held either way (XO_E_BUSY otherwise);
+ * in_pending counts what is held on the way in (ciphertext and plaintext).
+ */
+#define XO_TLS_STREAM_OUT_CAP 66580 /* four whole records */
+
+struct xo_tls_stream;
+int xo_tls_stream_new(const struct xo_tls_state *tls,
+		      struct xo_tls_stream **out);
+void xo_tls_stream_free(struct xo_tls_stream *s);
+uint8_t *xo_tls_stream_in_space(struct xo_tls_stream *s, size_t *room);
+int xo_tls_stream_in_commit(struct xo_tls_stream *s, size_t n);
+int64_t xo_tls_stream_read(struct xo_tls_stream *s, uint8_t *buf, size_t len,
+			   int *closed);
+size_t xo_tls_stream_in_pending(const struct xo_tls_stream *s);
+int64_t xo_tls_stream_write(struct xo_tls_stream *s, const uint8_t *buf,
+			    size_t len);
+const uint8_t *xo_tls_stream_out(const struct xo_tls_stream *s, size_t *len);
+int xo_tls_stream_sent(struct xo_tls_stream *s, size_t n);
+int xo_tls_stream_get_state(const struct xo_tls_stream *s,
+			    struct xo_tls_state *out);
+
 /* Restore options. Zeroed = bind the captured local endpoint. */
 struct xo_restore_opts {
 	uint32_t size;              /* sizeof(struct xo_restore_opts) */

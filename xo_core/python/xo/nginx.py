@@ -41,7 +41,8 @@ OPTION = "--with-http_xo_module"
 
 # What the static build is configured with besides the module: the parts
 # the integration tests use that nginx does not build by default.
-CONFIGURE_FLAGS = ["--with-threads", "--with-http_dav_module", "--with-debug"]
+CONFIGURE_FLAGS = ["--with-threads", "--with-http_dav_module", "--with-http_ssl_module",
+                   "--with-debug"]
 
 IN_TREE_CONFIG = """\
 # Build glue of ngx_http_xo_module compiled into nginx (--with-http_xo_module),
