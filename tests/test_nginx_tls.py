@@ -465,6 +465,21 @@ def test_logs_clean(cluster: tuple[NginxCluster, dict[str, str], Path]) -> None:
         assert not bad, (name, bad[:5])
 
 
+def files_and_cert(c: NginxCluster) -> tuple[dict[str, str], Path, Path]:
+    """SIZES' files in the docroot (their digests) and a certificate for the
+    front."""
+    digests = {}
+    for name, size in SIZES.items():
+        body = os.urandom(size)
+        (c.docroot / name).write_bytes(body)
+        (c.docroot / name).chmod(0o644)
+        digests[name] = sha256(body)
+    certdir = c.root / "cert"
+    certdir.mkdir()
+    cert, key = make_cert(certdir)
+    return digests, cert, key
+
+
 @pytest.mark.parametrize("build", build_params())
 def test_nginx_front_python_targets(build: NginxBuild, tmp_path: Path) -> None:
     """The nginx front's TLS sessions continued by the Python driver's
@@ -472,15 +487,7 @@ def test_nginx_front_python_targets(build: NginxBuild, tmp_path: Path) -> None:
     them with its own record layer and hands them off again: both drivers
     read the same state."""
     with nginx_cluster(build) as c:
-        digests = {}
-        for name, size in SIZES.items():
-            body = os.urandom(size)
-            (c.docroot / name).write_bytes(body)
-            (c.docroot / name).chmod(0o644)
-            digests[name] = sha256(body)
-        certdir = c.root / "cert"
-        certdir.mkdir()
-        cert, key = make_cert(certdir)
+        digests, cert, key = files_and_cert(c)
         for t in c.testbed.targets:
             c.start_refapp(t.name, "target")
         c.start("host", c.front_conf(extra_http=front_tls_server(c, cert, key)))
@@ -528,15 +535,7 @@ def test_python_front_nginx_targets(build: NginxBuild, tmp_path: Path) -> None:
     """The Python driver's HTTPS sessions (its own record counting) continued
     by nginx targets with `xo_tls on` and handed back to it."""
     with nginx_cluster(build) as c:
-        digests = {}
-        for name, size in SIZES.items():
-            body = os.urandom(size)
-            (c.docroot / name).write_bytes(body)
-            (c.docroot / name).chmod(0o644)
-            digests[name] = sha256(body)
-        certdir = c.root / "cert"
-        certdir.mkdir()
-        cert, key = make_cert(certdir)
+        digests, cert, key = files_and_cert(c)
         for t in c.testbed.targets:
             c.start(t.name, c.target_conf(t.name, extra_http="xo_tls on;"))
         start_https_refapp_host(c, cert, key)
