@@ -23,12 +23,14 @@ import ssl
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from netns_tools import client_loss_counters, sha256
 from nginx_tools import (
+    BUILDS,
     NginxBuild,
     NginxCluster,
     assert_curl_client_clean,
@@ -550,3 +552,54 @@ def test_python_front_nginx_targets(build: NginxBuild, tmp_path: Path) -> None:
         assert adopted == 8
         loss = client_loss_counters(c.testbed.client.netns)
         assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
+
+
+def _tls_stat(c: NginxCluster, member: str) -> Counter[str]:
+    """A member namespace's kernel TLS counters (/proc/net/tls_stat; none yet
+    before the tls module's first use: all zero)."""
+    m = c.testbed.member(member)
+    res = subprocess.run(["ip", "netns", "exec", m.netns, "cat", "/proc/net/tls_stat"],
+                         capture_output=True, text=True)
+    counts: Counter[str] = Counter()
+    if res.returncode == 0:
+        counts.update({k: int(v) for k, v in (line.split() for line in res.stdout.splitlines()
+                                              if line.strip())})
+    return counts
+
+
+@pytest.mark.fullkernel
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
+def test_kernel_tls_targets(version: str, tmp_path: Path) -> None:
+    """Where the kernel has TLS (the full-kernel lane), targets with the
+    default `xo_tls kernel` install the session as kernel TLS and serve
+    through it (sendfile included); the front takes it back the same way.
+    Each target namespace's tls_stat counts one software kernel-TLS socket
+    each way per adopted connection; curl sees one connection, one
+    handshake, every body intact."""
+    from xo import core
+
+    # The kernel loads its tls module at the first use; in the emulated lane
+    # that outlasts a handoff's wait for TARGET_READY. Probing loads it.
+    available, why = core.tls_kernel_available()
+    assert available, why
+    build = next(b for b in BUILDS if b.available() is None)
+    with nginx_cluster(build) as c:
+        digests, cert, key = files_and_cert(c)
+        (c.docroot / "here.txt").write_text("front\n")
+        (c.docroot / "here.txt").chmod(0o644)
+        c.start_all(front_http=front_tls_server(c, cert, key))
+        members = ["host", *(t.name for t in c.testbed.targets)]
+        ktls0 = {m: _tls_stat(c, m) for m in members}
+        paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin", "/1m.bin", "/here.txt"]
+        rows, trace = curl_tls(c, cert, version, paths, tmp_path)
+        for path, (status, by, digest) in zip(paths[:-1], rows, strict=False):
+            assert status == "200" and by in ("t0", "t1"), (path, status, by)
+            assert digest == digests[path[1:]], path
+        assert rows[-1][:2] == ("200", "host")
+        assert handshakes(trace) == 1, trace
+        adopted = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets)
+        ktls = {m: _tls_stat(c, m) - ktls0[m] for m in members}
+        assert adopted >= len(paths) - 1, adopted
+        assert sum(ktls[t.name]["TlsTxSw"] for t in c.testbed.targets) == adopted, ktls
+        assert sum(ktls[t.name]["TlsRxSw"] for t in c.testbed.targets) == adopted, ktls
+        assert all(ktls[m]["TlsDecryptError"] == 0 for m in members), ktls
