@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from netns_tools import VethPair, connect, queue_sizes, snmp_tcp, wait_for
-from tls_tools import NAMES, SUITES, handshake, make_cert
+from tls_tools import NAMES, SUITES, Session, handshake, make_cert
 from xo import core
 from xo._xo_cffi import lib
 from xo.core import TlsDir, TlsState, XoError
@@ -83,6 +83,20 @@ def resets(pair: VethPair) -> tuple[int, int]:
     return tcp["OutRsts"], tcp["EstabResets"]
 
 
+def exchange_records(sock: socket.socket, sess: Session, response: str, request: str,
+                     base: int, step: int) -> None:
+    """Three records each way between a kTLS socket and the peer's OpenSSL
+    (each under 16 KiB: one record): `response` (formatted with i) repeated
+    base + step * i times, then `request`; each read back whole."""
+    for i in range(3):
+        msg = response.format(i=i).encode() * (base + step * i)
+        sock.sendall(msg)
+        assert sess.client.recv_exactly(len(msg)) == msg
+        req = request.format(i=i).encode()
+        sess.client.send(req)
+        assert recv_exactly(sock, len(req)) == req
+
+
 @pytest.mark.parametrize("cipher", [core.TLS_AES_GCM_128, core.TLS_AES_GCM_256,
                                     core.TLS_CHACHA20_POLY1305],
                          ids=lambda c: NAMES[c])
@@ -99,13 +113,7 @@ def test_ktls_state_moves_to_another_namespace(pair: VethPair, cert: tuple[Path,
     assert ulp(host) == b"tls"
 
     # Through kTLS on the host, OpenSSL on the peer: 3 records each way.
-    for i in range(3):
-        msg = f"response {i} ".encode() * (50 + 200 * i)
-        host.sendall(msg)
-        assert sess.client.recv_exactly(len(msg)) == msg
-        req = f"request {i}".encode()
-        sess.client.send(req)
-        assert recv_exactly(host, len(req)) == req
+    exchange_records(host, sess, "response {i} ", "request {i}", 50, 200)
     wait_for(lambda: queue_sizes(host)[1] == 0, "the host's records acknowledged")
 
     # A record received but not read: no capture (the state would not match).
@@ -133,13 +141,8 @@ def test_ktls_state_moves_to_another_namespace(pair: VethPair, cert: tuple[Path,
     assert ulp(restored) == b"tls"
 
     # The peer's OpenSSL keeps decrypting; the new socket keeps decrypting.
-    for i in range(3):
-        msg = f"after the move {i} ".encode() * (100 + 300 * i)
-        restored.sendall(msg)
-        assert sess.client.recv_exactly(len(msg)) == msg
-        req = f"request after the move {i}".encode()
-        sess.client.send(req)
-        assert recv_exactly(restored, len(req)) == req
+    exchange_records(restored, sess, "after the move {i} ", "request after the move {i}",
+                     100, 300)
     wait_for(lambda: queue_sizes(restored)[1] == 0, "the restored socket's records acked")
     # The kernel numbered on from the captured state.
     core.freeze(restored)
