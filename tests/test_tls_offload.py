@@ -321,6 +321,39 @@ BAD_STATES = {
 }
 
 
+def test_target_with_another_cluster_key_gets_no_session(cert: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    """A target whose cluster key is not the host's (a wrong key file).
+    Configured so from the start, the host refuses to start and says why.
+    Restarted so later, its control connection never authenticates again,
+    so no TLS session (nor its keys) reaches it: the other target serves
+    every request handed off, and the client's session goes on undisturbed."""
+    with pytest.raises(RuntimeError, match="HELLO does not verify"):
+        with cluster(targets=2, name=lab_name("fk"), tls_cert=str(cert[0]),
+                     tls_key=str(cert[1]), foreign_key=("t1",)):
+            pass
+    with cluster(targets=2, name=lab_name("fk"), tls_cert=str(cert[0]),
+                 tls_key=str(cert[1])) as apps:
+        apps.stop_member("t1")
+        apps.foreign_key = ("t1",)
+        apps.start_member("t1")
+        loss_before = client_loss_counters(apps.testbed.client.netns)
+        digests = docroot_digests(apps)
+        rows = curl_many(apps.testbed, f"https://{SERVER_NAME}:{HTTPS_PORT}",
+                         [*PATHS, "/_xo/stats"], tmp_path / "out",
+                         curl_args=_curl_args(apps, cert[0], "1.3"))
+        for path, row in zip(PATHS, rows, strict=False):
+            body = Path(row["file"]).read_bytes()
+            assert row["status"] == "200" and sha256(body) == digests[path[1:]], row
+            assert row["served_by"] == "t0", row
+        assert sum(int(r["connects"]) for r in rows) == 1
+        stats = apps.host_stats(settled=True)
+        assert stats["offloads"] >= len(PATHS) and stats["rollbacks"] == 0, stats
+        assert " served " not in apps.log_path("t1").read_text()
+        loss = client_loss_counters(apps.testbed.client.netns)
+        assert loss == loss_before, (loss_before, loss)
+
+
 @pytest.mark.parametrize("what", list(BAD_STATES))
 def test_malformed_tls_state_refused_before_anything(what: str, tmp_path: Path) -> None:
     """xo_proto_offload_tls with a malformed TLS state: a clear error, and

@@ -83,6 +83,8 @@ class RefAppCluster:
     tls_cert: str = ""
     tls_key: str = ""
     no_tls: tuple[str, ...] = ()  # targets that take no TLS sessions
+    # Members given a cluster key of their own (a misconfigured member).
+    foreign_key: tuple[str, ...] = ()
     procs: dict[str, xolab.NetnsProcess] = field(default_factory=dict)
 
     @property
@@ -92,6 +94,9 @@ class RefAppCluster:
     @property
     def key_path(self) -> Path:
         return self.workdir / "cluster.key"
+
+    def member_key_path(self, member: str) -> Path:
+        return self.workdir / f"{member}.key" if member in self.foreign_key else self.key_path
 
     def log_path(self, member: str) -> Path:
         return self.workdir / f"{member}.log"
@@ -121,7 +126,7 @@ class RefAppCluster:
             targets.append(TargetEntry(t.name, ip, t.mac, port))
         return AppConfig(
             role=role, name=member, ip4=me.ipv4, ip6=me.ipv6, ifindex=me.ifindex, mac=me.mac,
-            key=str(self.key_path), docroot=str(self.docroot), pin_dir=pin_dir,
+            key=str(self.member_key_path(member)), docroot=str(self.docroot), pin_dir=pin_dir,
             bpf_object=str(default_object_path()), http_port=HTTP_PORT,
             control_port=DEFAULT_CONTROL_PORT,
             owner=zlib.crc32(pin_dir.encode()) & 0x7FFFFFFF, policy=self.policy,
@@ -153,6 +158,8 @@ class RefAppCluster:
 
     def start_member(self, member: str, timeout: float = 20.0) -> None:
         role = "host" if member == "host" else "target"
+        if not self.member_key_path(member).exists():
+            write_key(self.member_key_path(member))
         # Tracebacks (stderr) go to the member's log; stdout only says READY.
         with self.log_path(member).open("ab") as errors:
             proc = self.testbed.popen(member, self._argv(role, member),
