@@ -269,10 +269,15 @@ def test_python_ssl_many_handoffs(cluster: tuple[NginxCluster, dict[str, str], P
     assert front["offloads"] - front0["offloads"] == 20
     assert front["rollbacks"] == front0["rollbacks"]
     loss = client_loss_counters(c.testbed.client.netns)
-    # No reset, no timeout. Seen once in about 15 runs, on a busy machine:
-    # one tail-loss probe and one resent segment (a request parked through
-    # two transfers in a row; the same allowance as curl's, nginx_tools).
-    assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
+    # No reset, no timeout. Known gap (issue 7, docs/benchmarks.md): a
+    # request the client sends while a target hands the connection back is
+    # parked through two transfers in a row (the hand-back and the front's
+    # next handoff); when they outlast the client's probe timeout it sends
+    # one tail-loss probe. Seen in about one run in ten of these 40
+    # transfers, once twice (clean-clone CI): at most two.
+    delta = {k: loss[k] - loss0[k] for k in loss}
+    assert delta["TcpOutRsts"] == delta["TcpEstabResets"] == delta["TCPTimeouts"] == 0, delta
+    assert delta["TcpRetransSegs"] <= 2 and delta["TCPLossProbes"] <= 2, delta
 
 
 def _responses(data: bytes) -> list[tuple[int, dict[str, str], bytes]]:
@@ -379,27 +384,32 @@ class _BioClient:
         return resp
 
 
+@pytest.mark.parametrize("cut", [3, 5], ids=["3-bytes", "header"])
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_partial_record_in_openssl_is_served_here(
-        cluster: tuple[NginxCluster, dict[str, str], Path], version: str) -> None:
-    """A request followed, in the same segment, by the first 3 bytes of the
-    next record: OpenSSL has read part of a record, so the front serves the
-    request itself over its session; the next request, once whole, moves."""
+        cluster: tuple[NginxCluster, dict[str, str], Path], version: str, cut: int) -> None:
+    """A request followed, in the same segment, by the first bytes of the
+    next record (3, or exactly its 5-byte header, which OpenSSL takes off the
+    socket and counts before the body is there): OpenSSL has read part of a
+    record, so the front serves the request itself over its session; the
+    next request, once whole, moves."""
     c, digests, cert = cluster
     front0 = stats(c, "host")
+    reason = "xo: TLS session served here: not at a record boundary"
+    reasons0 = c.procs["host"].log_text().count(reason)
     client = _BioClient(c, cert, version)
     host = f"Host: {NAME}\r\n"
     first = client.record(f"GET /1m.bin HTTP/1.1\r\n{host}\r\n".encode())
     second = client.record(f"GET /one.bin HTTP/1.1\r\n{host}\r\n".encode())
-    client.sock.sendall(first + second[:3])
+    client.sock.sendall(first + second[:cut])
     status, headers, body = client.response()
     assert (status, headers["x-served-by"]) == (200, "host")
     assert sha256(body) == digests["1m.bin"]
     front = stats(c, "host")
     assert front["offloads"] == front0["offloads"]  # not even tried
-    wait_for(lambda: "xo: TLS session served here: not at a record boundary"
-             in c.procs["host"].log_text(), "the front's reason in its log")
-    client.sock.sendall(second[3:])
+    wait_for(lambda: c.procs["host"].log_text().count(reason) > reasons0,
+             "the front's reason in its log")
+    client.sock.sendall(second[cut:])
     status, headers, body = client.response()
     assert (status, headers["x-served-by"]) == (200, "t0") or headers["x-served-by"] == "t1"
     assert sha256(body) == digests["one.bin"]
@@ -588,16 +598,21 @@ def test_kernel_tls_targets(version: str, tmp_path: Path) -> None:
         (c.docroot / "here.txt").write_text("front\n")
         (c.docroot / "here.txt").chmod(0o644)
         c.start_all(front_http=front_tls_server(c, cert, key))
+        # A first session warms the emulated lane up (first restores, first
+        # map updates): there a first handoff can outlast the 2 s the front
+        # waits for TARGET_READY, and it rolls back (correctly).
+        curl_tls(c, cert, version, ["/one.bin", "/here.txt"], tmp_path / "warm")
         members = ["host", *(t.name for t in c.testbed.targets)]
         ktls0 = {m: _tls_stat(c, m) for m in members}
+        adopted0 = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets)
         paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin", "/1m.bin", "/here.txt"]
-        rows, trace = curl_tls(c, cert, version, paths, tmp_path)
+        rows, trace = curl_tls(c, cert, version, paths, tmp_path / "run")
         for path, (status, by, digest) in zip(paths[:-1], rows, strict=False):
             assert status == "200" and by in ("t0", "t1"), (path, status, by)
             assert digest == digests[path[1:]], path
         assert rows[-1][:2] == ("200", "host")
         assert handshakes(trace) == 1, trace
-        adopted = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets)
+        adopted = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets) - adopted0
         ktls = {m: _tls_stat(c, m) - ktls0[m] for m in members}
         assert adopted >= len(paths) - 1, adopted
         assert sum(ktls[t.name]["TlsTxSw"] for t in c.testbed.targets) == adopted, ktls

@@ -149,6 +149,9 @@ typedef struct {
 	ngx_event_t ev;                /* target: hand-back check */
 	ngx_msec_t drain_start;
 	ngx_msec_t ka_left;
+	u_char *ktls_in;               /* target: plaintext read off a kTLS
+					* socket before its hand-back */
+	size_t ktls_len, ktls_cap;
 } xo_conn_t;
 
 typedef struct {
@@ -1593,6 +1596,8 @@ static ssize_t xo_tls_recv(ngx_connection_t *c, u_char *buf, size_t size)
 		}
 		p = xo_tls_stream_in_space(t->s, &room);
 		if (!room) {
+			ngx_log_error(NGX_LOG_ALERT, c->log, 0,
+				      "xo: TLS record stream has no room for input");
 			c->read->error = 1;
 			return NGX_ERROR;
 		}
@@ -1717,7 +1722,9 @@ static ngx_chain_t *xo_tls_send_chain(ngx_connection_t *c, ngx_chain_t *in,
 		} else if (b->in_file) {
 			if (size > (off_t)sizeof(fbuf))
 				size = sizeof(fbuf);
-			rd = pread(b->file->fd, fbuf, (size_t)size, b->file_pos);
+			do
+				rd = pread(b->file->fd, fbuf, (size_t)size, b->file_pos);
+			while (rd < 0 && ngx_errno == NGX_EINTR);
 			if (rd <= 0) {
 				ngx_log_error(NGX_LOG_ALERT, c->log, rd < 0 ? ngx_errno : 0,
 					      "xo: pread() of \"%V\" for the TLS record "
@@ -2000,7 +2007,12 @@ static ngx_int_t xo_ssl_state(ngx_connection_t *c, struct xo_tls_state *st)
 		why = "renegotiated or key update";
 	else if (!cipher)
 		why = "a cipher suite the core does not carry";
+	/* OpenSSL may have taken the next record's 5-byte header off the
+	 * socket and counted the record already (it waits for the body):
+	 * SSL_has_pending() says nothing then, its read state does ("RH":
+	 * waiting for a header). */
 	else if (SSL_has_pending(ssl) || SSL_want_write(ssl) ||
+		 ngx_strcmp(SSL_rstate_string(ssl), "RH") != 0 ||
 		 c->ssl->in_early || c->ssl->write_blocked ||
 		 (c->ssl->buf && ngx_buf_size(c->ssl->buf)))
 		why = "not at a record boundary";
@@ -2032,6 +2044,7 @@ static ngx_int_t xo_ssl_state(ngx_connection_t *c, struct xo_tls_state *st)
 	if (ret)
 		why = xo_last_error();
 out:
+	ngx_explicit_memzero(master, sizeof(master));
 	if (why) {
 		ngx_log_error(NGX_LOG_INFO, c->log, 0,
 			      "xo: TLS session served here: %s", why);
@@ -2123,6 +2136,77 @@ static ngx_int_t xo_tls_hook_servers(ngx_conf_t *cf)
 }
 
 /* Target: hand back, with the record layer's state for a TLS session. */
+/*
+ * Target: a socket with kernel TLS moves only with nothing queued (the
+ * kernel's record numbers must match the stream). Read what the client sent
+ * since the response - whole records, decrypted by the kernel - so it goes
+ * along as already-read bytes. NGX_AGAIN: part of a record is still queued
+ * (the rest is on its way); NGX_ERROR: not now (a record that is not data,
+ * too much, no memory) - the capture then refuses and nginx keeps serving.
+ */
+static ngx_int_t xo_ktls_take_pending(ngx_connection_t *c, xo_conn_t *xc)
+{
+	int inq = 0;
+	ssize_t n;
+	u_char *nb;
+	size_t cap;
+
+	for (;;) {
+		if (xc->ktls_len == xc->ktls_cap) {
+			cap = xc->ktls_cap ? 2 * xc->ktls_cap : 16384;
+			if (cap > XO_MAX_APP_BYTES)
+				return NGX_ERROR;
+			nb = ngx_alloc(cap, c->log);
+			if (!nb)
+				return NGX_ERROR;
+			if (xc->ktls_len)
+				ngx_memcpy(nb, xc->ktls_in, xc->ktls_len);
+			if (xc->ktls_in)
+				ngx_free(xc->ktls_in);
+			xc->ktls_in = nb;
+			xc->ktls_cap = cap;
+		}
+		n = recv(c->fd, xc->ktls_in + xc->ktls_len,
+			 xc->ktls_cap - xc->ktls_len, MSG_DONTWAIT);
+		if (n > 0) {
+			xc->ktls_len += (size_t)n;
+			continue;
+		}
+		if (n == 0)
+			return NGX_OK; /* the client closed: the capture says so */
+		if (ngx_errno == NGX_EINTR)
+			continue;
+		if (ngx_errno == NGX_EAGAIN)
+			break;
+		ngx_log_error(NGX_LOG_INFO, c->log, ngx_errno,
+			      "xo: reading a kernel-TLS socket before its hand-back");
+		return NGX_ERROR;
+	}
+	if (ioctl(c->fd, FIONREAD, &inq) < 0) {
+		ngx_log_error(NGX_LOG_ALERT, c->log, ngx_errno,
+			      "xo: ioctl(FIONREAD) on a kernel-TLS socket");
+		return NGX_ERROR;
+	}
+	return inq ? NGX_AGAIN : NGX_OK;
+}
+
+/* Hand-back not taken: what was read off the kTLS socket is nginx's to
+ * read first. */
+static void xo_ktls_give_back(ngx_connection_t *c, xo_conn_t *xc)
+{
+	if (!xc->ktls_len) {
+		if (xc->ktls_in)
+			ngx_free(xc->ktls_in);
+	} else {
+		xc->replay = xc->ktls_in;
+		xc->replay_len = xc->ktls_len;
+		xc->replay_off = 0;
+		c->recv = xo_replay_recv;
+	}
+	xc->ktls_in = NULL;
+	xc->ktls_len = xc->ktls_cap = 0;
+}
+
 static int xo_tls_hand_back(ngx_connection_t *c, xo_conn_t *xc)
 {
 	xo_tls_conn_t *t = xo_tls_slot(c);
@@ -2130,7 +2214,8 @@ static int xo_tls_hand_back(ngx_connection_t *c, xo_conn_t *xc)
 	int ret;
 
 	if (!t)
-		return xo_proto_hand_back(xo_machine, xc->conn, NULL, 0, xo_now());
+		return xo_proto_hand_back(xo_machine, xc->conn, xc->ktls_in,
+					  (uint32_t)xc->ktls_len, xo_now());
 	if (xo_tls_stream_get_state(t->s, &st))
 		return -1;
 	ret = xo_proto_hand_back_tls(xo_machine, xc->conn, NULL, 0, &st, xo_now());
@@ -2366,6 +2451,11 @@ static void xo_handback_check(ngx_event_t *ev)
 		ngx_add_timer(ev, 1);
 		return;
 	}
+	if (xo_fd_ktls(c->fd) && xo_ktls_take_pending(c, xc) == NGX_AGAIN &&
+	    ngx_current_msec - xc->drain_start < xo_mcf->drain_timeout) {
+		ngx_add_timer(ev, 1);
+		return;
+	}
 	xc->ka_left = c->read->timer_set ?
 			      (ngx_msec_t)(c->read->timer.key - ngx_current_msec) : 75000;
 	if ((ngx_msec_int_t)xc->ka_left <= 0)
@@ -2376,6 +2466,7 @@ static void xo_handback_check(ngx_event_t *ev)
 	if (xo_tls_hand_back(c, xc) < 0) {
 		ngx_log_error(NGX_LOG_INFO, c->log, 0, "xo: not handing back: %s",
 			      xo_last_error());
+		xo_ktls_give_back(c, xc);
 		c->idle = 1;
 		ngx_reusable_connection(c, 1);
 		ngx_add_timer(c->read, xc->ka_left);
@@ -2387,6 +2478,8 @@ static void xo_handback_check(ngx_event_t *ev)
 		ngx_post_event(c->read, &ngx_posted_events);
 		return;
 	}
+	/* ktls_in stays until the host took the connection (HANDED_BACK) or
+	 * did not (KEPT: nginx reads it first). */
 	xc->state = XC_MACHINE;
 	xo_pump();
 }
@@ -2407,6 +2500,10 @@ static void xo_conn_cleanup(void *data)
 	if (xc->replay)
 		ngx_free(xc->replay);
 	xc->replay = NULL;
+	if (xc->ktls_in)
+		ngx_free(xc->ktls_in);
+	xc->ktls_in = NULL;
+	xc->ktls_len = xc->ktls_cap = 0;
 	if (xc->state == XC_SERVING && xo_machine) {
 		/* nginx closed its duplicate; the machine's copy sends the FIN
 		 * through the source rewrite and tells the host. */
@@ -2558,6 +2655,12 @@ static ngx_int_t ngx_http_xo_handler(ngx_http_request_t *r)
 	ctx->decided = 1;
 	if (r->request_body || r->http_version < NGX_HTTP_VERSION_10 ||
 	    c->buffered || ngx_exiting || ngx_terminate)
+		return NGX_DECLINED;
+	/* Bytes a target handed back with the connection that nginx has not
+	 * read yet (a body on its way, a next request) would not go along:
+	 * this request is served here, the next one can move. */
+	xc = xo_conn_of(c);
+	if (xc && xc->replay)
 		return NGX_DECLINED;
 #if (NGX_HTTP_V2)
 	if (r->stream)
@@ -2738,6 +2841,7 @@ static void xo_event(const struct xo_proto_event *ev)
 		if (!xc)
 			break;
 		c = xc->c;
+		xo_ktls_give_back(c, xc);
 		xc->state = XC_SERVING;
 		c->idle = 1;
 		ngx_reusable_connection(c, 1);

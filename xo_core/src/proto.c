@@ -544,7 +544,7 @@ static struct conn *conn_new(struct xo_proto *p, uint32_t peer,
 
 static void conn_free(struct xo_proto *p, struct conn *c)
 {
-	struct conn **pp;
+	struct conn **pp, *o;
 
 	for (pp = &p->by_id[bucket(c->id)]; *pp; pp = &(*pp)->id_next)
 		if (*pp == c) {
@@ -558,6 +558,13 @@ static void conn_free(struct xo_proto *p, struct conn *c)
 				*pp = c->wire_next;
 				break;
 			}
+	/* A returned connection whose frames were to follow c (rolled back,
+	 * withdrawn) replays them here again when they come, and a later
+	 * handoff of the flow links to it anew. */
+	if (p->cfg.role == XO_ROLE_HOST)
+		for (o = p->all; o; o = o->next)
+			if (o->superseded_by == c->id)
+				o->superseded_by = 0;
 	if (c->prev)
 		c->prev->next = c->next;
 	else

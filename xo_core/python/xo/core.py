@@ -86,6 +86,8 @@ def _check(code: int) -> int:
 OPT_TIMESTAMPS = lib.XO_OPT_TIMESTAMPS
 OPT_SACK = lib.XO_OPT_SACK
 OPT_WSCALE = lib.XO_OPT_WSCALE
+# The most already-read bytes a handoff carries.
+MAX_APP_BYTES = lib.XO_MAX_APP_BYTES
 
 
 @dataclass(frozen=True)

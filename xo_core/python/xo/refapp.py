@@ -32,7 +32,7 @@ import time
 import zlib
 from pathlib import Path
 
-from xo import http1
+from xo import core, http1
 from xo import tls as xotls
 from xo.appconfig import AppConfig
 from xo.core import TlsState, XoError
@@ -607,7 +607,8 @@ class Target:
                 drain_timeout = self.cfg.drain_timeout_ms / 1000
                 await xotls.wait_send_queue_empty(conn.sock, drain_timeout)
                 if xotls.has_kernel_tls(conn.sock):
-                    buf += await xotls.read_kernel_tls_pending(conn.sock, drain_timeout)
+                    buf += await xotls.read_kernel_tls_pending(
+                        conn.sock, drain_timeout, core.MAX_APP_BYTES - len(buf))
                 try:
                     state = tls_state()
                 except xotls.TlsHandoffError as exc:

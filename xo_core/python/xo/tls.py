@@ -181,7 +181,8 @@ def has_kernel_tls(sock: socket.socket) -> bool:
     return ulp.rstrip(b"\0") == b"tls"
 
 
-async def read_kernel_tls_pending(sock: socket.socket, timeout: float = 2.0) -> bytes:
+async def read_kernel_tls_pending(sock: socket.socket, timeout: float = 2.0,
+                                  limit: int = core.MAX_APP_BYTES) -> bytes:
     """What the client sent that the application has not read, from a socket
     with kernel TLS, as plaintext.
 
@@ -191,13 +192,15 @@ async def read_kernel_tls_pending(sock: socket.socket, timeout: float = 2.0) -> 
     and they travel as already-read bytes. The kernel returns whole records
     only: while part of one is queued, wait (up to timeout) for the rest.
     A record that is not data (an alert: recv fails) stops the reading;
-    the capture then refuses and the connection stays."""
+    the capture then refuses and the connection stays. At most `limit`
+    bytes (what a hand-back carries) and `timeout` seconds, giving the event
+    loop its turn between reads."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     out = bytearray()
-    while True:
+    while len(out) < limit and loop.time() < deadline:
         try:
-            chunk = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            chunk = sock.recv(min(1 << 16, limit - len(out)), socket.MSG_DONTWAIT)
         except BlockingIOError:
             chunk = None
         except OSError:
@@ -206,8 +209,9 @@ async def read_kernel_tls_pending(sock: socket.socket, timeout: float = 2.0) -> 
             break
         if chunk:
             out += chunk
+            await asyncio.sleep(0)
             continue
-        if _queued(sock, termios.FIONREAD) == 0 or loop.time() >= deadline:
+        if _queued(sock, termios.FIONREAD) == 0:
             break
         await asyncio.sleep(0.0005)
     return bytes(out)
