@@ -52,11 +52,6 @@ class NginxBuild:
 
 DYNAMIC = NginxBuild("dynamic", Path("/usr/sbin/nginx"), DYNAMIC_SO)
 STATIC = NginxBuild("static", STATIC_BIN, None)
-# The lab's client shares the machine's CPUs with the servers it measures; a
-# real client does not. wrk runs at a lower priority (nice) so it does not
-# take the servers' turn (XO and proxy runs alike). XO_WRK_NICE=0 turns it off.
-WRK_NICE = ["nice", "-n", os.environ.get("XO_WRK_NICE", "10")]
-
 BUILDS = [DYNAMIC, STATIC]
 
 
@@ -295,7 +290,7 @@ http {{
 
     def wrk(self, path: str, connections: int = 8, seconds: float = 3,
             threads: int = 2) -> WrkResult:
-        res = subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, *WRK_NICE, "wrk",
+        res = subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "wrk",
                               "-t", str(min(threads, connections)), "-c", str(connections),
                               "-d", f"{max(1, round(seconds))}s", "--timeout", "30s",
                               "--latency",
