@@ -900,9 +900,28 @@ static void release_park(struct xo_proto *p, struct conn *c,
 			 const struct xo_endpoint *to)
 {
 	struct last_frame last = { 0 };
+	uint8_t *merged = NULL;
 	bool held_acks;
 	int i;
 
+	/* Frames held here came with an earlier PARKED (an owner before the
+	 * last): older than `older`, so they go first. */
+	if (c->held_len) {
+		merged = c->held;
+		c->held = NULL;
+		if (older_len) {
+			uint8_t *n = realloc(merged, (size_t)c->held_len + older_len);
+
+			if (n) {
+				memcpy(n + c->held_len, older, older_len);
+				merged = n;
+				c->held_len += older_len;
+			} /* else the newer ones are lost: the client resends */
+		}
+		older = merged;
+		older_len = c->held_len;
+		c->held_len = 0;
+	}
 	if (c->superseded_by) {
 		/* The host handed this flow off again before the last
 		 * target's frames came: they belong to the new handoff, and
@@ -917,6 +936,7 @@ static void release_park(struct xo_proto *p, struct conn *c,
 			ship_after(p, pe, next, older, older_len);
 		else if (!next && older_len)
 			replay_blob(p, older, older_len, to); /* rolled back */
+		free(merged);
 		c->park_until = 0;
 		return;
 	}
@@ -933,13 +953,7 @@ static void release_park(struct xo_proto *p, struct conn *c,
 		replay_blob(p, older, older_len, to);
 		last_frame(&last, older, older_len);
 	}
-	if (c->held_len) {
-		replay_blob(p, c->held, c->held_len, to);
-		last_frame(&last, c->held, c->held_len);
-	}
-	free(c->held);
-	c->held = NULL;
-	c->held_len = 0;
+	free(merged);
 	/* Replay what was parked here while the rule still parks. */
 	for (i = 0; i < RELEASE_ROUNDS; i++)
 		if (replay_parked(p, &c->in_key, to, &last) <= 0)
