@@ -71,17 +71,7 @@ def front_tls_server(c: NginxCluster, cert: Path, key: Path) -> str:
 @pytest.fixture(scope="module", params=build_params())
 def cluster(request: pytest.FixtureRequest) -> Iterator[tuple[NginxCluster, dict[str, str], Path]]:
     with nginx_cluster(request.param) as c:
-        digests = {}
-        for name, size in SIZES.items():
-            body = os.urandom(size)
-            (c.docroot / name).write_bytes(body)
-            (c.docroot / name).chmod(0o644)
-            digests[name] = sha256(body)
-        (c.docroot / "here.txt").write_text("front\n")
-        (c.docroot / "here.txt").chmod(0o644)
-        certdir = c.root / "cert"
-        certdir.mkdir()
-        cert, key = make_cert(certdir)
+        digests, cert, key = files_and_cert(c)
         c.start_all(target_http="xo_tls on;", front_http=front_tls_server(c, cert, key))
         yield c, digests, cert
 
@@ -486,6 +476,8 @@ def files_and_cert(c: NginxCluster) -> tuple[dict[str, str], Path, Path]:
         (c.docroot / name).write_bytes(body)
         (c.docroot / name).chmod(0o644)
         digests[name] = sha256(body)
+    (c.docroot / "here.txt").write_text("front\n")  # the front's own file
+    (c.docroot / "here.txt").chmod(0o644)
     certdir = c.root / "cert"
     certdir.mkdir()
     cert, key = make_cert(certdir)
@@ -595,8 +587,6 @@ def test_kernel_tls_targets(version: str, tmp_path: Path) -> None:
     build = next(b for b in BUILDS if b.available() is None)
     with nginx_cluster(build) as c:
         digests, cert, key = files_and_cert(c)
-        (c.docroot / "here.txt").write_text("front\n")
-        (c.docroot / "here.txt").chmod(0o644)
         c.start_all(front_http=front_tls_server(c, cert, key))
         # A first session warms the emulated lane up (first restores, first
         # map updates): there a first handoff can outlast the 2 s the front
