@@ -29,6 +29,7 @@ import pytest
 from control_relay import TO_HOST, TO_TARGET, ControlRelay, Rule
 from handoff_faults_tools import (
     IO_TIMEOUT,
+    CurlResult,
     LogWatch,
     captured_state,
     client_connect,
@@ -205,6 +206,36 @@ def test_stopped_target_rolls_back_then_is_left_out(driver: str) -> None:
         assert apps.host_stats()["rollbacks"] == 3
         assert_nothing_left(apps)
         wait_for(lambda: curl(apps, "/small.bin").served_by == "t0", "handoffs to t0 again")
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_least_loaded_counts_handoffs_in_flight(driver: str) -> None:
+    """t0 SIGSTOPped (it never answers): a request handed to it waits for
+    TARGET_READY; a second request meanwhile goes to t1, because the host
+    counts its own handoffs still in flight as load (both targets are
+    otherwise equal, and ties go to t0). The first rolls back and the host
+    serves it."""
+    with relayed("lf", driver, targets=2, timeouts={"peer": 10.0}) as (apps, relay):
+        proc = apps.procs["t0"]
+        os.kill(proc.pid, signal.SIGSTOP)
+        results: dict[str, CurlResult] = {}
+        try:
+            first = threading.Thread(
+                target=lambda: results.__setitem__("first", curl(apps, "/small.bin")))
+            first.start()
+            wait_for(lambda: relay.count(TO_TARGET, MsgType.BEGIN_OFFLOAD) == 1,
+                     "the first handoff on its way to t0")
+            results["second"] = curl(apps, "/small.bin")
+            first.join(IO_TIMEOUT)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        assert not first.is_alive()
+        assert results["second"].served_by == "t1", results
+        assert results["first"].served_by == "host", results
+        for res in results.values():
+            assert res.rc == 0 and sha256(res.body) == file_digest(apps, "small.bin"), res
+        assert relay.count(TO_TARGET, MsgType.BEGIN_OFFLOAD) == 1
+        assert apps.host_stats()["rollbacks"] == 1
 
 
 # ---- fake peers that hold the key ----------------------------------------------------

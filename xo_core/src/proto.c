@@ -100,6 +100,7 @@ struct peer {
 	struct xo_load_report load;
 	/* host: `offloaded` when `load` came (those of ours it counts) */
 	uint32_t offloaded_at_report;
+	uint32_t pending;       /* host: our handoffs waiting for TARGET_READY */
 	uint32_t failures, offloaded, handed;
 	uint64_t down_until, down_ms;
 	bool dead;
@@ -542,6 +543,8 @@ static struct conn *conn_new(struct xo_proto *p, uint32_t peer,
 	return c;
 }
 
+static struct peer *peer_get(struct xo_proto *p, uint32_t id);
+
 static void conn_free(struct xo_proto *p, struct conn *c)
 {
 	struct conn **pp, *o;
@@ -561,10 +564,17 @@ static void conn_free(struct xo_proto *p, struct conn *c)
 	/* A returned connection whose frames were to follow c (rolled back,
 	 * withdrawn) replays them here again when they come, and a later
 	 * handoff of the flow links to it anew. */
-	if (p->cfg.role == XO_ROLE_HOST)
+	if (p->cfg.role == XO_ROLE_HOST) {
+		struct peer *pe = NULL;
+
+		if (c->state == H_WAIT_READY)
+			pe = peer_get(p, c->peer);
+		if (pe && pe->pending)
+			pe->pending--;
 		for (o = p->all; o; o = o->next)
 			if (o->superseded_by == c->id)
 				o->superseded_by = 0;
+	}
 	if (c->prev)
 		c->prev->next = c->next;
 	else
@@ -1175,8 +1185,9 @@ int xo_proto_usable(struct xo_proto *p, uint32_t peer, uint64_t now)
 	return pe && pe->state == XO_PEER_UP && now >= pe->down_until;
 }
 
-/* A target's load as the host sees it now: our connections there (exact)
- * plus the others its last report counted. The report also counted ours
+/* A target's load as the host sees it now: our connections there (exact,
+ * with the handoffs still waiting for its answer) plus the others its last
+ * report counted. The report also counted ours
  * as they were then; a report is sent once per load interval, so taking
  * it as it is would keep counting a connection of ours that has come back
  * since (and send every request to the other targets until the next one). */
@@ -1186,7 +1197,7 @@ static uint64_t peer_load(const struct peer *pe)
 				  pe->load.active - pe->offloaded_at_report :
 				  0;
 
-	return (uint64_t)others + pe->offloaded;
+	return (uint64_t)others + pe->offloaded + pe->pending;
 }
 
 int xo_proto_pick(struct xo_proto *p, uint32_t policy, uint64_t now,
@@ -1350,6 +1361,7 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 		goto resume;
 	}
 	c->state = H_WAIT_READY;
+	pe->pending++;
 	c->fd = fd;
 	c->client = client;
 	c->local = local;
@@ -1446,6 +1458,8 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	}
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
+	if (pe->pending)
+		pe->pending--;
 	c->state = H_OFFLOADED;
 	c->rule = a;
 	c->at = *at;
@@ -2446,6 +2460,7 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 	}
 	pe->offloaded = 0;
 	pe->offloaded_at_report = 0;
+	pe->pending = 0;
 }
 
 /* ---- input ---------------------------------------------------------------- */
