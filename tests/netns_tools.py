@@ -22,6 +22,7 @@ import subprocess
 import sys
 import termios
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,17 @@ def snmp_tcp(ns: str) -> dict[str, int]:
     with in_netns(ns), open("/proc/thread-self/net/snmp") as f:
         rows = [line.split() for line in f if line.startswith("Tcp:")]
     return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=True)}
+
+
+def ktls_counters(ns: str) -> Counter[str]:
+    """The kernel TLS counters of namespace ns (/proc/net/tls_stat, per
+    namespace: sockets that got kernel TLS each way, decrypt errors). No file
+    yet (the tls module loads at its first use): all zero."""
+    counts: Counter[str] = Counter()
+    with contextlib.suppress(FileNotFoundError), in_netns(ns), \
+            open("/proc/thread-self/net/tls_stat") as f:
+        counts.update({k: int(v) for k, v in (line.split() for line in f if line.strip())})
+    return counts
 
 
 def queue_sizes(sock: socket.socket) -> tuple[int, int, int]:

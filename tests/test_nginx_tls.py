@@ -23,12 +23,11 @@ import ssl
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from netns_tools import client_loss_counters, sha256
+from netns_tools import client_loss_counters, ktls_counters, sha256
 from nginx_tools import (
     BUILDS,
     NginxBuild,
@@ -556,19 +555,6 @@ def test_python_front_nginx_targets(build: NginxBuild, tmp_path: Path) -> None:
         assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
 
 
-def _tls_stat(c: NginxCluster, member: str) -> Counter[str]:
-    """A member namespace's kernel TLS counters (/proc/net/tls_stat; none yet
-    before the tls module's first use: all zero)."""
-    m = c.testbed.member(member)
-    res = subprocess.run(["ip", "netns", "exec", m.netns, "cat", "/proc/net/tls_stat"],
-                         capture_output=True, text=True)
-    counts: Counter[str] = Counter()
-    if res.returncode == 0:
-        counts.update({k: int(v) for k, v in (line.split() for line in res.stdout.splitlines()
-                                              if line.strip())})
-    return counts
-
-
 @pytest.mark.fullkernel
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
 def test_kernel_tls_targets(version: str, tmp_path: Path) -> None:
@@ -593,7 +579,7 @@ def test_kernel_tls_targets(version: str, tmp_path: Path) -> None:
         # waits for TARGET_READY, and it rolls back (correctly).
         curl_tls(c, cert, version, ["/one.bin", "/here.txt"], tmp_path / "warm")
         members = ["host", *(t.name for t in c.testbed.targets)]
-        ktls0 = {m: _tls_stat(c, m) for m in members}
+        ktls0 = {m: ktls_counters(c.testbed.member(m).netns) for m in members}
         adopted0 = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets)
         paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin", "/1m.bin", "/here.txt"]
         rows, trace = curl_tls(c, cert, version, paths, tmp_path / "run")
@@ -603,7 +589,7 @@ def test_kernel_tls_targets(version: str, tmp_path: Path) -> None:
         assert rows[-1][:2] == ("200", "host")
         assert handshakes(trace) == 1, trace
         adopted = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets) - adopted0
-        ktls = {m: _tls_stat(c, m) - ktls0[m] for m in members}
+        ktls = {m: ktls_counters(c.testbed.member(m).netns) - ktls0[m] for m in members}
         assert adopted >= len(paths) - 1, adopted
         assert sum(ktls[t.name]["TlsTxSw"] for t in c.testbed.targets) == adopted, ktls
         assert sum(ktls[t.name]["TlsRxSw"] for t in c.testbed.targets) == adopted, ktls

@@ -19,7 +19,6 @@ import secrets
 import socket
 import ssl
 import subprocess
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from handoff_tools import client_socket, curl_many, docroot_digests, lab_name
-from netns_tools import client_loss_counters, sha256, wait_for
+from netns_tools import client_loss_counters, ktls_counters, sha256, wait_for
 from pcap_tools import control_frames, tcp_streams
 from xo import core
 from xo.core import MsgType
@@ -390,19 +389,6 @@ def test_malformed_tls_state_refused_before_anything(what: str, tmp_path: Path) 
             subprocess.run(["umount", "-l", str(tmp_path / "pins")], check=False)
 
 
-def _tls_stat(apps: RefAppCluster, member: str) -> Counter[str]:
-    """The kernel TLS counters of a member's namespace (/proc/net/tls_stat is
-    per network namespace): how many sockets got kernel TLS each way. No file
-    yet (the tls module loads at the first use): all zero."""
-    res = apps.testbed.run(member, ["cat", "/proc/net/tls_stat"], capture_output=True,
-                           text=True)
-    counts: Counter[str] = Counter()
-    if res.returncode == 0:
-        counts.update({k: int(v) for k, v in (line.split() for line in res.stdout.splitlines()
-                                              if line.strip())})
-    return counts
-
-
 # The lane emulates its CPUs (TCG, tens of times slower): a handoff there can
 # outlast the default 2 s wait for TARGET_READY, and the host would roll back
 # (correctly) and serve the request itself.
@@ -432,7 +418,7 @@ def test_curl_tls_session_continues_in_kernel_tls(tls_cluster: RefAppCluster,
     assert available, why
     members = ("host", "t0", "t1")
     before = apps.host_stats()
-    ktls_before = {m: _tls_stat(apps, m) for m in members}
+    ktls_before = {m: ktls_counters(apps.testbed.member(m).netns) for m in members}
     loss_before = client_loss_counters(apps.testbed.client.netns)
     curl_session_on_targets(apps, cert[0], version, tmp_path)
     after = apps.host_stats(settled=True)
@@ -440,7 +426,7 @@ def test_curl_tls_session_continues_in_kernel_tls(tls_cluster: RefAppCluster,
     returns = after["returns"] - before["returns"]
     assert offloads >= len(PATHS) and returns >= len(PATHS) - 1, after
     assert after["rollbacks"] == before["rollbacks"]
-    ktls = {m: _tls_stat(apps, m) - ktls_before[m] for m in members}
+    ktls = {m: ktls_counters(apps.testbed.member(m).netns) - ktls_before[m] for m in members}
     restored_on_targets = sum(ktls[t]["TlsTxSw"] for t in ("t0", "t1"))
     assert restored_on_targets == offloads, ktls
     assert sum(ktls[t]["TlsRxSw"] for t in ("t0", "t1")) == offloads, ktls
