@@ -29,66 +29,37 @@ log = logging.getLogger("xo.ceph.placement")
 MASK = 0xFFFFFFFF
 
 
+# lookup2's mix: three rounds, each subtracting the other two words from a,
+# b, c in turn and folding in a shifted word (right, left, right) by these
+_MIX_SHIFTS = ((13, 8, 13), (12, 16, 5), (3, 10, 15))
+
+
 def _mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    a = (a - b - c) & MASK
-    a ^= c >> 13
-    b = (b - c - a) & MASK
-    b ^= (a << 8) & MASK
-    c = (c - a - b) & MASK
-    c ^= b >> 13
-    a = (a - b - c) & MASK
-    a ^= c >> 12
-    b = (b - c - a) & MASK
-    b ^= (a << 16) & MASK
-    c = (c - a - b) & MASK
-    c ^= b >> 5
-    a = (a - b - c) & MASK
-    a ^= c >> 3
-    b = (b - c - a) & MASK
-    b ^= (a << 10) & MASK
-    c = (c - a - b) & MASK
-    c ^= b >> 15
+    for right_a, left_b, right_c in _MIX_SHIFTS:
+        a = ((a - b - c) & MASK) ^ (c >> right_a)
+        b = ((b - c - a) & MASK) ^ ((a << left_b) & MASK)
+        c = ((c - a - b) & MASK) ^ (b >> right_c)
     return a, b, c
+
+
+def _add_block(a: int, b: int, c: int, block: bytes) -> tuple[int, int, int]:
+    """Add a 12-byte block to (a, b, c) as three little-endian words."""
+    return ((a + int.from_bytes(block[0:4], "little")) & MASK,
+            (b + int.from_bytes(block[4:8], "little")) & MASK,
+            (c + int.from_bytes(block[8:12], "little")) & MASK)
 
 
 def str_hash_rjenkins(data: bytes) -> int:
     """Ceph's CEPH_STR_HASH_RJENKINS (Bob Jenkins' lookup2), the default
     object hash of every pool."""
-    length = len(data)
     a = b = 0x9E3779B9
     c = 0
-    k = data
-    while len(k) >= 12:
-        a = (a + int.from_bytes(k[0:4], "little")) & MASK
-        b = (b + int.from_bytes(k[4:8], "little")) & MASK
-        c = (c + int.from_bytes(k[8:12], "little")) & MASK
-        a, b, c = _mix(a, b, c)
-        k = k[12:]
-    c = (c + length) & MASK
-    rest = len(k)
-    # the last 11 bytes; c's lowest byte is reserved for the length
-    if rest >= 11:
-        c = (c + (k[10] << 24)) & MASK
-    if rest >= 10:
-        c = (c + (k[9] << 16)) & MASK
-    if rest >= 9:
-        c = (c + (k[8] << 8)) & MASK
-    if rest >= 8:
-        b = (b + (k[7] << 24)) & MASK
-    if rest >= 7:
-        b = (b + (k[6] << 16)) & MASK
-    if rest >= 6:
-        b = (b + (k[5] << 8)) & MASK
-    if rest >= 5:
-        b = (b + k[4]) & MASK
-    if rest >= 4:
-        a = (a + (k[3] << 24)) & MASK
-    if rest >= 3:
-        a = (a + (k[2] << 16)) & MASK
-    if rest >= 2:
-        a = (a + (k[1] << 8)) & MASK
-    if rest >= 1:
-        a = (a + k[0]) & MASK
+    whole = len(data) - len(data) % 12
+    for pos in range(0, whole, 12):
+        a, b, c = _mix(*_add_block(a, b, c, data[pos:pos + 12]))
+    # the last 0-11 bytes, zero-padded; c's lowest byte is the length's
+    tail = data[whole:].ljust(11, b"\0")
+    a, b, c = _add_block(a, b, (c + len(data)) & MASK, tail[:8] + b"\0" + tail[8:])
     return _mix(a, b, c)[2]
 
 
