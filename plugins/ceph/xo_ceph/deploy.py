@@ -19,40 +19,26 @@ from xo.engine import write_key
 
 CAPS = "CAP_NET_ADMIN CAP_NET_RAW CAP_BPF CAP_PERFMON CAP_SYS_ADMIN CAP_SYS_RESOURCE"
 
-FRONT_UNIT = """[Unit]
-Description=XO front for Ceph RGW (hands S3 GETs to the OSD hosts)
-Documentation=file://{docs}
-After=network-online.target ceph-radosgw.target
-Wants=network-online.target
 
+def unit(entry: str, description: str, after: str, *, python: str, config: str, docs: str,
+         options: str = "", binds_to: str = "") -> str:
+    """A systemd service running ``python -m xo.ceph.ENTRY --config CONFIG
+    OPTIONS`` as root with the CAPS bounded, started after the units in
+    ``after``; binds_to: a unit it lives and dies with."""
+    binds = f"BindsTo={binds_to}\n" if binds_to else ""
+    return f"""[Unit]
+Description={description}
+Documentation=file://{docs}
+After=network-online.target {after}
+Wants=network-online.target
+{binds}
 [Service]
 Type=simple
-ExecStart={python} -m xo.ceph.front --config {config}
+ExecStart={python} -m xo.ceph.{entry} --config {config}{options}
 Restart=on-failure
 RestartSec=1
-CapabilityBoundingSet={caps}
-AmbientCapabilities={caps}
-LimitMEMLOCK=infinity
-LimitNOFILE=1048576
-
-[Install]
-WantedBy=multi-user.target
-"""
-
-AGENT_UNIT = """[Unit]
-Description=XO agent beside Ceph OSD %i (serves handed-over S3 GETs)
-Documentation=file://{docs}
-After=network-online.target ceph-osd@%i.service ceph-radosgw.target
-Wants=network-online.target
-BindsTo=ceph-osd@%i.service
-
-[Service]
-Type=simple
-ExecStart={python} -m xo.ceph.agent --config {config} --osd %i
-Restart=on-failure
-RestartSec=1
-CapabilityBoundingSet={caps}
-AmbientCapabilities={caps}
+CapabilityBoundingSet={CAPS}
+AmbientCapabilities={CAPS}
 LimitMEMLOCK=infinity
 LimitNOFILE=1048576
 
@@ -97,14 +83,17 @@ def write(args: argparse.Namespace) -> list[Path]:
         key = out / "cluster.key"
         write_key(key)
         written.append(key)
-    fields = {"python": args.python, "config": installed_config, "caps": CAPS, "docs": docs}
+    where = {"python": args.python, "config": installed_config, "docs": docs}
     if "front" in roles:
         path = out / "xo-ceph-front.service"
-        path.write_text(FRONT_UNIT.format(**fields))
+        path.write_text(unit("front", "XO front for Ceph RGW (hands S3 GETs to the OSD hosts)",
+                             "ceph-radosgw.target", **where))
         written.append(path)
     if "agent" in roles:
         path = out / "xo-ceph-agent@.service"
-        path.write_text(AGENT_UNIT.format(**fields))
+        path.write_text(unit("agent", "XO agent beside Ceph OSD %i (serves handed-over S3 GETs)",
+                             "ceph-osd@%i.service ceph-radosgw.target", options=" --osd %i",
+                             binds_to="ceph-osd@%i.service", **where))
         written.append(path)
     lines = ["# install (as root):",
              "install -D -m 0644 xo-ceph.toml /etc/xo/xo-ceph.toml",
