@@ -26,7 +26,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import cycle, islice
 from pathlib import Path
 from typing import Any
 
@@ -222,34 +225,62 @@ def _upload_spread(lc: LabCluster, s3: Any, count: int, size: int,
     return objects
 
 
+@dataclass
+class Session:
+    """What GETs on one keep-alive client connection did (deltas over the run)."""
+
+    loss: dict[str, int]      # the client namespace's loss counters
+    opens: int                # TCP connections the client opened
+    st0: dict[str, Any]       # the front's counters before
+    st: dict[str, Any]        # and after
+    served: dict[int, int]    # GETs each agent served
+
+    def grew(self, *path: str) -> int:
+        """How much the front counter at path (e.g. "tls", "offloaded") grew."""
+        now, then = self.st, self.st0
+        for name in path:
+            now, then = now[name], then[name]
+        return int(now) - int(then)
+
+
+def _session_gets(lc: LabCluster, s3: Any, objects: dict[str, tuple[str, int]],
+                  keys: list[str], served_of: Callable[[LabCluster], dict[int, int]],
+                  between: Callable[[int], None] | None = None) -> Session:
+    """GET keys in turn on s3's connection (opened first, before counting),
+    each body checked by hash; between(i) after the i-th GET. Run it in the
+    client namespace; served_of counts the GETs each agent served."""
+    s3.head_bucket(Bucket="xo-repl")  # the connection is open before counting
+    loss0 = client_loss_counters(lc.client_ns)
+    opens0 = snmp_tcp(lc.client_ns)["ActiveOpens"]
+    st0 = front_stats(lc.state)
+    served0 = served_of(lc)
+    for i, key in enumerate(keys):
+        got = s3.get_object(Bucket="xo-repl", Key=key)["Body"].read()
+        assert sha(got) == objects[key][0], (i, key)
+        if between is not None:
+            between(i)
+    loss = {k: v - loss0[k] for k, v in client_loss_counters(lc.client_ns).items()}
+    opens = snmp_tcp(lc.client_ns)["ActiveOpens"] - opens0
+    served = {i: n - served0[i] for i, n in served_of(lc).items()}
+    return Session(loss, opens, st0, front_stats(lc.state), served)
+
+
+def _by_primary(primaries: Iterable[int]) -> dict[int, int]:
+    """How many of the given head primaries each OSD is."""
+    return dict(Counter(primaries))
+
+
 def test_keepalive_session_moves_between_osd_hosts_losslessly(lc: LabCluster) -> None:
     with in_netns(lc.client_ns):
         objects = _upload_spread(lc, lc.client(), 24, THRESHOLD + 4096, "ka")
         assert len({p for _d, p in objects.values()}) >= 2
-        s3 = lc.client(pool=1)
-        keys = list(objects)
-        s3.head_bucket(Bucket="xo-repl")  # the connection is open before counting
-        loss0 = client_loss_counters(lc.client_ns)
-        opens0 = snmp_tcp(lc.client_ns)["ActiveOpens"]
-        st0 = front_stats(lc.state)
-        served0 = served_counts(lc)
-        for i in range(200):
-            key = keys[i % len(keys)]
-            got = s3.get_object(Bucket="xo-repl", Key=key)["Body"].read()
-            assert sha(got) == objects[key][0], (i, key)
-        loss = {k: v - loss0[k] for k, v in client_loss_counters(lc.client_ns).items()}
-        opens = snmp_tcp(lc.client_ns)["ActiveOpens"] - opens0
-    st = front_stats(lc.state)
-    served = {i: n - served0[i] for i, n in served_counts(lc).items()}
-    expected: dict[int, int] = {}
-    for i in range(200):
-        p = objects[keys[i % len(keys)]][1]
-        expected[p] = expected.get(p, 0) + 1
-    assert opens == 0, "one keep-alive connection for the whole session"
-    assert st["offloaded"] - st0["offloaded"] == 200
-    assert st["returned"] - st0["returned"] >= 199
-    assert {i: n for i, n in served.items() if n} == expected
-    assert loss == {k: 0 for k in loss}, loss
+        keys = list(islice(cycle(objects), 200))
+        run = _session_gets(lc, lc.client(pool=1), objects, keys, served_counts)
+    assert run.opens == 0, "one keep-alive connection for the whole session"
+    assert run.grew("offloaded") == 200
+    assert run.grew("returned") >= 199
+    assert {i: n for i, n in run.served.items() if n} == _by_primary(objects[k][1] for k in keys)
+    assert run.loss == {k: 0 for k in run.loss}, run.loss
 
 
 # ---- HTTPS through the front ---------------------------------------------------------
@@ -356,41 +387,28 @@ def test_https_keepalive_session_one_handshake_lossless(
         assert len({p for _d, p in objects.values()}) >= 2
         lc.client().put_object(Bucket="xo-repl", Key="tls-ka/small", Body=small)
         s3 = lc.tls_client(pool=1)
-        keys = list(objects)
-        s3.head_bucket(Bucket="xo-repl")  # the connection is open before counting
-        loss0 = client_loss_counters(lc.client_ns)
-        opens0 = snmp_tcp(lc.client_ns)["ActiveOpens"]
-        st0 = front_stats(lc.state)
-        served0 = tls_served_counts(lc)
-        for i in range(30):
-            key = keys[i % len(keys)]
-            got = s3.get_object(Bucket="xo-repl", Key=key)["Body"].read()
-            assert sha(got) == objects[key][0], (i, key)
+
+        def small_get(i: int) -> None:
             if i % 5 == 4:
                 # a small GET in between: served by the front through the
                 # session the agent handed back (the core's record layer there)
                 got = s3.get_object(Bucket="xo-repl", Key="tls-ka/small")["Body"].read()
                 assert got == small, i
-        loss = {k: v - loss0[k] for k, v in client_loss_counters(lc.client_ns).items()}
-        opens = snmp_tcp(lc.client_ns)["ActiveOpens"] - opens0
-    st = front_stats(lc.state)
-    served = {i: n - served0[i] for i, n in tls_served_counts(lc).items()}
-    expected: dict[int, int] = {}
-    for i in range(30):
-        p = objects[keys[i % len(keys)]][1]
-        expected[p] = expected.get(p, 0) + 1
-    assert opens == 0, "one keep-alive connection for the whole session"
+
+        keys = list(islice(cycle(objects), 30))
+        run = _session_gets(lc, s3, objects, keys, tls_served_counts, small_get)
+    assert run.opens == 0, "one keep-alive connection for the whole session"
     # one TLS handshake: the front accepted none during the session, and the
     # client's key log holds one ClientHello random
-    assert st["tls"]["handshakes"] == st0["tls"]["handshakes"]
+    assert run.grew("tls", "handshakes") == 0
     randoms = {line.split()[1] for line in keylog.read_text().splitlines()
                if line and not line.startswith("#")}
     assert len(randoms) == 1, randoms
-    assert st["tls"]["offloaded"] - st0["tls"]["offloaded"] == 30
-    assert st["tls"]["returned"] - st0["tls"]["returned"] >= 29
-    assert st["proxied"] - st0["proxied"] == 6
-    assert {i: n for i, n in served.items() if n} == expected
-    assert loss == {k: 0 for k in loss}, loss
+    assert run.grew("tls", "offloaded") == 30
+    assert run.grew("tls", "returned") >= 29
+    assert run.grew("proxied") == 6
+    assert {i: n for i, n in run.served.items() if n} == _by_primary(objects[k][1] for k in keys)
+    assert run.loss == {k: 0 for k in run.loss}, run.loss
 
 
 def _get_loop(lc: LabCluster, objects: dict[str, tuple[str, int]], rounds: int,
@@ -440,10 +458,7 @@ def test_osd_marked_out_mid_run_followed(lc: LabCluster) -> None:
                 assert sha(s3.get_object(Bucket="xo-repl", Key=key)["Body"].read()) == digest
         delta = {i: n - before[i] for i, n in served_counts(lc).items()}
         assert delta[victim] == 0
-        want: dict[int, int] = {}
-        for _d, p in new.values():
-            want[p] = want.get(p, 0) + 1
-        assert {i: n for i, n in delta.items() if n} == want
+        assert {i: n for i, n in delta.items() if n} == _by_primary(p for _d, p in new.values())
     finally:
         mon.command("osd in", ids=[str(victim)])
 
@@ -503,25 +518,14 @@ def test_https_agent_without_tls_rolls_back(lc: LabCluster) -> None:
     wait_for(lambda: front_stats(lc.state, settled=False)["agents"].get(f"osd.{victim}"),
              "the front to reconnect to the agent", timeout=30)
     with in_netns(lc.client_ns):
-        s3 = lc.tls_client(pool=1)
-        s3.head_bucket(Bucket="xo-repl")
-        loss0 = client_loss_counters(lc.client_ns)
-        opens0 = snmp_tcp(lc.client_ns)["ActiveOpens"]
-        st0 = front_stats(lc.state)
-        served0 = served_counts(lc)
-        for key, (digest, _p) in objects.items():
-            assert sha(s3.get_object(Bucket="xo-repl", Key=key)["Body"].read()) == digest, key
-        loss = {k: v - loss0[k] for k, v in client_loss_counters(lc.client_ns).items()}
-        opens = snmp_tcp(lc.client_ns)["ActiveOpens"] - opens0
-    st = front_stats(lc.state)
-    served = {i: n - served0[i] for i, n in served_counts(lc).items()}
-    assert served[victim] == 0
-    assert st["offload_failed"] - st0["offload_failed"] == on_victim
-    assert st["engine"]["rollbacks"] - st0["engine"]["rollbacks"] == on_victim
+        run = _session_gets(lc, lc.tls_client(pool=1), objects, list(objects), served_counts)
+    assert run.served[victim] == 0
+    assert run.grew("offload_failed") == on_victim
+    assert run.grew("engine", "rollbacks") == on_victim
     on_others = sum(1 for _d, p in objects.values() if p in live and p != victim)
-    assert st["tls"]["offloaded"] - st0["tls"]["offloaded"] == on_others
-    assert opens == 0
-    assert loss == {k: 0 for k in loss}, loss
+    assert run.grew("tls", "offloaded") == on_others
+    assert run.opens == 0
+    assert run.loss == {k: 0 for k in run.loss}, run.loss
     assert "takes no TLS sessions" in lc.state.log("front").read_text(errors="replace")
 
 
