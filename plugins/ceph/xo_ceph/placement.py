@@ -195,36 +195,41 @@ class Placement:
                 self._zone_pools[p["key"]] = classes.get("STANDARD", {}).get("data_pool", "")
         return self._zone_pools.get(rule, "")
 
+    def _lookup(self, pool: str, name: str,
+                locator: str) -> tuple[OsdMap, int, int, int | None] | None:
+        """(the osdmap read, pool id, pg seed, cached primary OSD id or None)
+        of an object; None when there is no osdmap or no such pool."""
+        osdmap = self.osdmap
+        if osdmap is None or pool not in osdmap.pools:
+            return None
+        info = osdmap.pools[pool]
+        seed = pg_of(name, locator, "", info.pg_num)
+        with self._lock:
+            return osdmap, info.id, seed, self._primaries.get((info.id, seed))
+
     def cached_primary(self, pool: str, name: str,
                        locator: str) -> tuple[int, int, int] | None:
         """As primary(), from the cache only (None on a miss): never blocks."""
-        osdmap = self.osdmap
-        if osdmap is None or pool not in osdmap.pools:
+        got = self._lookup(pool, name, locator)
+        if got is None:
             return None
-        info = osdmap.pools[pool]
-        seed = pg_of(name, locator, "", info.pg_num)
-        with self._lock:
-            osd = self._primaries.get((info.id, seed))
-        return None if osd is None else (info.id, seed, osd)
+        _osdmap, pool_id, seed, osd = got
+        return None if osd is None else (pool_id, seed, osd)
 
     def primary(self, pool: str, name: str, locator: str) -> tuple[int, int, int] | None:
         """(pool id, pg seed, acting primary OSD id) of an object, or None."""
-        osdmap = self.osdmap
-        if osdmap is None or pool not in osdmap.pools:
+        got = self._lookup(pool, name, locator)
+        if got is None:
             return None
-        info = osdmap.pools[pool]
-        seed = pg_of(name, locator, "", info.pg_num)
-        with self._lock:
-            osd = self._primaries.get((info.id, seed))
+        osdmap, pool_id, seed, osd = got
         if osd is None:
-            out = self.command("pg map", pgid=f"{info.id}.{seed:x}")
+            out = self.command("pg map", pgid=f"{pool_id}.{seed:x}")
             osd = int(out.get("acting_primary", out["acting"][0] if out.get("acting") else -1))
             self.lookups += 1
             with self._lock:
                 if self.osdmap is osdmap:
-                    self._primaries[(info.id, seed)] = osd
-        return info.id, seed, osd
-
+                    self._primaries[(pool_id, seed)] = osd
+        return pool_id, seed, osd
 
 def poll_interval_s() -> float:
     return 0.5
