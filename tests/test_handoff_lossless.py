@@ -166,6 +166,7 @@ def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None,
     assert stats["offloads"] == count and stats["rollbacks"] == 0, stats
     transfers = stats["offloads"] + stats["returns"]
     print("client, host alone:", base, "client, XO:", xo, "transfers:", transfers,
+          "bytes followed:", stats.get("bytes_followed"),
           "park:", parks)
     assert xo["TcpEstabResets"] == 0 and xo["TcpOutRsts"] == 0, xo
     assert parks["park_overflow"] == 0, parks

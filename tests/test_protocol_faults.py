@@ -42,7 +42,7 @@ from handoff_faults_tools import (
 )
 from handoff_tools import lab_name, rst_counters, sockets_with_peer, tcp_sockets
 from netns_tools import sha256, wait_for
-from xo import core
+from xo import core, http1
 from xo import lab as xolab
 from xo.core import Channel, Endpoint, MsgType, decode_abort, encode_abort, encode_ready
 from xo.demo import RefAppCluster, make_docroot
@@ -59,13 +59,16 @@ DRIVERS = ["py", "c"]
 
 @contextlib.contextmanager
 def relayed(prefix: str, driver: str, targets: int = 1,
-            timeouts: dict[str, float] | None = None) -> Iterator[tuple[RefAppCluster,
-                                                                      ControlRelay]]:
-    """A lab whose host reaches t0's control port through a ControlRelay."""
+            timeouts: dict[str, float] | None = None,
+            target_driver: str | None = None) -> Iterator[tuple[RefAppCluster, ControlRelay]]:
+    """A lab whose host reaches t0's control port through a ControlRelay;
+    target_driver: the targets' driver where it is not the host's."""
     with tempfile.TemporaryDirectory(prefix="xo-faults-") as tmp, \
             xolab.lab(lab_name(prefix), targets=targets) as testbed:
         relay = ControlRelay(testbed, "t0")
-        apps = RefAppCluster(testbed, Path(tmp), drivers={"*": driver},
+        drivers = {"*": driver} if target_driver is None else {"host": driver,
+                                                                 "*": target_driver}
+        apps = RefAppCluster(testbed, Path(tmp), drivers=drivers,
                              timeouts={**FAST, **(timeouts or {})},
                              control_via={"t0": relay.address})
         try:
@@ -396,3 +399,95 @@ def test_target_done_naming_another_client_is_refused(driver: str) -> None:
             with pytest.raises(ConnectionResetError):
                 read_response(sock)
         wait_for(lambda: map_entries(apps, "host") == [], "the host's steering map to empty")
+
+
+# ---- unread bytes after the state ------------------------------------------------
+
+
+def put_request(name: str, body: bytes) -> bytes:
+    head = f"PUT /{name} HTTP/1.1\r\nHost: xo\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+def two_pipelined_puts(sock: socket.socket, body_a: bytes,
+                       body_b: bytes) -> list[http1.Response | BaseException]:
+    """PUT a and PUT b sent back to back while the answers are read: the host
+    hands PUT a off with megabytes of it queued, and the target hands the
+    connection back with PUT b queued. An answer that cannot be read is its
+    exception."""
+    sender = threading.Thread(target=sock.sendall,
+                              args=(put_request("a", body_a) + put_request("b", body_b),),
+                              daemon=True)
+    sender.start()
+    rest = bytearray()
+    out: list[http1.Response | BaseException] = []
+    try:
+        for _ in range(2):
+            out.append(http1.recv_response(sock, rest, method="PUT"))
+    except OSError as exc:
+        out.append(exc)
+    sender.join(timeout=IO_TIMEOUT)
+    return out
+
+
+# The C driver's target serves GET and HEAD only; it takes part as the host.
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_unread_bytes_follow_the_state(driver: str) -> None:
+    """A state goes without the megabytes of a streaming body the old owner
+    has queued: BEGIN_OFFLOAD (and TARGET_DONE) are flagged, the bytes come in
+    a BYTES message after the sender's PARKED, and the new owner, live since
+    the state was in, gives them to its application first. Both PUT bodies
+    arrive exact (their digests in the answers), in both directions."""
+    body_a, body_b = os.urandom(4 << 20), os.urandom(4 << 20)
+    with relayed("bf", driver, target_driver="py") as (apps, relay):
+        with client_connect(apps) as sock:
+            sock.settimeout(30)
+            answers = two_pipelined_puts(sock, body_a, body_b)
+        for answer, body in zip(answers, (body_a, body_b), strict=True):
+            assert isinstance(answer, http1.Response), answer
+            assert answer.status == 201
+            assert answer.headers["x-body-sha256"] == sha256(body)
+            assert answer.headers["x-served-by"] == "t0"
+        stats = apps.host_stats(settled=True)
+        to_target = [s.mtype for s in relay.seen if s.direction == TO_TARGET
+                     and s.mtype in (MsgType.HOST_READY, MsgType.PARKED, MsgType.BYTES)]
+    # Outbound: the bytes after the host's HOST_READY and PARKED.
+    assert MsgType.BYTES in to_target, to_target
+    first = to_target.index(MsgType.BYTES)
+    assert to_target[:first][-2:] == [MsgType.HOST_READY, MsgType.PARKED], to_target
+    # Inbound: the target handed back with PUT b queued; its bytes came too.
+    assert relay.count(TO_HOST, MsgType.BYTES) >= 1
+    assert stats["returns"] >= 1 and stats["bytes_followed"] >= 1, stats
+    assert stats["bytes_missed"] == 0 and stats["rollbacks"] == 0, stats
+
+
+@pytest.mark.parametrize(("direction", "action"), [(TO_TARGET, "drop"), (TO_TARGET, "delay"),
+                                                   (TO_HOST, "drop"), (TO_HOST, "delay")])
+@pytest.mark.parametrize("driver", DRIVERS)  # the host's; the target's is py
+def test_lost_unread_bytes_reset_the_client(driver: str, direction: str, action: str) -> None:
+    """The BYTES of a transfer dropped (the next message shows a sequence
+    gap: the control connection closes) or held past the receiver's deadline.
+    The new owner's socket is live but lacks bytes the old owner had
+    acknowledged: nothing can carry the connection on, so the client is
+    reset at once, never left hanging, and the connection's steering goes."""
+    body_a, body_b = os.urandom(4 << 20), os.urandom(4 << 20)
+    with relayed("lb", driver, target_driver="py") as (apps, relay):
+        relay.add(Rule(direction, MsgType.BYTES, action, seconds=2.5))
+        watch = LogWatch(apps.log_path("t0" if direction == TO_TARGET else "host"))
+        with client_connect(apps) as sock:
+            sock.settimeout(30)  # a hang fails here
+            answers = two_pipelined_puts(sock, body_a, body_b)
+        assert relay.count(direction, MsgType.BYTES, action) == 1
+        if direction == TO_TARGET:
+            # PUT a's own bytes never reached t0: no answer at all.
+            assert len(answers) == 1 and isinstance(answers[0], ConnectionResetError), answers
+            watch.wait_line("host lost before its unread bytes came" if action == "drop"
+                            else "its unread bytes never came; client reset")
+        else:
+            # PUT a served by t0; PUT b's bytes never came back to the host.
+            assert isinstance(answers[0], http1.Response), answers
+            assert answers[0].headers["x-body-sha256"] == sha256(body_a)
+            assert len(answers) == 2 and isinstance(answers[1], ConnectionResetError), answers
+            watch.wait_line("its unread bytes never came back; client reset")
+            wait_for(lambda: apps.host_stats()["bytes_missed"] == 1, "the host to count it")
+        assert_nothing_left(apps)

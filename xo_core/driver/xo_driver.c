@@ -596,7 +596,8 @@ static void stats_json(char *buf, size_t cap)
 	off = snprintf(buf, cap,
 		       "{\"offloads\": %llu, \"rollbacks\": %llu, \"returns\": %llu, "
 		       "\"withdrawn\": %llu, \"closed_on_target\": %llu, "
-		       "\"stragglers\": %llu, \"moves\": %llu, \"requests\": %llu, "
+		       "\"stragglers\": %llu, \"bytes_followed\": %llu, "
+		       "\"bytes_missed\": %llu, \"moves\": %llu, \"requests\": %llu, "
 		       "\"served_locally\": %llu, \"proxied\": 0, \"offloaded_now\": %u, "
 		       "\"rules\": %lld, \"driver\": \"c\", \"targets\": {",
 		       (unsigned long long)st.offloads,
@@ -605,6 +606,8 @@ static void stats_json(char *buf, size_t cap)
 		       (unsigned long long)st.withdrawn,
 		       (unsigned long long)st.closed_on_target,
 		       (unsigned long long)st.stragglers,
+		       (unsigned long long)st.bytes_followed,
+		       (unsigned long long)st.bytes_missed,
 		       (unsigned long long)st.moves, (unsigned long long)requests,
 		       (unsigned long long)served_locally, st.active,
 		       (long long)xo_steer_count(steer));

@@ -346,7 +346,8 @@ int xo_state_decode(const uint8_t *buf, size_t len, struct xo_tcp_state *st);
 #define XO_MSG_PING 9
 #define XO_MSG_PONG 10
 #define XO_MSG_PARKED 11 /* client frames a PARK entry kept, for the new owner */
-#define XO_MSG_MAX 11
+#define XO_MSG_BYTES 12  /* what the application reads first, after the state */
+#define XO_MSG_MAX 12
 
 #define XO_ENV_VERSION 2
 #define XO_ENV_HEADER_LEN 40

@@ -100,6 +100,15 @@ extern "C" {
 			       * the host only retires the redirect */
 #define XO_DONE_FLAG_MOVE 2   /* payload: READY-encoded destination, then
 			       * the state; the host moves, not restores */
+/* Wire flag of BEGIN_OFFLOAD and TARGET_DONE: the state holds no unread
+ * bytes (no application data, an empty receive queue, rcv_nxt past them);
+ * they come in a BYTES message after the sender's PARKED. The receiver
+ * resumes the socket without them and gives them to its driver, with the
+ * ADOPTED / RETURNED event, once they are in. */
+#define XO_FLAG_BYTES_FOLLOW 4
+/* Unread bytes (application data and receive queue together) from which a
+ * plain (non-TLS) connection's state goes without them. */
+#define XO_PROTO_BYTES_FOLLOW_MIN 65536
 
 /* Defaults of the timing knobs (milliseconds). */
 #define XO_PROTO_READY_TIMEOUT_MS 2000      /* host: BEGIN -> TARGET_READY */
@@ -165,6 +174,9 @@ struct xo_proto_config {
 	uint32_t closed_ttl_ms;
 	uint32_t load_interval_ms;
 	uint32_t max_handshakes;
+	/* unread bytes from which they follow the state (XO_FLAG_BYTES_FOLLOW);
+	 * 0 = XO_PROTO_BYTES_FOLLOW_MIN, UINT32_MAX = never */
+	uint32_t bytes_follow_min;
 };
 
 struct xo_proto;
@@ -359,6 +371,11 @@ struct xo_proto_stats {
 				   * before a rollback), given to our stack */
 	uint64_t stragglers;      /* of parked_shipped: frames that reached
 				   * us after the new owner took over */
+	uint64_t bytes_followed;  /* transfers whose unread bytes followed
+				   * their state (sent) */
+	uint64_t bytes_missed;    /* resumed connections whose BYTES never
+				   * came (control connection lost, timeout):
+				   * reset */
 	uint32_t active;          /* connections the machine tracks now */
 	uint32_t peers;
 };

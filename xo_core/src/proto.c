@@ -77,6 +77,12 @@ struct conn {
 	uint8_t *held;
 	uint32_t held_len;
 	uint64_t superseded_by; /* host, H_RETURNED: offloaded again since */
+	/* Unread bytes sent after the state (XO_FLAG_BYTES_FOLLOW). Sender:
+	 * what goes in BYTES right after our PARKED. Receiver: awaiting, the
+	 * socket is live but the driver hears of it only with the bytes. */
+	uint8_t *due;
+	uint32_t due_len;
+	bool awaiting;
 	struct lap lap;
 };
 
@@ -584,6 +590,7 @@ static void conn_free(struct xo_proto *p, struct conn *c)
 	xo_state_release(&c->st);
 	free(c->app);
 	free(c->held);
+	free(c->due);
 	free(c);
 	p->stats.active--;
 }
@@ -686,6 +693,22 @@ static void ship_parked(struct xo_proto *p, struct peer *pe, uint64_t conn,
 		p->stats.parked_shipped += (uint64_t)n;
 	free(all);
 	free(blob);
+}
+
+/* The unread bytes of a transfer whose state went without them: after our
+ * PARKED, so the frames the client is waiting on are not queued behind
+ * them on the control connection. */
+static void ship_due(struct xo_proto *p, struct peer *pe, struct conn *c,
+		     uint64_t now)
+{
+	if (!c->due)
+		return;
+	if (!send_msg(pe, XO_MSG_BYTES, 0, c->wire_id, c->due, c->due_len,
+		      now))
+		p->stats.bytes_followed++;
+	free(c->due);
+	c->due = NULL;
+	c->due_len = 0;
 }
 
 static void straggler_add(struct xo_proto *p, const struct straggler *sg)
@@ -1018,6 +1041,7 @@ static void ship_after(struct xo_proto *p, struct peer *pe, struct conn *next,
 	free(next->held);
 	next->held = NULL;
 	next->held_len = 0;
+	ship_due(p, pe, next, now);
 	watch_stragglers(p, pe, next->wire_id, &next->in_key, now);
 }
 
@@ -1178,6 +1202,50 @@ static int encode_state(struct xo_tcp_state *st, const uint8_t *prefix,
 	return 0;
 }
 
+/*
+ * Take the unread bytes (the application data, then the receive queue) out
+ * of a captured plain state, into *due, when there are enough of them: the
+ * receiver then resumes as soon as the state is in, and the client, whose
+ * segments are parked meanwhile, waits for the state and its parked frames
+ * only, not for megabytes of queue crossing the control connection
+ * (docs/architecture.md, "Unread bytes after the state"). rcv_nxt stays:
+ * restored so, the new socket has read up to it. The application data
+ * moves to *app (rollback and keep events give it back). Not for TLS
+ * states: kernel TLS reads its records from the socket, and a record
+ * layer's partial record must stay where it is. 0: *due may stay NULL.
+ */
+static int detach_unread(struct xo_proto *p, struct xo_tcp_state *st,
+			 uint8_t **due, uint32_t *due_len, uint8_t **app)
+{
+	uint64_t len = (uint64_t)st->app_len + st->recvq_len;
+	uint32_t min = p->cfg.bytes_follow_min ? p->cfg.bytes_follow_min :
+						 XO_PROTO_BYTES_FOLLOW_MIN;
+	uint8_t *b;
+
+	*due = NULL;
+	*due_len = 0;
+	*app = NULL;
+	if (st->tls || len < min || len > XO_ENV_MAX_PAYLOAD)
+		return 0;
+	b = malloc(len);
+	if (!b)
+		return xo_fail(XO_E_NOMEM, "unread bytes: %llu",
+			       (unsigned long long)len);
+	if (st->app_len)
+		memcpy(b, st->app_data, st->app_len);
+	if (st->recvq_len)
+		memcpy(b + st->app_len, st->recvq, st->recvq_len);
+	*app = st->app_data;
+	st->app_data = NULL;
+	st->app_len = 0;
+	free(st->recvq);
+	st->recvq = NULL;
+	st->recvq_len = 0;
+	*due = b;
+	*due_len = (uint32_t)len;
+	return 0;
+}
+
 int xo_proto_usable(struct xo_proto *p, uint32_t peer, uint64_t now)
 {
 	struct peer *pe = peer_get(p, peer);
@@ -1292,8 +1360,8 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	struct peer *pe = peer_get(p, peer);
 	struct xo_endpoint local, client;
 	struct xo_flow_key in_key, out_key;
-	uint8_t *payload = NULL;
-	uint32_t payload_len;
+	uint8_t *payload = NULL, *due = NULL, *kept_app = NULL;
+	uint32_t payload_len, due_len = 0;
 	struct conn *c;
 	struct lap l;
 	int ret;
@@ -1336,6 +1404,8 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	if (!ret && tls)
 		ret = attach_tls(&st, tls, "offload");
 	if (!ret)
+		ret = detach_unread(p, &st, &due, &due_len, &kept_app);
+	if (!ret)
 		ret = encode_state(&st, NULL, 0, &payload, &payload_len);
 	if (ret)
 		goto resume;
@@ -1352,7 +1422,8 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 			    !memcmp(&o->in_key, &in_key, sizeof(in_key)))
 				o->superseded_by = c->id;
 	}
-	ret = send_msg(pe, XO_MSG_BEGIN_OFFLOAD, 0, c->wire_id, payload,
+	ret = send_msg(pe, XO_MSG_BEGIN_OFFLOAD,
+		       due ? XO_FLAG_BYTES_FOLLOW : 0, c->wire_id, payload,
 		       payload_len, now);
 	state_buf_free(payload, payload_len);
 	payload = NULL;
@@ -1360,6 +1431,9 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 		conn_free(p, c);
 		goto resume;
 	}
+	c->due = due; /* sent after our PARKED (host_commit, ship_after) */
+	c->due_len = due_len;
+	due = NULL;
 	c->state = H_WAIT_READY;
 	pe->pending++;
 	c->fd = fd;
@@ -1372,11 +1446,15 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	c->deadline = now + CFG(p, ready_timeout_ms,
 				XO_PROTO_READY_TIMEOUT_MS);
 	if (app_len) {
-		c->app = st.app_data; /* keep the copy for a rollback event */
+		/* keep the copy for a rollback event */
+		c->app = kept_app ? kept_app : st.app_data;
 		c->app_len = app_len;
-		st.app_data = NULL;
+		if (!kept_app)
+			st.app_data = NULL;
+		kept_app = NULL;
 		st.app_len = 0;
 	}
+	free(kept_app);
 	xo_state_release(&st);
 	lap(p, &l, OH_SERIALIZE);
 	c->lap = l;
@@ -1404,6 +1482,8 @@ unblock:
 		xo_fail(ret, "%s", why);
 	}
 	state_buf_free(payload, payload_len);
+	free(due);
+	free(kept_app);
 	xo_state_release(&st);
 	return ret;
 }
@@ -1454,6 +1534,7 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 		free(c->held);
 		c->held = NULL;
 		c->held_len = 0;
+		ship_due(p, pe, c, now);
 		watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
 	}
 	lap(p, &c->lap, OH_DISCARD);
@@ -1562,6 +1643,56 @@ static void host_withdraw(struct xo_proto *p, struct conn *c)
 
 /* ---- host: inbound and moves ------------------------------------------ */
 
+static void returned_event(struct xo_proto *p, struct conn *c, int fd,
+			   struct xo_tcp_state *st)
+{
+	struct xo_proto_event *ev;
+
+	p->stats.returns++;
+	ev = push_event(p, XO_EV_RETURNED, c->peer, c->id, fd);
+	if (ev) {
+		ev->client = c->client;
+		ev->local = c->local;
+		event_data(ev, &st->app_data, st->app_len);
+		if (o_tls_user(p, st))
+			event_tls(ev, st);
+	}
+}
+
+/* A resumed connection whose unread bytes will not come: nothing can
+ * carry it on, so its client is told at once (reset), not left to hang. */
+static void reset_socket(int fd)
+{
+	struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+
+	if (fd < 0)
+		return;
+	if (setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) < 0)
+		fprintf(stderr, "xo: reset: setsockopt(SO_LINGER): %s\n",
+			strerror(errno));
+	if (close(fd) < 0)
+		fprintf(stderr, "xo: reset: close: %s\n", strerror(errno));
+}
+
+/* Host: a returned connection whose BYTES did not come. */
+static void host_bytes_missed(struct xo_proto *p, struct conn *c)
+{
+	struct xo_proto_event *ev;
+
+	fprintf(stderr, "xo: conn %llx: its unread bytes never came back; client reset\n",
+		(unsigned long long)c->id);
+	reset_socket(c->fd);
+	c->fd = -1;
+	c->awaiting = false;
+	p->stats.bytes_missed++;
+	ev = push_event(p, XO_EV_WITHDRAWN, c->peer, c->id, -1);
+	if (ev) {
+		ev->client = c->client;
+		snprintf(ev->text, sizeof(ev->text),
+			 "the connection's unread bytes never came back");
+	}
+}
+
 static void host_done(struct xo_proto *p, struct peer *pe,
 		      const struct xo_msg *m, uint64_t now)
 {
@@ -1570,7 +1701,6 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 	struct xo_endpoint dest = { 0 };
 	const uint8_t *state_buf = m->payload;
 	uint32_t state_len = m->payload_len;
-	struct xo_proto_event *ev;
 	char why[XO_EV_TEXT_LEN];
 	struct lap l;
 	int ret, fd;
@@ -1618,6 +1748,13 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 			 ep_str(&st.remote, b, sizeof(b)));
 		goto refuse;
 	}
+	if ((m->flags & XO_FLAG_BYTES_FOLLOW) &&
+	    (st.tls || st.app_len || st.recvq_len)) {
+		ret = XO_E_FIELD;
+		snprintf(why, sizeof(why),
+			 "bytes to follow a state that has TLS or unread bytes");
+		goto refuse;
+	}
 	lap(p, &l, IH_DECODE);
 	if (m->flags & XO_DONE_FLAG_MOVE) {
 		struct peer *to;
@@ -1637,8 +1774,9 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		st.local = c->local;
 		ret = encode_state(&st, NULL, 0, &payload, &payload_len);
 		if (!ret)
-			ret = send_msg(to, XO_MSG_BEGIN_OFFLOAD, 0, c->wire_id,
-				       payload, payload_len, now);
+			ret = send_msg(to, XO_MSG_BEGIN_OFFLOAD,
+				       m->flags & XO_FLAG_BYTES_FOLLOW,
+				       c->wire_id, payload, payload_len, now);
 		state_buf_free(payload, payload_len);
 		if (ret) {
 			snprintf(why, sizeof(why), "%s", xo_last_error());
@@ -1686,14 +1824,13 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 	lap(p, &l, IH_END);
 	lap_total(p, &l, IH_TOTAL);
 	pe->offloaded--;
-	p->stats.returns++;
-	ev = push_event(p, XO_EV_RETURNED, pe->id, c->id, fd);
-	if (ev) {
-		ev->client = c->client;
-		ev->local = c->local;
-		event_data(ev, &st.app_data, st.app_len);
-		if (o_tls_user(p, &st))
-			event_tls(ev, &st);
+	if (m->flags & XO_FLAG_BYTES_FOLLOW) {
+		/* Live, and acknowledging what the client sends; the driver
+		 * hears of it once the bytes it reads first are in. */
+		c->fd = fd;
+		c->awaiting = true;
+	} else {
+		returned_event(p, c, fd, &st);
 	}
 	xo_state_release(&st);
 	/* Kept a moment: what the target parked meanwhile comes next. */
@@ -1710,6 +1847,43 @@ refuse:
 	xo_state_release(&st);
 	refused(p, pe, m->conn_id, XO_ABORT_RESTORE, why, now);
 	(void)ret;
+}
+
+/* A target's BYTES: a returned connection's unread bytes (now the driver
+ * gets it), or a moved one's, which follow it to its new target. */
+static void host_bytes(struct xo_proto *p, struct peer *pe, struct conn *c,
+		       const struct xo_msg *m, uint64_t now)
+{
+	struct xo_tcp_state st = { 0 };
+
+	if (c && c->state == H_RETURNED && c->peer == pe->id && c->awaiting) {
+		st.app_data = malloc(m->payload_len ? m->payload_len : 1);
+		if (!st.app_data) {
+			host_bytes_missed(p, c);
+		} else {
+			memcpy(st.app_data, m->payload, m->payload_len);
+			st.app_len = m->payload_len;
+			c->awaiting = false;
+			returned_event(p, c, c->fd, &st);
+			c->fd = -1;
+			xo_state_release(&st);
+		}
+		if (!c->park_until)
+			conn_free(p, c); /* its PARKED came before */
+		return;
+	}
+	if (c && c->state == H_OFFLOADED && c->peer != pe->id) {
+		struct peer *to = peer_get(p, c->peer);
+
+		if (to)
+			send_msg(to, XO_MSG_BYTES, 0, c->wire_id, m->payload,
+				 m->payload_len, now);
+		return;
+	}
+	if (c)
+		violation(p, pe, now, "BYTES for connection %llx, which waits for none",
+			  (unsigned long long)m->conn_id);
+	/* else: a connection withdrawn meanwhile */
 }
 
 /* The destination of a move answered (READY or ABORT) or failed. */
@@ -1833,10 +2007,17 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 		host_done(p, pe, m, now);
 		return;
 	case XO_MSG_PARKED:
-		if (c && c->state == H_RETURNED && c->peer == pe->id) {
+		if (c && c->state == H_RETURNED && c->peer == pe->id &&
+		    c->park_until) {
 			release_park(p, c, m->payload, m->payload_len, &c->local);
 			expect_stragglers(p, c, now);
-			conn_free(p, c);
+			if (c->awaiting) /* its BYTES come next */
+				c->deadline = now + CFG(p, confirm_timeout_ms,
+							XO_PROTO_CONFIRM_TIMEOUT_MS);
+			else
+				conn_free(p, c);
+		} else if (c && c->state == H_RETURNED && c->peer == pe->id) {
+			replay_blob(p, m->payload, m->payload_len, &c->local);
 		} else if (!c) {
 			late_parked(p, pe, m);
 		} else if (c && c->state == H_OFFLOADED && c->peer != pe->id) {
@@ -1847,6 +2028,9 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 					    m->payload, m->payload_len, now))
 				p->stats.parked_shipped++;
 		}
+		return;
+	case XO_MSG_BYTES:
+		host_bytes(p, pe, c, m, now);
 		return;
 	case XO_MSG_LOAD_REPORT:
 		if (xo_load_decode(m->payload, m->payload_len, &pe->load))
@@ -1929,6 +2113,13 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 		goto refuse;
 	}
 	lap(p, &l, OT_DECODE);
+	if ((m->flags & XO_FLAG_BYTES_FOLLOW) &&
+	    (st.tls || st.app_len || st.recvq_len)) {
+		reason = XO_ABORT_DECODE;
+		snprintf(why, sizeof(why),
+			 "bytes to follow a state that has TLS or unread bytes");
+		goto refuse;
+	}
 	if (st.tls && p->cfg.no_tls) {
 		reason = XO_ABORT_RESTORE;
 		snprintf(why, sizeof(why),
@@ -2016,6 +2207,7 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 	lap(p, &l, OT_READY);
 	lap_total(p, &l, OT_TOTAL);
 	c->state = T_WAIT_HOST_READY;
+	c->awaiting = m->flags & XO_FLAG_BYTES_FOLLOW;
 	c->st = st; /* resume needs the unsent bytes */
 	c->deadline = now + CFG(p, confirm_timeout_ms,
 				XO_PROTO_CONFIRM_TIMEOUT_MS);
@@ -2044,6 +2236,9 @@ static void target_keep(struct xo_proto *p, struct conn *c, const char *why)
 		fprintf(stderr, "xo: conn %llx: rewrite back: %s\n",
 			(unsigned long long)c->id, xo_last_error());
 	release_park(p, c, NULL, 0, &c->at);
+	free(c->due); /* the socket still holds them */
+	c->due = NULL;
+	c->due_len = 0;
 	c->state = T_SERVING;
 	c->deadline = 0;
 	p->stats.kept++;
@@ -2078,10 +2273,89 @@ static void target_drop(struct xo_proto *p, struct conn *c, uint32_t type)
 	conn_free(p, c);
 }
 
+static void target_bytes_missed(struct xo_proto *p, struct conn *c,
+				uint64_t now);
+
+/* The driver gets a restored connection: with the request bytes of the
+ * state, or with the unread bytes that followed it (`more`). */
+static void adopted_event(struct xo_proto *p, struct peer *pe, struct conn *c,
+			  const uint8_t *more, uint32_t more_len)
+{
+	struct xo_proto_event *ev;
+
+	if (more_len) {
+		/* A state with bytes to follow has no application data. */
+		xo_state_release(&c->st);
+		c->st.app_data = malloc(more_len);
+		if (c->st.app_data) {
+			memcpy(c->st.app_data, more, more_len);
+			c->st.app_len = more_len;
+		}
+	}
+	if (c->awaiting && more_len && !c->st.app_data) {
+		target_bytes_missed(p, c, clock_ns());
+		return;
+	}
+	c->awaiting = false;
+	c->deadline = 0;
+	p->stats.adopted++;
+	ev = push_event(p, XO_EV_ADOPTED, pe->id, c->id, c->fd);
+	if (ev) {
+		ev->code = c->at.port != c->local.port; /* remapped */
+		if (ev->code) {
+			struct xo_endpoint want = c->at;
+			char a[64], b[64];
+
+			want.port = c->local.port;
+			snprintf(ev->text, sizeof(ev->text),
+				 "4-tuple %s <-> %s taken; remapping to port %u",
+				 ep_str(&want, a, sizeof(a)),
+				 ep_str(&c->client, b, sizeof(b)), c->at.port);
+		}
+		ev->client = c->client;
+		ev->local = c->at;
+		event_data(ev, &c->st.app_data, c->st.app_len);
+		if (o_tls_user(p, &c->st))
+			event_tls(ev, &c->st);
+	}
+	c->st.app_len = 0;
+	xo_state_release(&c->st);
+}
+
+/* Target: a resumed connection whose BYTES did not come. The client is
+ * reset through our source rewrite, and the host retires its redirect as
+ * for a connection closed here (TARGET_DONE with CLOSED). */
+static void target_bytes_missed(struct xo_proto *p, struct conn *c,
+				uint64_t now)
+{
+	struct peer *pe = peer_get(p, c->peer);
+
+	fprintf(stderr, "xo: conn %llx: its unread bytes never came; client reset\n",
+		(unsigned long long)c->id);
+	p->stats.bytes_missed++;
+	/* awaiting stays set: the driver never knew it (no CLOSED event). */
+	drop_parked(p, &c->in_key);
+	remove_rule(p, &c->in_key);
+	reset_socket(c->fd);
+	c->fd = -1;
+	c->rule.expires_ns = now + CFG(p, closed_ttl_ms, XO_PROTO_CLOSED_TTL_MS);
+	if (!xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule))
+		linger(p, &c->out_key, &c->rule);
+	if (pe && pe->state == XO_PEER_UP) {
+		send_msg(pe, XO_MSG_TARGET_DONE, XO_DONE_FLAG_CLOSED, c->wire_id,
+			 NULL, 0, now);
+		c->state = T_WAIT_CLOSED;
+		c->deadline = now + CFG(p, confirm_timeout_ms,
+					XO_PROTO_CONFIRM_TIMEOUT_MS);
+		return;
+	}
+	remove_rule(p, &c->out_key);
+	conn_free(p, c);
+}
+
 static void target_input(struct xo_proto *p, struct peer *pe,
 			 const struct xo_msg *m, uint64_t now)
 {
-	struct xo_proto_event *ev;
 	struct conn *c;
 	struct lap l;
 
@@ -2095,6 +2369,15 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 			replay_blob(p, m->payload, m->payload_len, &c->at);
 		else if (c && c->state == T_WAIT_END)
 			hold_frames(c, m->payload, m->payload_len);
+		return;
+	}
+	if (m->type == XO_MSG_BYTES) {
+		c = conn_by_wire(p, pe->id, m->conn_id);
+		if (c && c->state == T_SERVING && c->awaiting)
+			adopted_event(p, pe, c, m->payload, m->payload_len);
+		else if (c && c->state != T_WAIT_CLOSED) /* else: too late */
+			violation(p, pe, now, "BYTES for connection %llx, which waits for none",
+				  (unsigned long long)m->conn_id);
 		return;
 	}
 	if (m->type != XO_MSG_HOST_READY && m->type != XO_MSG_END_OFFLOAD &&
@@ -2141,29 +2424,15 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 					  XO_PROTO_READY_TIMEOUT_MS);
 		c->renew_at = now + CFG(p, redirect_ttl_ms,
 					XO_PROTO_REDIRECT_TTL_MS) / 3;
-		p->stats.adopted++;
-		ev = push_event(p, XO_EV_ADOPTED, pe->id, c->id, c->fd);
-		if (ev) {
-			ev->code = c->at.port != c->local.port; /* remapped */
-			if (ev->code) {
-				struct xo_endpoint want = c->at;
-				char a[64], b[64];
-
-				want.port = c->local.port;
-				snprintf(ev->text, sizeof(ev->text),
-					 "4-tuple %s <-> %s taken; remapping to port %u",
-					 ep_str(&want, a, sizeof(a)),
-					 ep_str(&c->client, b, sizeof(b)),
-					 c->at.port);
-			}
-			ev->client = c->client;
-			ev->local = c->at;
-			event_data(ev, &c->st.app_data, c->st.app_len);
-			if (o_tls_user(p, &c->st))
-				event_tls(ev, &c->st);
+		if (c->awaiting) {
+			/* Live, and acknowledging what the client sends; the
+			 * driver hears of it once its unread bytes are in. */
+			xo_state_release(&c->st);
+			c->deadline = now + CFG(p, confirm_timeout_ms,
+						XO_PROTO_CONFIRM_TIMEOUT_MS);
+			return;
 		}
-		c->st.app_len = 0;
-		xo_state_release(&c->st);
+		adopted_event(p, pe, c, NULL, 0);
 		return;
 	case T_WAIT_END:
 		l = c->lap;
@@ -2176,6 +2445,7 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		lap(p, &l, IT_END);
 		ship_parked(p, pe, c->wire_id, &c->in_key, c->held,
 			    c->held_len, now);
+		ship_due(p, pe, c, now);
 		watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
 		{
 			struct xo_flow_key k = c->in_key;
@@ -2195,7 +2465,8 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		return;
 	case T_WAIT_CLOSED:
 		if (m->type == XO_MSG_ABORT || m->type == XO_MSG_END_OFFLOAD) {
-			ev = push_event(p, XO_EV_CLOSED, pe->id, c->id, -1);
+			if (!c->awaiting)
+				push_event(p, XO_EV_CLOSED, pe->id, c->id, -1);
 			conn_free(p, c);
 			return;
 		}
@@ -2216,8 +2487,9 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 {
 	struct xo_tcp_state st = { 0 };
 	struct peer *pe = peer_get(p, c->peer);
-	uint8_t prefix[XO_READY_LEN], *payload = NULL;
-	uint32_t payload_len;
+	uint8_t prefix[XO_READY_LEN], *payload = NULL, *due = NULL;
+	uint8_t *kept_app = NULL;
+	uint32_t payload_len, due_len = 0, kept_len;
 	struct lap l;
 	int ret;
 
@@ -2255,18 +2527,25 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 		if (xo_ready_encode(&to, prefix, sizeof(prefix)) < 0)
 			ret = XO_E_INVAL;
 	}
+	kept_len = st.app_len;
+	if (!ret)
+		ret = detach_unread(p, &st, &due, &due_len, &kept_app);
 	if (!ret)
 		ret = encode_state(&st, prefix, dest ? XO_READY_LEN : 0,
 				   &payload, &payload_len);
 	if (!ret) {
 		crash_point(p, "done");
 		ret = send_msg(pe, XO_MSG_TARGET_DONE,
-			       dest ? XO_DONE_FLAG_MOVE : 0, c->wire_id,
-			       payload, payload_len, now);
+			       (dest ? XO_DONE_FLAG_MOVE : 0) |
+				       (due ? XO_FLAG_BYTES_FOLLOW : 0),
+			       c->wire_id, payload, payload_len, now);
 	}
 	state_buf_free(payload, payload_len);
-	if (ret)
+	if (ret) {
+		free(due);
+		free(kept_app);
 		goto resume;
+	}
 	lap(p, &l, IT_SERIALIZE);
 	c->lap = l;
 	c->state = T_WAIT_END;
@@ -2274,9 +2553,16 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 	c->deadline = now + CFG(p, confirm_timeout_ms,
 				XO_PROTO_CONFIRM_TIMEOUT_MS);
 	free(c->app);
-	c->app = st.app_data;
-	c->app_len = st.app_len;
-	st.app_data = NULL;
+	if (due) {
+		c->app = kept_app; /* for a KEPT event */
+		c->app_len = kept_app ? kept_len : 0;
+		c->due = due; /* sent after our PARKED, on END_OFFLOAD */
+		c->due_len = due_len;
+	} else {
+		c->app = st.app_data;
+		c->app_len = st.app_len;
+		st.app_data = NULL;
+	}
 	xo_state_release(&st);
 	return 0;
 
@@ -2305,7 +2591,8 @@ static struct conn *serving(struct xo_proto *p, uint64_t id)
 {
 	struct conn *c = conn_by_id(p, id);
 
-	if (p->cfg.role != XO_ROLE_TARGET || !c || c->state != T_SERVING) {
+	if (p->cfg.role != XO_ROLE_TARGET || !c || c->state != T_SERVING ||
+	    c->awaiting) {
 		xo_fail(XO_E_STATE, "connection %llx is not being served here",
 			(unsigned long long)id);
 		return NULL;
@@ -2419,7 +2706,10 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 				continue;
 			}
 			if (c->state == H_RETURNED) {
-				release_park(p, c, NULL, 0, &c->local);
+				if (c->park_until)
+					release_park(p, c, NULL, 0, &c->local);
+				if (c->awaiting)
+					host_bytes_missed(p, c);
 				conn_free(p, c);
 				continue;
 			}
@@ -2445,6 +2735,13 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 			target_drop(p, c, XO_EV_LOST);
 			break;
 		case T_SERVING:
+			if (c->awaiting) { /* the driver never knew it */
+				fprintf(stderr, "xo: conn %llx: host lost before its unread bytes came\n",
+					(unsigned long long)c->id);
+				p->stats.bytes_missed++;
+				target_drop(p, c, 0);
+				break;
+			}
 			/* The host resets the client: stop serving it. */
 			p->stats.lost++;
 			remove_rule(p, &c->out_key);
@@ -2878,11 +3175,27 @@ static void tick_conn(struct xo_proto *p, struct conn *c, uint64_t now)
 			close_peer(p, pe, now, "host did not answer in time");
 		return;
 	case H_RETURNED:
-		release_park(p, c, NULL, 0, &c->local);
+		if (c->park_until) {
+			release_park(p, c, NULL, 0, &c->local);
+			if (c->awaiting) { /* its BYTES may still be on the way */
+				c->deadline = now + CFG(p, confirm_timeout_ms,
+							XO_PROTO_CONFIRM_TIMEOUT_MS);
+				return;
+			}
+		}
+		if (c->awaiting)
+			host_bytes_missed(p, c);
 		conn_free(p, c);
 		return;
 	case T_WAIT_CLOSED:
 		conn_free(p, c);
+		return;
+	case T_SERVING:
+		if (c->awaiting) {
+			target_bytes_missed(p, c, now);
+			return;
+		}
+		c->deadline = 0;
 		return;
 	default:
 		c->deadline = 0;

@@ -477,6 +477,7 @@ class MsgType(enum.IntEnum):
     PING = lib.XO_MSG_PING
     PONG = lib.XO_MSG_PONG
     PARKED = lib.XO_MSG_PARKED
+    BYTES = lib.XO_MSG_BYTES
 
 
 ENV_VERSION = lib.XO_ENV_VERSION

@@ -354,7 +354,8 @@ class HostEngine(_Driver):
         return {"offloads": st["offloads"], "rollbacks": st["rollbacks"] + self._refused_here,
                 "returns": st["returns"], "withdrawn": st["withdrawn"], "moves": st["moves"],
                 "closed_on_target": st["closed_on_target"], "stragglers": st["stragglers"],
-                "violations": st["violations"], "timeouts": st["timeouts"]}
+                "violations": st["violations"], "timeouts": st["timeouts"],
+                "bytes_followed": st["bytes_followed"], "bytes_missed": st["bytes_missed"]}
 
     @property
     def offloaded(self) -> int:

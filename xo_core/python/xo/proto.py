@@ -106,6 +106,10 @@ class Timeouts:
     redirect_ttl: float | None = None
     closed_ttl: float | None = None
     load_interval: float | None = None
+    # Not a time: the unread bytes (request bytes read and receive queue) from which
+    # a plain connection's state is sent without them, the bytes after it
+    # (XO_FLAG_BYTES_FOLLOW); 0 would mean the default, so "never" is 2**32 - 1.
+    bytes_follow_min: int | None = None
 
 
 _TIMEOUT_FIELDS = {
@@ -151,6 +155,8 @@ class Machine:
             value = getattr(timeouts, name) if timeouts is not None else None
             if value is not None:
                 setattr(cfg, field, max(1, round(value * 1000)))
+        if timeouts is not None and timeouts.bytes_follow_min is not None:
+            cfg.bytes_follow_min = max(1, min(timeouts.bytes_follow_min, 2**32 - 1))
         out = ffi.new("struct xo_proto **")
         _check(lib.xo_proto_create(cfg, out))
         ffi.memmove(c_key, bytes(len(key)), len(key))
