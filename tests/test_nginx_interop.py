@@ -52,7 +52,9 @@ def test_python_front_nginx_targets(cluster: tuple[NginxCluster, dict[str, str]]
     for t in c.testbed.targets:
         c.start_body_app(t.name)
         c.start(t.name, c.target_conf(t.name))
-    c.start_refapp("host", "host")
+    # Every state goes without its request bytes (they follow it, BYTES):
+    # nginx takes them with the ADOPTED event as it takes request bytes.
+    c.start_refapp("host", "host", bytes_follow_min=1)
     loss0 = client_loss_counters(c.testbed.client.netns)
     names = [n for _ in range(4) for n in FILES]
     rows = fetch_all(c, tmp_path, names)
@@ -74,6 +76,7 @@ def test_python_front_nginx_targets(cluster: tuple[NginxCluster, dict[str, str]]
                   for t in c.testbed.targets)
     print("python front:", stats, "nginx targets adopted:", adopted, "client:", loss)
     assert stats["offloads"] == len(names) + 1 and stats["rollbacks"] == 0, stats
+    assert stats["bytes_followed"] == stats["offloads"] and stats["bytes_missed"] == 0, stats
     # nginx handed each back (the last may be closed on its target instead
     # when curl leaves right after its answer; the POST's connection too)
     assert stats["returns"] >= len(names) - 1, stats

@@ -206,6 +206,8 @@ static void load_config(const char *path, struct config *c)
 			c->drain_timeout_ms = (uint32_t)atoi(v1);
 		else if (!strcmp(k, "park_ring_bytes"))
 			c->park_ring_bytes = (uint32_t)strtoul(v1, NULL, 0);
+		else if (!strcmp(k, "bytes_follow_min"))
+			c->knobs.bytes_follow_min = (uint32_t)strtoul(v1, NULL, 0);
 		else if (!strcmp(k, "target")) {
 			struct target_cfg *t = &c->targets[c->n_targets];
 

@@ -107,8 +107,10 @@ extern "C" {
  * ADOPTED / RETURNED event, once they are in. */
 #define XO_FLAG_BYTES_FOLLOW 4
 /* Unread bytes (application data and receive queue together) from which a
- * plain (non-TLS) connection's state goes without them. */
-#define XO_PROTO_BYTES_FOLLOW_MIN 65536
+ * plain (non-TLS) connection's state goes without them: where carrying them
+ * in the state would hold the client's ACKs for tens of milliseconds on a
+ * slow link (docs/benchmarks.md, "Unread bytes after the state"). */
+#define XO_PROTO_BYTES_FOLLOW_MIN 1048576
 
 /* Defaults of the timing knobs (milliseconds). */
 #define XO_PROTO_READY_TIMEOUT_MS 2000      /* host: BEGIN -> TARGET_READY */

@@ -43,6 +43,9 @@ class AppConfig:
     redirect_ttl_ms: int = 0
     drain_timeout_ms: int = 2000
     park_ring_bytes: int = 0
+    # Unread bytes from which a state goes without them, the bytes after it
+    # (xo.proto.Timeouts.bytes_follow_min; 0: the core's default, 64 KiB).
+    bytes_follow_min: int = 0
     # Host: GET/HEAD of a docroot file smaller than this many bytes is proxied
     # to a target, not handed off (0: hand off every request). Python app only.
     offload_min_bytes: int = 0
@@ -133,5 +136,6 @@ class AppConfig:
         return cfg
 
 
-_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "offload_min_bytes",
+_OPTIONAL_ZERO = {"owner", "redirect_ttl_ms", "park_ring_bytes", "bytes_follow_min",
+                  "offload_min_bytes",
                   "tls_port", "no_tls"}

@@ -78,6 +78,7 @@ class RefAppCluster:
     control_via: dict[str, tuple[str, int]] = field(default_factory=dict)
     move_policy: str = "none"  # targets: "path" moves connections between targets
     park_ring_bytes: int = 0  # the parked-frame ring (0: the core's default)
+    bytes_follow_min: int = 0  # see AppConfig (0: the core's default)
     offload_min_bytes: int = 0  # host (Python): proxy files smaller than this
     # host: an HTTPS listener with this certificate and key (xo.tls)
     tls_cert: str = ""
@@ -136,6 +137,7 @@ class RefAppCluster:
             drain_timeout_ms=round(self.drain_timeout * 1000)
             if self.drain_timeout is not None else 2000,
             park_ring_bytes=self.park_ring_bytes, offload_min_bytes=self.offload_min_bytes,
+            bytes_follow_min=self.bytes_follow_min,
             targets=targets,
             hosts=[host.ipv4, host.ipv6] if role == "target" else [],
             timeouts={name: round(sec * 1000) for name, sec in self.timeouts.items()},

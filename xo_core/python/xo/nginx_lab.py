@@ -303,10 +303,11 @@ http {{
         return subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "curl", "-sS",
                                "-m", str(int(timeout)), *args], capture_output=True, text=True)
 
-    def start_refapp(self, member: str, role: str) -> subprocess.Popen[bytes]:
+    def start_refapp(self, member: str, role: str,
+                     bytes_follow_min: int = 0) -> subprocess.Popen[bytes]:
         """The Python driver (xo.refapp, from a config file) as the member:
         a host handing requests to the lab's targets, or a target taking
-        them from the lab's host."""
+        them from the lab's host. bytes_follow_min: see AppConfig."""
         from xo.appconfig import AppConfig, TargetEntry
 
         m = self.testbed.member(member)
@@ -315,7 +316,8 @@ http {{
         cfg = AppConfig(role=role, name=member, ip4=m.ipv4, ifindex=m.ifindex, mac=m.mac,
                         key=str(self.key), docroot=str(self.docroot),
                         pin_dir=f"{PIN_ROOT}/{self.testbed.name}-{member}",
-                        bpf_object=str(default_object_path()), policy="round_robin")
+                        bpf_object=str(default_object_path()), policy="round_robin",
+                        bytes_follow_min=bytes_follow_min)
         if role == "host":
             cfg.targets = [TargetEntry(t.name, t.ipv4, t.mac) for t in self.testbed.targets]
         else:

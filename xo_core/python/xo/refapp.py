@@ -630,7 +630,7 @@ def timeouts(cfg: AppConfig) -> Timeouts:
     knobs: dict[str, float] = {name: ms / 1000 for name, ms in cfg.timeouts.items()}
     if cfg.redirect_ttl_ms:
         knobs["redirect_ttl"] = cfg.redirect_ttl_ms / 1000
-    return Timeouts(**knobs)
+    return Timeouts(**knobs, bytes_follow_min=cfg.bytes_follow_min or None)
 
 
 def dump_times(cfg: AppConfig, samples: dict[str, list[float]]) -> None:
