@@ -20,8 +20,6 @@ import os
 import re
 import socket
 import ssl
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,10 +36,7 @@ from nginx_tools import (
     wait_for,
 )
 from tls_tools import make_cert
-from xo.appconfig import AppConfig, TargetEntry
 from xo.lab import in_netns
-from xo.nginx_lab import PIN_ROOT
-from xo.steer import default_object_path
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
@@ -483,6 +478,18 @@ def files_and_cert(c: NginxCluster) -> tuple[dict[str, str], Path, Path]:
     return digests, cert, key
 
 
+def curl_both_versions_from_targets(c: NginxCluster, cert: Path, digests: dict[str, str],
+                                    tmp_path: Path) -> None:
+    """With TLS 1.2 and 1.3, one curl session each for four bodies: each
+    answered by a target, correct by hash, all over one handshake."""
+    for version in ("1.2", "1.3"):
+        paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin"]
+        rows, trace = curl_tls(c, cert, version, paths, tmp_path / version)
+        assert [(s, d) for s, _, d in rows] == [("200", digests[p[1:]]) for p in paths]
+        assert {by for _, by, _ in rows} == {"t0", "t1"}, rows
+        assert handshakes(trace) == 1
+
+
 @pytest.mark.parametrize("build", build_params())
 def test_nginx_front_python_targets(build: NginxBuild, tmp_path: Path) -> None:
     """The nginx front's TLS sessions continued by the Python driver's
@@ -497,40 +504,13 @@ def test_nginx_front_python_targets(build: NginxBuild, tmp_path: Path) -> None:
         c.wait_targets_up()
         loss0 = client_loss_counters(c.testbed.client.netns)
         front0 = stats(c, "host")
-        for version in ("1.2", "1.3"):
-            paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin"]
-            rows, trace = curl_tls(c, cert, version, paths, tmp_path / version)
-            assert [(s, d) for s, _, d in rows] == [("200", digests[p[1:]]) for p in paths]
-            assert {by for _, by, _ in rows} == {"t0", "t1"}, rows
-            assert handshakes(trace) == 1
+        curl_both_versions_from_targets(c, cert, digests, tmp_path)
         front = stats(c, "host")
         assert front["offloads"] - front0["offloads"] == 8
         assert front["rollbacks"] == front0["rollbacks"]
         assert front["returns"] - front0["returns"] >= 6
         loss = client_loss_counters(c.testbed.client.netns)
         assert_curl_client_clean({k: loss[k] - loss0[k] for k in loss})
-
-
-def start_https_refapp_host(c: NginxCluster, cert: Path, key: Path) -> None:
-    """The Python reference app as the front, terminating HTTPS on TLS_PORT
-    (xo.tls) and handing the lab's targets its sessions."""
-    m = c.testbed.host
-    prefix = c.root / "host"
-    prefix.mkdir(mode=0o755, exist_ok=True)
-    cfg = AppConfig(role="host", name="host", ip4=m.ipv4, ifindex=m.ifindex, mac=m.mac,
-                    key=str(c.key), docroot=str(c.docroot),
-                    pin_dir=f"{PIN_ROOT}/{c.testbed.name}-host",
-                    bpf_object=str(default_object_path()), policy="round_robin",
-                    tls_cert=str(cert), tls_key=str(key), tls_port=TLS_PORT)
-    cfg.targets = [TargetEntry(t.name, t.ipv4, t.mac) for t in c.testbed.targets]
-    conf = cfg.write(prefix / "refapp.conf")
-    log = prefix / "refapp.log"
-    proc = subprocess.Popen(["ip", "netns", "exec", m.netns, sys.executable, "-m", "xo.refapp",
-                             "--config", str(conf), "--log", str(log)], stdout=subprocess.PIPE)
-    c.apps.append(proc)  # stopped with the cluster
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.strip() == b"READY", log.read_text()[-2000:] if log.exists() else line
 
 
 @pytest.mark.parametrize("build", build_params())
@@ -541,14 +521,9 @@ def test_python_front_nginx_targets(build: NginxBuild, tmp_path: Path) -> None:
         digests, cert, key = files_and_cert(c)
         for t in c.testbed.targets:
             c.start(t.name, c.target_conf(t.name, extra_http="xo_tls on;"))
-        start_https_refapp_host(c, cert, key)
+        c.start_refapp("host", "host", tls=(cert, key, TLS_PORT))
         loss0 = client_loss_counters(c.testbed.client.netns)
-        for version in ("1.2", "1.3"):
-            paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin"]
-            rows, trace = curl_tls(c, cert, version, paths, tmp_path / version)
-            assert [(s, d) for s, _, d in rows] == [("200", digests[p[1:]]) for p in paths]
-            assert {by for _, by, _ in rows} == {"t0", "t1"}, rows
-            assert handshakes(trace) == 1
+        curl_both_versions_from_targets(c, cert, digests, tmp_path)
         adopted = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets)
         assert adopted == 8
         loss = client_loss_counters(c.testbed.client.netns)

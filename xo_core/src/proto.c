@@ -1027,22 +1027,28 @@ static bool older_frames_due(const struct xo_proto *p, const struct conn *c)
 	return false;
 }
 
+/* Host: c's new target gets the frames held for it (older) and those in
+ * our ring, in one PARKED, then c's unread bytes; late frames follow as
+ * stragglers. Sent on, the held frames go: kept, they would be replayed
+ * here again when the connection came back (duplicates for our stack). */
+static void ship_to_new_owner(struct xo_proto *p, struct peer *pe,
+			      struct conn *c, uint64_t now)
+{
+	ship_parked(p, pe, c->wire_id, &c->in_key, c->held, c->held_len, now);
+	free(c->held);
+	c->held = NULL;
+	c->held_len = 0;
+	ship_due(p, pe, c, now);
+	watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
+}
+
 /* Host: the older frames for `next` (handed off already) came: send them
- * on with ours (still in our ring) after them, in one PARKED, and watch
- * for stragglers. */
+ * on with ours after them. */
 static void ship_after(struct xo_proto *p, struct peer *pe, struct conn *next,
 		       const uint8_t *older, uint32_t older_len)
 {
-	uint64_t now = clock_ns();
-
 	hold_frames(next, older, older_len);
-	ship_parked(p, pe, next->wire_id, &next->in_key, next->held,
-		    next->held_len, now);
-	free(next->held);
-	next->held = NULL;
-	next->held_len = 0;
-	ship_due(p, pe, next, now);
-	watch_stragglers(p, pe, next->wire_id, &next->in_key, now);
+	ship_to_new_owner(p, pe, next, clock_ns());
 }
 
 /* Keep PARKED frames that came while the connection is frozen again. */
@@ -1525,18 +1531,8 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	/* The last target's frames are older than ours: while they are still
 	 * on their way, ours wait for them (release_park sends both, in
 	 * order). The new target holds its ingress until one PARKED came. */
-	if (!older_frames_due(p, c)) {
-		ship_parked(p, pe, c->wire_id, &c->in_key, c->held,
-			    c->held_len, now);
-		/* Sent on: the target has them now. Kept, they were replayed
-		 * here again when the connection came back (duplicates for
-		 * our stack). */
-		free(c->held);
-		c->held = NULL;
-		c->held_len = 0;
-		ship_due(p, pe, c, now);
-		watch_stragglers(p, pe, c->wire_id, &c->in_key, now);
-	}
+	if (!older_frames_due(p, c))
+		ship_to_new_owner(p, pe, c, now);
 	lap(p, &c->lap, OH_DISCARD);
 	lap_total(p, &c->lap, OH_TOTAL);
 	if (pe->pending)

@@ -303,11 +303,13 @@ http {{
         return subprocess.run(["ip", "netns", "exec", self.testbed.client.netns, "curl", "-sS",
                                "-m", str(int(timeout)), *args], capture_output=True, text=True)
 
-    def start_refapp(self, member: str, role: str,
-                     bytes_follow_min: int = 0) -> subprocess.Popen[bytes]:
+    def start_refapp(self, member: str, role: str, bytes_follow_min: int = 0,
+                     tls: tuple[Path, Path, int] | None = None) -> subprocess.Popen[bytes]:
         """The Python driver (xo.refapp, from a config file) as the member:
         a host handing requests to the lab's targets, or a target taking
-        them from the lab's host. bytes_follow_min: see AppConfig."""
+        them from the lab's host. bytes_follow_min: see AppConfig; tls: a
+        host's HTTPS listener (certificate, key, port), its sessions handed
+        off with the connections (xo.tls)."""
         from xo.appconfig import AppConfig, TargetEntry
 
         m = self.testbed.member(member)
@@ -318,6 +320,9 @@ http {{
                         pin_dir=f"{PIN_ROOT}/{self.testbed.name}-{member}",
                         bpf_object=str(default_object_path()), policy="round_robin",
                         bytes_follow_min=bytes_follow_min)
+        if tls is not None:
+            cert, key, cfg.tls_port = tls
+            cfg.tls_cert, cfg.tls_key = str(cert), str(key)
         if role == "host":
             cfg.targets = [TargetEntry(t.name, t.ipv4, t.mac) for t in self.testbed.targets]
         else:
