@@ -15,14 +15,18 @@ are `xo bench latency`; here the counts keep the suite short.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
+import struct
 from collections import Counter
 from pathlib import Path
 
 import pytest
 from handoff_tools import NetnsHTTPConnection, curl_many, docroot_digests, lab_name, member_steer
-from netns_tools import client_loss_counters, sha256
+from netns_tools import client_loss_counters, sha256, wait_for
 from xo.demo import RefAppCluster, cluster
+from xo.refapp import TARGET_HTTP_PORT
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -136,11 +140,10 @@ def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None,
     The same PUTs served by the host alone, in the same lab, first: what the
     client resends there (a tail-loss probe now and then while the app is
     slow to read) is the lab's and the app's, not ours. Against it, XO may
-    cost the client at most one tail-loss probe per transfer — the freeze,
-    while the host moves a queue of megabytes, outlasts the client's probe
-    timeout when it has segments in flight (docs/benchmarks.md) — and
-    nothing else: no fast retransmission of a segment a handoff reordered
-    or dropped, no timeout.
+    cost the client, unlimited, at most one tail-loss probe per transfer
+    (the app's own probes vary too much to tell ours apart), on the shaped
+    link one in the whole run, and nothing else: no fast retransmission of
+    a segment a handoff reordered or dropped, no timeout.
 
     With two targets each PUT goes to the other one: the connection comes
     back from one target and leaves for the other while the first one's
@@ -175,9 +178,15 @@ def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None,
     # single retransmission timeout; quiet runs show none. One is tolerated,
     # a second is a regression.
     assert xo["TCPTimeouts"] <= base["TCPTimeouts"] + 1, (base, xo)
-    assert xo["TCPLossProbes"] <= base["TCPLossProbes"] + transfers, (base, xo, transfers)
+    # Unlimited, the app's own probes (it reads slowly) vary by tens from
+    # run to run. On the shaped link the host alone costs nothing, and so
+    # does XO since the new owner draws the ACK the old socket owed and the
+    # unread bytes follow the state (docs/benchmarks.md: 0 / 0 / 0 in runs
+    # of 20 PUTs); one probe is left to the lab's noise.
+    slack = transfers if rate is None else 1
+    assert xo["TCPLossProbes"] <= base["TCPLossProbes"] + slack, (base, xo, transfers)
     # A probe resends one segment when the window has no new data for it.
-    assert xo["TcpRetransSegs"] <= base["TcpRetransSegs"] + transfers, (base, xo, transfers)
+    assert xo["TcpRetransSegs"] <= base["TcpRetransSegs"] + slack, (base, xo, transfers)
 
 
 def test_park_overflow_costs_a_retransmission_not_a_byte() -> None:
@@ -211,3 +220,68 @@ def test_park_overflow_costs_a_retransmission_not_a_byte() -> None:
         resent = sum(after[k] - before[k] for k in ("TcpRetransSegs", "TCPLossProbes"))
         assert resent > 0, "frames were dropped, yet the client resent nothing"
         assert after["TcpEstabResets"] == before["TcpEstabResets"]
+
+
+def unacked_segments(sock: socket.socket) -> int:
+    """tcpi_unacked of the client's socket (struct tcp_info, offset 24)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int(struct.unpack_from("I", info, 24)[0])
+
+
+def target_machine_stats(apps: RefAppCluster, target: str) -> dict[str, int]:
+    """A target's protocol counters, from its plain HTTP port."""
+    ip = apps.testbed.member(target).ipv4
+    out = apps.testbed.run("client", ["curl", "-sf", "-m", "5",
+                                      f"http://{ip}:{TARGET_HTTP_PORT}/_xo/stats"],
+                           capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout))
+
+
+@pytest.mark.parametrize("bytes_follow_min", [None, 1], ids=["in-the-state", "after-the-state"])
+def test_an_ack_owed_at_the_freeze_still_reaches_the_client(bytes_follow_min: int | None) -> None:
+    """The host's socket answers a request quickly, so it delays its ACKs
+    (they ride on answers). The client then sends a PUT's head and the first
+    kilobyte of its body and waits for that to be acknowledged before it
+    sends the rest: the host hands the connection off with the ACK still
+    owed, and the client, with nothing else to send, would hear nothing
+    until its own probe ~200 ms later (a restored socket does not know it
+    owes an ACK). The new owner draws it (counted as `owed_acks`): the client
+    resends nothing, and every body arrives whole.
+
+    With the kilobyte after the state (threshold 1) the target's socket has
+    nothing to read, so only the owed-ACK duplicate can answer the client
+    (without it the client probes: checked by hand). In the state, the
+    target's read of it also opens the window and may draw an ACK itself."""
+    body = os.urandom(256 << 10)
+    digest = hashlib.sha256(body).hexdigest()
+    first = 1000
+    extra = {} if bytes_follow_min is None else {"bytes_follow_min": bytes_follow_min}
+    with cluster(targets=1, name=lab_name("w"), **extra) as apps:
+        ns = apps.testbed.client.netns
+        before = client_loss_counters(ns)
+        conn = NetnsHTTPConnection(apps.testbed)
+        try:
+            for i in range(3):
+                # Answered by the host itself: its socket now delays ACKs.
+                conn.request("GET", "/_xo/stats")
+                assert conn.getresponse().read()
+                conn.putrequest("PUT", f"/owed-{i}", skip_accept_encoding=True)
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body[:first])
+                sock = conn.sock
+                assert sock is not None
+                wait_for(lambda s=sock: unacked_segments(s) == 0,
+                         "the head and first kilobyte to be acknowledged", timeout=10)
+                conn.send(body[first:])
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 201, (i, resp.status)
+                assert resp.getheader("X-Body-SHA256") == digest, f"PUT {i}: body differs"
+                assert resp.getheader("X-Served-By") == "t0"
+            assert conn.connects == 1
+        finally:
+            conn.close()
+        after = client_loss_counters(ns)
+        owed = target_machine_stats(apps, "t0")["owed_acks"]
+    assert {k: after[k] - before[k] for k in LOSS} == dict.fromkeys(LOSS, 0), (before, after)
+    assert owed >= 1, "no handoff met an owed ACK: the test did not test it"

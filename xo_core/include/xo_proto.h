@@ -107,10 +107,11 @@ extern "C" {
  * ADOPTED / RETURNED event, once they are in. */
 #define XO_FLAG_BYTES_FOLLOW 4
 /* Unread bytes (application data and receive queue together) from which a
- * plain (non-TLS) connection's state goes without them: where carrying them
- * in the state would hold the client's ACKs for tens of milliseconds on a
- * slow link (docs/benchmarks.md, "Unread bytes after the state"). */
-#define XO_PROTO_BYTES_FOLLOW_MIN 1048576
+ * plain (non-TLS) connection's state goes without them: carrying them in
+ * the state holds the client's ACKs while they cross the link, several
+ * milliseconds for 64 KiB at 200 Mbit/s, about a fresh connection's probe
+ * timeout (docs/benchmarks.md, "Unread bytes after the state"). */
+#define XO_PROTO_BYTES_FOLLOW_MIN 65536
 
 /* Defaults of the timing knobs (milliseconds). */
 #define XO_PROTO_READY_TIMEOUT_MS 2000      /* host: BEGIN -> TARGET_READY */
@@ -378,6 +379,9 @@ struct xo_proto_stats {
 	uint64_t bytes_missed;    /* resumed connections whose BYTES never
 				   * came (control connection lost, timeout):
 				   * reset */
+	uint64_t owed_acks;       /* resumed connections whose old socket
+				   * owed the client an ACK nothing else drew:
+				   * drawn with a duplicate (docs/architecture.md) */
 	uint32_t active;          /* connections the machine tracks now */
 	uint32_t peers;
 };

@@ -200,6 +200,16 @@ int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
  * with one ACK. Returns 0, or an XO_E_* code for a frame that is not
  * Ethernet/IP/TCP (left as it is). */
 int xo_park_tail(uint8_t *frame, uint32_t *len, uint32_t keep);
+/* Size of a blob holding the frame xo_park_owed_ack() builds. */
+#define XO_PARK_OWED_ACK_MAX 79 /* 4 + Ethernet 14 + IPv6 40 + TCP 20 + 1 */
+/* A restored socket does not know it owes the client an ACK (the old
+ * socket's delayed ACK: st->rcv_wup before st->rcv_nxt). Build, as a blob
+ * for xo_park_replay(), one client frame that makes the new owner's stack
+ * send it: the last byte received once more, a duplicate the stack answers
+ * at once with an ACK covering everything. Returns the blob's length, 0
+ * when nothing is owed. */
+uint32_t xo_park_owed_ack(const struct xo_tcp_state *st,
+			  uint8_t blob[XO_PARK_OWED_ACK_MAX]);
 /* Frames the stash could not keep (full, or nobody took them in time). */
 uint64_t xo_park_lost(const struct xo_steer *s);
 /* An epoll descriptor, readable when the ring holds frames (-1: no ring). */

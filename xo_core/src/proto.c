@@ -76,6 +76,10 @@ struct conn {
 	uint64_t park_until;
 	uint8_t *held;
 	uint32_t held_len;
+	/* The new owner: the ACK the old socket owed the client, as a frame
+	 * to replay once the release replayed nothing that would draw it. */
+	uint8_t owed_ack[XO_PARK_OWED_ACK_MAX];
+	uint32_t owed_ack_len;
 	uint64_t superseded_by; /* host, H_RETURNED: offloaded again since */
 	/* Unread bytes sent after the state (XO_FLAG_BYTES_FOLLOW). Sender:
 	 * what goes in BYTES right after our PARKED. Receiver: awaiting, the
@@ -1005,9 +1009,17 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	}
 	/* The ACKs held back above were dropped: replay the last frame once
 	 * more. A segment the stack has already is answered at once with an
-	 * ACK that covers everything, with the current window. */
+	 * ACK that covers everything, with the current window. With nothing
+	 * replayed, the client may still wait for the ACK the old socket
+	 * owed it (its window full, it sends nothing until a probe): the
+	 * same duplicate, made from the state, draws it. */
 	if (held_acks && last.len)
 		replay_blob(p, last.rec, last.len, to);
+	else if (!last.len && c->owed_ack_len) {
+		replay_blob(p, c->owed_ack, c->owed_ack_len, to);
+		p->stats.owed_acks++;
+	}
+	c->owed_ack_len = 0;
 	free(last.rec);
 	watch_own_stragglers(p, &c->in_key, to, clock_ns());
 	c->park_until = 0;
@@ -1160,7 +1172,12 @@ static void host_rollback(struct xo_proto *p, struct conn *c, int code,
 	remove_rule(p, &c->out_key);
 	if (c->held_len)
 		replay_blob(p, c->held, c->held_len, &c->local);
-	replay_parked(p, &c->in_key, &c->local, NULL);
+	if (replay_parked(p, &c->in_key, &c->local, NULL) <= 0 &&
+	    !c->held_len && c->owed_ack_len) {
+		replay_blob(p, c->owed_ack, c->owed_ack_len, &c->local);
+		p->stats.owed_acks++;
+	}
+	c->owed_ack_len = 0;
 	if (tell_target && pe)
 		send_abort(pe, c->wire_id, XO_ABORT_HOST, why, now);
 	p->stats.rollbacks++;
@@ -1420,6 +1437,8 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 		ret = XO_E_NOMEM;
 		goto resume;
 	}
+	/* For a rollback: this socket's own record says the ACK went out. */
+	c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
 	{
 		struct conn *o;
 
@@ -1800,6 +1819,7 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 		goto refuse;
 	}
 	lap(p, &l, IH_RESTORE);
+	c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
 	/* Step 10: the redirect goes, synchronously in both tiers; a park
 	 * takes its place in the same write, until the target's parked
 	 * frames are in (they are older than anything that comes now). */
@@ -2205,6 +2225,7 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 	c->state = T_WAIT_HOST_READY;
 	c->awaiting = m->flags & XO_FLAG_BYTES_FOLLOW;
 	c->st = st; /* resume needs the unsent bytes */
+	c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
 	c->deadline = now + CFG(p, confirm_timeout_ms,
 				XO_PROTO_CONFIRM_TIMEOUT_MS);
 	crash_point(p, "ready");
@@ -2509,6 +2530,8 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 		goto unblock;
 	/* Step 8. */
 	ret = xo_tcp_capture(c->fd, &st);
+	if (!ret) /* if the host refuses: target_keep draws it */
+		c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
 	if (!ret)
 		ret = xo_state_set_app_data(&st, app, app_len);
 	if (!ret && tls)

@@ -520,6 +520,50 @@ int xo_park_tail(uint8_t *f, uint32_t *len, uint32_t keep)
 	return 0;
 }
 
+uint32_t xo_park_owed_ack(const struct xo_tcp_state *st,
+			  uint8_t blob[XO_PARK_OWED_ACK_MAX])
+{
+	bool v6 = st->remote.family == AF_INET6;
+	uint32_t l3 = 4 + 14, l4 = l3 + (v6 ? 40 : 20), flen;
+	uint32_t snd_una = st->snd_seq - st->inflight_len - st->unsent_len;
+	uint32_t win = st->snd_wnd >> st->snd_wscale;
+
+	if (st->rcv_wup == st->rcv_seq)
+		return 0;
+	flen = l4 + 20 + 1 - 4;
+	memset(blob, 0, XO_PARK_OWED_ACK_MAX);
+	xo_put32(blob, flen);
+	/* MACs and the destination are set by the replay (retargeted). */
+	xo_put16(blob + 4 + 12, v6 ? 0x86dd : 0x0800);
+	if (v6) {
+		blob[l3] = 0x60;
+		xo_put16(blob + l3 + 4, 20 + 1);
+		blob[l3 + 6] = 6;
+		blob[l3 + 7] = 64;
+		memcpy(blob + l3 + 8, st->remote.addr, 16);
+		memcpy(blob + l3 + 24, st->local.addr, 16);
+	} else {
+		blob[l3] = 0x45;
+		xo_put16(blob + l3 + 2, 20 + 20 + 1);
+		xo_put16(blob + l3 + 6, 0x4000); /* DF */
+		blob[l3 + 8] = 64;
+		blob[l3 + 9] = 6;
+		memcpy(blob + l3 + 12, st->remote.addr, 4);
+		memcpy(blob + l3 + 16, st->local.addr, 4);
+	}
+	xo_put16(blob + l4, st->remote.port);
+	xo_put16(blob + l4 + 2, st->local.port);
+	/* The client's view: its next byte was rcv_nxt, and it has every
+	 * byte up to snd_una; the window it last gave, so that taking this
+	 * frame's window changes nothing. */
+	xo_put32(blob + l4 + 4, st->rcv_seq - 1);
+	xo_put32(blob + l4 + 8, snd_una);
+	blob[l4 + 12] = 5 << 4;
+	blob[l4 + 13] = 0x10; /* ACK */
+	xo_put16(blob + l4 + 14, (uint16_t)(win > 0xffff ? 0xffff : win));
+	return flen + 4;
+}
+
 int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
 		       uint32_t len, const struct xo_endpoint *to,
 		       const uint8_t *dst_mac)

@@ -52,6 +52,13 @@ struct xo_repair_window {
 	uint32_t rcv_wup;
 };
 
+/* The receive window as the client last heard it (see capture_once). */
+struct heard_window {
+	bool known;
+	uint32_t rcv_wnd;
+	uint32_t rcv_wup;
+};
+
 /* TCP option kinds as TCP_REPAIR_OPTIONS expects them (RFC 793/7323/2018). */
 enum { XO_TCPOPT_MSS = 2, XO_TCPOPT_WINDOW = 3, XO_TCPOPT_SACK_PERM = 4,
        XO_TCPOPT_TIMESTAMP = 8 };
@@ -355,7 +362,7 @@ static int capture_recvq(int fd, struct xo_tcp_state *st)
 }
 
 static int capture_once(int fd, const struct xo_tcp_info *ti,
-			struct xo_tcp_state *st)
+			struct xo_tcp_state *st, struct heard_window *heard)
 {
 	struct xo_repair_window win;
 	socklen_t len;
@@ -377,6 +384,27 @@ static int capture_once(int fd, const struct xo_tcp_info *ti,
 		st->snd_wscale = ti->base.tcpi_snd_wscale;
 		st->rcv_wscale = ti->base.tcpi_rcv_wscale;
 	}
+
+	/* The windows before the queues: peeking at the receive queue may
+	 * make the socket send an ACK it owed (into the egress block, so the
+	 * client never sees it), and that moves rcv_wup. The receive side
+	 * kept is what the client last heard (*heard, from the first attempt:
+	 * every ACK since went into the block), so the new owner knows it
+	 * still owes that ACK (xo_park_owed_ack). */
+	len = sizeof(win);
+	if (XO_SYSCALL(getsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, &win,
+				  &len)) < 0)
+		return xo_fail_sys("capture: getsockopt(TCP_REPAIR_WINDOW)");
+	if (!heard->known) {
+		heard->known = true;
+		heard->rcv_wnd = win.rcv_wnd;
+		heard->rcv_wup = win.rcv_wup;
+	}
+	st->snd_wl1 = win.snd_wl1;
+	st->snd_wnd = win.snd_wnd;
+	st->max_window = win.max_window;
+	st->rcv_wnd = heard->rcv_wnd;
+	st->rcv_wup = heard->rcv_wup;
 
 	/* Send queue: SIOCOUTQ counts unacknowledged + unsent bytes,
 	 * tcpi_notsent_bytes (= SIOCOUTQNSD) only the unsent ones. */
@@ -413,16 +441,6 @@ static int capture_once(int fd, const struct xo_tcp_info *ti,
 		return xo_fail_sys("capture: getsockopt(TCP_MAXSEG)");
 	st->mss_clamp = val;
 
-	len = sizeof(win);
-	if (XO_SYSCALL(getsockopt(fd, SOL_TCP, TCP_REPAIR_WINDOW, &win,
-				  &len)) < 0)
-		return xo_fail_sys("capture: getsockopt(TCP_REPAIR_WINDOW)");
-	st->snd_wl1 = win.snd_wl1;
-	st->snd_wnd = win.snd_wnd;
-	st->max_window = win.max_window;
-	st->rcv_wnd = win.rcv_wnd;
-	st->rcv_wup = win.rcv_wup;
-
 	if (st->options & XO_OPT_TIMESTAMPS) {
 		len = sizeof(val);
 		if (XO_SYSCALL(getsockopt(fd, SOL_TCP, TCP_TIMESTAMP, &val,
@@ -443,6 +461,7 @@ static int capture(int fd, struct xo_tcp_state *st)
 {
 	struct xo_tcp_snapshot before, after;
 	struct xo_tcp_info ti, ti_after;
+	struct heard_window heard = { 0 };
 	int ret, attempt;
 
 	for (attempt = 0; attempt < XO_CAPTURE_TRIES; attempt++) {
@@ -453,7 +472,7 @@ static int capture(int fd, struct xo_tcp_state *st)
 			return xo_fail(XO_E_NOT_ESTABLISHED,
 				       "capture: socket is in TCP state %s, only ESTABLISHED connections can move",
 				       tcp_state_name(ti.base.tcpi_state));
-		ret = capture_once(fd, &ti, st);
+		ret = capture_once(fd, &ti, st, &heard);
 		if (!ret) {
 			ret = read_info(fd, &ti_after, &after);
 			if (ret)

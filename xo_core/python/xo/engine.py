@@ -355,7 +355,8 @@ class HostEngine(_Driver):
                 "returns": st["returns"], "withdrawn": st["withdrawn"], "moves": st["moves"],
                 "closed_on_target": st["closed_on_target"], "stragglers": st["stragglers"],
                 "violations": st["violations"], "timeouts": st["timeouts"],
-                "bytes_followed": st["bytes_followed"], "bytes_missed": st["bytes_missed"]}
+                "bytes_followed": st["bytes_followed"], "bytes_missed": st["bytes_missed"],
+                "owed_acks": st["owed_acks"]}
 
     @property
     def offloaded(self) -> int:

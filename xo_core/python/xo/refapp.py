@@ -14,7 +14,9 @@ The config file (xo.appconfig) names the role, the member's addresses,
 interface, key, docroot, pin directory and peers; xo-driver reads the same
 file. The lab writes them (xo.demo.RefAppCluster); so can anyone else.
 
-``GET /_xo/stats`` on the host answers its counters as JSON (served locally).
+``GET /_xo/stats`` on the host answers its counters as JSON (served locally);
+a target answers its protocol machine's counters the same way on its plain
+HTTP port (8081).
 """
 
 from __future__ import annotations
@@ -553,7 +555,10 @@ class Target:
         buf = bytearray()
         try:
             while (req := await read_request(sock, buf)) is not None:
-                self.agent.bytes_served += await respond(sock, req, self.docroot, self.cfg.name)
+                extra = (json.dumps(self.agent.machine.stats()).encode()
+                         if req.path == "/_xo/stats" else None)
+                self.agent.bytes_served += await respond(sock, req, self.docroot, self.cfg.name,
+                                                         extra)
                 if not req.keep_alive:
                     break
         except (BadRequest, OSError) as exc:
