@@ -2758,6 +2758,12 @@ static void peer_lost(struct xo_proto *p, struct peer *pe, uint64_t now)
 				fprintf(stderr, "xo: conn %llx: host lost before its unread bytes came\n",
 					(unsigned long long)c->id);
 				p->stats.bytes_missed++;
+				/* Live and short of bytes the host acknowledged:
+				 * reset the client (through the source rewrite,
+				 * which goes next); discarding a live socket
+				 * would close it with a FIN instead. */
+				reset_socket(c->fd);
+				c->fd = -1;
 				target_drop(p, c, 0);
 				break;
 			}
