@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -408,7 +409,14 @@ def reloaded(c: NginxCluster) -> None:
     time.sleep(0.5)
     for t in c.testbed.targets:
         p = c.procs[t.name]
-        wait_for(lambda p=p: len(p.workers()) == 1, f"{t.name}: old worker gone")
+        try:
+            wait_for(lambda p=p: len(p.workers()) == 1, f"{t.name}: old worker gone")
+        except AssertionError as exc:
+            # What holds the old worker (seen now and then on a busy
+            # machine, not understood yet): its sockets and its last words.
+            sockets = subprocess.run(["ip", "netns", "exec", t.netns, "ss", "-tanpi"],
+                                     capture_output=True, text=True).stdout
+            raise AssertionError(f"{exc}\n{sockets}\n{p.log_text()[-4000:]}") from None
     time.sleep(1)  # the front notices the old control connections closed
     c.wait_targets_up()
 

@@ -2882,6 +2882,8 @@ static void xo_event(const struct xo_proto_event *ev)
 	}
 }
 
+static ngx_msec_t xo_exit_said;
+
 static void xo_arm(void)
 {
 	uint64_t now = xo_now(), next = xo_proto_next_deadline(xo_machine);
@@ -2908,6 +2910,14 @@ static void xo_arm(void)
 		hold = 1;
 	if (ngx_exiting && ms > 50)
 		ms = 50;
+	/* Say now and then what a stopping worker still waits for. */
+	if (ngx_exiting && st.active &&
+	    ngx_current_msec - xo_exit_said >= 5000) {
+		xo_exit_said = ngx_current_msec;
+		ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+			      "xo: stopping worker waits for %uD connection(s) it tracks",
+			      st.active);
+	}
 	xo_tick_ev.cancelable = !hold;
 	ngx_add_timer(&xo_tick_ev, ms);
 }
