@@ -932,6 +932,19 @@ static bool sending(int fd)
 	return n > 0;
 }
 
+/* With nothing replayed into a resumed socket, the client may still wait
+ * for the ACK the old socket owed it (its window full, it sends nothing
+ * until a probe): a duplicate made from the state draws it. */
+static void draw_owed_ack(struct xo_proto *p, struct conn *c,
+			  const struct xo_endpoint *to, bool replayed)
+{
+	if (!replayed && c->owed_ack_len) {
+		replay_blob(p, c->owed_ack, c->owed_ack_len, to);
+		p->stats.owed_acks++;
+	}
+	c->owed_ack_len = 0;
+}
+
 static void release_park(struct xo_proto *p, struct conn *c,
 			 const uint8_t *older, uint32_t older_len,
 			 const struct xo_endpoint *to)
@@ -1009,17 +1022,10 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	}
 	/* The ACKs held back above were dropped: replay the last frame once
 	 * more. A segment the stack has already is answered at once with an
-	 * ACK that covers everything, with the current window. With nothing
-	 * replayed, the client may still wait for the ACK the old socket
-	 * owed it (its window full, it sends nothing until a probe): the
-	 * same duplicate, made from the state, draws it. */
+	 * ACK that covers everything, with the current window. */
 	if (held_acks && last.len)
 		replay_blob(p, last.rec, last.len, to);
-	else if (!last.len && c->owed_ack_len) {
-		replay_blob(p, c->owed_ack, c->owed_ack_len, to);
-		p->stats.owed_acks++;
-	}
-	c->owed_ack_len = 0;
+	draw_owed_ack(p, c, to, last.len != 0);
 	free(last.rec);
 	watch_own_stragglers(p, &c->in_key, to, clock_ns());
 	c->park_until = 0;
@@ -1172,12 +1178,9 @@ static void host_rollback(struct xo_proto *p, struct conn *c, int code,
 	remove_rule(p, &c->out_key);
 	if (c->held_len)
 		replay_blob(p, c->held, c->held_len, &c->local);
-	if (replay_parked(p, &c->in_key, &c->local, NULL) <= 0 &&
-	    !c->held_len && c->owed_ack_len) {
-		replay_blob(p, c->owed_ack, c->owed_ack_len, &c->local);
-		p->stats.owed_acks++;
-	}
-	c->owed_ack_len = 0;
+	draw_owed_ack(p, c, &c->local,
+		      replay_parked(p, &c->in_key, &c->local, NULL) > 0 ||
+			      c->held_len);
 	if (tell_target && pe)
 		send_abort(pe, c->wire_id, XO_ABORT_HOST, why, now);
 	p->stats.rollbacks++;
@@ -1708,6 +1711,19 @@ static void host_bytes_missed(struct xo_proto *p, struct conn *c)
 	}
 }
 
+/* A state flagged "bytes follow" must have left them out (and carry no
+ * TLS record state, whose queues stay in it): else why says so. */
+static bool bytes_follow_refused(const struct xo_msg *m,
+				 const struct xo_tcp_state *st, char *why,
+				 size_t cap)
+{
+	if (!(m->flags & XO_FLAG_BYTES_FOLLOW) ||
+	    !(st->tls || st->app_len || st->recvq_len))
+		return false;
+	snprintf(why, cap, "bytes to follow a state that has TLS or unread bytes");
+	return true;
+}
+
 static void host_done(struct xo_proto *p, struct peer *pe,
 		      const struct xo_msg *m, uint64_t now)
 {
@@ -1763,11 +1779,8 @@ static void host_done(struct xo_proto *p, struct peer *pe,
 			 ep_str(&st.remote, b, sizeof(b)));
 		goto refuse;
 	}
-	if ((m->flags & XO_FLAG_BYTES_FOLLOW) &&
-	    (st.tls || st.app_len || st.recvq_len)) {
+	if (bytes_follow_refused(m, &st, why, sizeof(why))) {
 		ret = XO_E_FIELD;
-		snprintf(why, sizeof(why),
-			 "bytes to follow a state that has TLS or unread bytes");
 		goto refuse;
 	}
 	lap(p, &l, IH_DECODE);
@@ -2129,11 +2142,8 @@ static void target_begin(struct xo_proto *p, struct peer *pe,
 		goto refuse;
 	}
 	lap(p, &l, OT_DECODE);
-	if ((m->flags & XO_FLAG_BYTES_FOLLOW) &&
-	    (st.tls || st.app_len || st.recvq_len)) {
+	if (bytes_follow_refused(m, &st, why, sizeof(why))) {
 		reason = XO_ABORT_DECODE;
-		snprintf(why, sizeof(why),
-			 "bytes to follow a state that has TLS or unread bytes");
 		goto refuse;
 	}
 	if (st.tls && p->cfg.no_tls) {
