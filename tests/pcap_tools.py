@@ -4,10 +4,14 @@ not). Only Ethernet + IPv4/IPv6 + TCP, which is all the lab carries."""
 
 from __future__ import annotations
 
+import contextlib
 import struct
+import subprocess
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from xo import core
 
@@ -20,11 +24,28 @@ def _ip(raw: bytes) -> str:
     return str(ipaddress.ip_address(raw))
 
 
-def tcp_streams(path: Path, whole: int | None = None) -> dict[Flow, bytes]:
-    """Each direction's TCP payload, in sequence order, retransmissions once.
-    Flows with port `whole` on either end must be complete (a gap raises);
-    others may have gaps (a handed-off connection passes the host only in
-    part), which are left out."""
+@dataclass(frozen=True)
+class Packet:
+    """One TCP segment as captured (headers only are needed)."""
+
+    time: float
+    flow: Flow
+    seq: int
+    ack: int
+    flags: int       # TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10)
+    length: int      # payload length on the wire
+    payload: bytes   # what the snap length kept of it
+
+    def describe(self, t0: float) -> str:
+        names = "".join(n for bit, n in ((0x02, "S"), (0x01, "F"), (0x04, "R"),
+                                         (0x08, "P"), (0x10, ".")) if self.flags & bit)
+        return (f"{(self.time - t0) * 1e3:9.3f} ms {self.flow[0]}:{self.flow[1]} > "
+                f"{self.flow[2]}:{self.flow[3]} [{names}] seq {self.seq} ack {self.ack} "
+                f"len {self.length}")
+
+
+def packets(path: Path) -> list[Packet]:
+    """Every IPv4/IPv6 TCP segment of an Ethernet pcap, in capture order."""
     data = path.read_bytes()
     magic = data[:4]
     if magic == b"\xd4\xc3\xb2\xa1" or magic == b"\x4d\x3c\xb2\xa1":
@@ -33,14 +54,14 @@ def tcp_streams(path: Path, whole: int | None = None) -> dict[Flow, bytes]:
         endian = ">"
     else:
         raise ValueError(f"{path}: not a pcap file")
+    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
     linktype = struct.unpack_from(endian + "I", data, 20)[0]
     if linktype != 1:
         raise ValueError(f"{path}: link type {linktype}, want Ethernet (1)")
-    segments: dict[Flow, list[tuple[int, bytes]]] = defaultdict(list)
-    isn: dict[Flow, int] = {}
+    out = []
     off = 24
     while off + 16 <= len(data):
-        _sec, _frac, caplen, _wirelen = struct.unpack_from(endian + "IIII", data, off)
+        sec, frac, caplen, _wirelen = struct.unpack_from(endian + "IIII", data, off)
         if off + 16 + caplen > len(data):
             break  # tcpdump is still writing this one
         pkt = data[off + 16:off + 16 + caplen]
@@ -52,22 +73,33 @@ def tcp_streams(path: Path, whole: int | None = None) -> dict[Flow, bytes]:
         if ethertype == 0x0800 and len(ip) >= 20 and ip[9] == 6:
             ihl = (ip[0] & 0xF) * 4
             total = int.from_bytes(ip[2:4], "big")
-            src, dst, tcp = _ip(ip[12:16]), _ip(ip[16:20]), ip[ihl:total]
+            src, dst, tcp, wire = _ip(ip[12:16]), _ip(ip[16:20]), ip[ihl:total], total - ihl
         elif ethertype == 0x86DD and len(ip) >= 40 and ip[6] == 6:
             plen = int.from_bytes(ip[4:6], "big")
-            src, dst, tcp = _ip(ip[8:24]), _ip(ip[24:40]), ip[40:40 + plen]
+            src, dst, tcp, wire = _ip(ip[8:24]), _ip(ip[24:40]), ip[40:40 + plen], plen
         else:
             continue
         if len(tcp) < 20:
             continue
-        sport, dport, seq = struct.unpack_from(">HHI", tcp)
-        flags = tcp[13]
-        payload = tcp[(tcp[12] >> 4) * 4:]
-        flow = (src, sport, dst, dport)
-        if flags & 0x02:  # SYN: the stream starts after it
-            isn[flow] = (seq + 1) & 0xFFFFFFFF
-        if payload:
-            segments[flow].append((seq, payload))
+        sport, dport, seq, ack = struct.unpack_from(">HHII", tcp)
+        hlen = (tcp[12] >> 4) * 4
+        out.append(Packet(sec + frac / (1e9 if nano else 1e6), (src, sport, dst, dport),
+                          seq, ack, tcp[13], wire - hlen, tcp[hlen:]))
+    return out
+
+
+def tcp_streams(path: Path, whole: int | None = None) -> dict[Flow, bytes]:
+    """Each direction's TCP payload, in sequence order, retransmissions once.
+    Flows with port `whole` on either end must be complete (a gap raises);
+    others may have gaps (a handed-off connection passes the host only in
+    part), which are left out."""
+    segments: dict[Flow, list[tuple[int, bytes]]] = defaultdict(list)
+    isn: dict[Flow, int] = {}
+    for p in packets(path):
+        if p.flags & 0x02:  # SYN: the stream starts after it
+            isn[p.flow] = (p.seq + 1) & 0xFFFFFFFF
+        if p.payload:
+            segments[p.flow].append((p.seq, p.payload))
     streams: dict[Flow, bytes] = {}
     for flow, segs in segments.items():
         base = isn.get(flow, min(s for s, _ in segs))
@@ -84,6 +116,38 @@ def tcp_streams(path: Path, whole: int | None = None) -> dict[Flow, bytes]:
             out += payload[len(out) - rel:]
         streams[flow] = bytes(out)
     return streams
+
+
+def resends(path: Path, sender: str, context: int = 12) -> str:
+    """Each segment `sender` sent again (same sequence number, data or FIN),
+    with what its connection carried around the first sending: enough to
+    tell which step of a handoff kept it waiting. Empty when there is none."""
+    pkts = packets(path)
+    if not pkts:
+        return ""
+    t0 = pkts[0].time
+    first: dict[tuple[Flow, int, int], int] = {}
+    lines = []
+    for i, p in enumerate(pkts):
+        if p.flow[0] != sender or not (p.length or p.flags & 0x01):
+            continue
+        key = (p.flow, p.seq, p.flags & 0x01)
+        if key not in first:
+            first[key] = i
+            continue
+        j = first[key]
+        back = (p.flow[2], p.flow[3], p.flow[0], p.flow[1])
+        around = [q for q in pkts[max(0, j - 40 * context):i + context]
+                  if q.flow in (p.flow, back)]
+        k = next(n for n, q in enumerate(around) if q is pkts[j])
+        if len(lines) > 200:
+            lines.append("... (more resends left out)")
+            break
+        lines.append(f"resent after {(p.time - pkts[j].time) * 1e3:.1f} ms: "
+                     f"{p.describe(t0)}")
+        lines += ["    " + q.describe(t0) for q in around[max(0, k - context):]
+                  if q.time <= p.time + 0.05]
+    return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -108,3 +172,21 @@ def control_frames(stream: bytes) -> list[Frame]:
                             stream[off + core.ENV_HEADER_LEN:off + size - core.ENV_MAC_LEN]))
         off += size
     return frames
+
+
+@contextlib.contextmanager
+def headers_capture(testbed: Any, member: str, path: Path, port: int) -> Iterator[Path]:
+    """tcpdump on a lab member's interface, TCP headers of `port` only, into
+    `path`, for as long as the block runs (for `resends` when a client's
+    counters say it resent)."""
+    m = testbed.member(member)
+    dump = testbed.popen(member, [
+        "tcpdump", "-i", m.ifname, "-s", "96", "-B", "16384", "-n", "-w", str(path),
+        f"tcp port {port}" if port else "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert dump.stderr is not None
+        line = dump.stderr.readline()  # "listening on ..." once it captures
+        assert "listening on" in line, line
+        yield path
+    finally:
+        dump.stop()

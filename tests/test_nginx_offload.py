@@ -25,6 +25,7 @@ from nginx_tools import (
     build_params,
     nginx_cluster,
 )
+from pcap_tools import headers_capture, resends
 from xo.lab import in_netns
 
 pytestmark = [
@@ -186,20 +187,23 @@ def test_post_bodies_reach_target_app(cluster: tuple[NginxCluster, dict[str, byt
     assert loss["TcpOutRsts"] == loss["TcpEstabResets"] == loss["TCPTimeouts"] == 0, loss
 
 
-def test_wrk_through_the_front(cluster: tuple[NginxCluster, dict[str, bytes]]) -> None:
+def test_wrk_through_the_front(cluster: tuple[NginxCluster, dict[str, bytes]],
+                               tmp_path: Path) -> None:
     """wrk, 8 keep-alive connections for 3 s: every answer 2xx, no socket
     error; each request was handed to a target (the front's counters) and
-    back; the targets' access logs hold them; the client never resent."""
+    back; the targets' access logs hold them; the client never resent (and
+    if it did, the client's capture says which segment and around what)."""
     c, _ = cluster
     ns = c.testbed.client.netns
     front0 = c.status("host")["stats"]
     logs0 = {t.name: c.procs[t.name].access_log.read_text().count('"GET /8k.bin ')
              for t in c.testbed.targets}
-    loss0 = client_loss_counters(ns)
-    tx0 = link_tx_bytes(c, "host")
-    w = c.wrk("/8k.bin", connections=8, seconds=3)
-    front_tx = link_tx_bytes(c, "host") - tx0
-    loss = client_loss_counters(ns)
+    with headers_capture(c.testbed, "client", tmp_path / "client.pcap", 8080) as pcap:
+        loss0 = client_loss_counters(ns)
+        tx0 = link_tx_bytes(c, "host")
+        w = c.wrk("/8k.bin", connections=8, seconds=3)
+        front_tx = link_tx_bytes(c, "host") - tx0
+        loss = client_loss_counters(ns)
     front = c.status("host")["stats"]
     logs = {t.name: c.procs[t.name].access_log.read_text().count('"GET /8k.bin ')
             for t in c.testbed.targets}
@@ -219,9 +223,11 @@ def test_wrk_through_the_front(cluster: tuple[NginxCluster, dict[str, bytes]]) -
     assert all(v > 0 for v in served.values()), served
     # 8 KiB per answer went from the targets, not through the front
     assert front_tx < w.requests * 8192 // 4, front_tx
-    assert {k: loss[k] - loss0[k] for k in ("TcpRetransSegs", "TCPLossProbes",
-                                             "TCPTimeouts")} == \
-        {"TcpRetransSegs": 0, "TCPLossProbes": 0, "TCPTimeouts": 0}
+    resent = {k: loss[k] - loss0[k] for k in ("TcpRetransSegs", "TCPLossProbes",
+                                               "TCPTimeouts")}
+    assert resent == {"TcpRetransSegs": 0, "TCPLossProbes": 0, "TCPTimeouts": 0}, \
+        f"{resent}; targets {[c.status(t.name)['stats'] for t in c.testbed.targets]}\n" \
+        + resends(pcap, c.testbed.client.ipv4)
 
 
 def test_pipelined_requests_in_order(cluster: tuple[NginxCluster, dict[str, bytes]]) -> None:

@@ -382,6 +382,8 @@ struct xo_proto_stats {
 	uint64_t owed_acks;       /* resumed connections whose old socket
 				   * owed the client an ACK nothing else drew:
 				   * drawn with a duplicate (docs/architecture.md) */
+	uint64_t replays_late;    /* transfers refused because frames replayed
+				   * into the socket had not reached it yet */
 	uint32_t active;          /* connections the machine tracks now */
 	uint32_t peers;
 };

@@ -191,10 +191,11 @@ int64_t xo_park_take(struct xo_steer *s, const struct xo_flow_key *key,
 /* Hand a blob's frames to this machine's stack as if they had arrived on
  * ifindex, addressed to `to` (address and port) and dst_mac (NULL: as
  * they are): cut to segments, checksums recomputed. Returns the frames
- * replayed. */
+ * replayed; *segments (unless NULL) the segments they were cut into. The
+ * kernel may deliver them after this returns (see tcpi_segs_in). */
 int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
 		       uint32_t len, const struct xo_endpoint *to,
-		       const uint8_t *dst_mac);
+		       const uint8_t *dst_mac, uint32_t *segments);
 /* Cut one parked frame to its last `keep` payload bytes, in place (*len
  * becomes the new frame length): a duplicate the new owner's stack answers
  * with one ACK. Returns 0, or an XO_E_* code for a frame that is not

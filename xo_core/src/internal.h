@@ -43,6 +43,10 @@ int xo_tls_ulp(int fd, int *is_tls);
 int xo_tls_capture_kernel(int fd, struct xo_tcp_state *st);
 int xo_tls_restore_kernel(int fd, const struct xo_tls_state *t);
 
+/* Segments fd's socket has taken in (tcpi_segs_in, wrapping): counts a
+ * replayed frame once the kernel delivered it, whenever that is. */
+int xo_tcp_segs_in(int fd, uint32_t *segs);
+
 /* Per-thread counter of system calls made by the current operation. */
 extern __thread unsigned int xo_syscall_count;
 #define XO_SYSCALL(expr) (xo_syscall_count++, (expr))

@@ -148,6 +148,29 @@ struct straggler {
 	enum straggler_kind kind;
 };
 
+/*
+ * Frames we replay reach the socket when the kernel gets to them: the
+ * injection returns first, and on a busy machine they can wait a
+ * millisecond or more. An application that freezes the socket in that gap
+ * (a target handing back as soon as a replayed ACK emptied its send
+ * queue, with the client's next request right behind it) captures a state
+ * without them, and its frozen socket takes them after the capture: bytes
+ * the client sent that no owner has, until the client resends them some
+ * 200 ms later. So each replay into a socket notes how many segments the
+ * socket will have taken in (tcpi_segs_in) once they are all in, and the
+ * next freeze of that flow, with the client's frames parked again, waits
+ * for them first (await_replayed).
+ */
+#define REPLAY_WATCHES 64
+#define REPLAY_WATCH_MS 1000 /* by then they are in, or never will be */
+#define REPLAY_WAIT_MS 20    /* a freeze waits this long, then refuses */
+
+struct replay_watch {
+	struct xo_flow_key key;
+	uint32_t segs_in; /* the socket's count once all replayed are in */
+	uint64_t until;   /* 0: free */
+};
+
 struct event {
 	struct event *next;
 	struct xo_proto_event ev;
@@ -173,6 +196,8 @@ struct xo_proto {
 	uint64_t linger_min;
 	struct straggler *strag;
 	uint32_t n_strag, cap_strag;
+	struct replay_watch replays[REPLAY_WATCHES];
+	uint32_t replay_next;   /* the slot a new watch may take */
 	struct xo_proto_step *steps;
 	uint32_t step_head, step_len;
 	struct xo_proto_stats stats;
@@ -780,8 +805,8 @@ static void expect_stragglers(struct xo_proto *p, const struct conn *c,
 	straggler_add(p, &sg);
 }
 
-static void replay_blob(struct xo_proto *p, const uint8_t *blob, uint32_t len,
-			const struct xo_endpoint *to);
+static uint32_t replay_blob(struct xo_proto *p, const uint8_t *blob,
+			    uint32_t len, const struct xo_endpoint *to);
 
 /* Late PARKED for a connection we no longer track: replay what we expect. */
 static bool late_parked(struct xo_proto *p, const struct peer *pe,
@@ -841,17 +866,92 @@ static void ship_stragglers(struct xo_proto *p, uint64_t now)
 
 /* Give frames parked here or sent to us to our own stack, addressed to the
  * connection's endpoint here. */
-static void replay_blob(struct xo_proto *p, const uint8_t *blob, uint32_t len,
-			const struct xo_endpoint *to)
+static uint32_t replay_blob(struct xo_proto *p, const uint8_t *blob,
+			    uint32_t len, const struct xo_endpoint *to)
 {
+	uint32_t segs = 0;
 	int64_t n = xo_park_replay(p->cfg.steer, p->ifindex, blob, len, to,
-				   p->mac);
+				   p->mac, &segs);
 
-	if (n < 0)
+	if (n < 0) {
 		fprintf(stderr, "xo: replaying parked frames: %s\n",
 			xo_last_error());
-	else
-		p->stats.parked_replayed += (uint64_t)n;
+		return 0;
+	}
+	p->stats.parked_replayed += (uint64_t)n;
+	return segs;
+}
+
+static struct replay_watch *replay_watch_of(struct xo_proto *p,
+					    const struct xo_flow_key *key,
+					    uint64_t now)
+{
+	uint32_t i;
+
+	for (i = 0; i < REPLAY_WATCHES; i++)
+		if (p->replays[i].until > now &&
+		    !memcmp(&p->replays[i].key, key, sizeof(*key)))
+			return &p->replays[i];
+	return NULL;
+}
+
+/* Replay a blob into c's socket and note the segments it will take in. */
+static uint32_t replay_into(struct xo_proto *p, struct conn *c,
+			    const uint8_t *blob, uint32_t len,
+			    const struct xo_endpoint *to)
+{
+	uint64_t now = clock_ns();
+	struct replay_watch *w;
+	uint32_t base, segs;
+
+	if (c->fd < 0 || xo_tcp_segs_in(c->fd, &base))
+		return replay_blob(p, blob, len, to); /* nothing to wait on */
+	segs = replay_blob(p, blob, len, to);
+	if (!segs)
+		return 0;
+	w = replay_watch_of(p, &c->in_key, now);
+	if (w && (int32_t)(w->segs_in - base) > 0)
+		base = w->segs_in; /* earlier ones are not all in yet */
+	if (!w) {
+		w = &p->replays[p->replay_next];
+		p->replay_next = (p->replay_next + 1) % REPLAY_WATCHES;
+		w->key = c->in_key;
+	}
+	w->segs_in = base + segs;
+	w->until = now + REPLAY_WATCH_MS * MS;
+	return segs;
+}
+
+/* Before a freeze of `key` (its client frames parked again): the frames
+ * replayed into fd's socket are in it, or the transfer waits. */
+static int await_replayed(struct xo_proto *p, const struct xo_flow_key *key,
+			  int fd, const char *what)
+{
+	uint64_t now = clock_ns(), give_up = now + REPLAY_WAIT_MS * MS;
+	struct replay_watch *w = replay_watch_of(p, key, now);
+	const struct timespec nap = { .tv_nsec = 50 * 1000 };
+	uint32_t segs;
+	int ret;
+
+	if (!w)
+		return 0;
+	for (;;) {
+		ret = xo_tcp_segs_in(fd, &segs);
+		if (ret)
+			return ret;
+		if ((int32_t)(segs - w->segs_in) >= 0) {
+			w->until = 0;
+			return 0;
+		}
+		if (clock_ns() >= give_up)
+			break;
+		nanosleep(&nap, NULL); /* the kernel delivers them meanwhile */
+	}
+	w->until = 0;
+	p->stats.replays_late++;
+	return xo_fail(XO_E_BUSY,
+		       "%s: %u frame(s) replayed into the socket have not reached it after %d ms; not moved, try again",
+		       what, (uint32_t)(w->segs_in - segs), REPLAY_WAIT_MS);
 }
 
 /* The last record of replayed blobs (length and frame, as in a blob). */
@@ -892,7 +992,8 @@ static void last_frame(struct last_frame *l, const uint8_t *blob, uint32_t len)
 	}
 }
 
-static int64_t replay_parked(struct xo_proto *p,
+/* Replay what our ring holds for key, into c's socket (c may be NULL). */
+static int64_t replay_parked(struct xo_proto *p, struct conn *c,
 			     const struct xo_flow_key *key,
 			     const struct xo_endpoint *to,
 			     struct last_frame *last)
@@ -902,7 +1003,10 @@ static int64_t replay_parked(struct xo_proto *p,
 	int64_t n = xo_park_take(p->cfg.steer, key, &blob, &len);
 
 	if (n > 0) {
-		replay_blob(p, blob, len, to);
+		if (c)
+			replay_into(p, c, blob, len, to);
+		else
+			replay_blob(p, blob, len, to);
 		if (last)
 			last_frame(last, blob, len);
 	}
@@ -939,7 +1043,7 @@ static void draw_owed_ack(struct xo_proto *p, struct conn *c,
 			  const struct xo_endpoint *to, bool replayed)
 {
 	if (!replayed && c->owed_ack_len) {
-		replay_blob(p, c->owed_ack, c->owed_ack_len, to);
+		replay_into(p, c, c->owed_ack, c->owed_ack_len, to);
 		p->stats.owed_acks++;
 	}
 	c->owed_ack_len = 0;
@@ -1000,16 +1104,16 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	 * and a client still receiving a response is rarely streaming. */
 	held_acks = !sending(c->fd) && !insert_block(p, &c->out_key, clock_ns());
 	if (older_len) {
-		replay_blob(p, older, older_len, to);
+		replay_into(p, c, older, older_len, to);
 		last_frame(&last, older, older_len);
 	}
 	free(merged);
 	/* Replay what was parked here while the rule still parks. */
 	for (i = 0; i < RELEASE_ROUNDS; i++)
-		if (replay_parked(p, &c->in_key, to, &last) <= 0)
+		if (replay_parked(p, c, &c->in_key, to, &last) <= 0)
 			break;
 	remove_rule(p, &c->in_key);
-	replay_parked(p, &c->in_key, to, &last);
+	replay_parked(p, c, &c->in_key, to, &last);
 	if (held_acks) {
 		if (p->cfg.role == XO_ROLE_TARGET) {
 			if (xo_rules_insert(p->cfg.rules, &c->out_key, &c->rule))
@@ -1024,7 +1128,7 @@ static void release_park(struct xo_proto *p, struct conn *c,
 	 * more. A segment the stack has already is answered at once with an
 	 * ACK that covers everything, with the current window. */
 	if (held_acks && last.len)
-		replay_blob(p, last.rec, last.len, to);
+		replay_into(p, c, last.rec, last.len, to);
 	draw_owed_ack(p, c, to, last.len != 0);
 	free(last.rec);
 	watch_own_stragglers(p, &c->in_key, to, clock_ns());
@@ -1177,9 +1281,9 @@ static void host_rollback(struct xo_proto *p, struct conn *c, int code,
 	remove_rule(p, &c->in_key);
 	remove_rule(p, &c->out_key);
 	if (c->held_len)
-		replay_blob(p, c->held, c->held_len, &c->local);
+		replay_into(p, c, c->held, c->held_len, &c->local);
 	draw_owed_ack(p, c, &c->local,
-		      replay_parked(p, &c->in_key, &c->local, NULL) > 0 ||
+		      replay_parked(p, c, &c->in_key, &c->local, NULL) > 0 ||
 			      c->held_len);
 	if (tell_target && pe)
 		send_abort(pe, c->wire_id, XO_ABORT_HOST, why, now);
@@ -1421,7 +1525,9 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 		goto unblock;
 	lap(p, &l, OH_BLOCK);
 	/* Step 2: freeze, capture, BEGIN_OFFLOAD. */
-	ret = xo_tcp_freeze(fd);
+	ret = await_replayed(p, &in_key, fd, "offload");
+	if (!ret)
+		ret = xo_tcp_freeze(fd);
 	if (ret)
 		goto unblock;
 	ret = xo_tcp_capture(fd, &st);
@@ -1506,7 +1612,7 @@ unblock:
 		snprintf(why, sizeof(why), "%s", xo_last_error());
 		remove_rule(p, &in_key);
 		remove_rule(p, &out_key);
-		replay_parked(p, &in_key, &local, NULL);
+		replay_parked(p, NULL, &in_key, &local, NULL);
 		xo_fail(ret, "%s", why);
 	}
 	state_buf_free(payload, payload_len);
@@ -2046,7 +2152,7 @@ static void host_input(struct xo_proto *p, struct peer *pe,
 			else
 				conn_free(p, c);
 		} else if (c && c->state == H_RETURNED && c->peer == pe->id) {
-			replay_blob(p, m->payload, m->payload_len, &c->local);
+			replay_into(p, c, m->payload, m->payload_len, &c->local);
 		} else if (!c) {
 			late_parked(p, pe, m);
 		} else if (c && c->state == H_OFFLOADED && c->peer != pe->id) {
@@ -2393,7 +2499,7 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		if (c && c->state == T_SERVING && c->park_until)
 			release_park(p, c, m->payload, m->payload_len, &c->at);
 		else if (c && c->state == T_SERVING)
-			replay_blob(p, m->payload, m->payload_len, &c->at);
+			replay_into(p, c, m->payload, m->payload_len, &c->at);
 		else if (c && c->state == T_WAIT_END)
 			hold_frames(c, m->payload, m->payload_len);
 		return;
@@ -2535,7 +2641,9 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 	if (ret)
 		goto unblock;
 	lap(p, &l, IT_BLOCK);
-	ret = xo_tcp_freeze(c->fd);
+	ret = await_replayed(p, &c->in_key, c->fd, "hand back");
+	if (!ret)
+		ret = xo_tcp_freeze(c->fd);
 	if (ret)
 		goto unblock;
 	/* Step 8. */

@@ -566,13 +566,15 @@ uint32_t xo_park_owed_ack(const struct xo_tcp_state *st,
 
 int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
 		       uint32_t len, const struct xo_endpoint *to,
-		       const uint8_t *dst_mac)
+		       const uint8_t *dst_mac, uint32_t *segments)
 {
 	uint32_t off = 0;
 	int64_t frames = 0;
 	int ret;
 
 	xo_clear_error();
+	if (segments)
+		*segments = 0;
 	if (!s || !to || (!blob && len))
 		return xo_fail(XO_E_INVAL, "park: NULL argument");
 	while (off < len) {
@@ -585,6 +587,8 @@ int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
 		if (ret < 0)
 			return ret;
 		frames += ret > 0;
+		if (segments)
+			*segments += (uint32_t)ret;
 		off += 4 + flen;
 	}
 	return frames;

@@ -356,7 +356,8 @@ class HostEngine(_Driver):
                 "closed_on_target": st["closed_on_target"], "stragglers": st["stragglers"],
                 "violations": st["violations"], "timeouts": st["timeouts"],
                 "bytes_followed": st["bytes_followed"], "bytes_missed": st["bytes_missed"],
-                "owed_acks": st["owed_acks"]}
+                "owed_acks": st["owed_acks"],
+                "replays_late": st["replays_late"]}
 
     @property
     def offloaded(self) -> int:
