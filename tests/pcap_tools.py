@@ -119,30 +119,36 @@ def tcp_streams(path: Path, whole: int | None = None) -> dict[Flow, bytes]:
 
 
 def resends(path: Path, sender: str, context: int = 12) -> str:
-    """Each segment `sender` sent again (same sequence number, data or FIN),
-    with what its connection carried around the first sending: enough to
-    tell which step of a handoff kept it waiting. Empty when there is none."""
+    """Each segment `sender` sent again (data or FIN at or below the furthest
+    sequence number it had sent: a resend, also of part of a large segment the
+    capture saw whole), with what its connection carried around the first
+    sending: enough to tell which step of a handoff kept it waiting. Empty
+    when there is none."""
     pkts = packets(path)
     if not pkts:
         return ""
     t0 = pkts[0].time
-    first: dict[tuple[Flow, int, int], int] = {}
-    lines = []
+    high: dict[Flow, int] = {}       # one past the furthest byte sent (FIN counts)
+    lines: list[str] = []
     for i, p in enumerate(pkts):
-        if p.flow[0] != sender or not (p.length or p.flags & 0x01):
+        if p.flow[0] != sender or p.flags & 0x02:
             continue
-        key = (p.flow, p.seq, p.flags & 0x01)
-        if key not in first:
-            first[key] = i
+        end = (p.seq + p.length + (p.flags & 0x01)) & 0xFFFFFFFF
+        if p.flow not in high or not (p.length or p.flags & 0x01):
+            high.setdefault(p.flow, end)
             continue
-        j = first[key]
-        back = (p.flow[2], p.flow[3], p.flow[0], p.flow[1])
-        around = [q for q in pkts[max(0, j - 40 * context):i + context]
-                  if q.flow in (p.flow, back)]
-        k = next(n for n, q in enumerate(around) if q is pkts[j])
+        if 0 < ((end - high[p.flow]) & 0xFFFFFFFF) < 1 << 31:
+            high[p.flow] = end  # new data (or a FIN): not a resend
+            continue
         if len(lines) > 200:
             lines.append("... (more resends left out)")
             break
+        back = (p.flow[2], p.flow[3], p.flow[0], p.flow[1])
+        j = next((k for k in range(i - 1, -1, -1) if pkts[k].flow == p.flow
+                  and ((p.seq - pkts[k].seq) & 0xFFFFFFFF) < max(pkts[k].length, 1)), i)
+        around = [q for q in pkts[max(0, j - 40 * context):i + context]
+                  if q.flow in (p.flow, back)]
+        k = next(n for n, q in enumerate(around) if q is pkts[j])
         lines.append(f"resent after {(p.time - pkts[j].time) * 1e3:.1f} ms: "
                      f"{p.describe(t0)}")
         lines += ["    " + q.describe(t0) for q in around[max(0, k - context):]
@@ -175,14 +181,16 @@ def control_frames(stream: bytes) -> list[Frame]:
 
 
 @contextlib.contextmanager
-def headers_capture(testbed: Any, member: str, path: Path, port: int) -> Iterator[Path]:
-    """tcpdump on a lab member's interface, TCP headers of `port` only, into
-    `path`, for as long as the block runs (for `resends` when a client's
-    counters say it resent)."""
+def headers_capture(testbed: Any, member: str, path: Path,
+                    port: int | None = None) -> Iterator[Path]:
+    """tcpdump on a lab member's interface, TCP headers (of `port` only, if
+    given), into `path`, for as long as the block runs (for `resends` when a
+    client's counters say it resent)."""
     m = testbed.member(member)
     dump = testbed.popen(member, [
         "tcpdump", "-i", m.ifname, "-s", "96", "-B", "16384", "-n", "-w", str(path),
-        f"tcp port {port}" if port else "tcp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        f"tcp port {port}" if port else "tcp"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert dump.stderr is not None
         line = dump.stderr.readline()  # "listening on ..." once it captures

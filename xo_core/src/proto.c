@@ -59,6 +59,8 @@ struct conn {
 	uint32_t move_peer;     /* host, H_MOVING: the destination */
 	enum conn_state state;
 	int fd;
+	int app_fd;             /* host, returned: the application's socket
+				 * (replays into it are watched, not owned) */
 	struct xo_tcp_state st; /* target: what resume needs (unsent bytes) */
 	uint8_t *app;           /* request bytes (rollback / keep events) */
 	uint32_t app_len;
@@ -559,6 +561,7 @@ static struct conn *conn_new(struct xo_proto *p, uint32_t peer,
 		return NULL;
 	}
 	c->fd = -1;
+	c->app_fd = -1;
 	c->peer = peer;
 	c->id = p->next_conn_id++;
 	c->wire_id = p->cfg.role == XO_ROLE_HOST ? c->id : wire;
@@ -901,10 +904,11 @@ static uint32_t replay_into(struct xo_proto *p, struct conn *c,
 			    const struct xo_endpoint *to)
 {
 	uint64_t now = clock_ns();
+	int fd = c->fd >= 0 ? c->fd : c->app_fd;
 	struct replay_watch *w;
 	uint32_t base, segs;
 
-	if (c->fd < 0 || xo_tcp_segs_in(c->fd, &base))
+	if (fd < 0 || xo_tcp_segs_in(fd, &base))
 		return replay_blob(p, blob, len, to); /* nothing to wait on */
 	segs = replay_blob(p, blob, len, to);
 	if (!segs)
@@ -1773,6 +1777,7 @@ static void returned_event(struct xo_proto *p, struct conn *c, int fd,
 	struct xo_proto_event *ev;
 
 	p->stats.returns++;
+	c->app_fd = fd;
 	ev = push_event(p, XO_EV_RETURNED, c->peer, c->id, fd);
 	if (ev) {
 		ev->client = c->client;
