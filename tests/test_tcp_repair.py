@@ -294,6 +294,30 @@ def test_udp_socket_is_refused() -> None:
     sock.close()
 
 
+def test_bytes_a_frozen_socket_takes_after_the_capture_are_found() -> None:
+    """A frozen socket still queues what reaches it (a segment the kernel
+    delivers after the capture, e.g. from the socket's backlog, is in no
+    state): xo_tcp_late_bytes gives exactly those bytes, after what the
+    capture read, and nothing while none came."""
+    with veth_pair(socket.AF_INET) as pair:
+        peer, host = connect(pair)
+        peer.sendall(b"unread ")
+        wait_for(lambda: queue_sizes(host)[0] == 7, "the first bytes queued")
+        core.freeze(host)
+        st = core.capture(host)
+        assert st.recvq_len == 7
+        assert core.late_bytes(host, st.rcv_seq) == b""
+        late = os.urandom(3000) + b"the request that came late"
+        peer.sendall(late)
+        wait_for(lambda: queue_sizes(host)[0] == 7 + len(late),
+                 "the frozen socket to queue them")
+        assert core.late_bytes(host, st.rcv_seq) == late
+        # what the capture read stays where it was: the late bytes are after it
+        assert core.capture(host).recvq_len == 7 + len(late)
+        core.discard(host)
+        peer.close()
+
+
 def test_discard_refuses_a_socket_that_is_not_frozen() -> None:
     listener, client, server = loopback_pair()
     with pytest.raises(core.XoError, match="not frozen"):

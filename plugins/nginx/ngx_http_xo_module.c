@@ -1014,7 +1014,7 @@ static ngx_int_t ngx_http_xo_status_handler(ngx_http_request_t *r)
 			 "\"refused\": %uL, \"violations\": %uL, \"timeouts\": %uL, "
 			 "\"rules_expired\": %uL, \"parked_shipped\": %uL, "
 			 "\"parked_replayed\": %uL, \"bytes_followed\": %uL, "
-			 "\"bytes_missed\": %uL, \"owed_acks\": %uL, \"replays_late\": %uL, "
+			 "\"bytes_missed\": %uL, \"owed_acks\": %uL, \"replays_late\": %uL, \"late_bytes\": %uL, "
 			 "\"active\": %uD, \"peers\": %uD}, "
 			 "\"rules\": %L, \"peers\": [",
 			 ngx_pid, xo_mcf->has_control ? "target" : "host",
@@ -1022,7 +1022,7 @@ static ngx_int_t ngx_http_xo_status_handler(ngx_http_request_t *r)
 			 st.adopted, st.handed_back, st.kept, st.lost, st.refused,
 			 st.violations, st.timeouts, st.rules_expired,
 			 st.parked_shipped, st.parked_replayed, st.bytes_followed,
-			 st.bytes_missed, st.owed_acks, st.replays_late, st.active, st.peers,
+			 st.bytes_missed, st.owed_acks, st.replays_late, st.late_bytes, st.active, st.peers,
 			 (int64_t)xo_steer_count(xo_steer));
 	npeers = xo_proto_peers(xo_machine, ids, XO_MAX_CTLS);
 	for (i = 0; npeers > 0 && i < (ngx_uint_t)ngx_min(npeers, XO_MAX_CTLS); i++) {

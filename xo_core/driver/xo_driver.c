@@ -599,7 +599,7 @@ static void stats_json(char *buf, size_t cap)
 		       "{\"offloads\": %llu, \"rollbacks\": %llu, \"returns\": %llu, "
 		       "\"withdrawn\": %llu, \"closed_on_target\": %llu, "
 		       "\"stragglers\": %llu, \"bytes_followed\": %llu, "
-		       "\"bytes_missed\": %llu, \"owed_acks\": %llu, \"replays_late\": %llu, "
+		       "\"bytes_missed\": %llu, \"owed_acks\": %llu, \"replays_late\": %llu, \"late_bytes\": %llu, "
 		       "\"moves\": %llu, \"requests\": %llu, "
 		       "\"served_locally\": %llu, \"proxied\": 0, \"offloaded_now\": %u, "
 		       "\"rules\": %lld, \"driver\": \"c\", \"targets\": {",
@@ -613,6 +613,7 @@ static void stats_json(char *buf, size_t cap)
 		       (unsigned long long)st.bytes_missed,
 		       (unsigned long long)st.owed_acks,
 		       (unsigned long long)st.replays_late,
+		       (unsigned long long)st.late_bytes,
 		       (unsigned long long)st.moves, (unsigned long long)requests,
 		       (unsigned long long)served_locally, st.active,
 		       (long long)xo_steer_count(steer));

@@ -384,6 +384,8 @@ struct xo_proto_stats {
 				   * drawn with a duplicate (docs/architecture.md) */
 	uint64_t replays_late;    /* transfers refused because frames replayed
 				   * into the socket had not reached it yet */
+	uint64_t late_bytes;      /* bytes a frozen socket took after its
+				   * capture, sent on as client frames */
 	uint32_t active;          /* connections the machine tracks now */
 	uint32_t peers;
 };

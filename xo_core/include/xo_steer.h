@@ -184,6 +184,8 @@ int xo_steer_bench(struct xo_steer *s, uint32_t count, uint64_t *insert_ns,
 /* Read the ring into the handle's stash (frames older than 10 s, nobody
  * having taken them, are dropped). Returns the frames read. */
 int64_t xo_park_collect(struct xo_steer *s);
+/* Bytes of frames in the stash, nobody having taken them yet. */
+uint64_t xo_park_stashed(const struct xo_steer *s);
 /* Take one flow's frames out of the stash as a blob (*out malloc'd, the
  * caller frees it; NULL when there are none). Returns the frame count. */
 int64_t xo_park_take(struct xo_steer *s, const struct xo_flow_key *key,
@@ -201,6 +203,15 @@ int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,
  * with one ACK. Returns 0, or an XO_E_* code for a frame that is not
  * Ethernet/IP/TCP (left as it is). */
 int xo_park_tail(uint8_t *frame, uint32_t *len, uint32_t keep);
+/* One client frame, as a blob record for xo_park_replay(): from `from`
+ * to `to` (retargeted on replay), with seq, ack, window and len payload
+ * bytes (at most 65,000). Writes at most XO_PARK_FRAME_HDR_MAX + len bytes
+ * at blob; returns how many. */
+#define XO_PARK_FRAME_HDR_MAX 78 /* 4 + Ethernet 14 + IPv6 40 + TCP 20 */
+uint32_t xo_park_client_frame(const struct xo_endpoint *from,
+			      const struct xo_endpoint *to, uint32_t seq,
+			      uint32_t ack, uint16_t win, const uint8_t *payload,
+			      uint32_t len, uint8_t *blob);
 /* Size of a blob holding the frame xo_park_owed_ack() builds. */
 #define XO_PARK_OWED_ACK_MAX 79 /* 4 + Ethernet 14 + IPv6 40 + TCP 20 + 1 */
 /* A restored socket does not know it owes the client an ACK (the old

@@ -82,6 +82,13 @@ struct conn {
 	 * to replay once the release replayed nothing that would draw it. */
 	uint8_t owed_ack[XO_PARK_OWED_ACK_MAX];
 	uint32_t owed_ack_len;
+	/* The old owner, frozen: where its capture left the receive side,
+	 * to find bytes its socket took after it (take_late_bytes). */
+	struct {
+		uint32_t rcv_seq, ack;
+		uint16_t win;
+		bool on;
+	} late;
 	uint64_t superseded_by; /* host, H_RETURNED: offloaded again since */
 	/* Unread bytes sent after the state (XO_FLAG_BYTES_FOLLOW). Sender:
 	 * what goes in BYTES right after our PARKED. Receiver: awaiting, the
@@ -841,7 +848,10 @@ static void ship_stragglers(struct xo_proto *p, uint64_t now)
 	while (i < p->n_strag) {
 		struct straggler *sg = &p->strag[i];
 
-		if (sg->kind != SG_EXPECT) {
+		/* Most ticks find no frame kept: then no watch (one per
+		 * transfer of the last second, thousands at a high handoff
+		 * rate) walks the stash for its flow. */
+		if (sg->kind != SG_EXPECT && xo_park_stashed(p->cfg.steer)) {
 			struct peer *pe = peer_get(p, sg->peer);
 			uint8_t *blob = NULL;
 			uint32_t len = 0;
@@ -1190,6 +1200,62 @@ static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len)
 	memcpy(n + c->held_len, blob, len);
 	c->held = n;
 	c->held_len += len;
+}
+
+/* Note where a capture left the receive side (see take_late_bytes). */
+static void note_capture(struct conn *c, const struct xo_tcp_state *st)
+{
+	uint32_t win = st->snd_wnd >> st->snd_wscale;
+
+	c->late.rcv_seq = st->rcv_seq;
+	c->late.ack = st->snd_seq - st->inflight_len - st->unsent_len;
+	c->late.win = (uint16_t)(win > 0xffff ? 0xffff : win);
+	c->late.on = true;
+}
+
+#define LATE_FRAME_BYTES 16384 /* payload per frame made of late bytes */
+
+/*
+ * A frozen socket still queues what reaches it. A client frame that got
+ * past the datapath before the park went in, but into the socket only
+ * after the capture (the kernel delivers late on a busy machine, e.g.
+ * from the socket's backlog), is in no state: the client would resend it
+ * some 200 ms later. Before the old socket goes, its late bytes become
+ * client frames held with the parked ones, so the new owner gets them.
+ */
+static void take_late_bytes(struct xo_proto *p, struct conn *c)
+{
+	uint8_t *bytes, *blob;
+	uint32_t len, off, chunk, used = 0;
+	size_t cap;
+
+	if (!c->late.on || c->fd < 0)
+		return;
+	c->late.on = false;
+	if (xo_tcp_late_bytes(c->fd, c->late.rcv_seq, &bytes, &len)) {
+		fprintf(stderr, "xo: conn %llx: %s\n", (unsigned long long)c->id,
+			xo_last_error());
+		return;
+	}
+	if (!len)
+		return;
+	cap = len + ((size_t)len / LATE_FRAME_BYTES + 1) * XO_PARK_FRAME_HDR_MAX;
+	blob = malloc(cap);
+	if (blob) {
+		for (off = 0; off < len; off += chunk) {
+			chunk = len - off > LATE_FRAME_BYTES ? LATE_FRAME_BYTES :
+							       len - off;
+			used += xo_park_client_frame(&c->client, &c->client,
+						     c->late.rcv_seq + off,
+						     c->late.ack, c->late.win,
+						     bytes + off, chunk,
+						     blob + used);
+		}
+		hold_frames(c, blob, used);
+		p->stats.late_bytes += len;
+	} /* else the client resends them */
+	free(blob);
+	free(bytes);
 }
 
 static void drop_parked(struct xo_proto *p, const struct xo_flow_key *key)
@@ -1552,6 +1618,7 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	}
 	/* For a rollback: this socket's own record says the ACK went out. */
 	c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
+	note_capture(c, &st);
 	{
 		struct conn *o;
 
@@ -1652,6 +1719,7 @@ static void host_commit(struct xo_proto *p, struct peer *pe, struct conn *c,
 	}
 	lap(p, &c->lap, OH_REDIRECT);
 	/* Point of no return. Step 6: our socket goes without a signal. */
+	take_late_bytes(p, c);
 	if (xo_tcp_discard(c->fd)) {
 		fprintf(stderr, "xo: conn %llx: discard: %s\n",
 			(unsigned long long)c->id, xo_last_error());
@@ -2581,6 +2649,7 @@ static void target_input(struct xo_proto *p, struct peer *pe,
 		if (m->type != XO_MSG_END_OFFLOAD)
 			break;
 		lap(p, &l, IT_END);
+		take_late_bytes(p, c);
 		ship_parked(p, pe, c->wire_id, &c->in_key, c->held,
 			    c->held_len, now);
 		ship_due(p, pe, c, now);
@@ -2653,8 +2722,10 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 		goto unblock;
 	/* Step 8. */
 	ret = xo_tcp_capture(c->fd, &st);
-	if (!ret) /* if the host refuses: target_keep draws it */
+	if (!ret) { /* if the host refuses: target_keep draws it */
 		c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
+		note_capture(c, &st);
+	}
 	if (!ret)
 		ret = xo_state_set_app_data(&st, app, app_len);
 	if (!ret && tls)

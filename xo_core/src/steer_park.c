@@ -250,6 +250,11 @@ int64_t xo_park_collect(struct xo_steer *s)
 	return n;
 }
 
+uint64_t xo_park_stashed(const struct xo_steer *s)
+{
+	return s ? s->park_bytes : 0;
+}
+
 int64_t xo_park_take(struct xo_steer *s, const struct xo_flow_key *key,
 		     uint8_t **out, uint32_t *out_len)
 {
@@ -520,48 +525,63 @@ int xo_park_tail(uint8_t *f, uint32_t *len, uint32_t keep)
 	return 0;
 }
 
-uint32_t xo_park_owed_ack(const struct xo_tcp_state *st,
-			  uint8_t blob[XO_PARK_OWED_ACK_MAX])
+uint32_t xo_park_client_frame(const struct xo_endpoint *from,
+			      const struct xo_endpoint *to, uint32_t seq,
+			      uint32_t ack, uint16_t win, const uint8_t *payload,
+			      uint32_t len, uint8_t *blob)
 {
-	bool v6 = st->remote.family == AF_INET6;
+	bool v6 = from->family == AF_INET6;
 	uint32_t l3 = 4 + 14, l4 = l3 + (v6 ? 40 : 20), flen;
-	uint32_t snd_una = st->snd_seq - st->inflight_len - st->unsent_len;
-	uint32_t win = st->snd_wnd >> st->snd_wscale;
 
-	if (st->rcv_wup == st->rcv_seq)
-		return 0;
-	flen = l4 + 20 + 1 - 4;
-	memset(blob, 0, XO_PARK_OWED_ACK_MAX);
+	flen = l4 + 20 + len - 4;
+	memset(blob, 0, l4 + 20);
 	xo_put32(blob, flen);
-	/* MACs and the destination are set by the replay (retargeted). */
+	/* MACs are set by the replay, which also retargets the destination. */
 	xo_put16(blob + 4 + 12, v6 ? 0x86dd : 0x0800);
 	if (v6) {
 		blob[l3] = 0x60;
-		xo_put16(blob + l3 + 4, 20 + 1);
+		xo_put16(blob + l3 + 4, (uint16_t)(20 + len));
 		blob[l3 + 6] = 6;
 		blob[l3 + 7] = 64;
-		memcpy(blob + l3 + 8, st->remote.addr, 16);
-		memcpy(blob + l3 + 24, st->local.addr, 16);
+		memcpy(blob + l3 + 8, from->addr, 16);
+		memcpy(blob + l3 + 24, to->addr, 16);
 	} else {
 		blob[l3] = 0x45;
-		xo_put16(blob + l3 + 2, 20 + 20 + 1);
+		xo_put16(blob + l3 + 2, (uint16_t)(20 + 20 + len));
 		xo_put16(blob + l3 + 6, 0x4000); /* DF */
 		blob[l3 + 8] = 64;
 		blob[l3 + 9] = 6;
-		memcpy(blob + l3 + 12, st->remote.addr, 4);
-		memcpy(blob + l3 + 16, st->local.addr, 4);
+		memcpy(blob + l3 + 12, from->addr, 4);
+		memcpy(blob + l3 + 16, to->addr, 4);
 	}
-	xo_put16(blob + l4, st->remote.port);
-	xo_put16(blob + l4 + 2, st->local.port);
+	xo_put16(blob + l4, from->port);
+	xo_put16(blob + l4 + 2, to->port);
+	xo_put32(blob + l4 + 4, seq);
+	xo_put32(blob + l4 + 8, ack);
+	blob[l4 + 12] = 5 << 4;
+	blob[l4 + 13] = len ? 0x18 : 0x10; /* PSH with data; ACK */
+	xo_put16(blob + l4 + 14, win);
+	if (len)
+		memcpy(blob + l4 + 20, payload, len);
+	return flen + 4;
+}
+
+uint32_t xo_park_owed_ack(const struct xo_tcp_state *st,
+			  uint8_t blob[XO_PARK_OWED_ACK_MAX])
+{
+	uint32_t snd_una = st->snd_seq - st->inflight_len - st->unsent_len;
+	uint32_t win = st->snd_wnd >> st->snd_wscale;
+	const uint8_t zero = 0;
+
+	if (st->rcv_wup == st->rcv_seq)
+		return 0;
 	/* The client's view: its next byte was rcv_nxt, and it has every
 	 * byte up to snd_una; the window it last gave, so that taking this
-	 * frame's window changes nothing. */
-	xo_put32(blob + l4 + 4, st->rcv_seq - 1);
-	xo_put32(blob + l4 + 8, snd_una);
-	blob[l4 + 12] = 5 << 4;
-	blob[l4 + 13] = 0x10; /* ACK */
-	xo_put16(blob + l4 + 14, (uint16_t)(win > 0xffff ? 0xffff : win));
-	return flen + 4;
+	 * frame's window changes nothing. One byte again: a duplicate. */
+	return xo_park_client_frame(&st->remote, &st->local, st->rcv_seq - 1,
+				    snd_una,
+				    (uint16_t)(win > 0xffff ? 0xffff : win),
+				    &zero, 1, blob);
 }
 
 int64_t xo_park_replay(struct xo_steer *s, int ifindex, const uint8_t *blob,

@@ -332,6 +332,50 @@ static int peek_recvq(int fd, uint8_t *buf, uint32_t want, uint32_t *got)
 	return ret2;
 }
 
+void xo_free(void *mem)
+{
+	free(mem);
+}
+
+int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint8_t **out, uint32_t *len)
+{
+	uint32_t now_seq, all, mark, late, got;
+	uint8_t *buf;
+	int ret;
+
+	*out = NULL;
+	*len = 0;
+	ret = queue_seq(fd, TCP_RECV_QUEUE, &now_seq, "recv");
+	if (ret)
+		return ret;
+	late = now_seq - rcv_seq;
+	if (!late || late > 1u << 30)
+		return 0;
+	ret = count_recvq(fd, &all, &mark);
+	if (ret)
+		return ret;
+	if (late > all)
+		late = all; /* a FIN moves rcv_nxt without a byte queued */
+	if (!late)
+		return 0;
+	buf = malloc(all);
+	if (!buf)
+		return xo_fail(XO_E_NOMEM, "late bytes: %u bytes", all);
+	ret = peek_recvq(fd, buf, all, &got);
+	if (!ret && got < late)
+		ret = xo_fail(XO_E_SEQUENCE,
+			      "late bytes: %u of %u bytes in the receive queue",
+			      got, late);
+	if (ret) {
+		free(buf);
+		return ret;
+	}
+	memmove(buf, buf + got - late, late);
+	*out = buf;
+	*len = late;
+	return 0;
+}
+
 static int capture_recvq(int fd, struct xo_tcp_state *st)
 {
 	uint32_t all = 0, mark = XO_NO_MARK, want, got;

@@ -421,6 +421,20 @@ def capture(sock: socket.socket | int) -> TcpState:
     return state
 
 
+def late_bytes(sock: socket.socket | int, rcv_seq: int) -> bytes:
+    """What a socket frozen since a capture (whose ``rcv_seq`` is given)
+    took in after it: a frozen socket still queues what reaches it."""
+    out = ffi.new("uint8_t **")
+    n = ffi.new("uint32_t *")
+    _check(lib.xo_tcp_late_bytes(_fileno(sock), rcv_seq & 0xFFFFFFFF, out, n))
+    if out[0] == ffi.NULL:
+        return b""
+    try:
+        return bytes(ffi.buffer(out[0], n[0]))
+    finally:
+        lib.xo_free(out[0])
+
+
 def restore(state: TcpState, local: Endpoint | None = None,
             tls_user: bool = False) -> socket.socket:
     """A new socket carrying ``state``, still frozen (call :func:`resume`).

@@ -357,7 +357,8 @@ class HostEngine(_Driver):
                 "violations": st["violations"], "timeouts": st["timeouts"],
                 "bytes_followed": st["bytes_followed"], "bytes_missed": st["bytes_missed"],
                 "owed_acks": st["owed_acks"],
-                "replays_late": st["replays_late"]}
+                "replays_late": st["replays_late"],
+                "late_bytes": st["late_bytes"]}
 
     @property
     def offloaded(self) -> int:
