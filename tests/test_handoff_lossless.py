@@ -195,6 +195,29 @@ def test_put_bodies_follow_the_connection_while_they_stream(rate: str | None,
     assert xo["TcpRetransSegs"] <= base["TcpRetransSegs"] + slack, why
 
 
+def test_bytes_a_frozen_socket_takes_after_its_capture_reach_the_new_owner() -> None:
+    """A frozen socket still queues what reaches it; the kernel may deliver a
+    client frame that got past the datapath before the park only after the
+    capture (seen once as a request the client resent 207 ms later, and once
+    as 46 segments of a streaming PUT). The fault "park_late" widens that gap
+    on purpose: every freeze parks the client's frames only after its
+    capture, 2 ms later. The old owner must carry those bytes on (counted
+    `late_bytes`): every body arrives intact and the client resends no more
+    than its own probes do (without them, one run resent 1,308 segments)."""
+    body = os.urandom(16 << 20)
+    fault = {m: "park_late" for m in ("host", "t0", "t1")}
+    with cluster(targets=2, name=lab_name("lt"), crash_at=fault) as apps:
+        loss, served = put_bodies(apps, body, 6)
+        host = apps.host_stats()
+        targets = [target_machine_stats(apps, t) for t in ("t0", "t1")]
+    late = host["late_bytes"] + sum(t["late_bytes"] for t in targets)
+    transfers = host["offloads"] + host["returns"]
+    print("client:", loss, "served:", served, "late bytes:", late, "transfers:", transfers)
+    assert late > 0, (host, targets)
+    assert loss["TCPTimeouts"] == 0 and loss["TcpEstabResets"] == 0, loss
+    assert loss["TcpRetransSegs"] <= transfers, (loss, transfers)
+
+
 def test_park_overflow_costs_a_retransmission_not_a_byte() -> None:
     """The smallest ring there is (one page: two MTU-sized records), and
     request bodies that keep streaming while the connection is handed off:

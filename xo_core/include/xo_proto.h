@@ -413,7 +413,10 @@ int xo_proto_take_steps(struct xo_proto *p, struct xo_proto_step *out,
 const char *xo_proto_step_name(uint32_t transfer, uint32_t step);
 
 /* Test hook: SIGKILL this process when the named step is reached ("begin",
- * "restored", "ready", "host_ready", "done"); NULL clears it. */
+ * "restored", "ready", "host_ready", "done"); NULL clears it. The fault
+ * "park_late" kills nothing: each freeze parks the client's frames only
+ * after its capture (and 2 ms later), so that frames reach the frozen
+ * socket after it, as a late delivery by the kernel does. */
 int xo_proto_set_crash_step(struct xo_proto *p, const char *step);
 
 /* ---- key files, control sockets, the client probe ---------------------- */

@@ -337,10 +337,12 @@ class HostEngine(_Driver):
     """The load balancer's side of XO."""
 
     def __init__(self, key: bytes, steering: Steering, host_mac: str,
-                 on_return: ReturnCallback, *, timeouts: Timeouts = DEFAULTS) -> None:
+                 on_return: ReturnCallback, *, timeouts: Timeouts = DEFAULTS,
+                 fault: str | None = None) -> None:
         super().__init__(Machine(Role.HOST, key, steering.rules, steering.steer,
                                  steering.owner, host_mac=host_mac, timeouts=timeouts),
                          timeouts)
+        self.machine.set_crash_step(fault)  # test hook (xo_proto.h)
         self.steering = steering
         self.on_return = on_return
         self.targets: dict[str, TargetLink] = {}

@@ -331,7 +331,7 @@ class Host:
                                  owner=cfg.owner or None,
                                  park_ring_bytes=cfg.park_ring_bytes)
         self.engine = HostEngine(self.key, steering, cfg.mac, self._on_return,
-                                 timeouts=timeouts(cfg))
+                                 timeouts=timeouts(cfg), fault=cfg.crash_at or None)
         try:
             for target in cfg.targets:
                 ip, port = cfg.control_address(target)
