@@ -341,7 +341,7 @@ int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint8_t **out, uint32_t *len)
 {
 	uint32_t now_seq, all, mark, late, got;
 	uint8_t *buf;
-	int ret;
+	int ret, tls;
 
 	*out = NULL;
 	*len = 0;
@@ -351,6 +351,15 @@ int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint8_t **out, uint32_t *len)
 	late = now_seq - rcv_seq;
 	if (!late || late > 1u << 30)
 		return 0;
+	/* Kernel TLS reads its receive queue through its own layer, which a
+	 * peek would make decrypt: leave those bytes to the client's resend. */
+	ret = xo_tls_ulp(fd, &tls);
+	if (!ret && tls)
+		ret = xo_fail(XO_E_UNSUPPORTED,
+			      "late bytes: %u bytes reached a kernel-TLS socket after its capture; the client resends them",
+			      late);
+	if (ret)
+		return ret;
 	ret = count_recvq(fd, &all, &mark);
 	if (ret)
 		return ret;
