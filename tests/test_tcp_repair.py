@@ -306,14 +306,17 @@ def test_bytes_a_frozen_socket_takes_after_the_capture_are_found() -> None:
         core.freeze(host)
         st = core.capture(host)
         assert st.recvq_len == 7
-        assert core.late_bytes(host, st.rcv_seq) == b""
+        assert core.late_bytes(host, st) == b""
         late = os.urandom(3000) + b"the request that came late"
         peer.sendall(late)
         wait_for(lambda: queue_sizes(host)[0] == 7 + len(late),
                  "the frozen socket to queue them")
-        assert core.late_bytes(host, st.rcv_seq) == late
-        # what the capture read stays where it was: the late bytes are after it
-        assert core.capture(host).recvq_len == 7 + len(late)
+        assert core.late_bytes(host, st) == late
+        # a FIN after them moves rcv_nxt by one, and is no byte
+        peer.shutdown(socket.SHUT_WR)
+        wait_for(lambda: host.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == 8,
+                 "the FIN to reach the frozen socket (CLOSE_WAIT)")
+        assert core.late_bytes(host, st) == late
         core.discard(host)
         peer.close()
 

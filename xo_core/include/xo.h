@@ -309,10 +309,13 @@ int xo_tcp_resume(int fd, const struct xo_tcp_state *st);
 /* Close a frozen socket: the kernel sends neither FIN nor RST. */
 int xo_tcp_discard(int fd);
 /* A frozen socket still queues what reaches it: the bytes it took after a
- * capture that read st->rcv_seq, passed here as rcv_seq (*out allocated:
- * xo_free() it; NULL and *len 0 when there are none). XO_E_UNSUPPORTED
- * for a kernel-TLS socket that took some (its TLS layer owns the queue). */
-int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint8_t **out, uint32_t *len);
+ * capture that read st->rcv_seq and found st->recvq_len bytes queued (pass
+ * both as they were then), as a reader would get them (*out allocated:
+ * xo_free() it; NULL and *len 0 when there are none; a late FIN is no
+ * byte). XO_E_UNSUPPORTED for a kernel-TLS socket that took some (its TLS
+ * layer owns the queue). */
+int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint32_t queued,
+		      uint8_t **out, uint32_t *len);
 /* Free what a core call allocated for its caller. */
 void xo_free(void *mem);
 /* System calls made by the last capture, restore or resume on this thread. */

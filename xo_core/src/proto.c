@@ -85,7 +85,7 @@ struct conn {
 	/* The old owner, frozen: where its capture left the receive side,
 	 * to find bytes its socket took after it (take_late_bytes). */
 	struct {
-		uint32_t rcv_seq, ack;
+		uint32_t rcv_seq, queued, ack;
 		uint16_t win;
 		bool on;
 	} late;
@@ -949,8 +949,18 @@ static uint32_t replay_into(struct xo_proto *p, struct conn *c,
 	if (w && (int32_t)(w->segs_in - base) > 0)
 		base = w->segs_in; /* earlier ones are not all in yet */
 	if (!w) {
-		w = &p->replays[p->replay_next];
-		p->replay_next = (p->replay_next + 1) % REPLAY_WATCHES;
+		uint32_t i;
+
+		/* a free slot (an ended watch) if there is one, else the
+		 * oldest-taken: at worst a freeze then does not wait */
+		for (i = 0; i < REPLAY_WATCHES; i++) {
+			w = &p->replays[(p->replay_next + i) % REPLAY_WATCHES];
+			if (w->until <= now)
+				break;
+		}
+		if (i == REPLAY_WATCHES)
+			w = &p->replays[p->replay_next];
+		p->replay_next = (uint32_t)(w - p->replays + 1) % REPLAY_WATCHES;
 		w->key = c->in_key;
 	}
 	w->segs_in = base + segs;
@@ -1224,12 +1234,15 @@ static void hold_frames(struct conn *c, const uint8_t *blob, uint32_t len)
 	c->held_len += len;
 }
 
-/* Note where a capture left the receive side (see take_late_bytes). */
-static void note_capture(struct conn *c, const struct xo_tcp_state *st)
+/* Note where a capture left the receive side (see take_late_bytes):
+ * queued, the receive queue it found (before any of it was detached). */
+static void note_capture(struct conn *c, const struct xo_tcp_state *st,
+			 uint32_t queued)
 {
 	uint32_t win = st->snd_wnd >> st->snd_wscale;
 
 	c->late.rcv_seq = st->rcv_seq;
+	c->late.queued = queued;
 	c->late.ack = st->snd_seq - st->inflight_len - st->unsent_len;
 	c->late.win = (uint16_t)(win > 0xffff ? 0xffff : win);
 	c->late.on = true;
@@ -1254,7 +1267,8 @@ static void take_late_bytes(struct xo_proto *p, struct conn *c)
 	if (!c->late.on || c->fd < 0)
 		return;
 	c->late.on = false;
-	if (xo_tcp_late_bytes(c->fd, c->late.rcv_seq, &bytes, &len)) {
+	if (xo_tcp_late_bytes(c->fd, c->late.rcv_seq, c->late.queued, &bytes,
+			      &len)) {
 		fprintf(stderr, "xo: conn %llx: %s\n", (unsigned long long)c->id,
 			xo_last_error());
 		return;
@@ -1583,7 +1597,7 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	struct xo_endpoint local, client;
 	struct xo_flow_key in_key, out_key;
 	uint8_t *payload = NULL, *due = NULL, *kept_app = NULL;
-	uint32_t payload_len, due_len = 0;
+	uint32_t payload_len, due_len = 0, queued;
 	struct conn *c;
 	struct lap l;
 	int ret;
@@ -1623,6 +1637,7 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	if (ret)
 		goto unblock;
 	ret = xo_tcp_capture(fd, &st);
+	queued = st.recvq_len; /* before detach_unread takes it out */
 	if (!ret)
 		ret = late_park(p, &in_key, now);
 	if (!ret)
@@ -1642,7 +1657,7 @@ int xo_proto_offload_tls(struct xo_proto *p, uint32_t peer, int fd,
 	}
 	/* For a rollback: this socket's own record says the ACK went out. */
 	c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
-	note_capture(c, &st);
+	note_capture(c, &st, queued);
 	{
 		struct conn *o;
 
@@ -2750,7 +2765,7 @@ static int target_freeze(struct xo_proto *p, struct conn *c,
 		ret = late_park(p, &c->in_key, now);
 	if (!ret) { /* if the host refuses: target_keep draws it */
 		c->owed_ack_len = xo_park_owed_ack(&st, c->owed_ack);
-		note_capture(c, &st);
+		note_capture(c, &st, st.recvq_len);
 	}
 	if (!ret)
 		ret = xo_state_set_app_data(&st, app, app_len);

@@ -559,7 +559,7 @@ uint32_t xo_park_client_frame(const struct xo_endpoint *from,
 	xo_put32(blob + l4 + 4, seq);
 	xo_put32(blob + l4 + 8, ack);
 	blob[l4 + 12] = 5 << 4;
-	blob[l4 + 13] = len ? 0x18 : 0x10; /* PSH with data; ACK */
+	blob[l4 + 13] = 0x10; /* ACK */
 	xo_put16(blob + l4 + 14, win);
 	if (len)
 		memcpy(blob + l4 + 20, payload, len);

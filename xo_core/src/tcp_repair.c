@@ -337,9 +337,10 @@ void xo_free(void *mem)
 	free(mem);
 }
 
-int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint8_t **out, uint32_t *len)
+int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint32_t queued,
+		      uint8_t **out, uint32_t *len)
 {
-	uint32_t now_seq, all, mark, late, got;
+	uint32_t now_seq, moved, all, mark, got, late;
 	uint8_t *buf;
 	int ret, tls;
 
@@ -348,41 +349,51 @@ int xo_tcp_late_bytes(int fd, uint32_t rcv_seq, uint8_t **out, uint32_t *len)
 	ret = queue_seq(fd, TCP_RECV_QUEUE, &now_seq, "recv");
 	if (ret)
 		return ret;
-	late = now_seq - rcv_seq;
-	if (!late || late > 1u << 30)
-		return 0;
+	moved = now_seq - rcv_seq;
+	if (!moved || moved > 1u << 30)
+		goto done;
 	/* Kernel TLS reads its receive queue through its own layer, which a
 	 * peek would make decrypt: leave those bytes to the client's resend. */
 	ret = xo_tls_ulp(fd, &tls);
 	if (!ret && tls)
 		ret = xo_fail(XO_E_UNSUPPORTED,
 			      "late bytes: %u bytes reached a kernel-TLS socket after its capture; the client resends them",
-			      late);
+			      moved);
+	if (!ret)
+		ret = count_recvq(fd, &all, &mark);
 	if (ret)
-		return ret;
-	ret = count_recvq(fd, &all, &mark);
-	if (ret)
-		return ret;
-	if (late > all)
-		late = all; /* a FIN moves rcv_nxt without a byte queued */
-	if (!late)
-		return 0;
-	buf = malloc(all);
-	if (!buf)
-		return xo_fail(XO_E_NOMEM, "late bytes: %u bytes", all);
-	ret = peek_recvq(fd, buf, all, &got);
-	if (!ret && got < late)
-		ret = xo_fail(XO_E_SEQUENCE,
-			      "late bytes: %u of %u bytes in the receive queue",
-			      got, late);
-	if (ret) {
-		free(buf);
-		return ret;
+		goto done;
+	/* Count what a reader gets, as the capture did (queued): a FIN moves
+	 * rcv_nxt without a byte, and a skipped urgent byte is no byte. */
+	buf = all > queued ? malloc(all) : NULL;
+	if (!buf) {
+		if (all > queued)
+			ret = xo_fail(XO_E_NOMEM, "late bytes: %u bytes", all);
+		goto done;
 	}
-	memmove(buf, buf + got - late, late);
+	ret = peek_recvq(fd, buf, all, &got);
+	late = !ret && got > queued ? got - queued : 0;
+	if (late > moved)
+		ret = xo_fail(XO_E_SEQUENCE,
+			      "late bytes: %u bytes after the capture's %u, but rcv_nxt moved by %u",
+			      late, queued, moved);
+	if (ret || !late) {
+		free(buf);
+		goto done;
+	}
+	memmove(buf, buf + queued, late);
 	*out = buf;
 	*len = late;
-	return 0;
+done:
+	/* as capture leaves it: no queue selected */
+	if (set_int(fd, SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE,
+		    "late bytes: setsockopt(TCP_REPAIR_QUEUE, none)") && !ret) {
+		free(*out);
+		*out = NULL;
+		*len = 0;
+		ret = XO_E_SYS;
+	}
+	return ret;
 }
 
 static int capture_recvq(int fd, struct xo_tcp_state *st)

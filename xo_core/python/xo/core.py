@@ -421,12 +421,13 @@ def capture(sock: socket.socket | int) -> TcpState:
     return state
 
 
-def late_bytes(sock: socket.socket | int, rcv_seq: int) -> bytes:
-    """What a socket frozen since a capture (whose ``rcv_seq`` is given)
-    took in after it: a frozen socket still queues what reaches it."""
+def late_bytes(sock: socket.socket | int, captured: TcpState) -> bytes:
+    """What a socket frozen since a capture took in after it (a frozen
+    socket still queues what reaches it)."""
     out = ffi.new("uint8_t **")
     n = ffi.new("uint32_t *")
-    _check(lib.xo_tcp_late_bytes(_fileno(sock), rcv_seq & 0xFFFFFFFF, out, n))
+    _check(lib.xo_tcp_late_bytes(_fileno(sock), captured.rcv_seq & 0xFFFFFFFF,
+                                 captured.recvq_len, out, n))
     if out[0] == ffi.NULL:
         return b""
     try:
