@@ -210,18 +210,13 @@ static int read_info(int fd, struct xo_tcp_info *ti,
 
 int xo_tcp_segs_in(int fd, uint32_t *segs)
 {
+	struct xo_tcp_snapshot snap;
 	struct xo_tcp_info ti;
-	socklen_t len = sizeof(ti);
+	int ret = read_info(fd, &ti, &snap);
 
-	memset(&ti, 0, sizeof(ti));
-	if (getsockopt(fd, SOL_TCP, TCP_INFO, &ti, &len) < 0)
-		return xo_fail_sys("getsockopt(TCP_INFO) for segments in");
-	if (len < offsetof(struct xo_tcp_info, segs_in) + sizeof(ti.segs_in))
-		return xo_fail(XO_E_UNSUPPORTED,
-			       "the kernel's tcp_info has %u bytes, without tcpi_segs_in (Linux 4.2+ needed)",
-			       (unsigned int)len);
-	*segs = ti.segs_in;
-	return 0;
+	if (!ret)
+		*segs = ti.segs_in;
+	return ret;
 }
 
 static bool snapshot_equal(const struct xo_tcp_snapshot *a,
