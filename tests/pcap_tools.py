@@ -185,10 +185,15 @@ def headers_capture(testbed: Any, member: str, path: Path,
                     port: int | None = None) -> Iterator[Path]:
     """tcpdump on a lab member's interface, TCP headers (of `port` only, if
     given), into `path`, for as long as the block runs (for `resends` when a
-    client's counters say it resent)."""
+    client's counters say it resent).
+
+    Immediate mode: otherwise the kernel hands tcpdump its ring a block at a
+    time (up to a second late), and what is still in the ring when tcpdump
+    is stopped never reaches the file: a short test's capture was empty."""
     m = testbed.member(member)
     dump = testbed.popen(member, [
-        "tcpdump", "-i", m.ifname, "-s", "96", "-B", "16384", "-n", "-w", str(path),
+        "tcpdump", "-i", m.ifname, "--immediate-mode", "-s", "96", "-B", "16384", "-n",
+        "-w", str(path),
         f"tcp port {port}" if port else "tcp"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
