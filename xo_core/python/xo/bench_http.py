@@ -18,11 +18,17 @@ requests/s, throughput and latency p50/p99; the front's CPU seconds (its
 nginx processes' user + system time) per GB served; for the XO modes the
 front's handoff steps (its xo_status: the machine's step timings inside the
 front nginx, p50/p99 per step).
+
+With ``--rounds N`` the whole sequence runs N times and each cell is the
+median of its N runs; the "x proxy" ratios are medians of per-round ratios,
+each XO run against the proxy run of the same round (the machine's load
+drifts over minutes; a ratio of two runs close in time cancels most of it).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -88,7 +94,7 @@ def _front(c: NginxCluster, mode: str, threshold: int) -> None:
 
 def run(rate: str = "250mbit", seconds: float = 5.0, connections: int = 16,
         threshold: str = "256k", build: str = "dynamic",
-        sizes: list[str] | None = None) -> dict[str, Any]:
+        sizes: list[str] | None = None, rounds: int = 1) -> dict[str, Any]:
     from rich.progress import Progress
 
     rate_bps = parse_rate(rate)
@@ -102,7 +108,10 @@ def run(rate: str = "250mbit", seconds: float = 5.0, connections: int = 16,
     result: dict[str, Any] = {
         "rate": rate, "client_rate": f"{rate_bps * 4 // 1_000_000}mbit", "seconds": seconds,
         "connections": connections, "threshold_bytes": limit, "build": build,
-        "targets": 4, "rows": [], "steps": {}, "target_steps": {}}
+        "targets": 4, "rounds": rounds, "runs": [], "rows": [], "steps": {},
+        "target_steps": {}}
+    steps: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    target_steps: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with nginx_cluster(nb, targets=4, rate=rate,
                        client_rate=result["client_rate"]) as c, Progress() as progress:
         for label, size in chosen.items():
@@ -111,41 +120,93 @@ def run(rate: str = "250mbit", seconds: float = 5.0, connections: int = 16,
             path.chmod(0o644)
         for t in c.testbed.targets:
             c.start(t.name, c.target_conf(t.name))
-        task = progress.add_task("xo bench http", total=len(MODES) * len(chosen))
-        for mode in MODES:
-            _front(c, mode, limit)
-            front = c.procs["host"]
-            for label in chosen:
-                progress.update(task, description=f"{mode} {label}")
-                c.status("host")  # connections up; then clear the step samples
-                if mode != "proxy":
-                    _status_reset(c, ["host", *(t.name for t in c.testbed.targets)])
-                pids = [front.proc.pid, *front.workers()]
-                cpu0 = _cpu_seconds(pids)
-                w = c.wrk(f"/{label}.bin", connections=connections, seconds=seconds)
-                cpu = _cpu_seconds(pids) - cpu0
-                gb = w.bytes_read / 1e9
-                row = {"mode": mode, "size": label, "bytes": chosen[label],
-                       "requests": w.requests, "rps": round(w.rps, 1),
-                       "mbit_s": round(w.bytes_read * 8 / w.seconds / 1e6, 1),
-                       "p50_ms": w.latency_ms.get("p50"), "p99_ms": w.latency_ms.get("p99"),
-                       "front_cpu_s": round(cpu, 3),
-                       "front_cpu_s_per_gb": round(cpu / gb, 3) if gb else None,
-                       "non_2xx": w.non_2xx, "socket_errors": sum(w.socket_errors.values())}
-                if mode != "proxy":
-                    st = c.status("host")
-                    result["steps"].setdefault(mode, {})[label] = {
-                        k: v for k, v in st["steps"].items()  # type: ignore[union-attr]
-                        if k in STEPS}
-                    row["handoffs"] = st["stats"]["offloads"]  # type: ignore[index]
-                    result["target_steps"].setdefault(mode, {})[label] = {
-                        t.name: {k: v for k, v in  # type: ignore[union-attr]
-                                 c.status(t.name)["steps"].items() if k in TARGET_STEPS}
-                        for t in c.testbed.targets}
-                result["rows"].append(row)
-                progress.advance(task)
+        task = progress.add_task("xo bench http", total=rounds * len(MODES) * len(chosen))
+        for rnd in range(rounds):
+            for mode in MODES:
+                _front(c, mode, limit)
+                front = c.procs["host"]
+                for label in chosen:
+                    progress.update(task, description=f"round {rnd + 1}/{rounds}: {mode} {label}")
+                    row = _measure(c, front, mode, label, chosen[label], connections, seconds)
+                    row["round"] = rnd
+                    if mode != "proxy":
+                        st = c.status("host")
+                        steps.setdefault((mode, label), []).append(
+                            {k: v for k, v in st["steps"].items()  # type: ignore[union-attr]
+                             if k in STEPS})
+                        row["handoffs"] = st["stats"]["offloads"]  # type: ignore[index]
+                        target_steps.setdefault((mode, label), []).append({
+                            t.name: {k: v for k, v in  # type: ignore[union-attr]
+                                     c.status(t.name)["steps"].items() if k in TARGET_STEPS}
+                            for t in c.testbed.targets})
+                    result["runs"].append(row)
+                    progress.advance(task)
+    for mode in MODES:
+        for label in chosen:
+            result["rows"].append(_median_row(result["runs"], mode, label))
+            if (mode, label) in steps:
+                result["steps"].setdefault(mode, {})[label] = _median_steps(steps[mode, label])
+                result["target_steps"].setdefault(mode, {})[label] = {
+                    t: _median_steps([r[t] for r in target_steps[mode, label]])
+                    for t in target_steps[mode, label][0]}
     result["verdict"] = verdict(result)
     return result
+
+
+def _measure(c: NginxCluster, front: Any, mode: str, label: str, size: int,
+             connections: int, seconds: float) -> dict[str, Any]:
+    """One wrk run of one mode and size, and the front's CPU time during it."""
+    c.status("host")  # connections up; then clear the step samples
+    if mode != "proxy":
+        _status_reset(c, ["host", *(t.name for t in c.testbed.targets)])
+    pids = [front.proc.pid, *front.workers()]
+    cpu0 = _cpu_seconds(pids)
+    w = c.wrk(f"/{label}.bin", connections=connections, seconds=seconds)
+    cpu = _cpu_seconds(pids) - cpu0
+    gb = w.bytes_read / 1e9
+    return {"mode": mode, "size": label, "bytes": size,
+            "requests": w.requests, "rps": round(w.rps, 1),
+            "mbit_s": round(w.bytes_read * 8 / w.seconds / 1e6, 1),
+            "p50_ms": w.latency_ms.get("p50"), "p99_ms": w.latency_ms.get("p99"),
+            "front_cpu_s": round(cpu, 3),
+            "front_cpu_s_per_gb": round(cpu / gb, 3) if gb else None,
+            "non_2xx": w.non_2xx, "socket_errors": sum(w.socket_errors.values())}
+
+
+def _median(values: list[Any]) -> Any:
+    known = [v for v in values if v is not None]
+    return round(statistics.median(known), 3) if known else None
+
+
+def _median_row(runs: list[dict[str, Any]], mode: str, size: str) -> dict[str, Any]:
+    """One cell of the report: medians over the rounds; ratios to the proxy
+    taken per round first (each against the proxy run of its own round)."""
+    mine = [r for r in runs if r["mode"] == mode and r["size"] == size]
+    proxy = {r["round"]: r for r in runs if r["mode"] == "proxy" and r["size"] == size}
+    row: dict[str, Any] = {"mode": mode, "size": size, "bytes": mine[0]["bytes"],
+                           "rounds": len(mine)}
+    for k in ("rps", "mbit_s", "p50_ms", "p99_ms", "front_cpu_s", "front_cpu_s_per_gb"):
+        row[k] = _median([r[k] for r in mine])
+    for k in ("requests", "non_2xx", "socket_errors", "handoffs"):
+        if any(k in r for r in mine):
+            row[k] = sum(r.get(k, 0) for r in mine)
+    row["x_proxy"] = _median([r["mbit_s"] / proxy[r["round"]]["mbit_s"]
+                              for r in mine if proxy[r["round"]]["mbit_s"]])
+    row["cpu_x_proxy"] = _median([r["front_cpu_s_per_gb"] / proxy[r["round"]]["front_cpu_s_per_gb"]
+                                  for r in mine if r["front_cpu_s_per_gb"] is not None
+                                  and proxy[r["round"]]["front_cpu_s_per_gb"]])
+    row["cpu_x_proxy_each_round"] = [
+        round(r["front_cpu_s_per_gb"] / proxy[r["round"]]["front_cpu_s_per_gb"], 3)
+        for r in mine if r["front_cpu_s_per_gb"] is not None
+        and proxy[r["round"]]["front_cpu_s_per_gb"]]
+    return row
+
+
+def _median_steps(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per step, the median over the rounds of its p50 and of its p99."""
+    names = {k for s in samples for k in s}
+    return {k: {q: _median([s[k][q] for s in samples if k in s]) for q in ("p50_us", "p99_us")}
+            for k in names}
 
 
 def _status_reset(c: NginxCluster, members: list[str]) -> None:
@@ -167,19 +228,17 @@ def verdict(result: dict[str, Any]) -> dict[str, bool]:
     v: dict[str, bool] = {}
     if big:
         v[f"xo_throughput_>={XO_THROUGHPUT_X}x_proxy_at_1MiB+"] = all(
-            _row(result, "xo", s)["mbit_s"] >= XO_THROUGHPUT_X * _row(result, "proxy", s)["mbit_s"]
-            for s in big)
+            (_row(result, "xo", s)["x_proxy"] or 0) >= XO_THROUGHPUT_X for s in big)
         v[f"front_cpu_per_gb_<={CPU_PER_GB_X}x_proxy_at_1MiB+"] = all(
-            (_row(result, "xo", s)["front_cpu_s_per_gb"] or 0)
-            <= CPU_PER_GB_X * (_row(result, "proxy", s)["front_cpu_s_per_gb"] or 0) for s in big)
+            _row(result, "xo", s)["cpu_x_proxy"] is not None
+            and _row(result, "xo", s)["cpu_x_proxy"] <= CPU_PER_GB_X for s in big)
     v[f"threshold_>={THRESHOLD_FLOOR_X}x_proxy_every_size"] = all(
-        _row(result, "xo+threshold", s)["mbit_s"]
-        >= THRESHOLD_FLOOR_X * _row(result, "proxy", s)["mbit_s"] for s in sizes)
+        (_row(result, "xo+threshold", s)["x_proxy"] or 0) >= THRESHOLD_FLOOR_X for s in sizes)
     outs = [st["out.total"]["p50_us"] for st in result["steps"].get("xo", {}).values()
             if "out.total" in st]
     if outs:
         v[f"outbound_handoff_p50_<={OUT_P50_US:.0f}us"] = max(outs) <= OUT_P50_US
-    v["no_errors"] = all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in result["rows"])
+    v["no_errors"] = all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in result["runs"])
     local = [sum(st[k]["p50_us"] for k in ("out.block", "out.serialize", "out.redirect",
                                            "out.discard_and_host_ready") if k in st)
              for st in result["steps"].get("xo", {}).values()]
@@ -193,21 +252,19 @@ def print_report(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=160)
+    rounds = result.get("rounds", 1)
     table = Table(title=f"xo bench http: nginx front, 4 nginx targets, links {result['rate']} "
                         f"(client {result['client_rate']}), wrk {result['connections']} "
                         f"connections x {result['seconds']} s, threshold "
-                        f"{result['threshold_bytes'] >> 10} KiB, {result['build']} build")
+                        f"{result['threshold_bytes'] >> 10} KiB, {result['build']} build"
+                        + (f"; medians of {rounds} rounds" if rounds > 1 else ""))
     for col in ("size", "mode", "req/s", "Mbit/s", "x proxy", "p50 ms", "p99 ms",
                 "front CPU s/GB", "x proxy CPU", "errors"):
         table.add_column(col, justify="right" if col not in ("mode", "size") else "left")
     for r in result["rows"]:
-        p = _row(result, "proxy", r["size"])
-        ratio = r["mbit_s"] / p["mbit_s"] if p["mbit_s"] else 0
-        cpu_ratio = ((r["front_cpu_s_per_gb"] or 0) / p["front_cpu_s_per_gb"]
-                     if p["front_cpu_s_per_gb"] else 0)
         table.add_row(r["size"], r["mode"], f"{r['rps']:.0f}", f"{r['mbit_s']:.0f}",
-                      f"{ratio:.2f}", f"{r['p50_ms']}", f"{r['p99_ms']}",
-                      f"{r['front_cpu_s_per_gb']}", f"{cpu_ratio:.2f}",
+                      f"{r['x_proxy'] or 0:.2f}", f"{r['p50_ms']}", f"{r['p99_ms']}",
+                      f"{r['front_cpu_s_per_gb']}", f"{r['cpu_x_proxy'] or 0:.2f}",
                       str(r["non_2xx"] + r["socket_errors"]))
     console.print(table)
     steps = Table(title="handoff steps inside the front nginx (xo mode), p50 / p99 µs")
@@ -264,9 +321,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(rate: str, seconds: float, connections: int, threshold: str, build: str,
-         json_path: str | None, sizes: list[str] | None = None) -> int:
+         json_path: str | None, sizes: list[str] | None = None, rounds: int = 1) -> int:
     start = time.monotonic()
-    result = run(rate, seconds, connections, threshold, build, sizes)
+    result = run(rate, seconds, connections, threshold, build, sizes, rounds)
     result["wall_s"] = round(time.monotonic() - start, 1)
     print_report(result)
     results.save(result, json_path, "bench-http", plot)

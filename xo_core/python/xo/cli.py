@@ -43,6 +43,16 @@ def _lab_name(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from exc
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{number} is not at least 1")
+    return number
+
+
 def _bench_core(args: argparse.Namespace) -> int:
     from xo import bench_core
 
@@ -87,7 +97,8 @@ def _bench_http(args: argparse.Namespace) -> int:
     from xo import bench_http
 
     return bench_http.main(args.rate, args.seconds, args.connections, args.threshold,
-                           args.build, args.json, args.sizes.split(",") if args.sizes else None)
+                           args.build, args.json, args.sizes.split(",") if args.sizes else None,
+                           args.rounds)
 
 
 def _bench_rules(args: argparse.Namespace) -> int:
@@ -181,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="xo_threshold of the xo+threshold mode (default 256k)")
     http.add_argument("--build", default="dynamic", choices=["dynamic", "static"])
     http.add_argument("--sizes", help="comma-separated subset of 8KiB,64KiB,256KiB,1MiB,4MiB")
+    http.add_argument("--rounds", type=_positive_int, default=1,
+                      help="run every mode and size this many times; report medians")
     http.add_argument("--json", metavar="PATH", help="JSON path (default results/)")
     http.set_defaults(func=_bench_http)
     rules = bench_sub.add_parser("rules", help="steering rule insert/remove cost")
