@@ -41,6 +41,21 @@ def assert_curl_client_clean(delta: dict[str, int]) -> None:
     assert delta["TcpRetransSegs"] <= 1 and delta["TCPLossProbes"] <= 1, delta
 
 
+def assert_targets_track_nothing(c: NginxCluster) -> None:
+    """Every target's machine tracks no connection once its clients are
+    gone (a closed one stays tracked until the host confirms it: a round
+    trip), and none was closed under a wrong id. One left tracked keeps a
+    reloaded worker from ever exiting ("waits for 1 connection(s) it
+    tracks")."""
+    def tracked() -> dict[str, int]:
+        return {t.name: int(c.status(t.name)["stats"]["active"])  # type: ignore[index]
+                for t in c.testbed.targets}
+
+    wait_for(lambda: not any(tracked().values()), "the targets to track nothing", timeout=10)
+    for t in c.testbed.targets:
+        assert "is not being served here" not in c.procs[t.name].log_text(), t.name
+
+
 @contextlib.contextmanager
 def nginx_cluster(build: NginxBuild, targets: int = 2,
                   rate: str | None = None) -> Iterator[NginxCluster]:

@@ -32,6 +32,7 @@ from nginx_tools import (
     NginxBuild,
     NginxCluster,
     assert_curl_client_clean,
+    assert_targets_track_nothing,
     build_params,
     nginx_cluster,
     wait_for,
@@ -148,7 +149,12 @@ def test_resumed_sessions(cluster: tuple[NginxCluster, dict[str, str], Path], ve
                           tmp_path: Path) -> None:
     """Connections whose TLS session resumes an earlier one (abbreviated
     handshake: session id or ticket) move as well: curl closes after each
-    request and resumes the session on the next connection."""
+    request and resumes the session on the next connection.
+
+    With `Connection: close` and a 1-byte body the target serves the request
+    and closes the connection inside its adoption, before the event that
+    adopted it returns: the targets must not go on tracking it (CI once
+    saw the next test's reload hang on such a connection)."""
     c, digests, cert = cluster
     paths = ["/1m.bin", "/one.bin", "/1m.bin"]
     rows, trace = curl_tls(c, cert, version, paths, tmp_path, "-H", "Connection: close",
@@ -156,6 +162,7 @@ def test_resumed_sessions(cluster: tuple[NginxCluster, dict[str, str], Path], ve
     assert [(s, d) for s, _, d in rows] == [("200", digests[p[1:]]) for p in paths]
     assert {by for _, by, _ in rows} <= {"t0", "t1"}, rows
     assert "SSL re-using session ID" in trace, trace[-3000:]
+    assert_targets_track_nothing(c)
 
 
 @pytest.mark.parametrize("version", ["1.2", "1.3"])
@@ -566,16 +573,35 @@ def test_kernel_tls_targets(version: str, tmp_path: Path) -> None:
         adopted0 = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets)
         paths = ["/one.bin", "/1m.bin", "/16m.bin", "/one.bin", "/1m.bin", "/here.txt"]
         rows, trace = curl_tls(c, cert, version, paths, tmp_path / "run")
-        for path, (status, by, digest) in zip(paths[:-1], rows, strict=False):
-            assert status == "200" and by in ("t0", "t1"), \
-                (path, status, by, [line for line in c.procs["host"].log_text().splitlines()
-                                    if "xo" in line][-8:])
+        front_log = [line for line in c.procs["host"].log_text().splitlines() if "xo" in line]
+        for i, (path, (status, by, digest)) in enumerate(zip(paths[:-1], rows, strict=False)):
             assert digest == digests[path[1:]], path
+            # The emulated lane is slow enough that curl's first request can
+            # come before it acknowledged the server's session tickets (TLS
+            # 1.3): a session moves only with empty queues, so the front
+            # serves that one itself (1 run in 12 here, and once in CI).
+            if i == 0 and by == "host" and any("moves with empty queu" in line
+                                               for line in front_log):
+                continue
+            assert status == "200" and by in ("t0", "t1"), (path, status, by, front_log[-8:])
         assert rows[-1][:2] == ("200", "host")
         assert handshakes(trace) == 1, trace
+        handed = sum(by in ("t0", "t1") for _, by, _ in rows[:-1])
         adopted = sum(stats(c, t.name)["adopted"] for t in c.testbed.targets) - adopted0
         ktls = {m: ktls_counters(c.testbed.member(m).netns) - ktls0[m] for m in members}
-        assert adopted >= len(paths) - 1, adopted
-        assert sum(ktls[t.name]["TlsTxSw"] for t in c.testbed.targets) == adopted, ktls
-        assert sum(ktls[t.name]["TlsRxSw"] for t in c.testbed.targets) == adopted, ktls
+        assert adopted >= handed, (adopted, rows)
+        tx = sum(ktls[t.name]["TlsTxSw"] for t in c.testbed.targets)
+        rx = sum(ktls[t.name]["TlsRxSw"] for t in c.testbed.targets)
+        # One install each way per adopted connection; a target that restored
+        # a session after the front stopped waiting for it (the warm-up's, in
+        # the emulated lane, may land after the counters above were read)
+        # installed one for a handoff the front rolled back.
+        rolled_back = stats(c, "host")["rollbacks"]
+        if not (adopted <= tx <= adopted + rolled_back and rx == tx):
+            logs = "\n".join(line for t in c.testbed.targets
+                             for line in c.procs[t.name].log_text().splitlines()
+                             if " xo: " in line and "control connection" not in line)
+            pytest.fail(f"kernel TLS sockets on the targets: {tx} tx, {rx} rx; adopted "
+                        f"{adopted}, front rollbacks {rolled_back}\n{ktls}\n"
+                        f"{ {t.name: stats(c, t.name) for t in c.testbed.targets} }\n{logs}")
         assert all(ktls[m]["TlsDecryptError"] == 0 for m in members), ktls

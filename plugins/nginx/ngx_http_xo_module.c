@@ -2253,17 +2253,21 @@ static ssize_t xo_replay_recv(ngx_connection_t *c, u_char *buf, size_t size)
 static void xo_conn_cleanup(void *data);
 
 /* What ngx_event_accept() does for a new socket, then the listener's
- * handler: the HTTP request phases take it from there. */
+ * handler: the HTTP request phases take it from there. A target's
+ * connection (`target`) knows its machine id and peer before the handler
+ * runs: the handler may serve the request and close the connection at
+ * once, and its cleanup must then close that id in the machine. */
 static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *data,
 				  size_t len, ngx_uint_t target,
-				  const struct xo_tls_state *tls)
+				  const struct xo_tls_state *tls, uint64_t conn,
+				  uint32_t peer)
 {
 	struct sockaddr_storage ss;
 	socklen_t slen = sizeof(ss);
 	ngx_connection_t *c;
 	ngx_pool_cleanup_t *cln;
 	ngx_log_t *log;
-	xo_conn_t *xc;
+	xo_conn_t *xc = NULL;
 
 	if (getpeername(fd, (struct sockaddr *)&ss, &slen) < 0) {
 		ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_socket_errno,
@@ -2318,6 +2322,8 @@ static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *da
 	xc = xo_conn_of(c);
 	ngx_memzero(xc, sizeof(*xc));
 	xc->c = c;
+	xc->conn = conn;
+	xc->peer = peer;
 	cln->handler = xo_conn_cleanup;
 	cln->data = c;
 	if (len) {
@@ -2344,6 +2350,10 @@ static ngx_connection_t *xo_adopt(ngx_listening_t *ls, int fd, const uint8_t *da
 	ls->handler(c);
 	return c;
 fail:
+	/* The caller closes the machine's side of a connection not adopted:
+	 * the pool's cleanup must not do it too. */
+	if (xc)
+		xc->state = XC_NONE;
 	if (c->pool)
 		ngx_destroy_pool(c->pool);
 	c->pool = NULL;
@@ -2790,7 +2800,7 @@ static void xo_event(const struct xo_proto_event *ev)
 	case XO_EV_RETURNED:
 		ls = xo_listener_of(ev->fd);
 		if (!ls || !xo_adopt(ls, ev->fd, ev->data, ev->data_len, 0,
-				     ev->tls)) {
+				     ev->tls, ev->conn, ev->peer)) {
 			ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, 0,
 				      "xo: a returned connection has no listener");
 			close(ev->fd);
@@ -2810,7 +2820,8 @@ static void xo_event(const struct xo_proto_event *ev)
 		if (dfd >= 0 && k)
 			k->adopted++;
 		if (dfd < 0 || !(c = xo_adopt(xo_adopt_ls, dfd, ev->data,
-					      ev->data_len, 1, ev->tls))) {
+					      ev->data_len, 1, ev->tls, ev->conn,
+					      ev->peer))) {
 			ngx_log_error(NGX_LOG_ALERT, xo_cycle->log, ngx_errno,
 				      "xo: cannot adopt conn %uL", ev->conn);
 			if (dfd >= 0) {
@@ -2821,13 +2832,8 @@ static void xo_event(const struct xo_proto_event *ev)
 			xo_proto_close_conn(xo_machine, ev->conn, xo_now());
 			break;
 		}
-		/* c may be closed already (a short request, Connection: close):
-		 * then its cleanup told the machine. */
-		xc = xo_conn_of(c);
-		if (xc->c == c && xc->state == XC_SERVING) {
-			xc->conn = ev->conn;
-			xc->peer = ev->peer;
-		}
+		/* c may be closed already (a short request, Connection: close,
+		 * a client that closed first): its cleanup told the machine. */
 		break;
 	case XO_EV_HANDED_BACK:
 		xc = xo_conn_by_id(ev->conn, XC_MACHINE);
