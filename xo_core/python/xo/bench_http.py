@@ -192,13 +192,11 @@ def _median_row(runs: list[dict[str, Any]], mode: str, size: str) -> dict[str, A
             row[k] = sum(r.get(k, 0) for r in mine)
     row["x_proxy"] = _median([r["mbit_s"] / proxy[r["round"]]["mbit_s"]
                               for r in mine if proxy[r["round"]]["mbit_s"]])
-    row["cpu_x_proxy"] = _median([r["front_cpu_s_per_gb"] / proxy[r["round"]]["front_cpu_s_per_gb"]
-                                  for r in mine if r["front_cpu_s_per_gb"] is not None
-                                  and proxy[r["round"]]["front_cpu_s_per_gb"]])
-    row["cpu_x_proxy_each_round"] = [
-        round(r["front_cpu_s_per_gb"] / proxy[r["round"]]["front_cpu_s_per_gb"], 3)
-        for r in mine if r["front_cpu_s_per_gb"] is not None
-        and proxy[r["round"]]["front_cpu_s_per_gb"]]
+    cpu_ratios = [r["front_cpu_s_per_gb"] / proxy[r["round"]]["front_cpu_s_per_gb"]
+                  for r in mine if r["front_cpu_s_per_gb"] is not None
+                  and proxy[r["round"]]["front_cpu_s_per_gb"]]
+    row["cpu_x_proxy"] = _median(cpu_ratios)
+    row["cpu_x_proxy_each_round"] = [round(x, 3) for x in cpu_ratios]
     return row
 
 
